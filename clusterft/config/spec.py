@@ -1,0 +1,309 @@
+"""The job spec: one frozen, validated object built once from YAML and passed down explicitly.
+
+A LLaMA-Factory training YAML is a valid job as it is: its flat keys (`model_name_or_path`,
+`finetuning_type`, `lora_rank`, `dataset`, `cutoff_len`, ...) keep their LLaMA-Factory meaning and
+are grouped here into `model`, `method`, `data` and `train`. clusterft adds sections of its own:
+`cluster`, `parallel`, `checkpoint`, `failure`, `resume`, `eval`, `promote` and `callbacks`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+TEMPLATES = ("default", "alpaca", "chatml", "qwen", "llama3", "tokenizer")
+
+
+class Section(BaseModel):
+    """Base of every spec section: immutable, and unknown keys are errors."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _split_csv(value: Any) -> Any:
+    """LLaMA-Factory writes lists as comma-separated strings (`dataset: a,b`); accept both forms."""
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+# ---------------------------------------------------------------- LLaMA-Factory's flat keys
+
+
+class ModelArgs(Section):
+    model_name_or_path: str = Field(description="Local HF model directory (or a path on shared storage).")
+    adapter_name_or_path: str | None = Field(
+        default=None, description="A peft adapter to start from (LoRA continued training)."
+    )
+    trust_remote_code: bool = Field(default=False, description="Allow custom modeling code in the model dir.")
+
+
+class MethodArgs(Section):
+    stage: Literal["sft", "pt"] = Field(
+        default="sft",
+        description="sft: supervised fine-tuning on prompt/response; pt: plain language modelling.",
+    )
+    finetuning_type: Literal["lora", "full", "freeze"] = Field(
+        default="lora", description="lora (peft adapter), full (every weight), freeze (last N layers only)."
+    )
+    lora_rank: int = Field(default=8, gt=0, description="LoRA rank r.")
+    lora_alpha: int | None = Field(default=None, gt=0, description="LoRA alpha; default 2 × lora_rank.")
+    lora_dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    lora_target: list[str] = Field(
+        default=["all"],
+        description="`all` (every linear layer but lm_head) or module names, e.g. q_proj,v_proj.",
+    )
+    freeze_trainable_layers: int = Field(
+        default=2, gt=0, description="freeze: number of last decoder layers that are trained."
+    )
+
+    _split_target = field_validator("lora_target", mode="before")(_split_csv)
+
+    @property
+    def effective_lora_alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+
+class DataArgs(Section):
+    dataset: list[str] = Field(description="Dataset names registered in dataset_dir/dataset_info.json.")
+    eval_dataset: list[str] | None = Field(
+        default=None, description="Datasets for evaluation; default: a val_size split of `dataset`."
+    )
+    dataset_dir: str = Field(default="data", description="Directory holding dataset_info.json and the files.")
+    template: str = Field(
+        default="default",
+        description="Chat template: default | alpaca | chatml | qwen | llama3 | tokenizer (the model's own).",
+    )
+    cutoff_len: int = Field(default=1024, gt=0, description="Maximum tokens per example (prompt + response).")
+    val_size: float = Field(
+        default=0.0,
+        ge=0.0,
+        description="Held-out eval split: a fraction (< 1) or a number of examples (≥ 1).",
+    )
+    max_samples: int | None = Field(
+        default=None, gt=0, description="Use at most this many examples per dataset."
+    )
+    train_on_prompt: bool = Field(default=False, description="Also compute the loss on prompt tokens.")
+    mask_history: bool = Field(default=False, description="Train only on the last assistant turn.")
+    preprocessing_num_workers: int | None = Field(
+        default=None, gt=0, description="Processes tokenizing the dataset (default: in the calling process)."
+    )
+
+    _split_datasets = field_validator("dataset", "eval_dataset", mode="before")(_split_csv)
+
+    @field_validator("template")
+    @classmethod
+    def _known_template(cls, value: str) -> str:
+        if value not in TEMPLATES:
+            raise ValueError(f"unknown template {value!r}; choose one of {', '.join(TEMPLATES)}")
+        return value
+
+    @field_validator("dataset")
+    @classmethod
+    def _non_empty(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("no dataset given; name at least one dataset from dataset_info.json")
+        return value
+
+
+class TrainArgs(Section):
+    do_train: bool = Field(
+        default=True, description="Run training (LLaMA-Factory key; must be true for train)."
+    )
+    do_eval: bool = Field(default=False, description="Evaluate on the eval split after training.")
+    output_dir: str = Field(description="Where the final adapter/model, metrics.jsonl and loss.png go.")
+    overwrite_output_dir: bool = Field(
+        default=False, description="Allow writing into a non-empty output_dir."
+    )
+    per_device_train_batch_size: int = Field(default=1, gt=0, description="Micro-batch size per worker.")
+    per_device_eval_batch_size: int = Field(default=8, gt=0, description="Eval batch size per worker.")
+    gradient_accumulation_steps: int = Field(default=1, gt=0, description="Micro-batches per optimizer step.")
+    learning_rate: float = Field(default=5e-5, gt=0, description="Peak learning rate.")
+    num_train_epochs: float = Field(
+        default=3.0, ge=0, description="Epochs to train (ignored if max_steps > 0)."
+    )
+    max_steps: int = Field(default=-1, description="Optimizer steps to train; -1 means use num_train_epochs.")
+    lr_scheduler_type: Literal[
+        "linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial"
+    ] = Field(default="linear", description="Learning-rate schedule after warmup.")
+    warmup_ratio: float = Field(default=0.0, ge=0, lt=1, description="Warmup as a fraction of total steps.")
+    warmup_steps: int = Field(default=0, ge=0, description="Warmup steps (wins over warmup_ratio when > 0).")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
+    max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping norm; 0 disables.")
+    bf16: bool = Field(default=False, description="Train in bfloat16 where the hardware has it.")
+    fp16: bool = Field(default=False, description="Train in float16 (GPU only).")
+    seed: int = Field(default=42, description="Seed of model init, data order and dropout.")
+    logging_steps: int = Field(default=10, gt=0, description="Log metrics every N optimizer steps.")
+    save_steps: int = Field(default=500, gt=0, description="Write a checkpoint every N optimizer steps.")
+    gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
+    plot_loss: bool = Field(default=True, description="Write loss.png to output_dir.")
+    dataloader_num_workers: int = Field(default=0, ge=0, description="Background processes loading batches.")
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainArgs:
+        if self.bf16 and self.fp16:
+            raise ValueError("bf16 and fp16 are both true; choose one (or neither for fp32)")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise ValueError("nothing to train: set max_steps > 0 or num_train_epochs > 0")
+        return self
+
+
+# ---------------------------------------------------------------- clusterft's sections
+
+
+class ClusterSpec(Section):
+    address: str | None = Field(
+        default=None, description="Ray address; default: RAY_ADDRESS if set, else a local cluster."
+    )
+    num_workers: int = Field(default=2, gt=0, description="Ray Train workers (processes).")
+    cpus_per_worker: float = Field(default=1.0, ge=0, description="CPUs reserved per worker.")
+    gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs per worker; > 0 trains on GPU.")
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.gpus_per_worker > 0
+
+
+class ParallelSpec(Section):
+    strategy: Literal["ddp", "zero1", "zero2", "zero3", "pipeline", "tensor"] = Field(
+        default="ddp", description="ddp | zero1 | zero2 | zero3 | pipeline | tensor."
+    )
+    offload: Literal["none", "optimizer", "optimizer+params"] = Field(
+        default="none", description="ZeRO CPU offload: optimizer state (zero1/2/3) or also params (zero3)."
+    )
+    pipeline_stages: int = Field(default=2, gt=0, description="pipeline: number of stages.")
+    pipeline_zero_stage: Literal[0, 1] = Field(
+        default=0, description="pipeline: ZeRO stage combined with it (DeepSpeed allows at most 1)."
+    )
+    tensor_parallel_size: int = Field(default=2, gt=0, description="tensor: model-parallel degree.")
+    deepspeed: str | None = Field(
+        default=None, description='A raw DeepSpeed JSON for experts; its "auto" values come from the spec.'
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> ParallelSpec:
+        if self.offload == "optimizer+params" and self.strategy != "zero3":
+            raise ValueError(
+                "offload: optimizer+params needs strategy zero3 (only ZeRO-3 partitions parameters)"
+            )
+        if self.offload != "none" and self.strategy not in ("zero1", "zero2", "zero3"):
+            raise ValueError(f"offload needs a ZeRO strategy (zero1/zero2/zero3), not {self.strategy}")
+        return self
+
+
+class CheckpointSpec(Section):
+    storage_path: str | None = Field(
+        default=None,
+        description="Shared storage (local dir, NFS path, or pyarrow URI); default output_dir/ckpt.",
+    )
+    name: str | None = Field(
+        default=None, description="Run name under storage_path; default from output_dir."
+    )
+    keep_last: int = Field(
+        default=3, gt=0, description="Checkpoints kept; the newest valid one is never pruned."
+    )
+
+
+class FailureSpec(Section):
+    max_failures: int = Field(
+        default=3, ge=-1, description="Worker-group restarts inside a run (-1: unlimited)."
+    )
+    max_job_restarts: int = Field(default=3, ge=0, description="Controller relaunches of a failed run.")
+    backoff_s: float = Field(default=2.0, ge=0, description="First relaunch delay; doubles each time.")
+
+
+class ResumeSpec(Section):
+    enabled: bool = Field(default=True, description="Resume from the newest valid checkpoint if one exists.")
+    weights_only: bool = Field(
+        default=False,
+        description="Restore weights only (no optimizer/scheduler/data position) after a change.",
+    )
+    from_checkpoint: str | None = Field(
+        default=None, description="Resume from this checkpoint bundle instead."
+    )
+
+
+class EvalSpec(Section):
+    enabled: bool = Field(default=True, description="Evaluate the trained model before registering it.")
+    dataset: list[str] | None = Field(
+        default=None, description="Eval datasets; default: the job's eval split."
+    )
+    metrics: list[Literal["loss", "perplexity", "exact_match"]] = Field(
+        default=["loss", "perplexity", "exact_match"], description="Metrics to compute."
+    )
+    max_new_tokens: int = Field(default=32, gt=0, description="Generation length for exact_match.")
+    max_samples: int | None = Field(default=None, gt=0, description="Evaluate at most this many examples.")
+
+    _split = field_validator("dataset", mode="before")(_split_csv)
+
+
+class PromoteSpec(Section):
+    model_name: str | None = Field(
+        default=None, description="Registry name; default: output_dir's last part."
+    )
+    gates: list[str] = Field(default=[], description='Conditions on eval metrics, e.g. "exact_match >= 0.8".')
+    not_worse_than_production: bool = Field(
+        default=True, description="Also require every gated metric to be at least production's."
+    )
+    alias: Literal["production", "canary"] = Field(
+        default="production", description="Alias moved on success."
+    )
+    merge: bool = Field(default=False, description="Register a merged model instead of base + adapter.")
+
+
+# ---------------------------------------------------------------- the job
+
+
+class JobSpec(Section):
+    model: ModelArgs
+    method: MethodArgs = MethodArgs()
+    data: DataArgs
+    train: TrainArgs
+    cluster: ClusterSpec = ClusterSpec()
+    parallel: ParallelSpec = ParallelSpec()
+    checkpoint: CheckpointSpec = CheckpointSpec()
+    failure: FailureSpec = FailureSpec()
+    resume: ResumeSpec = ResumeSpec()
+    eval: EvalSpec = EvalSpec()
+    promote: PromoteSpec = PromoteSpec()
+    callbacks: list[str] = Field(
+        default=[], description="Dotted paths of callback classes (on_step_end, on_checkpoint, ...)."
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> JobSpec:
+        parallel, workers = self.parallel, self.cluster.num_workers
+        if parallel.strategy == "pipeline" and workers % parallel.pipeline_stages:
+            raise ValueError(
+                f"parallel.pipeline_stages={parallel.pipeline_stages} must divide "
+                f"cluster.num_workers={workers}"
+            )
+        if parallel.strategy == "tensor" and workers % parallel.tensor_parallel_size:
+            raise ValueError(
+                f"parallel.tensor_parallel_size={parallel.tensor_parallel_size} must divide "
+                f"cluster.num_workers={workers}"
+            )
+        if self.train.fp16 and not self.cluster.use_gpu:
+            raise ValueError("fp16 needs GPUs (cluster.gpus_per_worker > 0); on CPU train in fp32 or bf16")
+        return self
+
+    def spec_hash(self) -> str:
+        """sha256 of the canonical JSON of the spec: two specs with equal hashes train the same run."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# Which group owns each flat (LLaMA-Factory) key. Derived from the models, so it cannot drift.
+FLAT_GROUPS: dict[str, type[Section]] = {
+    "model": ModelArgs,
+    "method": MethodArgs,
+    "data": DataArgs,
+    "train": TrainArgs,
+}
+SECTIONS: dict[str, type[Section]] = {
+    name: JobSpec.model_fields[name].annotation  # type: ignore[misc]
+    for name in ("cluster", "parallel", "checkpoint", "failure", "resume", "eval", "promote")
+}
