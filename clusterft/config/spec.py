@@ -42,9 +42,8 @@ class ModelArgs(Section):
 
 
 class MethodArgs(Section):
-    stage: Literal["sft", "pt"] = Field(
-        default="sft",
-        description="sft: supervised fine-tuning on prompt/response; pt: plain language modelling.",
+    stage: Literal["sft"] = Field(
+        default="sft", description="Training stage; clusterft runs supervised fine-tuning (sft)."
     )
     finetuning_type: Literal["lora", "full", "freeze"] = Field(
         default="lora", description="lora (peft adapter), full (every weight), freeze (last N layers only)."
