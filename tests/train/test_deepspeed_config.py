@@ -1,0 +1,135 @@
+"""The strategy → DeepSpeed config compiler: exact dicts for every strategy, and "auto" resolution."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from clusterft.config import parse_job_dict
+from clusterft.errors import UserError
+from clusterft.train.deepspeed_config import build_deepspeed_config
+
+
+def make_spec(**extra):
+    raw = {
+        "model_name_or_path": "m",
+        "dataset": "d",
+        "output_dir": "out",
+        "per_device_train_batch_size": 2,
+        "gradient_accumulation_steps": 3,
+        "learning_rate": 1e-3,
+        "weight_decay": 0.01,
+        "max_grad_norm": 0.5,
+        **extra,
+    }
+    return parse_job_dict(raw, "test")
+
+
+CPU_OPTIMIZER = {
+    "type": "AdamW",
+    "params": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "torch_adam": True},
+}
+
+
+def test_ddp_on_cpu():
+    assert build_deepspeed_config(make_spec(), world_size=2) == {
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 3,
+        "train_batch_size": 12,
+        "gradient_clipping": 0.5,
+        "optimizer": CPU_OPTIMIZER,
+        "zero_optimization": {"stage": 0},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero12_buckets_follow_hidden_size(stage):
+    config = build_deepspeed_config(make_spec(parallel={"strategy": f"zero{stage}"}), 2, hidden_size=64)
+    assert config["zero_optimization"] == {
+        "stage": stage,
+        "overlap_comm": False,
+        "contiguous_gradients": True,
+        "reduce_scatter": True,
+        "reduce_bucket_size": 4096,
+        "allgather_bucket_size": 4096,
+        "round_robin_gradients": False,
+    }
+
+
+def test_zero3_offload_params():
+    spec = make_spec(parallel={"strategy": "zero3", "offload": "optimizer+params"})
+    zero = build_deepspeed_config(spec, 4, hidden_size=100)["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["stage3_prefetch_bucket_size"] == 9000
+    assert zero["stage3_param_persistence_threshold"] == 1000
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert zero["offload_param"] == {"device": "cpu", "pin_memory": False}
+
+
+def test_zero2_offload_optimizer_only():
+    zero = build_deepspeed_config(make_spec(parallel={"strategy": "zero2", "offload": "optimizer"}), 2)[
+        "zero_optimization"
+    ]
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
+    assert "offload_param" not in zero
+    assert zero["reduce_bucket_size"] == 500_000_000
+
+
+def test_pipeline_batch_is_per_data_parallel_group():
+    spec = make_spec(cluster={"num_workers": 4}, parallel={"strategy": "pipeline", "pipeline_zero_stage": 1})
+    config = build_deepspeed_config(spec, 4)
+    assert config["train_batch_size"] == 2 * 3 * 2  # 4 workers / 2 stages = 2 data-parallel groups
+    assert config["zero_optimization"]["stage"] == 1
+    assert config["pipeline"] == {"pipe_partitioned": False, "grad_partitioned": False}
+
+
+def test_tensor_parallel_autotp():
+    config = build_deepspeed_config(make_spec(parallel={"strategy": "tensor", "tensor_parallel_size": 2}), 2)
+    assert config["tensor_parallel"] == {"autotp_size": 2}
+    assert config["train_batch_size"] == 6
+
+
+def test_gpu_uses_fused_optimizer_and_bf16():
+    spec = make_spec(cluster={"gpus_per_worker": 1}, bf16=True)
+    config = build_deepspeed_config(spec, 2)
+    assert "torch_adam" not in config["optimizer"]["params"]
+    assert config["bf16"] == {"enabled": True}
+
+
+def test_bf16_on_cpu_stays_fp32():
+    assert "bf16" not in build_deepspeed_config(make_spec(bf16=True), 2)
+
+
+def test_raw_json_auto_values_resolved(tmp_path):
+    raw = {
+        "train_batch_size": "auto",
+        "train_micro_batch_size_per_gpu": "auto",
+        "gradient_accumulation_steps": "auto",
+        "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"},
+        "zero_optimization": {"stage": 2, "reduce_bucket_size": "auto", "overlap_comm": True},
+    }
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(raw))
+    config = build_deepspeed_config(make_spec(deepspeed=str(path)), 2, hidden_size=8)
+    assert config["train_batch_size"] == 12
+    assert config["gradient_accumulation_steps"] == 3
+    assert config["gradient_clipping"] == 0.5
+    assert config["bf16"] == {"enabled": False}
+    assert config["zero_optimization"] == {"stage": 2, "reduce_bucket_size": 64, "overlap_comm": True}
+    assert config["optimizer"] == CPU_OPTIMIZER
+
+
+def test_raw_json_scheduler_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
+    with pytest.raises(UserError, match="scheduler"):
+        build_deepspeed_config(make_spec(deepspeed=str(path)), 2)
+
+
+def test_raw_json_missing_file_names_it():
+    with pytest.raises(UserError, match=r"nope\.json not found"):
+        build_deepspeed_config(make_spec(deepspeed="nope.json"), 2)
