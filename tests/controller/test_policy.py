@@ -1,0 +1,234 @@
+"""Pure policies: resume or give up (backoff, limit, non-retryable), completion, promotion gates."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from clusterft.config import SpecError
+from clusterft.controller.policy import (
+    MAX_BACKOFF_S,
+    Complete,
+    Failure,
+    Gate,
+    GateError,
+    GiveUp,
+    Hold,
+    Promote,
+    Resume,
+    backoff_s,
+    check_completion,
+    decide_after_failure,
+    decide_promotion,
+    no_worse,
+    parse_gate,
+    parse_gates,
+)
+from clusterft.errors import UserError
+from tests.controller.conftest import make_job, make_spec
+
+TRANSIENT = Failure("RuntimeError: NCCL watchdog timeout")
+
+
+# ---------------------------------------------------------------- resume or give up
+
+
+def test_backoff_doubles_from_the_spec_until_the_limit_then_gives_up() -> None:
+    spec = make_spec(failure={"max_job_restarts": 4, "backoff_s": 1.5})
+    decisions = [decide_after_failure(make_job(restarts=n), TRANSIENT, spec) for n in range(5)]
+    assert decisions[:4] == [
+        Resume(after_s=1.5, restart=1),
+        Resume(after_s=3.0, restart=2),
+        Resume(after_s=6.0, restart=3),
+        Resume(after_s=12.0, restart=4),
+    ]
+    for decision in decisions[4:]:
+        assert isinstance(decision, GiveUp)
+        assert "4 of 4 allowed relaunches (failure.max_job_restarts)" in decision.reason
+        assert "NCCL watchdog timeout" in decision.reason
+        assert "clusterft jobs resume job-20261128-091500-ab12" in decision.reason
+
+
+def test_zero_restarts_allowed_gives_up_at_the_first_failure() -> None:
+    spec = make_spec(failure={"max_job_restarts": 0})
+    assert isinstance(decide_after_failure(make_job(), TRANSIENT, spec), GiveUp)
+
+
+def test_default_spec_allows_three_relaunches_starting_at_two_seconds() -> None:
+    spec = make_spec()
+    assert decide_after_failure(make_job(), TRANSIENT, spec) == Resume(after_s=2.0, restart=1)
+    assert isinstance(decide_after_failure(make_job(restarts=3), TRANSIENT, spec), GiveUp)
+
+
+def test_backoff_is_capped() -> None:
+    assert backoff_s(2.0, 1) == 2.0
+    assert backoff_s(2.0, 9) == 512.0
+    assert backoff_s(2.0, 10) == MAX_BACKOFF_S
+    assert backoff_s(2.0, 60) == MAX_BACKOFF_S
+    assert backoff_s(0.0, 5) == 0.0
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        UserError("dataset 'demo' not found in examples/data/dataset_info.json"),
+        SpecError("job.yaml", []),
+        ImportError("No module named 'my_callbacks'"),
+    ],
+)
+def test_non_retryable_errors_give_up_at_once_whatever_the_budget(error: BaseException) -> None:
+    failure = Failure.from_exception(error)
+    assert not failure.retryable
+    assert failure.reason.startswith(type(error).__name__ + ": ")
+    decision = decide_after_failure(make_job(), failure, make_spec(failure={"max_job_restarts": 10}))
+    assert isinstance(decision, GiveUp)
+    assert decision.reason.startswith("not retryable")
+
+
+def test_ordinary_exceptions_are_retryable() -> None:
+    failure = Failure.from_exception(RuntimeError("worker died"))
+    assert failure == Failure("RuntimeError: worker died", retryable=True)
+    assert isinstance(decide_after_failure(make_job(), failure, make_spec()), Resume)
+
+
+# ---------------------------------------------------------------- completion
+
+
+def test_fewer_steps_than_planned_is_a_failure_never_success() -> None:
+    assert check_completion(400, 400) == Complete(400)
+    early = check_completion(400, 399)
+    assert early == Failure("training stopped after 399 of 400 planned steps", retryable=True)
+    assert isinstance(check_completion(400, 0), Failure)
+
+
+def test_more_steps_than_planned_means_the_plan_changed() -> None:
+    failure = check_completion(400, 450)
+    assert isinstance(failure, Failure)
+    assert not failure.retryable
+    assert "450 steps but 400 were planned" in failure.reason
+
+
+# ---------------------------------------------------------------- gates
+
+
+@pytest.mark.parametrize(
+    ("text", "gate"),
+    [
+        ("exact_match >= 0.8", Gate("exact_match", ">=", 0.8)),
+        ("eval.exact_match>=0.8", Gate("exact_match", ">=", 0.8)),
+        ("  loss < 1.5 ", Gate("loss", "<", 1.5)),
+        ("perplexity <= 12", Gate("perplexity", "<=", 12.0)),
+        ("exact_match > .5", Gate("exact_match", ">", 0.5)),
+        ("loss == 1e-3", Gate("loss", "==", 0.001)),
+        ("loss < +2.5E+1", Gate("loss", "<", 25.0)),
+    ],
+)
+def test_gates_parse(text: str, gate: Gate) -> None:
+    assert parse_gate(text) == gate
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "exact_match => 0.8",
+        "exact_match >= high",
+        "exact_match >= 0.8 and loss < 1",
+        "__import__('os').system('true') >= 0",
+        ">= 0.8",
+        "exact_match",
+        "exact_match != 0.8",
+        "",
+    ],
+)
+def test_malformed_gates_are_user_errors_with_the_grammar(text: str) -> None:
+    with pytest.raises(GateError) as caught:
+        parse_gate(text)
+    assert "write `METRIC OP NUMBER`" in str(caught.value)
+    assert "e.g. 'exact_match >= 0.8'" in str(caught.value)
+    assert isinstance(caught.value, UserError)
+
+
+def test_unknown_metric_is_named_with_a_suggestion() -> None:
+    with pytest.raises(GateError, match=r"unknown metric 'exact_mach'; did you mean 'exact_match'\?"):
+        parse_gate("exact_mach >= 0.8")
+    with pytest.raises(GateError, match=r"known: exact_match, loss, perplexity"):
+        parse_gate("bleu >= 30")
+
+
+def test_spec_gates_must_be_computed_by_evaluation() -> None:
+    spec = make_spec(promote={"gates": ["exact_match >= 0.8", "loss < 2"]})
+    assert parse_gates(spec) == [Gate("exact_match", ">=", 0.8), Gate("loss", "<", 2.0)]
+    spec = make_spec(promote={"gates": ["exact_match >= 0.8"]}, eval={"metrics": ["loss"]})
+    with pytest.raises(GateError, match=r"add it to eval\.metrics"):
+        parse_gates(spec)
+    spec = make_spec(promote={"gates": ["loss < 2"]}, eval={"enabled": False})
+    with pytest.raises(GateError, match=r"eval\.enabled is false"):
+        parse_gates(spec)
+
+
+def test_a_gate_never_passes_nan() -> None:
+    assert not Gate("loss", "<", 2.0).passes(math.nan)
+    assert not Gate("exact_match", ">=", 0.0).passes(math.nan)
+
+
+# ---------------------------------------------------------------- promotion
+
+
+def test_promote_when_gates_pass_and_no_production_yet() -> None:
+    decision = decide_promotion({"exact_match": 0.85, "loss": 0.4}, ["exact_match >= 0.8"], None, True)
+    assert decision == Promote(
+        ("exact_match >= 0.8: got 0.85", "no production version yet; nothing to compare")
+    )
+
+
+def test_hold_names_every_failing_gate() -> None:
+    decision = decide_promotion(
+        {"exact_match": 0.5, "loss": 3.0}, ["exact_match >= 0.8", "loss < 2", "perplexity < 10"], None, False
+    )
+    assert decision == Hold(
+        "not promoted: exact_match >= 0.8: got 0.5; loss < 2: got 3; "
+        "perplexity < 10: evaluation produced no perplexity"
+    )
+
+
+def test_boundaries_of_each_operator() -> None:
+    metrics = {"exact_match": 0.8}
+    assert isinstance(decide_promotion(metrics, ["exact_match >= 0.8"], None, False), Promote)
+    assert isinstance(decide_promotion(metrics, ["exact_match > 0.8"], None, False), Hold)
+    assert isinstance(decide_promotion(metrics, ["exact_match == 0.8"], None, False), Promote)
+    assert isinstance(decide_promotion(metrics, ["exact_match <= 0.8"], None, False), Promote)
+    assert isinstance(decide_promotion(metrics, ["exact_match < 0.8"], None, False), Hold)
+
+
+def test_not_worse_than_production_follows_each_metrics_direction() -> None:
+    gates = ["exact_match >= 0.5", "loss < 5"]
+    production = {"exact_match": 0.9, "loss": 1.0}
+    # Equal is not worse.
+    assert isinstance(decide_promotion({"exact_match": 0.9, "loss": 1.0}, gates, production, True), Promote)
+    # Better on both: higher exact_match, lower loss.
+    assert isinstance(decide_promotion({"exact_match": 0.95, "loss": 0.8}, gates, production, True), Promote)
+    worse_loss = decide_promotion({"exact_match": 0.95, "loss": 1.2}, gates, production, True)
+    assert worse_loss == Hold("not promoted: loss 1.2 is worse than production's 1")
+    worse_em = decide_promotion({"exact_match": 0.85, "loss": 0.8}, gates, production, True)
+    assert worse_em == Hold("not promoted: exact_match 0.85 is worse than production's 0.9")
+    # Not asked: production's numbers do not matter.
+    assert isinstance(decide_promotion({"exact_match": 0.6, "loss": 4.0}, gates, production, False), Promote)
+
+
+def test_production_without_the_metric_is_noted_not_held() -> None:
+    decision = decide_promotion({"perplexity": 3.0}, ["perplexity < 10"], {"loss": 1.0}, True)
+    assert decision == Promote(("perplexity < 10: got 3", "production has no perplexity; not compared"))
+
+
+def test_no_worse_directions() -> None:
+    assert no_worse("loss", 1.0, 1.0) and no_worse("loss", 0.9, 1.0) and not no_worse("loss", 1.1, 1.0)
+    assert no_worse("perplexity", 2.0, 2.5) and not no_worse("perplexity", 2.6, 2.5)
+    assert no_worse("exact_match", 0.8, 0.8) and no_worse("exact_match", 0.9, 0.8)
+    assert not no_worse("exact_match", 0.7, 0.8)
+    assert not no_worse("loss", math.nan, 1.0)
+
+
+def test_bad_gate_in_decision_is_an_error_not_a_hold() -> None:
+    with pytest.raises(GateError):
+        decide_promotion({"exact_match": 1.0}, ["exact_match ~ 1"], None, False)
