@@ -1,0 +1,380 @@
+"""The job store: one SQLite file on the shared storage path that outlives any controller.
+
+Every state change is one transaction that checks the job's current state first (compare-and-set),
+so two controllers (a restarted actor and its zombie predecessor, or a controller and a user's
+`jobs cancel`) can never both move a job: the second gets `StaleState`. Writes take SQLite's
+write lock at BEGIN (`BEGIN IMMEDIATE`) and wait up to `busy_timeout_s` for it.
+
+WAL mode lets readers (`jobs list`, the REST API) run while the controller writes. WAL needs every
+process on one host (it shares memory through a -shm file); on a network filesystem reached from
+several nodes open the store with `journal_mode="delete"`.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from clusterft.config.spec import JobSpec
+from clusterft.controller.state import (
+    Job,
+    JobState,
+    State,
+    Submitted,
+    Training,
+    check_transition,
+    next_counters,
+    state_from_json,
+)
+from clusterft.errors import UserError
+
+SCHEMA_VERSION = 1
+# Index i upgrades a database from schema version i to i + 1; never edit a released entry, append.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE jobs (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        spec_yaml TEXT NOT NULL,
+        spec_hash TEXT NOT NULL,
+        state TEXT NOT NULL,
+        state_data TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        restarts INTEGER NOT NULL,
+        reason TEXT,
+        result TEXT NOT NULL,
+        resumed_from TEXT,
+        created_at REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX jobs_by_state ON jobs(state);
+    CREATE TABLE events (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        at REAL NOT NULL,
+        from_state TEXT,
+        to_state TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        reason TEXT,
+        data TEXT NOT NULL
+    );
+    CREATE INDEX events_by_job ON events(job_id, seq);
+    -- The history is evidence (what happened, when, why): it is never rewritten.
+    CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+        BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+    CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+        BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
+    CREATE TABLE logs (
+        job_id TEXT NOT NULL REFERENCES jobs(id),
+        attempt INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        path TEXT NOT NULL,
+        created_at REAL NOT NULL,
+        PRIMARY KEY (job_id, attempt, kind)
+    );
+    """,
+)
+assert len(MIGRATIONS) == SCHEMA_VERSION
+
+
+class UnknownJob(UserError):
+    def __init__(self, job_id: str):
+        super().__init__(f"no job {job_id!r}; `clusterft jobs list` shows the job ids")
+
+
+class StaleState(UserError):
+    """The job was not in the state the caller expected: someone else moved it first."""
+
+    def __init__(self, job_id: str, expected: JobState, actual: JobState):
+        self.job_id, self.expected, self.actual = job_id, expected, actual
+        super().__init__(
+            f"job {job_id} is {actual}, not {expected}: another controller or command moved it first; "
+            f"see `clusterft jobs status {job_id}`"
+        )
+
+
+@dataclass(frozen=True)
+class Event:
+    """One row of a job's history; `from_state` is None for the submission."""
+
+    seq: int
+    job_id: str
+    at: float
+    from_state: JobState | None
+    to_state: JobState
+    attempt: int
+    reason: str | None
+    data: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LogPointer:
+    job_id: str
+    attempt: int
+    kind: str
+    """Whose log: "driver", "worker-0", "eval", ..."""
+    path: str
+    created_at: float
+
+
+def new_job_id(now: float) -> str:
+    """`job-20261128-091500-ab12`: sorts by submission time (UTC), short enough to type."""
+    stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d-%H%M%S")
+    return f"job-{stamp}-{secrets.token_hex(2)}"
+
+
+def default_job_name(spec: JobSpec) -> str:
+    """The registry name if the spec sets one, else the output directory's last part."""
+    return spec.promote.model_name or Path(spec.train.output_dir).name
+
+
+class JobStore:
+    """Jobs, their event history and log pointers in one SQLite file. Safe to share between
+    threads (one connection behind a lock) and processes (SQLite's file locks)."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        busy_timeout_s: float = 30.0,
+        journal_mode: Literal["wal", "delete"] = "wal",
+        clock: Callable[[], float] = time.time,
+    ):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._clock = clock
+        self._lock = threading.Lock()
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so each transaction is explicit.
+        self._db = sqlite3.connect(
+            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        self._db.execute(f"PRAGMA journal_mode = {journal_mode}")
+        self._db.execute("PRAGMA foreign_keys = ON")
+        # In WAL mode NORMAL is durable across process crashes; only a power cut may lose the tail.
+        self._db.execute(
+            "PRAGMA synchronous = NORMAL" if journal_mode == "wal" else "PRAGMA synchronous = FULL"
+        )
+        self._migrate()
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> JobStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _write(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction holding SQLite's write lock from its start (no upgrade deadlocks)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._db.execute(sql, tuple(params)).fetchall()
+
+    def _migrate(self) -> None:
+        with self._write() as db:
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+            if version > SCHEMA_VERSION:
+                raise UserError(
+                    f"{self.path} has job-store schema {version}, newer than this clusterft's "
+                    f"({SCHEMA_VERSION}); upgrade clusterft to open it"
+                )
+            for upgrade in MIGRATIONS[version:]:
+                for statement in _statements(upgrade):
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @property
+    def schema_version(self) -> int:
+        return self._read("PRAGMA user_version")[0][0]
+
+    # ------------------------------------------------------------ jobs
+
+    def submit(self, spec: JobSpec, spec_yaml: str | None = None, *, name: str | None = None) -> Job:
+        """Record a new job in `submitted` and return it. `spec_yaml` is kept as the user wrote it
+        (default: the resolved spec dumped to YAML)."""
+        if spec_yaml is None:
+            spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+        name = name or default_job_name(spec)
+        now = self._clock()
+        state = Submitted()
+        with self._write() as db:
+            job_id = new_job_id(now)
+            while db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
+                job_id = new_job_id(now)  # same second, same 4 hex digits: draw again
+            db.execute(
+                "INSERT INTO jobs (id, name, spec_yaml, spec_hash, state, state_data, attempt, restarts,"
+                " reason, result, resumed_from, created_at, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0, 0, NULL, '{}', NULL, ?, ?)",
+                (job_id, name, spec_yaml, spec.spec_hash(), state.kind, json.dumps(state.data()), now, now),
+            )
+            _append_event(db, job_id, now, None, state, attempt=0)
+        return self.get(job_id)
+
+    def get(self, job_id: str) -> Job:
+        rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
+            raise UnknownJob(job_id)
+        return _job(rows[0])
+
+    def list(self, states: Iterable[JobState] | None = None, limit: int | None = None) -> list[Job]:
+        """Jobs, newest first; only those in `states` when given."""
+        sql, params = "SELECT * FROM jobs", []
+        if states is not None:
+            states = list(states)
+            sql += f" WHERE state IN ({', '.join('?' * len(states))})"
+            params += [str(s) for s in states]
+        sql += " ORDER BY created_at DESC, id DESC"
+        if limit is not None:
+            sql += " LIMIT ?"
+            params.append(limit)
+        return [_job(row) for row in self._read(sql, params)]
+
+    def unsettled(self) -> list[Job]:
+        """Jobs the controller still owns (not settled), oldest first: what a restarted
+        controller picks up."""
+        return [job for job in reversed(self.list()) if not job.settled]
+
+    def transition(
+        self, job_id: str, expected: JobState, new: State, *, result: Mapping[str, Any] | None = None
+    ) -> Job:
+        """Move a job from `expected` to `new` in one transaction, or raise: `StaleState` if it is no
+        longer in `expected`, `IllegalTransition` if the state machine forbids the move. `result`
+        keys are merged into the job's result JSON (eval metrics, registered version, ...)."""
+        check_transition(expected, new.kind)
+        now = self._clock()
+        with self._write() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise UnknownJob(job_id)
+            actual = JobState(row["state"])
+            if actual is not expected:
+                raise StaleState(job_id, expected, actual)
+            attempt, restarts = next_counters(actual, new.kind, row["attempt"], row["restarts"])
+            merged = {**json.loads(row["result"]), **(result or {})}
+            resumed_from = new.resumed_from if isinstance(new, Training) else row["resumed_from"]
+            cursor = db.execute(
+                "UPDATE jobs SET state = ?, state_data = ?, attempt = ?, restarts = ?, reason = ?,"
+                " result = ?, resumed_from = ?, updated_at = ? WHERE id = ? AND state = ?",
+                (
+                    new.kind,
+                    json.dumps(new.data()),
+                    attempt,
+                    restarts,
+                    new.reason,
+                    json.dumps(merged),
+                    resumed_from,
+                    now,
+                    job_id,
+                    expected,
+                ),
+            )
+            assert cursor.rowcount == 1, "the state was read under the write lock; it cannot have moved"
+            _append_event(db, job_id, now, actual, new, attempt)
+        return self.get(job_id)
+
+    # ------------------------------------------------------------ history and logs
+
+    def events(self, job_id: str) -> list[Event]:
+        """Every transition of the job, oldest first."""
+        self.get(job_id)
+        rows = self._read("SELECT * FROM events WHERE job_id = ? ORDER BY seq", (job_id,))
+        return [
+            Event(
+                seq=row["seq"],
+                job_id=row["job_id"],
+                at=row["at"],
+                from_state=JobState(row["from_state"]) if row["from_state"] else None,
+                to_state=JobState(row["to_state"]),
+                attempt=row["attempt"],
+                reason=row["reason"],
+                data=json.loads(row["data"]),
+            )
+            for row in rows
+        ]
+
+    def add_log(self, job_id: str, kind: str, path: str | Path, attempt: int | None = None) -> LogPointer:
+        """Point at a log file (on shared storage) of one attempt; default: the current attempt.
+        Logs stay in files; the store only says where they are."""
+        now = self._clock()
+        with self._write() as db:
+            row = db.execute("SELECT attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise UnknownJob(job_id)
+            attempt = row["attempt"] if attempt is None else attempt
+            db.execute(
+                "INSERT OR REPLACE INTO logs (job_id, attempt, kind, path, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (job_id, attempt, kind, str(path), now),
+            )
+        return LogPointer(job_id, attempt, kind, str(path), now)
+
+    def logs(self, job_id: str) -> list[LogPointer]:
+        """The job's log files, by attempt then kind."""
+        self.get(job_id)
+        rows = self._read("SELECT * FROM logs WHERE job_id = ? ORDER BY attempt, kind", (job_id,))
+        return [LogPointer(r["job_id"], r["attempt"], r["kind"], r["path"], r["created_at"]) for r in rows]
+
+
+def _statements(script: str) -> list[str]:
+    """Split a migration into statements (executescript would COMMIT our transaction)."""
+    statements, pending = [], ""
+    for line in script.splitlines(keepends=True):
+        if line.strip().startswith("--"):
+            continue
+        pending += line
+        if sqlite3.complete_statement(pending):
+            statements.append(pending.strip())
+            pending = ""
+    assert not pending.strip(), f"incomplete SQL in migration: {pending!r}"
+    return statements
+
+
+def _append_event(
+    db: sqlite3.Connection, job_id: str, now: float, src: JobState | None, new: State, attempt: int
+) -> None:
+    db.execute(
+        "INSERT INTO events (job_id, at, from_state, to_state, attempt, reason, data)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (job_id, now, src, new.kind, attempt, new.reason, json.dumps(new.data())),
+    )
+
+
+def _job(row: sqlite3.Row) -> Job:
+    return Job(
+        id=row["id"],
+        name=row["name"],
+        spec_yaml=row["spec_yaml"],
+        spec_hash=row["spec_hash"],
+        state=state_from_json(row["state"], row["state_data"]),
+        attempt=row["attempt"],
+        restarts=row["restarts"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        result=json.loads(row["result"]),
+        resumed_from=row["resumed_from"],
+    )

@@ -1,0 +1,252 @@
+"""The SQLite job store: submission, compare-and-set transitions across connections and processes,
+the append-only history, log pointers, schema versioning."""
+
+from __future__ import annotations
+
+import multiprocessing
+import re
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from clusterft.controller.state import (
+    Cancelled,
+    Errored,
+    Evaluating,
+    Failed,
+    IllegalTransition,
+    JobState,
+    Registered,
+    Resuming,
+    Training,
+)
+from clusterft.controller.store import SCHEMA_VERSION, JobStore, StaleState, UnknownJob, new_job_id
+from clusterft.errors import UserError
+from tests.controller.conftest import make_spec
+
+S = JobState
+
+
+class Clock:
+    """A clock the test moves by hand: timestamps are exact."""
+
+    def __init__(self, now: float = 1_795_000_000.0):
+        self.now = now
+
+    def __call__(self) -> float:
+        self.now += 1.0
+        return self.now
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> JobStore:
+    with JobStore(tmp_path / "shared" / "jobs.db", clock=Clock()) as opened:
+        yield opened
+
+
+def test_job_ids_are_short_sortable_and_utc() -> None:
+    submitted = datetime(2026, 11, 28, 9, 15, 0, tzinfo=UTC).timestamp()
+    job_id = new_job_id(submitted)
+    assert re.fullmatch(r"job-20261128-091500-[0-9a-f]{4}", job_id)
+    assert new_job_id(submitted + 1) > job_id
+    assert len(job_id) == 24
+
+
+def test_submit_records_the_spec_and_its_hash(store: JobStore) -> None:
+    spec = make_spec(promote={"model_name": "quickstart"})
+    job = store.submit(spec, "model_name_or_path: models/tiny-llama\n")
+    assert job.status is S.SUBMITTED and job.attempt == 0 and job.restarts == 0
+    assert job.name == "quickstart"
+    assert job.spec_yaml == "model_name_or_path: models/tiny-llama\n"
+    assert job.spec_hash == spec.spec_hash()
+    assert job.result == {} and job.resumed_from is None
+    assert store.get(job.id) == job
+    # Default name: the output directory's last part; default YAML: the resolved spec.
+    other = store.submit(make_spec())
+    assert other.name == "demo"
+    assert "model_name_or_path: models/tiny-llama" in other.spec_yaml
+
+
+def test_unknown_job_is_a_user_error_with_the_way_to_find_ids(store: JobStore) -> None:
+    with pytest.raises(UnknownJob, match=r"no job 'job-x'; `clusterft jobs list` shows the job ids"):
+        store.get("job-x")
+    with pytest.raises(UnknownJob):
+        store.transition("job-x", S.SUBMITTED, Training())
+
+
+def test_a_job_through_failures_to_registered_with_its_history(store: JobStore) -> None:
+    job = store.submit(make_spec())
+    steps = [
+        (S.SUBMITTED, Training()),
+        (S.TRAINING, Failed("RuntimeError: driver died")),
+        (S.FAILED, Resuming(after_s=2.0, why="RuntimeError: driver died")),
+        (S.RESUMING, Training(resumed_from="ckpt/checkpoint_000050")),
+        (S.TRAINING, Evaluating(completed_steps=10)),
+        (S.EVALUATING, Registered("demo", "v0001", why="not promoted: exact_match >= 0.8: got 0.5")),
+    ]
+    for expected, new in steps:
+        job = store.transition(job.id, expected, new)
+        assert job.state == new
+    assert (job.attempt, job.restarts) == (2, 1)
+    assert job.resumed_from == "ckpt/checkpoint_000050"
+    assert job.reason == "not promoted: exact_match >= 0.8: got 0.5"
+    events = store.events(job.id)
+    assert [(e.from_state, e.to_state, e.attempt) for e in events] == [
+        (None, S.SUBMITTED, 0),
+        (S.SUBMITTED, S.TRAINING, 1),
+        (S.TRAINING, S.FAILED, 1),
+        (S.FAILED, S.RESUMING, 1),
+        (S.RESUMING, S.TRAINING, 2),
+        (S.TRAINING, S.EVALUATING, 2),
+        (S.EVALUATING, S.REGISTERED, 2),
+    ]
+    assert events[2].reason == "RuntimeError: driver died"
+    assert events[4].data == {"resumed_from": "ckpt/checkpoint_000050"}
+    assert [e.at for e in events] == sorted(e.at for e in events)
+    assert len({e.seq for e in events}) == len(events)
+
+
+def test_results_merge_across_transitions(store: JobStore) -> None:
+    job = store.submit(make_spec())
+    store.transition(job.id, S.SUBMITTED, Training())
+    store.transition(job.id, S.TRAINING, Evaluating(10), result={"completed_steps": 10})
+    job = store.transition(job.id, S.EVALUATING, Registered("demo", "v0001"), result={"eval": {"loss": 0.5}})
+    assert job.result == {"completed_steps": 10, "eval": {"loss": 0.5}}
+
+
+def test_stale_expected_state_is_refused_and_changes_nothing(store: JobStore) -> None:
+    job = store.submit(make_spec())
+    store.transition(job.id, S.SUBMITTED, Training())
+    with pytest.raises(StaleState) as caught:
+        store.transition(job.id, S.SUBMITTED, Cancelled())
+    assert str(caught.value).startswith(f"job {job.id} is training, not submitted")
+    assert isinstance(caught.value, UserError)
+    assert store.get(job.id).status is S.TRAINING
+    assert len(store.events(job.id)) == 2
+
+
+def test_illegal_transition_is_refused_before_touching_the_database(store: JobStore) -> None:
+    job = store.submit(make_spec())
+    with pytest.raises(IllegalTransition, match="from submitted to evaluating"):
+        store.transition(job.id, S.SUBMITTED, Evaluating(0))
+    assert store.get(job.id).status is S.SUBMITTED
+
+
+def test_two_connections_cannot_both_move_a_job(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    with JobStore(path) as first, JobStore(path) as second:
+        job = first.submit(make_spec())
+        first.transition(job.id, S.SUBMITTED, Training())
+        with pytest.raises(StaleState):
+            second.transition(job.id, S.SUBMITTED, Cancelled("user"))
+        # The second sees the first's move and can act on it.
+        assert second.get(job.id).status is S.TRAINING
+        second.transition(job.id, S.TRAINING, Cancelled("user"))
+        assert first.get(job.id).status is S.CANCELLED
+
+
+def _race(path: str, job_ids: list[str], barrier: multiprocessing.synchronize.Barrier, wins: object) -> None:
+    """One contender: open its own store, wait for the others, try to move every job."""
+    with JobStore(path, busy_timeout_s=20) as store:
+        barrier.wait()
+        for job_id in job_ids:
+            try:
+                store.transition(job_id, S.SUBMITTED, Training())
+                wins.put(job_id)  # type: ignore[attr-defined]
+            except StaleState:
+                pass
+
+
+def test_processes_racing_on_the_same_jobs_each_job_moves_exactly_once(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    with JobStore(path) as store:
+        job_ids = [store.submit(make_spec()).id for _ in range(20)]
+    context = multiprocessing.get_context("fork")
+    contenders = 4
+    barrier, wins = context.Barrier(contenders), context.Queue()
+    processes = [
+        context.Process(target=_race, args=(str(path), job_ids, barrier, wins)) for _ in range(contenders)
+    ]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    won = [wins.get(timeout=5) for _ in range(len(job_ids))]
+    assert wins.empty()
+    assert sorted(won) == sorted(job_ids)
+    with JobStore(path) as store:
+        for job_id in job_ids:
+            job = store.get(job_id)
+            assert (job.status, job.attempt) == (S.TRAINING, 1)
+            assert [e.to_state for e in store.events(job_id)] == [S.SUBMITTED, S.TRAINING]
+
+
+def test_events_are_append_only(store: JobStore) -> None:
+    job = store.submit(make_spec())
+    raw = sqlite3.connect(store.path)
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        raw.execute("UPDATE events SET reason = 'rewritten'")
+    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
+        raw.execute("DELETE FROM events")
+    raw.close()
+    assert len(store.events(job.id)) == 1
+
+
+def test_list_filters_and_unsettled_is_what_a_restarted_controller_resumes(store: JobStore) -> None:
+    jobs = [store.submit(make_spec()) for _ in range(4)]
+    store.transition(jobs[0].id, S.SUBMITTED, Training())
+    store.transition(jobs[1].id, S.SUBMITTED, Errored("bad spec"))
+    store.transition(jobs[2].id, S.SUBMITTED, Cancelled())
+    assert [j.id for j in store.list()] == [j.id for j in reversed(jobs)]
+    assert [j.id for j in store.list(limit=2)] == [jobs[3].id, jobs[2].id]
+    assert [j.id for j in store.list([S.ERROR, S.CANCELLED])] == [jobs[2].id, jobs[1].id]
+    assert [j.id for j in store.unsettled()] == [jobs[0].id, jobs[3].id]
+
+
+def test_log_pointers_per_attempt(store: JobStore) -> None:
+    job = store.submit(make_spec())
+    store.transition(job.id, S.SUBMITTED, Training())
+    store.add_log(job.id, "driver", "/shared/logs/a1-driver.log")
+    store.transition(job.id, S.TRAINING, Failed("boom"))
+    store.transition(job.id, S.FAILED, Resuming(1.0, "boom"))
+    store.transition(job.id, S.RESUMING, Training())
+    store.add_log(job.id, "driver", "/shared/logs/a2-driver.log")
+    store.add_log(job.id, "eval", "/shared/logs/eval.log", attempt=2)
+    logs = [(log.attempt, log.kind, log.path) for log in store.logs(job.id)]
+    assert logs == [
+        (1, "driver", "/shared/logs/a1-driver.log"),
+        (2, "driver", "/shared/logs/a2-driver.log"),
+        (2, "eval", "/shared/logs/eval.log"),
+    ]
+
+
+def test_state_survives_reopening_and_the_schema_is_versioned(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    with JobStore(path) as store:
+        job = store.submit(make_spec())
+        store.transition(job.id, S.SUBMITTED, Training(resumed_from="ckpt/1"))
+        assert store.schema_version == SCHEMA_VERSION
+    with JobStore(path) as again:
+        assert again.get(job.id).state == Training(resumed_from="ckpt/1")
+    mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
+    assert mode == "wal"
+
+
+def test_a_newer_schema_is_refused_with_the_fix(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    JobStore(path).close()
+    raw = sqlite3.connect(path)
+    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    raw.close()
+    with pytest.raises(UserError, match=r"newer than this clusterft's .*; upgrade clusterft"):
+        JobStore(path)
+
+
+def test_delete_journal_mode_for_network_filesystems(tmp_path: Path) -> None:
+    with JobStore(tmp_path / "jobs.db", journal_mode="delete") as store:
+        job = store.submit(make_spec())
+        store.transition(job.id, S.SUBMITTED, Training())
+    assert sqlite3.connect(tmp_path / "jobs.db").execute("PRAGMA journal_mode").fetchone()[0] == "delete"
