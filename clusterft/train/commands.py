@@ -1,0 +1,67 @@
+"""`clusterft train | checkpoints | merge`: argparse-ready functions that return the exit code.
+
+Wiring (clusterft/cli.py):
+    train JOB.yaml [--no-progress]            → train_command(args.job, progress=not args.no_progress)
+    checkpoints {list,verify,prune} PATH [--keep K]
+                                              → checkpoints_command(args.action, args.path, args.keep)
+    merge BASE ADAPTER OUT                    → merge_command(args.base, args.adapter, args.out)
+UserError propagates (the CLI prints it and exits 2).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from clusterft.errors import UserError
+
+
+def train_command(job_path: str, progress: bool = True) -> int:
+    """Run a job spec on Ray Train; 0 when every planned step completed, 1 otherwise."""
+    from clusterft.config import load_job_spec
+    from clusterft.runtime import apply_runtime_defaults
+    from clusterft.train.launcher import run_training
+
+    apply_runtime_defaults()
+    spec = load_job_spec(job_path)
+    summary = run_training(spec, show_progress=progress)
+    print(
+        f"{summary.status}: {summary.completed_steps}/{summary.planned_steps} steps, "
+        f"final loss {summary.final_loss}, restarts {summary.restarts}, output {summary.output}",
+        file=sys.stderr,
+    )
+    if summary.error:
+        print(f"error: {summary.error}", file=sys.stderr)
+    return 0 if summary.ok else 1
+
+
+def checkpoints_command(action: str, path: str, keep: int | None = None) -> int:
+    """list: step, size, validity of each bundle; verify: check every sum (exit 1 if any is invalid);
+    prune: keep the newest `keep` valid bundles (default: 1)."""
+    from clusterft.storage import BundleStore, Storage
+
+    storage = Storage(path)
+    if not storage.is_dir(""):
+        raise UserError(f"{path}: no such checkpoint directory (give a run's bundles dir)")
+    store = BundleStore(storage)
+    if action == "prune":
+        deleted = store.prune(keep if keep is not None else 1)
+        print(json.dumps({"deleted": deleted}))
+        return 0
+    if action not in ("list", "verify"):
+        raise UserError(f"checkpoints: unknown action {action!r}; use list, verify or prune")
+    infos = store.list(verify=action == "verify")
+    for info in infos:
+        state = "valid" if info.valid else f"INVALID ({info.problem})"
+        print(f"{info.name}  step {info.step:>7}  {info.size_bytes / 2**20:9.2f} MiB  {state}")
+    if not infos:
+        print(f"{path}: no checkpoints")
+    return 0 if action == "list" or all(info.valid for info in infos) else 1
+
+
+def merge_command(base: str, adapter: str, out: str) -> int:
+    """Merge a LoRA adapter into its base model; write an HF model dir to `out`."""
+    from clusterft.hf.lora import merge_adapter
+
+    print(f"merged model written to {merge_adapter(base, adapter, out)}", file=sys.stderr)
+    return 0

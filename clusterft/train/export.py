@@ -1,0 +1,60 @@
+"""Turn a training bundle into ecosystem artifacts: a peft adapter dir or an HF model dir, and loss.png."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from clusterft.config.spec import JobSpec
+from clusterft.storage import BundleStore
+
+
+def export_bundle(spec: JobSpec, base_dir: str, store: BundleStore, name: str, output_dir: Path) -> Path:
+    """Rebuild the model as the workers did, load the bundle's trainable weights, save to `output_dir`.
+
+    LoRA: adapter_config.json + adapter_model.safetensors (loadable by `PeftModel.from_pretrained`);
+    full / freeze: an HF model dir. The tokenizer is saved alongside in both cases.
+    """
+    from clusterft.hf.loading import load_model, load_tokenizer
+    from clusterft.hf.lora import apply_method, load_trainable_state, save_trained
+    from clusterft.train.checkpointing import load_bundle
+    from clusterft.train.recipe import resolve
+    from clusterft.train.state import seed_everything
+
+    model_dir = resolve(base_dir, spec.model.model_name_or_path)
+    seed_everything(spec.train.seed)
+    model = apply_method(load_model(model_dir), spec.method, spec.model)
+    load_trainable_state(model, load_bundle(store, name, rank=0).state["weights"])
+    return save_trained(model, output_dir, load_tokenizer(model_dir))
+
+
+def read_metrics(metrics_path: Path) -> dict[int, dict]:
+    """step → the last record of that step (steps re-run after a restart overwrite the earlier ones)."""
+    records: dict[int, dict] = {}
+    if metrics_path.is_file():
+        for line in metrics_path.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                record = json.loads(line)
+                records[record["step"]] = record
+    return dict(sorted(records.items()))
+
+
+def plot_loss(metrics_path: Path, out_png: Path) -> Path | None:
+    """Training loss by step (matplotlib, Agg backend: no display needed)."""
+    records = read_metrics(metrics_path)
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(list(records), [r["loss"] for r in records.values()], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+    return out_png

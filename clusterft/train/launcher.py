@@ -1,0 +1,286 @@
+"""Run a job on Ray Train: connect (or start a local cluster), check, fit, export, summarise.
+
+driver                                        workers (Ray Train, N processes)
+------                                        --------------------------------
+preflight: datasets, resume compatibility
+TorchTrainer.fit()  (in a thread) ─────────▶  recipe.train_loop_per_worker
+main thread: progress queue ◀──────────────── rank 0 puts start / step / checkpoint / end
+  → progress bar, metrics.jsonl, callbacks
+export the newest valid bundle → output_dir (peft adapter or HF model), loss.png, run_summary.json
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from clusterft.config.spec import JobSpec
+from clusterft.errors import UserError
+from clusterft.storage import BundleStore
+from clusterft.train.callbacks import CallbackRunner
+from clusterft.train.export import export_bundle, plot_loss
+from clusterft.train.recipe import RunContext, resolve, train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RunLocation:
+    """Where a run's pieces live; all derived from the spec and the driver's working directory."""
+
+    base_dir: str
+    output_dir: Path
+    storage_path: str  # Ray Train's storage_path (local dir or URI)
+    name: str
+
+    @property
+    def bundle_root(self) -> str:
+        return f"{self.storage_path}/{self.name}/bundles"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.output_dir / ".clusterft"
+
+
+def locate(spec: JobSpec, base_dir: str | None = None) -> RunLocation:
+    base = base_dir or os.getcwd()
+    output = resolve(base, spec.train.output_dir)
+    storage = spec.checkpoint.storage_path
+    if storage is None:
+        storage = str(output / "ckpt")
+    elif "://" not in storage:
+        storage = str(resolve(base, storage))
+    return RunLocation(base, output, storage, spec.checkpoint.name or output.name)
+
+
+@dataclass
+class RunSummary:
+    """What run_summary.json holds; `ok` is False when fewer steps than planned were completed."""
+
+    status: str
+    planned_steps: int | None
+    completed_steps: int
+    final_loss: float | None
+    restarts: int
+    resumed_from: list[str]
+    wall_time_s: float
+    output: str | None
+    checkpoint: str | None
+    error: str | None = None
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "succeeded"
+
+
+def run_training(spec: JobSpec, *, base_dir: str | None = None, show_progress: bool = True) -> RunSummary:
+    """Train `spec` to completion on Ray Train; write outputs; return the summary (never raises for a
+    training failure: the summary says `failed`). User mistakes found before start raise UserError."""
+    import ray
+
+    started = time.time()
+    where = locate(spec, base_dir)
+    preflight(spec, where)
+    where.output_dir.mkdir(parents=True, exist_ok=True)
+    owns_ray = _connect(spec)
+    try:
+        return _fit(spec, where, started, show_progress)
+    finally:
+        if owns_ray:
+            ray.shutdown()
+
+
+def preflight(spec: JobSpec, where: RunLocation) -> None:
+    """Fail fast, before any worker starts, on what would fail in every worker (and every restart)."""
+    from clusterft.data import build_datasets
+    from clusterft.hf.loading import check_model_dir, load_tokenizer
+    from clusterft.train.checkpointing import load_bundle
+
+    model_dir = check_model_dir(resolve(where.base_dir, spec.model.model_name_or_path))
+    if spec.parallel.strategy == "pipeline" and spec.method.finetuning_type != "full":
+        raise UserError("parallel.strategy pipeline trains finetuning_type full only; use zero1/2/3 for lora")
+    tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
+    train = build_datasets(spec.data, tokenizer, seed=spec.train.seed, base_dir=where.base_dir).train
+    if not spec.resume.enabled or spec.resume.from_checkpoint:
+        return
+    latest = BundleStore(where.bundle_root).find_latest_valid()
+    if latest is None:
+        return
+    from clusterft.hf.loading import load_model
+    from clusterft.hf.lora import lora_target_modules
+    from clusterft.train.plan import check_resumable, compat_record
+
+    targets = lora_target_modules(load_model(model_dir), spec.method.lora_target)
+    saved = load_bundle(BundleStore(where.bundle_root), latest.name, rank=0).trainer["compat"]
+    check_resumable(
+        saved, compat_record(spec, model_dir, train, targets), spec.resume.weights_only, latest.name
+    )
+
+
+def _connect(spec: JobSpec) -> bool:
+    """Use the running Ray, or RAY_ADDRESS / cluster.address, or start a local cluster (returns True)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = spec.cluster.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return True
+    cpus = max(1, math.ceil(spec.cluster.num_workers * max(spec.cluster.cpus_per_worker, 1)))
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
+    return True
+
+
+def _fit(spec: JobSpec, where: RunLocation, started: float, show_progress: bool) -> RunSummary:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    cluster = spec.cluster
+    progress = Queue(actor_options={"num_cpus": 0})
+    resources = {"CPU": cluster.cpus_per_worker}
+    if cluster.use_gpu:
+        resources["GPU"] = cluster.gpus_per_worker
+    context = RunContext(bundle_root=where.bundle_root, base_dir=where.base_dir, run_dir=str(where.run_dir))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "spec": spec.model_dump(mode="json"),
+            "run": asdict(context),
+            "progress": progress,
+        },
+        scaling_config=ScalingConfig(
+            num_workers=cluster.num_workers, use_gpu=cluster.use_gpu, resources_per_worker=resources
+        ),
+        torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=where.name,
+            storage_path=where.storage_path,
+            failure_config=FailureConfig(max_failures=spec.failure.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=spec.checkpoint.keep_last),
+        ),
+    )
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["result"] = trainer.fit()
+        except Exception as err:  # TrainingFailedError after max_failures: reported in the summary
+            outcome["error"] = err
+
+    thread = threading.Thread(target=fit, name="clusterft-fit", daemon=True)
+    thread.start()
+    tracker = ProgressTracker(where.output_dir, CallbackRunner(spec.callbacks), show_progress)
+    while thread.is_alive():
+        tracker.drain(progress, timeout=0.2)
+    tracker.drain(progress, timeout=0)
+    tracker.close()
+    return _finish(spec, where, tracker, started, outcome.get("error"))
+
+
+def _finish(
+    spec: JobSpec, where: RunLocation, tracker: ProgressTracker, started: float, error: Exception | None
+) -> RunSummary:
+    """Export the newest valid bundle, plot, and write run_summary.json."""
+    latest = BundleStore(where.bundle_root).find_latest_valid()
+    completed = int(latest.meta.get("global_step", 0)) if latest else 0
+    planned = tracker.planned_steps
+    output = None
+    if latest is not None and error is None:
+        output = str(
+            export_bundle(spec, where.base_dir, BundleStore(where.bundle_root), latest.name, where.output_dir)
+        )
+    if spec.train.plot_loss:
+        plot_loss(where.output_dir / "metrics.jsonl", where.output_dir / "loss.png")
+    status = "succeeded" if error is None and planned is not None and completed >= planned else "failed"
+    if error is None and status == "failed":
+        error_text = f"completed {completed} of {planned} planned steps"
+    else:
+        error_text = f"{type(error).__name__}: {error}" if error else None
+    summary = RunSummary(
+        status=status,
+        planned_steps=planned,
+        completed_steps=completed,
+        final_loss=latest.meta.get("loss") if latest else None,
+        restarts=max(0, tracker.starts - 1),
+        resumed_from=tracker.resumed_from,
+        wall_time_s=round(time.time() - started, 3),
+        output=output,
+        checkpoint=f"{where.bundle_root}/{latest.name}" if latest else None,
+        error=error_text,
+        checkpoints=tracker.checkpoints,
+    )
+    (where.output_dir / "run_summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    tracker.callbacks.call("on_train_end", asdict(summary))
+    return summary
+
+
+class ProgressTracker:
+    """Consumes the workers' progress events: progress bar, metrics.jsonl, callbacks, summary facts."""
+
+    def __init__(self, output_dir: Path, callbacks: CallbackRunner, show: bool):
+        self.metrics_file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        self.callbacks, self.show = callbacks, show
+        self.bar: Any = None
+        self.planned_steps: int | None = None
+        self.starts = 0
+        self.resumed_from: list[str] = []
+        self.checkpoints: list[dict[str, Any]] = []
+
+    def drain(self, queue: Any, timeout: float) -> None:
+        from ray.util.queue import Empty
+
+        try:
+            events = [queue.get(timeout=timeout)] if timeout else []
+            events += queue.get_nowait_batch(queue.qsize())
+        except Empty:
+            return
+        for event in events:
+            getattr(self, f"_on_{event.pop('event')}")(event)
+
+    def _on_start(self, event: dict[str, Any]) -> None:
+        self.starts += 1
+        self.planned_steps = event["planned_steps"]
+        if event["resumed_from"]:
+            self.resumed_from.append(event["resumed_from"])
+        if self.show:
+            from tqdm import tqdm
+
+            if self.bar is None:
+                self.bar = tqdm(total=self.planned_steps, desc="train", unit="step", dynamic_ncols=True)
+            self.bar.n = event["start_step"]
+            self.bar.refresh()
+
+    def _on_step(self, event: dict[str, Any]) -> None:
+        record = {**event, "attempt": self.starts}
+        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.flush()
+        if self.bar is not None:
+            self.bar.n = event["step"]
+            self.bar.set_postfix(
+                loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}", tok_s=f"{event['tokens_per_s']:.0f}"
+            )
+        self.callbacks.call("on_step_end", record)
+
+    def _on_checkpoint(self, event: dict[str, Any]) -> None:
+        self.checkpoints.append(event)
+        self.callbacks.call("on_checkpoint", event)
+
+    def _on_end(self, event: dict[str, Any]) -> None:
+        if self.bar is not None:
+            self.bar.n = event["step"]
+            self.bar.refresh()
+
+    def close(self) -> None:
+        self.metrics_file.close()
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,114 @@
+"""Pure decisions about a run: how many steps, which batch shapes, whether a checkpoint fits the spec.
+
+Both the driver (to validate before any worker starts, and to size the progress bar) and every
+worker (to run) compute the same plan from the same inputs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clusterft.config.spec import JobSpec
+from clusterft.errors import UserError
+from clusterft.hf.loading import model_fingerprint
+from clusterft.train.deepspeed_config import data_parallel_size
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Batch geometry and length of a run on a given number of workers."""
+
+    world_size: int
+    data_parallel_size: int
+    micro_batch_size: int  # per data-parallel rank
+    global_micro_batch: int  # examples per micro-step, all ranks together (fixed for the whole run)
+    gradient_accumulation_steps: int
+    micro_steps_per_epoch: int
+    total_steps: int
+
+    def position(self, global_step: int, micro: int = 0) -> tuple[int, int]:
+        """(epoch, micro-step within epoch) of micro-batch `micro` of optimizer step `global_step`."""
+        return divmod(global_step * self.gradient_accumulation_steps + micro, self.micro_steps_per_epoch)
+
+
+def plan_run(
+    spec: JobSpec, world_size: int, num_train_examples: int, global_micro_batch: int | None = None
+) -> RunPlan:
+    """The plan for `world_size` workers.
+
+    `global_micro_batch` is the run's examples per micro-step as first started (stored in its
+    checkpoints). Keeping it fixed when a run resumes on a different number of workers keeps the
+    data order and the optimisation identical: M workers each take G/M examples instead of G/N.
+    """
+    dp = data_parallel_size(spec, world_size)
+    global_micro = global_micro_batch or spec.train.per_device_train_batch_size * dp
+    if global_micro % dp:
+        raise UserError(
+            f"this run's global micro-batch of {global_micro} examples cannot be split evenly over "
+            f"{dp} data-parallel workers; resume on a number of workers that divides it"
+        )
+    micro_steps = num_train_examples // global_micro
+    if micro_steps == 0:
+        raise UserError(
+            f"{num_train_examples} training examples cannot fill one micro-step of {global_micro} "
+            "(per_device_train_batch_size × workers); lower the batch size or add data"
+        )
+    accumulation = spec.train.gradient_accumulation_steps
+    if spec.train.max_steps > 0:
+        total = spec.train.max_steps
+    else:
+        total = max(1, int(spec.train.num_train_epochs * micro_steps) // accumulation)
+    return RunPlan(world_size, dp, global_micro // dp, global_micro, accumulation, micro_steps, total)
+
+
+def warmup_steps(spec: JobSpec, total_steps: int) -> int:
+    return spec.train.warmup_steps or int(spec.train.warmup_ratio * total_steps)
+
+
+def data_fingerprint(train: list[Any]) -> str:
+    """sha256 over the encoded training examples (token ids and labels), in order."""
+    digest = hashlib.sha256()
+    for example in train:
+        digest.update(repr((example.input_ids, example.labels)).encode())
+    return digest.hexdigest()[:16]
+
+
+def compat_record(
+    spec: JobSpec, model_dir: Path, train: list[Any], lora_targets: list[str]
+) -> dict[str, Any]:
+    """What a checkpoint must agree on to be resumed: the model, the method's shapes, the data."""
+    method = spec.method
+    record: dict[str, Any] = {
+        "model": model_fingerprint(model_dir),
+        "finetuning_type": method.finetuning_type,
+        "data": data_fingerprint(train),
+    }
+    if method.finetuning_type == "lora":
+        record.update(lora_rank=method.lora_rank, lora_target=sorted(lora_targets))
+    if method.finetuning_type == "freeze":
+        record["freeze_trainable_layers"] = method.freeze_trainable_layers
+    return record
+
+
+def check_resumable(saved: dict[str, Any], current: dict[str, Any], weights_only: bool, bundle: str) -> None:
+    """Refuse a checkpoint that does not fit this run, naming each difference and the way out."""
+    keys = ("finetuning_type", "lora_rank", "lora_target", "freeze_trainable_layers")
+    if not weights_only:
+        keys += ("model", "data")
+    problems = [
+        f"{key}: checkpoint has {saved.get(key)!r}, this run {current.get(key)!r}"
+        for key in keys
+        if saved.get(key) != current.get(key)
+    ]
+    if problems:
+        hint = (
+            "start a new run (another output_dir or checkpoint.name)"
+            if weights_only
+            else "set resume: {weights_only: true} to keep only the weights, or start a new run"
+        )
+        raise UserError(
+            f"checkpoint {bundle} does not fit this job:\n  " + "\n  ".join(problems) + f"\n{hint}"
+        )

@@ -1,0 +1,117 @@
+"""Rank-independent training state: consolidate what DeepSpeed partitions, and put it back.
+
+A checkpoint stores, per trainable parameter (by name), the fp32 master weight and AdamW's two
+moments in full, plus AdamW's step count. Nothing in it depends on how many workers wrote it, so a
+run saved on N workers resumes on M (resharding), and restoring on N workers puts every partition
+back bit for bit (exact resume).
+
+    ZeRO stage   where the state lives            how it is read / written
+    0 (ddp)      optimizer.state[param]            directly (every rank holds all of it)
+    1, 2         flat fp32 partitions per rank      DeepSpeed's tensor-fragment API (all-reduce)
+    3            flat fp32 partitions per rank      the same API, also for the weights themselves
+
+AdamW (torch) creates its state lazily on the first step, so a restore before any step first makes
+zero-filled state for every flat partition and links DeepSpeed's fragments to it, then fills it.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import numpy as np
+import torch
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_optimizer_state,
+)
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+NamedParams = list[tuple[str, torch.nn.Parameter]]
+
+
+def _inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer holding the state (ZeRO wraps it; without ZeRO it is the engine's own)."""
+    optimizer = engine.optimizer
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+def _is_zero(engine) -> bool:
+    return engine.zero_optimization_stage() > 0
+
+
+def gather_state(engine, named_params: NamedParams) -> dict[str, Any]:
+    """Full fp32 weights and AdamW moments of `named_params`, plus the step count.
+
+    A collective under ZeRO: every rank of the data-parallel group must call it, in the same order.
+    """
+    weights: dict[str, torch.Tensor] = {}
+    moments: dict[str, dict[str, torch.Tensor]] = {key: {} for key in MOMENTS}
+    optimizer = _inner_optimizer(engine)
+    zero = _is_zero(engine)
+    for name, param in named_params:
+        if zero:
+            weights[name] = safe_get_full_fp32_param(param).detach().cpu().clone()
+            for key in MOMENTS:
+                moments[key][name] = safe_get_full_optimizer_state(param, key).detach().cpu().clone()
+        else:
+            weights[name] = param.detach().cpu().clone()
+            state = optimizer.state.get(param, {})
+            for key in MOMENTS:
+                moments[key][name] = state[key].detach().cpu().clone() if key in state else None
+    steps = [s["step"] for s in optimizer.state.values() if "step" in s]
+    return {"weights": weights, **moments, "step": steps[0].clone() if steps else None}
+
+
+def restore_optimizer_state(engine, named_params: NamedParams, saved: dict[str, Any]) -> None:
+    """Put saved AdamW moments and step back into the engine's (possibly partitioned) optimizer.
+
+    The weights themselves are restored earlier, into the module before `deepspeed.initialize`, so
+    every fp32 partition DeepSpeed makes from them is already an exact copy.
+    """
+    if saved["step"] is None:
+        return  # saved before any optimizer step: nothing to restore
+    optimizer = _inner_optimizer(engine)
+    for group in optimizer.param_groups:
+        for flat in group["params"]:
+            optimizer.state[flat] = {
+                "step": saved["step"].clone(),
+                **{key: torch.zeros_like(flat, memory_format=torch.preserve_format) for key in MOMENTS},
+            }
+    if _is_zero(engine):
+        link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
+        if link is not None:  # ZeRO-1/2 point each parameter's fragment at the new state
+            link()
+        for name, param in named_params:
+            for key in MOMENTS:
+                safe_set_full_optimizer_state(param, saved[key][name].to(param.device), key)
+        return
+    for name, param in named_params:
+        for key in MOMENTS:
+            optimizer.state[param][key].copy_(saved[key][name])
+
+
+# ---------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """Every generator a training step may draw from (dropout, LoRA dropout, data helpers)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
