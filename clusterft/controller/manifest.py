@@ -1,0 +1,112 @@
+"""A registered version's manifest and the file operations that make versions trustworthy.
+
+The manifest lists the sha256 and size of every file of a version; it is written last, through a
+temp file, fsync and rename, so its presence means the version is complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+Kind = Literal["adapter", "merged", "full"]
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    sha256: str
+    size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    name: str
+    version: str
+    kind: Kind
+    files: Mapping[str, FileEntry]
+    created_at: str
+    base_model: str | None = None
+    base_model_sha256: str | None = None
+    job_id: str | None = None
+    checkpoint: str | None = None
+    eval: Mapping[str, Any] = field(default_factory=dict)
+    format: int = FORMAT
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Manifest:
+        raw = json.loads(text)
+        raw["files"] = {path: FileEntry(**entry) for path, entry in raw["files"].items()}
+        return cls(**raw)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def tree_sha256(path: Path) -> str:
+    """One hash for a file or a whole directory (e.g. a base model): sha256 over the sorted
+    `relative-path sha256` lines of its files, so renames and edits both change it."""
+    path = Path(path)
+    if path.is_file():
+        return sha256_file(path)
+    lines = [f"{rel} {sha256_file(path / rel)}\n" for rel in files_under(path)]
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write via a temp file in the same directory, fsync, rename over `path`, fsync the directory:
+    a reader sees the old content or the new, and a crash leaves one of them."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def files_under(root: Path) -> list[str]:
+    """Relative POSIX paths of every file below `root` (symlinks followed), sorted."""
+    found = []
+    for dirpath, _dirs, names in os.walk(root, followlinks=True):
+        for name in names:
+            found.append((Path(dirpath) / name).relative_to(root).as_posix())
+    return sorted(found)
+
+
+def copy_hashed(src: Path, dst: Path) -> FileEntry:
+    """Copy one file durably, hashing it on the way (one read of a possibly huge file)."""
+    digest, size = hashlib.sha256(), 0
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    with open(src, "rb") as reader, open(dst, "wb") as writer:
+        while chunk := reader.read(_CHUNK):
+            digest.update(chunk)
+            writer.write(chunk)
+            size += len(chunk)
+        writer.flush()
+        os.fsync(writer.fileno())
+    return FileEntry(digest.hexdigest(), size)

@@ -1,0 +1,376 @@
+"""The model registry: immutable versions per model name, and aliases that point at them.
+
+    <root>/<name>/v0001/            files copied in + manifest.json (written last, atomically)
+    <root>/<name>/v0002.deleted     tombstone: the number is never given out again
+    <root>/<name>/aliases.json      {"aliases": {"production": "v0001", ...}, "history": [...]}
+    <root>/<name>/.lock             flock: numbering, alias moves and deletes are serialised
+
+A version is published by renaming a complete staging directory (its manifest already inside) into
+place, so a reader sees a whole version or none. Files are made read-only and `verify` recomputes
+every sha256, so an edited byte is found and named. Promotion is a pointer move in aliases.json.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+from clusterft.controller.manifest import (
+    FORMAT,
+    MANIFEST,
+    Kind,
+    Manifest,
+    atomic_write_text,
+    copy_hashed,
+    files_under,
+    fsync_dir,
+    sha256_file,
+    tree_sha256,
+)
+from clusterft.errors import UserError
+
+ALIASES = "aliases.json"
+Alias = Literal["production", "canary"]
+ALIAS_NAMES: tuple[str, ...] = get_args(Alias)
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+_VERSION_DIR = re.compile(r"^v(\d{4,})$")
+_TOMBSTONE = re.compile(r"^v(\d{4,})\.deleted$")
+
+
+class RegistryError(UserError):
+    """A registry operation the user asked for cannot be done; the message says what to do instead."""
+
+
+class IntegrityError(RegistryError):
+    """A registered version no longer matches its manifest."""
+
+
+@dataclass(frozen=True)
+class Version:
+    name: str
+    version: str
+    path: Path
+    manifest: Manifest
+
+    @property
+    def number(self) -> int:
+        return int(self.version[1:])
+
+
+@dataclass(frozen=True)
+class AliasChange:
+    alias: str
+    action: Literal["promote", "rollback"]
+    version: str
+    previous: str | None
+    at: str
+
+
+# ---------------------------------------------------------------- the registry
+
+
+class Registry:
+    """Versions and aliases under one directory (a local path or a mounted shared filesystem)."""
+
+    def __init__(self, root: str | Path, *, clock: Callable[[], float] = time.time):
+        self.root = Path(root)
+        self._clock = clock
+
+    def _now(self) -> str:
+        return datetime.fromtimestamp(self._clock(), UTC).isoformat(timespec="seconds")
+
+    def _model_dir(self, name: str) -> Path:
+        if not _NAME.match(name):
+            raise RegistryError(
+                f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 100), "
+                "starting with a letter or digit"
+            )
+        return self.root / name
+
+    @contextmanager
+    def _locked(self, name: str) -> Iterator[Path]:
+        """Hold the model's lock; flock works across processes and, on Linux, over NFS."""
+        model_dir = self._model_dir(name)
+        model_dir.mkdir(parents=True, exist_ok=True)
+        with open(model_dir / ".lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield model_dir
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    # ------------------------------------------------------------ register
+
+    def register(
+        self,
+        name: str,
+        source_dir: str | Path,
+        *,
+        kind: Kind,
+        base_model: str | Path | None = None,
+        base_model_sha256: str | None = None,
+        job_id: str | None = None,
+        checkpoint: str | None = None,
+        eval_results: Mapping[str, Any] | None = None,
+        verify: Callable[[Path], None] | None = None,
+    ) -> Version:
+        """Copy `source_dir` in as the next version of `name` and return it.
+
+        `base_model` is required for adapters (an adapter is useless without its base); its hash is
+        computed unless given. `verify(staged_dir)` runs on the copied files before the version is
+        published; raising stops the registration (the merge-equivalence check plugs in here).
+        """
+        model_dir = self._model_dir(name)
+        source = Path(source_dir)
+        if kind not in get_args(Kind):
+            raise RegistryError(f"unknown kind {kind!r}; choose one of {', '.join(get_args(Kind))}")
+        if not source.is_dir():
+            raise RegistryError(f"{source} is not a directory; register an adapter or model directory")
+        files = files_under(source)
+        if not files:
+            raise RegistryError(f"{source} is empty; nothing to register")
+        if MANIFEST in files:
+            raise RegistryError(
+                f"{source} has its own {MANIFEST}; register the exported adapter or HF model directory, "
+                "not a checkpoint bundle"
+            )
+        if kind == "adapter" and base_model is None:
+            raise RegistryError("an adapter needs base_model: the model directory it was trained on")
+        if base_model is not None and base_model_sha256 is None:
+            if not Path(base_model).exists():
+                raise RegistryError(
+                    f"base model {base_model} does not exist; give the path it was trained on"
+                )
+            base_model_sha256 = tree_sha256(Path(base_model))
+
+        model_dir.mkdir(parents=True, exist_ok=True)
+        staging = model_dir / f".staging-{secrets.token_hex(4)}"
+        try:
+            entries = {rel: copy_hashed(source / rel, staging / rel) for rel in files}
+            if verify is not None:
+                verify(staging)
+            for rel in files:
+                (staging / rel).chmod(0o444)
+            with self._locked(name):
+                version = f"v{self._next_number(model_dir):04d}"
+                manifest = Manifest(
+                    name=name,
+                    version=version,
+                    kind=kind,
+                    files=entries,
+                    created_at=self._now(),
+                    base_model=str(base_model) if base_model is not None else None,
+                    base_model_sha256=base_model_sha256,
+                    job_id=job_id,
+                    checkpoint=checkpoint,
+                    eval=dict(eval_results or {}),
+                )
+                atomic_write_text(staging / MANIFEST, manifest.to_json())
+                (staging / MANIFEST).chmod(0o444)
+                os.rename(staging, model_dir / version)
+                fsync_dir(model_dir)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+        return Version(name, version, model_dir / version, manifest)
+
+    @staticmethod
+    def _next_number(model_dir: Path) -> int:
+        """One past every number ever used, deleted ones included (their tombstones remain)."""
+        used = [0]
+        for entry in os.listdir(model_dir):
+            match = _VERSION_DIR.match(entry) or _TOMBSTONE.match(entry)
+            if match:
+                used.append(int(match[1]))
+        return max(used) + 1
+
+    # ------------------------------------------------------------ read
+
+    def models(self) -> list[str]:
+        """Names with at least one version."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if _NAME.match(p.name) and self.versions(p.name))
+
+    def versions(self, name: str) -> list[Version]:
+        """Published versions of `name`, oldest first."""
+        model_dir = self._model_dir(name)
+        if not model_dir.is_dir():
+            return []
+        found = sorted(
+            (int(m[1]), m[0]) for m in map(_VERSION_DIR.match, os.listdir(model_dir)) if m is not None
+        )
+        return [
+            self._load(name, version) for _, version in found if (model_dir / version / MANIFEST).exists()
+        ]
+
+    def _load(self, name: str, version: str) -> Version:
+        path = self._model_dir(name) / version
+        try:
+            manifest = Manifest.from_json((path / MANIFEST).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise RegistryError(
+                f"{name} has no version {version}; `clusterft registry list {name}`"
+            ) from None
+        except (ValueError, TypeError, KeyError) as err:
+            raise IntegrityError(f"{path / MANIFEST} is unreadable ({err}); the version is damaged") from None
+        return Version(name, version, path, manifest)
+
+    def show(self, name: str, ref: str) -> Version:
+        """Resolve `ref` — "v3", "v0003", "3", or an alias name — to a version of `name`."""
+        if ref in ALIAS_NAMES:
+            target = self.aliases(name).get(ref)
+            if target is None:
+                raise RegistryError(f"alias {ref} of {name} points at no version yet; promote one first")
+            return self._load(name, target)
+        match = re.fullmatch(r"v?(\d+)", ref)
+        if match is None:
+            raise RegistryError(
+                f"cannot read version {ref!r}: write v3, v0003, 3, or an alias ({', '.join(ALIAS_NAMES)})"
+            )
+        return self._load(name, f"v{int(match[1]):04d}")
+
+    def verify(self, name: str, ref: str, *, check_base: bool = False) -> Version:
+        """Recompute every file's sha256 against the manifest; raise `IntegrityError` naming each
+        changed, missing or added file. `check_base` also re-hashes the base model."""
+        version = self.show(name, ref)
+        manifest, problems = version.manifest, []
+        actual = set(files_under(version.path)) - {MANIFEST}
+        for rel in sorted(actual - set(manifest.files)):
+            problems.append(f"{rel}: added after registration")
+        for rel, entry in sorted(manifest.files.items()):
+            path = version.path / rel
+            if rel not in actual:
+                problems.append(f"{rel}: missing")
+            elif path.stat().st_size != entry.size:
+                problems.append(f"{rel}: size {path.stat().st_size} bytes, registered {entry.size}")
+            elif (digest := sha256_file(path)) != entry.sha256:
+                problems.append(f"{rel}: sha256 {digest[:12]}…, registered {entry.sha256[:12]}…")
+        if check_base and manifest.base_model is not None:
+            base = Path(manifest.base_model)
+            if not base.exists():
+                problems.append(f"base model {base}: missing")
+            elif tree_sha256(base) != manifest.base_model_sha256:
+                problems.append(f"base model {base}: changed since registration")
+        if problems:
+            raise IntegrityError(
+                f"{name} {version.version} failed verification ({version.path}):\n  "
+                + "\n  ".join(problems)
+                + "\nA registered version never changes; register the model again as a new version."
+            )
+        return version
+
+    # ------------------------------------------------------------ aliases
+
+    def _read_aliases(self, model_dir: Path) -> dict[str, Any]:
+        path = model_dir / ALIASES
+        if not path.exists():
+            return {"format": FORMAT, "aliases": dict.fromkeys(ALIAS_NAMES), "history": []}
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def aliases(self, name: str) -> dict[str, str | None]:
+        """Alias → version it points at (None: not set)."""
+        return dict(self._read_aliases(self._model_dir(name))["aliases"])
+
+    def alias_history(self, name: str) -> list[AliasChange]:
+        """Every alias move of `name`, oldest first."""
+        return [AliasChange(**entry) for entry in self._read_aliases(self._model_dir(name))["history"]]
+
+    def _move_alias(
+        self,
+        model_dir: Path,
+        data: dict[str, Any],
+        alias: str,
+        action: Literal["promote", "rollback"],
+        version: str,
+    ) -> AliasChange:
+        change = AliasChange(alias, action, version, data["aliases"].get(alias), self._now())
+        data["aliases"][alias] = version
+        data["history"].append(asdict(change))
+        atomic_write_text(model_dir / ALIASES, json.dumps(data, indent=2) + "\n")
+        return change
+
+    @staticmethod
+    def _check_alias(alias: str) -> None:
+        if alias not in ALIAS_NAMES:
+            raise RegistryError(f"unknown alias {alias!r}; choose one of {', '.join(ALIAS_NAMES)}")
+
+    def promote(
+        self, name: str, ref: str, alias: str = "production", *, verify: bool = True
+    ) -> AliasChange | None:
+        """Point `alias` at a version (verified first, so an alias never points at a damaged one).
+        Returns None when the alias already points there: a retried promotion changes nothing."""
+        self._check_alias(alias)
+        target = self.verify(name, ref) if verify else self.show(name, ref)
+        with self._locked(name) as model_dir:
+            if not (target.path / MANIFEST).exists():
+                raise RegistryError(f"{name} {target.version} was deleted meanwhile; nothing promoted")
+            data = self._read_aliases(model_dir)
+            if data["aliases"].get(alias) == target.version:
+                return None
+            return self._move_alias(model_dir, data, alias, "promote", target.version)
+
+    def rollback(self, name: str, alias: str = "production") -> AliasChange:
+        """Move `alias` back to the version it pointed at before its last promotion (deleted
+        versions are skipped). Rolling back twice goes back two promotions."""
+        self._check_alias(alias)
+        with self._locked(name) as model_dir:
+            data = self._read_aliases(model_dir)
+            stack = _alias_stack(data["history"], alias)
+            current = data["aliases"].get(alias)
+            for candidate in reversed(stack[:-1]):
+                if candidate != current and (model_dir / candidate / MANIFEST).exists():
+                    return self._move_alias(model_dir, data, alias, "rollback", candidate)
+        raise RegistryError(
+            f"{alias} of {name} has no earlier version to roll back to (now: {current or 'none'}); "
+            f"promote one instead: `clusterft registry promote {name} VERSION --alias {alias}`"
+        )
+
+    def delete(self, name: str, ref: str) -> Version:
+        """Remove a version for good; its number is never reused. Refuses while an alias points at it."""
+        with self._locked(name) as model_dir:
+            version = self.show(name, ref)
+            holders = [a for a, v in self._read_aliases(model_dir)["aliases"].items() if v == version.version]
+            if holders:
+                alias = holders[0]
+                raise RegistryError(
+                    f"{name} {version.version} is the {' and '.join(holders)} version; move the alias first: "
+                    f"`clusterft registry promote {name} VERSION --alias {alias}` or "
+                    f"`clusterft registry rollback {name} --alias {alias}`"
+                )
+            # Tombstone first: even if we crash mid-delete, the number is never given out again.
+            atomic_write_text(
+                model_dir / f"{version.version}.deleted", json.dumps({"deleted_at": self._now()}) + "\n"
+            )
+            trash = model_dir / f".deleting-{version.version}-{secrets.token_hex(4)}"
+            os.rename(version.path, trash)
+            fsync_dir(model_dir)
+            shutil.rmtree(trash)
+        return version
+
+
+def _alias_stack(history: list[dict[str, Any]], alias: str) -> list[str]:
+    """Replay the alias's moves: a promotion pushes; a rollback pops down to its target."""
+    stack: list[str] = []
+    for entry in history:
+        if entry["alias"] != alias:
+            continue
+        if entry["action"] == "promote":
+            stack.append(entry["version"])
+        else:
+            while stack and stack[-1] != entry["version"]:
+                stack.pop()
+            if not stack:
+                stack.append(entry["version"])
+    return stack
