@@ -1,0 +1,197 @@
+"""`clusterft registry list|show|promote|rollback|delete`: argparse wiring and handlers.
+
+`add_registry_commands(commands)` adds the `registry` command group to the CLI's subparsers; each
+handler takes the parsed `argparse.Namespace` and returns the exit code. Errors are `UserError`s,
+which the CLI prints without a traceback (exit 2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from typing import Any
+
+from clusterft.controller.registry import ALIAS_NAMES, Registry, Version
+
+REGISTRY_ENV = "CLUSTERFT_REGISTRY"
+DEFAULT_REGISTRY = "registry"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """Left-aligned columns separated by two spaces; `-` for empty cells."""
+    cells = [
+        [str(h) for h in headers],
+        *[[("-" if c is None or c == "" else str(c)) for c in r] for r in rows],
+    ]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
+    )
+
+
+def _registry(args: argparse.Namespace) -> Registry:
+    return Registry(args.registry)
+
+
+def _aliases_of(aliases: dict[str, str | None], version: str) -> str:
+    return ",".join(alias for alias, target in aliases.items() if target == version)
+
+
+def _metrics(values: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in sorted(values.items()))
+
+
+def version_record(version: Version, aliases: dict[str, str | None]) -> dict[str, Any]:
+    """One version as JSON: its manifest, where it lives, and which aliases point at it."""
+    return {
+        **asdict(version.manifest),
+        "path": str(version.path),
+        "aliases": [a for a, target in aliases.items() if target == version.version],
+    }
+
+
+def registry_list(args: argparse.Namespace) -> int:
+    """Without a name: every model with its latest version and aliases. With one: its versions."""
+    registry = _registry(args)
+    if args.name is None:
+        records = []
+        for name in registry.models():
+            versions, aliases = registry.versions(name), registry.aliases(name)
+            records.append(
+                {"name": name, "versions": len(versions), "latest": versions[-1].version, **aliases}
+            )
+        if args.json:
+            print(json.dumps(records, indent=2))
+        elif not records:
+            print(f"no models registered in {registry.root}")
+        else:
+            headers = ["NAME", "VERSIONS", "LATEST", *(a.upper() for a in ALIAS_NAMES)]
+            rows = [[r["name"], r["versions"], r["latest"], *(r[a] for a in ALIAS_NAMES)] for r in records]
+            print(format_table(headers, rows))
+        return 0
+    aliases = registry.aliases(args.name)
+    versions = registry.versions(args.name)
+    if args.json:
+        print(json.dumps([version_record(v, aliases) for v in versions], indent=2))
+    elif not versions:
+        print(f"{args.name} has no versions in {registry.root}")
+    else:
+        rows = [
+            [
+                v.version,
+                v.manifest.kind,
+                v.manifest.created_at,
+                v.manifest.job_id,
+                _aliases_of(aliases, v.version),
+                _metrics(dict(v.manifest.eval)),
+            ]
+            for v in versions
+        ]
+        print(format_table(["VERSION", "KIND", "CREATED", "JOB", "ALIASES", "EVAL"], rows))
+    return 0
+
+
+def registry_show(args: argparse.Namespace) -> int:
+    """A version's manifest; with --verify, its files are re-hashed first."""
+    registry = _registry(args)
+    version = (registry.verify if args.verify else registry.show)(args.name, args.version)
+    record = version_record(version, registry.aliases(args.name))
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    manifest = version.manifest
+    fields = [
+        ("name", manifest.name),
+        ("version", manifest.version),
+        ("aliases", ", ".join(record["aliases"])),
+        ("kind", manifest.kind),
+        ("path", version.path),
+        ("created", manifest.created_at),
+        ("base model", manifest.base_model),
+        ("base sha256", manifest.base_model_sha256),
+        ("job", manifest.job_id),
+        ("checkpoint", manifest.checkpoint),
+        ("eval", _metrics(dict(manifest.eval))),
+    ]
+    print(format_table(["FIELD", "VALUE"], fields))
+    print()
+    files = [[rel, entry.size, entry.sha256] for rel, entry in sorted(manifest.files.items())]
+    print(format_table(["FILE", "BYTES", "SHA256"], files))
+    if args.verify:
+        print(f"\nverified: all {len(files)} files match the manifest")
+    return 0
+
+
+def registry_promote(args: argparse.Namespace) -> int:
+    """Point an alias at a version (verified first)."""
+    registry = _registry(args)
+    change = registry.promote(args.name, args.version, args.alias)
+    if change is None:
+        current = registry.aliases(args.name)[args.alias]
+        print(f"{args.alias} of {args.name} already points at {current}; nothing changed")
+    else:
+        print(f"{args.alias} of {args.name}: {change.previous or 'none'} -> {change.version}")
+    return 0
+
+
+def registry_rollback(args: argparse.Namespace) -> int:
+    """Move an alias back to the version it pointed at before its last promotion."""
+    change = _registry(args).rollback(args.name, args.alias)
+    print(f"{args.alias} of {args.name} rolled back: {change.previous} -> {change.version}")
+    return 0
+
+
+def registry_delete(args: argparse.Namespace) -> int:
+    """Delete a version no alias points at."""
+    version = _registry(args).delete(args.name, args.version)
+    print(f"deleted {args.name} {version.version} ({version.path})")
+    return 0
+
+
+def add_registry_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `registry list|show|promote|rollback|delete` to the CLI's top-level subparsers."""
+    registry = commands.add_parser(
+        "registry",
+        help="registered model versions and their aliases",
+        description="registered model versions and their aliases (production, canary)",
+    )
+    registry.add_argument(
+        "--registry",
+        default=os.environ.get(REGISTRY_ENV, DEFAULT_REGISTRY),
+        metavar="DIR",
+        help=f"registry root on shared storage (default: ${REGISTRY_ENV} or ./{DEFAULT_REGISTRY})",
+    )
+    actions = registry.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
+
+    def action(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = action("list", registry_list, "list models, or the versions of one model")
+    sub.add_argument("name", nargs="?", help="model name (omit to list every model)")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+    sub = action("show", registry_show, "show a version's manifest: base model, source job, eval, files")
+    sub.add_argument("name", help="model name")
+    sub.add_argument(
+        "version", nargs="?", default="production", help="v3, 3 or an alias (default: production)"
+    )
+    sub.add_argument("--verify", action="store_true", help="re-hash every file against the manifest first")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+    sub = action("promote", registry_promote, "point an alias at a version (the serving app follows it)")
+    sub.add_argument("name", help="model name")
+    sub.add_argument("version", help="v3, 3, or an alias (e.g. canary, to promote the canary)")
+    sub.add_argument("--alias", choices=ALIAS_NAMES, default="production", help="alias to move")
+
+    sub = action("rollback", registry_rollback, "move an alias back to its previous version")
+    sub.add_argument("name", help="model name")
+    sub.add_argument("--alias", choices=ALIAS_NAMES, default="production", help="alias to move back")
+
+    sub = action("delete", registry_delete, "delete a version no alias points at (its number is not reused)")
+    sub.add_argument("name", help="model name")
+    sub.add_argument("version", help="v3 or 3")
