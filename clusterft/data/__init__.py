@@ -11,6 +11,7 @@ from clusterft.data.example import Example
 from clusterft.data.loader import load_examples
 from clusterft.data.metrics import exact_match
 from clusterft.data.preprocess import IGNORE_INDEX, EncodedExample, encode_example
+from clusterft.data.preview import preview
 from clusterft.data.registry import DatasetAttr, load_dataset_info
 from clusterft.data.sampler import EpochBatchSampler
 from clusterft.data.template import get_template, render_prompt
@@ -31,5 +32,6 @@ __all__ = [
     "get_template",
     "load_dataset_info",
     "load_examples",
+    "preview",
     "render_prompt",
 ]

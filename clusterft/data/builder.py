@@ -41,6 +41,7 @@ def encode_data(data: DataArgs, tokenizer: PreTrainedTokenizerBase, examples: li
         cutoff_len=data.cutoff_len,
         train_on_prompt=data.train_on_prompt,
         mask_history=data.mask_history,
+        num_workers=data.preprocessing_num_workers,
     )
 
 

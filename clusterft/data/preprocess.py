@@ -12,7 +12,11 @@ to `cutoff_len` shares the remaining budget between each pair's prompt and respo
 
 from __future__ import annotations
 
+import math
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING
 
 from clusterft.data.errors import BadRecord
@@ -138,8 +142,47 @@ def encode_examples(
     cutoff_len: int,
     train_on_prompt: bool = False,
     mask_history: bool = False,
+    num_workers: int | None = None,
 ) -> EncodeResult:
-    """Encode every example; one left without a trained-on token after truncation is a bad record."""
+    """Encode every example; one left without a trained-on token after truncation is a bad record.
+
+    With `num_workers` > 1 (`preprocessing_num_workers`), contiguous chunks are encoded in that many
+    spawned processes and joined in order, so the result is the same as encoding in this process.
+    """
+    encode = partial(
+        _encode_chunk,
+        template=template,
+        tokenizer=tokenizer,
+        cutoff_len=cutoff_len,
+        train_on_prompt=train_on_prompt,
+        mask_history=mask_history,
+    )
+    if not num_workers or num_workers <= 1 or len(examples) < 2 * num_workers:
+        return encode(examples)
+    chunk_size = math.ceil(len(examples) / num_workers)
+    chunks = [examples[start : start + chunk_size] for start in range(0, len(examples), chunk_size)]
+    # spawn, not fork: the caller may be a Ray worker or hold torch threads, which fork does not copy safely.
+    with ProcessPoolExecutor(
+        max_workers=len(chunks), mp_context=multiprocessing.get_context("spawn")
+    ) as pool:
+        results = list(pool.map(encode, chunks))
+    return EncodeResult(
+        encoded=[e for r in results for e in r.encoded],
+        examples=[e for r in results for e in r.examples],
+        num_truncated=sum(r.num_truncated for r in results),
+        problems=[p for r in results for p in r.problems],
+    )
+
+
+def _encode_chunk(
+    examples: list[Example],
+    *,
+    template: ChatTemplate,
+    tokenizer: PreTrainedTokenizerBase,
+    cutoff_len: int,
+    train_on_prompt: bool,
+    mask_history: bool,
+) -> EncodeResult:
     encoded: list[EncodedExample] = []
     kept: list[Example] = []
     problems: list[BadRecord] = []

@@ -129,3 +129,13 @@ def test_examples_without_a_trained_token_after_truncation_are_bad_records(token
         for line in (2, 5)
     ]
     assert result.num_truncated == 2
+
+
+def test_worker_processes_encode_the_same_as_one_process(tokenizer):
+    template = get_template("chatml", tokenizer)
+    long_prompt = [{"role": "user", "content": "reverse " * 40}, {"role": "assistant", "content": "12345"}]
+    examples = [_example(TWO_TURNS, line=i) for i in range(7)] + [_example(long_prompt, line=9)]
+    serial = encode_examples(examples, template, tokenizer, cutoff_len=12)
+    parallel = encode_examples(examples, template, tokenizer, cutoff_len=12, num_workers=2)
+    assert parallel == serial
+    assert [p.line for p in parallel.problems] == [9]
