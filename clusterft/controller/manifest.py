@@ -23,12 +23,17 @@ _CHUNK = 1 << 20
 
 @dataclass(frozen=True)
 class FileEntry:
+    """What a registered file must still be: its sha256 and size in bytes."""
+
     sha256: str
     size: int
 
 
 @dataclass(frozen=True)
 class Manifest:
+    """Everything known about one version: what it is, where it came from, how it scored, and the
+    hash of every file. `files` keys are POSIX paths relative to the version directory."""
+
     name: str
     version: str
     kind: Kind

@@ -58,6 +58,8 @@ class IntegrityError(RegistryError):
 
 @dataclass(frozen=True)
 class Version:
+    """One published version: `path` is the directory the serving app loads from."""
+
     name: str
     version: str
     path: Path
@@ -70,6 +72,8 @@ class Version:
 
 @dataclass(frozen=True)
 class AliasChange:
+    """One move of an alias, as kept in the aliases file's history (`at` is ISO 8601, UTC)."""
+
     alias: str
     action: Literal["promote", "rollback"]
     version: str
@@ -129,7 +133,8 @@ class Registry:
 
         `base_model` is required for adapters (an adapter is useless without its base); its hash is
         computed unless given. `verify(staged_dir)` runs on the copied files before the version is
-        published; raising stops the registration (the merge-equivalence check plugs in here).
+        published; raising stops the registration (the merge-equivalence check plugs in here). It
+        must only read: the files are already hashed and read-only.
         """
         model_dir = self._model_dir(name)
         source = Path(source_dir)
@@ -158,10 +163,14 @@ class Registry:
         staging = model_dir / f".staging-{secrets.token_hex(4)}"
         try:
             entries = {rel: copy_hashed(source / rel, staging / rel) for rel in files}
-            if verify is not None:
-                verify(staging)
             for rel in files:
                 (staging / rel).chmod(0o444)
+            for directory in {(staging / rel).parent for rel in files}:
+                fsync_dir(directory)  # the new entries themselves survive a crash, not only the bytes
+            if verify is not None:
+                verify(staging)
+                if files_under(staging) != files:
+                    raise RegistryError("the verify check added or removed files; it must only read them")
             with self._locked(name):
                 version = f"v{self._next_number(model_dir):04d}"
                 manifest = Manifest(
@@ -170,7 +179,8 @@ class Registry:
                     kind=kind,
                     files=entries,
                     created_at=self._now(),
-                    base_model=str(base_model) if base_model is not None else None,
+                    # Absolute: the serving app reads the manifest from another directory, or node.
+                    base_model=str(Path(base_model).resolve()) if base_model is not None else None,
                     base_model_sha256=base_model_sha256,
                     job_id=job_id,
                     checkpoint=checkpoint,

@@ -151,6 +151,13 @@ def test_the_verify_hook_sees_the_copied_files_and_can_stop_registration(
     accepted = registry.register("demo", make_adapter(tmp_path / "a"), kind="merged", verify=lambda _: None)
     assert accepted.version == "v0001"
 
+    def writes(staged: Path) -> None:
+        (staged / "probe_logits.pt").write_bytes(b"0")
+
+    with pytest.raises(RegistryError, match="it must only read them"):
+        registry.register("demo", make_adapter(tmp_path / "a"), kind="merged", verify=writes)
+    assert [v.version for v in registry.versions("demo")] == ["v0001"]
+
 
 # ---------------------------------------------------------------- immutability
 
