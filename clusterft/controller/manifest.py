@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from clusterft.storage.fs import fsync_dir
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 Kind = Literal["adapter", "merged", "full"]
@@ -84,14 +86,6 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def files_under(root: Path) -> list[str]:

@@ -34,11 +34,11 @@ from clusterft.controller.manifest import (
     atomic_write_text,
     copy_hashed,
     files_under,
-    fsync_dir,
     sha256_file,
     tree_sha256,
 )
 from clusterft.errors import UserError
+from clusterft.storage.fs import fsync_dir
 
 ALIASES = "aliases.json"
 Alias = Literal["production", "canary"]
