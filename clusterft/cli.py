@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("job", help="job spec YAML")
     sub.add_argument("-n", type=int, default=3, help="number of examples")
 
+    from clusterft.controller.commands import add_registry_commands
+
+    add_registry_commands(commands)
+
     sub = command("demo", _demo, "run the end-to-end demo on a local Ray cluster and a tiny model")
     sub.add_argument("--workdir", default=".", help="where models/ and saves/ are written")
     sub.add_argument("--quick", action="store_true", help="fewer steps (used by the tests)")

@@ -22,6 +22,9 @@ _DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "TRANSFORMERS_OFFLINE": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    # Weight-loading progress bars for 1 MB models are noise in logs and the demo.
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
     "TORCH_EXTENSIONS_DIR": str(PROJECT_ROOT / ".cache" / "torch_extensions"),
 }
 
