@@ -53,7 +53,7 @@ def _data_preview(args: argparse.Namespace) -> int:
 
     spec = load_job_spec(args.job)
     tokenizer = load_tokenizer(spec.model.model_name_or_path)
-    print(preview(spec.data, tokenizer, args.n, color=sys.stdout.isatty()))
+    print(preview(spec.data, tokenizer, args.n, seed=spec.train.seed, color=sys.stdout.isatty()))
     return 0
 
 

@@ -82,7 +82,7 @@ def run_demo(workdir: str | Path = ".", quick: bool = False) -> int:
 
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         text = preview(
-            spec.data, tokenizer, 2 if quick else 3, base_dir=PROJECT_ROOT, color=sys.stdout.isatty()
+            spec.data, tokenizer, 2 if quick else 3, seed=spec.train.seed, color=sys.stdout.isatty()
         )
         print(text)
         return "trained-on tokens are marked [[...]]"
