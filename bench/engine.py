@@ -1,0 +1,166 @@
+"""Benchmark the paged engine against HF `generate` on one machine, one model, one workload.
+
+Workload (fixed seed): N requests, prompt lengths uniform in [16, 512], output lengths exponential
+with mean 128 capped at 1024 (ignore_eos so lengths are as drawn), greedy. HF runs static batches of
+1, 8, 16, 32, 64 over the same requests (sorted by prompt length, which pads less), and its best
+batch size is the baseline. Prints JSON with --json.
+
+    python bench/engine.py --json                # the full run (several minutes on 2 CPU cores)
+    python bench/engine.py --quick --json        # 16 requests, shorter outputs, HF batch sizes 1 and 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from clusterft.runtime import apply_runtime_defaults
+
+apply_runtime_defaults()
+
+import torch  # noqa: E402
+
+
+def make_workload(
+    num_requests: int, vocab_size: int, seed: int, max_prompt: int, mean_out: int, max_out: int
+):
+    rng = random.Random(seed)
+    requests = []
+    for _ in range(num_requests):
+        prompt_len = rng.randint(16, max_prompt)
+        out_len = min(max(1, round(rng.expovariate(1.0 / mean_out))), max_out)
+        prompt = [rng.randrange(7, vocab_size) for _ in range(prompt_len)]  # ids 0-6 are special tokens
+        requests.append((prompt, out_len))
+    return requests
+
+
+def run_engine(model_dir: Path, requests, max_num_seqs: int):
+    from clusterft.engine import LLM, SamplingParams
+
+    llm = LLM(model_dir, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, enable_prefix_caching=False)
+    params = [
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False) for _, n in requests
+    ]
+    start = time.perf_counter()
+    outputs = llm.generate([p for p, _ in requests], params)
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return [o.outputs[0].token_ids for o in outputs], tokens / elapsed, llm.engine.get_stats()
+
+
+def run_hf(model, requests, batch_size: int, pad_id: int):
+    """Static batches over requests sorted by prompt length; each batch runs to its longest output."""
+    order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
+    results: dict[int, list[int]] = {}
+    start = time.perf_counter()
+    for b in range(0, len(order), batch_size):
+        idx = order[b : b + batch_size]
+        width = max(len(requests[i][0]) for i in idx)
+        ids = torch.full((len(idx), width), pad_id)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):  # left padding
+            prompt = requests[i][0]
+            ids[row, width - len(prompt) :] = torch.tensor(prompt)
+            mask[row, width - len(prompt) :] = 1
+        max_new = max(requests[i][1] for i in idx)
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False)
+        for row, i in enumerate(idx):
+            results[i] = out[row, width : width + requests[i][1]].tolist()
+    elapsed = time.perf_counter() - start
+    tokens = sum(n for _, n in requests)
+    return [results[i] for i in range(len(requests))], tokens / elapsed
+
+
+def prefix_ttft(model_dir: Path, vocab_size: int, seed: int) -> tuple[float, float]:
+    """Mean time to first token of 16 requests sharing a 256-token prefix (16-token suffixes), each
+    submitted alone: with the prefix cache emptied before each (cold) and after it holds the prefix (warm)."""
+    from clusterft.engine import LLM, SamplingParams
+
+    rng = random.Random(seed + 1)
+    prefix = [rng.randrange(7, vocab_size) for _ in range(256)]
+    prompts = [prefix + [rng.randrange(7, vocab_size) for _ in range(16)] for _ in range(16)]
+    llm = LLM(model_dir, max_num_batched_tokens=2048)
+    params = SamplingParams(temperature=0, max_tokens=1, detokenize=False)
+
+    def ttft(prompt) -> float:
+        start = time.perf_counter()
+        llm.generate(prompt, params)
+        return time.perf_counter() - start
+
+    ttft(prompts[0])  # warm up the process (allocator, kernels)
+    cold = []
+    for p in prompts:
+        llm.engine.reset_prefix_cache()
+        cold.append(ttft(p))
+    llm.generate(prompts[0], params)  # the prefix is cached from here on
+    warm = [ttft(p) for p in prompts]
+    return sum(cold) / len(cold), sum(warm) / len(warm)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", help="HF model dir (default: a fresh llama 'small' tiny model)")
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--batch-sizes", default="1,8,16,32,64")
+    parser.add_argument("--quick", action="store_true", help="16 requests, outputs mean 32, HF sizes 1,16")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    from transformers import AutoModelForCausalLM
+
+    from clusterft.hf.tiny import make_tiny_model
+
+    tmp = tempfile.TemporaryDirectory()
+    model_dir = (
+        Path(args.model) if args.model else make_tiny_model(Path(tmp.name) / "llama-small", "llama", "small")
+    )
+    num_requests, mean_out, max_out, sizes = args.num_requests, 128, 1024, args.batch_sizes
+    if args.quick:
+        num_requests, mean_out, max_out, sizes = min(num_requests, 16), 32, 256, "1,16"
+    hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf.generation_config.eos_token_id = None  # ignore_eos: outputs run to their drawn length
+    pad_id = hf.generation_config.pad_token_id or 0
+    requests = make_workload(num_requests, hf.config.vocab_size, args.seed, 512, mean_out, max_out)
+
+    engine_outputs, engine_tps, stats = run_engine(model_dir, requests, max_num_seqs=256)
+    hf_tps, hf_outputs = {}, {}
+    for b in [int(s) for s in sizes.split(",")]:
+        hf_outputs[b], hf_tps[b] = run_hf(hf, requests, b, pad_id)
+    best_b = max(hf_tps, key=hf_tps.get)
+    reference = hf_outputs[min(hf_outputs)]  # the smallest batch pads least: the cleanest reference
+    cold, warm = prefix_ttft(model_dir, hf.config.vocab_size, args.seed)
+    result = {
+        "model": str(model_dir.name),
+        "num_requests": num_requests,
+        "total_output_tokens": sum(n for _, n in requests),
+        "engine_tokens_per_s": round(engine_tps, 1),
+        "hf_tokens_per_s": round(hf_tps[best_b], 1),
+        "hf_best_batch_size": best_b,
+        "hf_tokens_per_s_by_batch_size": {str(b): round(t, 1) for b, t in hf_tps.items()},
+        "speedup_vs_hf": round(engine_tps / hf_tps[best_b], 2),
+        "kv_utilization": round(stats.kv_utilization_at_peak, 4),
+        "prefix_ttft_cold_s": round(cold, 4),
+        "prefix_ttft_warm_s": round(warm, 4),
+        "prefix_ttft_ratio": round(cold / warm, 2),
+        "greedy_match_hf": engine_outputs == reference,
+        "greedy_match_hf_requests": sum(a == b for a, b in zip(engine_outputs, reference, strict=True)),
+        "greedy_reference_batch_size": min(hf_outputs),
+        "threads": args.threads,
+    }
+    print(json.dumps(result, indent=None if args.json else 2))
+
+
+if __name__ == "__main__":
+    main()

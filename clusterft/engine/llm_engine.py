@@ -1,0 +1,268 @@
+"""LLMEngine (add requests, step) and LLM, the offline batch API on top of it.
+
+One step is three calls, as in nano-vllm: `scheduler.schedule()` -> `model_runner.execute_model()`
+-> `scheduler.update_from_output()`, then outputs are detokenized and stop strings applied.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from clusterft.engine.cache_engine import CacheEngine
+from clusterft.engine.config import EngineConfig
+from clusterft.engine.kv_cache_manager import KVCacheManager
+from clusterft.engine.lora import LoRAManager
+from clusterft.engine.model_runner import ModelRunner
+from clusterft.engine.models import load_model
+from clusterft.engine.output_processor import OutputProcessor, RequestState
+from clusterft.engine.outputs import EngineStats, RequestOutput
+from clusterft.engine.request import Request, RequestStatus
+from clusterft.engine.sampler import Sampler
+from clusterft.engine.sampling_params import SamplingParams
+from clusterft.engine.scheduler import Scheduler
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _eos_token_ids(model_dir: Path, hf_config, tokenizer) -> frozenset[int]:
+    """EOS ids as HF generate uses them: generation_config.json's list, else config / tokenizer."""
+    ids: list[int] = []
+    gen = model_dir / "generation_config.json"
+    if gen.exists():
+        eos = json.loads(gen.read_text()).get("eos_token_id")
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    if not ids:
+        eos = getattr(hf_config, "eos_token_id", None) or tokenizer.eos_token_id
+        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
+    return frozenset(ids)
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, **config_overrides) -> None:
+        from transformers import AutoTokenizer
+
+        self.config = config = config or EngineConfig(**config_overrides)
+        self.model_dir = Path(model_dir)
+        if config.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
+        dtype = _DTYPES[config.dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        model, self.model_args, hf_config = load_model(
+            self.model_dir,
+            dtype=dtype,
+            max_model_len=config.max_model_len,
+            quant_group_size=config.quant_group_size if config.quantization == "int8" else None,
+            quant_exclude_modules=config.quant_exclude_modules,
+        )
+        self.model = model.to(config.device)
+        self.max_model_len = config.max_model_len or self.model_args.max_position_embeddings
+        self.eos_token_ids = _eos_token_ids(self.model_dir, hf_config, self.tokenizer)
+
+        args = self.model_args
+        block_bytes = CacheEngine.block_bytes(
+            args.num_layers, args.num_kv_heads, args.head_dim, config.block_size, dtype
+        )
+        self.num_gpu_blocks = config.num_gpu_blocks or max(
+            int(config.kv_cache_space * 2**30) // block_bytes, 1
+        )
+        self.num_cpu_blocks = (
+            config.num_cpu_blocks
+            if config.num_cpu_blocks is not None
+            else int(config.swap_space * 2**30) // block_bytes
+        )
+        self.cache_engine = CacheEngine(
+            args.num_layers, args.num_kv_heads, args.head_dim, config.block_size,
+            self.num_gpu_blocks, self.num_cpu_blocks, dtype, config.device,
+        )  # fmt: skip
+        self.kv_cache_manager = KVCacheManager(
+            config.block_size, self.num_gpu_blocks, self.num_cpu_blocks, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.kv_cache_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=self.max_model_len,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            preemption_mode=config.preemption_mode,
+            max_loras=config.max_loras,
+        )
+        self.lora_manager = LoRAManager(self.model, config.max_loras, torch.device(config.device), dtype)
+        for name, path in config.lora_modules:
+            self.lora_manager.add_lora(name, path)
+        self.model_runner = ModelRunner(
+            self.model, self.cache_engine, config.block_size, Sampler(config.seed), self.lora_manager
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._pending_outputs: list[str] = []  # roots finished at admission (never fit)
+        self._request_counter = itertools.count()
+        self.num_steps = 0
+        self._peak_blocks = 0
+        self._kv_utilization_at_peak = 0.0
+
+    # ---- weights ---------------------------------------------------------------------------------
+    @property
+    def weight_version(self) -> int:
+        """Part of every prefix-cache block hash: bump it when the weights change (promotion)."""
+        return self.kv_cache_manager.weight_version
+
+    @weight_version.setter
+    def weight_version(self, version: int) -> None:
+        self.kv_cache_manager.weight_version = version
+
+    def add_lora(self, name: str, path: str | Path) -> None:
+        self.lora_manager.add_lora(name, path)
+
+    # ---- requests --------------------------------------------------------------------------------
+    def add_request(
+        self,
+        request_id: str | None,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        *,
+        priority: int = 0,
+        lora_name: str | None = None,
+        arrival_time: float | None = None,
+    ) -> str:
+        """Queue a request; returns its id. Raises ValueError for prompts that can never be served."""
+        params = params or SamplingParams()
+        request_id = request_id if request_id is not None else str(next(self._request_counter))
+        if request_id in self.output_processor.states:
+            raise ValueError(f"request_id {request_id!r} is already in use; pass a unique request_id")
+        text = prompt if isinstance(prompt, str) else None
+        token_ids = (
+            self.tokenizer.encode(prompt, add_special_tokens=False) if text is not None else list(prompt)
+        )
+        if not token_ids:
+            raise ValueError("prompt is empty: give at least one token")
+        if len(token_ids) >= self.max_model_len:
+            raise ValueError(
+                f"prompt has {len(token_ids)} tokens but max_model_len is {self.max_model_len}: shorten the "
+                f"prompt or raise max_model_len (the model allows {self.model_args.max_position_embeddings})"
+            )
+        if max(token_ids) >= self.model_args.vocab_size or min(token_ids) < 0:
+            raise ValueError(
+                f"prompt token ids must be in [0, {self.model_args.vocab_size}), the model's vocab"
+            )
+        if lora_name is not None and lora_name not in self.lora_manager.paths:
+            raise ValueError(f"unknown lora_name {lora_name!r}: register it with add_lora(name, path) first")
+        multi = params.num_sequences > 1 or params.use_beam_search
+        request = Request(
+            request_id=f"{request_id}#0" if multi else request_id,
+            prompt_token_ids=token_ids,
+            sampling_params=params,
+            eos_token_ids=self.eos_token_ids,
+            arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
+            priority=priority,
+            lora_name=lora_name,
+            parent_id=request_id if multi else None,
+        )
+        self.output_processor.add_request(RequestState(request_id, text, token_ids, params))
+        self.scheduler.add_request(request)
+        if request.is_finished:  # can never fit: reported by the next step
+            self.output_processor.finish_ignored(request)
+            self._pending_outputs.append(request_id)
+        return request_id
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> None:
+        """Stop requests now; their blocks return to the pool at once."""
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
+        for root in ids:
+            self.output_processor.abort(root)
+            self.output_processor.states.pop(root, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.output_processor.states)
+
+    # ---- step ------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        sched_out = self.scheduler.schedule()
+        self._track_utilization()
+        runner_out = self.model_runner.execute_model(sched_out)
+        update = self.scheduler.update_from_output(sched_out, runner_out)
+        self.num_steps += 1
+        touched, stopped = self.output_processor.process(update.updated)
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        for root, best in update.finished_beam_groups.items():
+            self.output_processor.finish_beams(root, best, self.eos_token_ids)
+            touched.add(root)
+        touched.update(self._pending_outputs)
+        self._pending_outputs = []
+        outputs = []
+        for root in sorted(touched):
+            if root in self.output_processor.states and (out := self.output_processor.make_output(root)):
+                outputs.append(out)
+        return outputs
+
+    def _track_utilization(self) -> None:
+        used = self.kv_cache_manager.block_pool.num_used_blocks
+        if used > self._peak_blocks:
+            tokens = sum(r.num_computed_tokens for r in self.scheduler.running)
+            self._peak_blocks = used
+            self._kv_utilization_at_peak = tokens / (used * self.config.block_size)
+
+    def get_stats(self) -> EngineStats:
+        s = self.scheduler
+        return EngineStats(
+            num_running=len(s.running),
+            num_waiting=sum(1 for _, r in s.waiting if not r.is_finished and r.request_id in s.requests),
+            num_swapped=len(s.swapped),
+            kv_usage=self.kv_cache_manager.usage(),
+            prefix_cache_hit_rate=self.kv_cache_manager.prefix_cache_hit_rate(),
+            num_preemptions_recompute=s.num_preemptions["recompute"],
+            num_preemptions_swap=s.num_preemptions["swap"],
+            kv_utilization_at_peak=self._kv_utilization_at_peak,
+            num_steps=self.num_steps,
+        )
+
+    def reset_prefix_cache(self) -> None:
+        self.kv_cache_manager.reset_prefix_cache()
+
+
+class LLM:
+    """Offline batch generation: `LLM(model_dir).generate(prompts, SamplingParams(...))`."""
+
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, **config_overrides) -> None:
+        self.engine = LLMEngine(model_dir, config, **config_overrides)
+
+    def generate(
+        self,
+        prompts: str | Sequence[int] | Sequence[str | Sequence[int]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        *,
+        lora_name: str | None = None,
+        priority: Sequence[int] | None = None,
+    ) -> list[RequestOutput]:
+        """Generate for every prompt (text or token ids); outputs in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params_list = list(params) if isinstance(params, Sequence) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(
+                f"got {len(params_list)} SamplingParams for {len(prompts)} prompts: give one or one each"
+            )
+        ids = []
+        for i, (prompt, p) in enumerate(zip(prompts, params_list, strict=True)):
+            rid = f"generate-{next(self.engine._request_counter)}"
+            ids.append(
+                self.engine.add_request(
+                    rid, prompt, p, lora_name=lora_name, priority=priority[i] if priority else 0
+                )
+            )
+        finished: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished_requests() or self.engine._pending_outputs:
+            assert self.engine.scheduler.has_unfinished_requests() or self.engine._pending_outputs, (
+                "lost requests"
+            )
+            for out in self.engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+        return [finished[i] for i in ids]

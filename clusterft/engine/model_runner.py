@@ -1,0 +1,215 @@
+"""ModelRunner: turns a SchedulerOutput into one forward pass and samples the rows that need it.
+
+It keeps a per-request state (token ids, block table) updated from the scheduler's diffs; this is
+what each tensor-parallel worker will hold, next to its CacheEngine. It never decides anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from clusterft.engine.attention import AttentionMetadata, PrefillChunk
+from clusterft.engine.cache_engine import CacheEngine
+from clusterft.engine.lora import LoRAManager
+from clusterft.engine.models.layers import LoRAMapping
+from clusterft.engine.models.llama import LlamaForCausalLM
+from clusterft.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from clusterft.engine.sampler import Sampler, SamplingRow
+from clusterft.engine.sampling_params import SamplingParams
+
+
+@dataclass
+class CachedRequestState:
+    req_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    block_ids: list[int]
+    num_computed_tokens: int
+    sampling_params: SamplingParams
+    lora_name: str | None
+    generator: torch.Generator | None
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: LlamaForCausalLM,
+        cache_engine: CacheEngine,
+        block_size: int,
+        sampler: Sampler,
+        lora_manager: LoRAManager | None = None,
+    ) -> None:
+        self.model = model
+        self.cache_engine = cache_engine
+        self.block_size = block_size
+        self.sampler = sampler
+        self.lora_manager = lora_manager
+        self.device = cache_engine.device
+        self.requests: dict[str, CachedRequestState] = {}
+
+    def _update_states(self, so: SchedulerOutput) -> None:
+        for req_id in so.finished_req_ids:
+            self.requests.pop(req_id, None)
+        for new in so.scheduled_new_reqs:
+            self.requests[new.req_id] = CachedRequestState(
+                new.req_id,
+                list(new.token_ids),
+                new.num_prompt_tokens,
+                list(new.block_ids),
+                new.num_computed_tokens,
+                new.sampling_params,
+                new.lora_name,
+                new.generator,
+            )
+        for diff in so.scheduled_cached_reqs:
+            state = self.requests[diff.req_id]
+            state.token_ids.extend(diff.new_token_ids)
+            state.block_ids[diff.block_ids_start :] = diff.new_block_ids
+            state.num_computed_tokens = diff.num_computed_tokens
+
+    @torch.inference_mode()
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
+        self._update_states(so)
+        # Swap-outs first: their device blocks may be reused by this step's copies and writes.
+        self.cache_engine.swap_out(so.blocks_to_swap_out)
+        self.cache_engine.copy(so.blocks_to_copy)
+        self.cache_engine.swap_in(so.blocks_to_swap_in)
+        if not so.num_scheduled_tokens:
+            return ModelRunnerOutput([], [], [], [])
+
+        # Decodes (one new token) first, then prefill chunks.
+        states = [self.requests[req_id] for req_id in so.num_scheduled_tokens]
+        decodes = [s for s in states if so.num_scheduled_tokens[s.req_id] == 1]
+        prefills = [s for s in states if so.num_scheduled_tokens[s.req_id] > 1]
+        ordered = decodes + prefills
+        input_ids, positions, meta = self._prepare_inputs(ordered, so.num_scheduled_tokens, len(decodes))
+        lora = self._lora_mapping(ordered, so.num_scheduled_tokens)
+        hidden = self.model(input_ids, positions, self.cache_engine.gpu_cache, meta, lora)
+
+        # Rows to sample: requests whose computed tokens reach the end of their tokens.
+        sample_states, logits_indices, end = [], [], 0
+        for state in ordered:
+            n = so.num_scheduled_tokens[state.req_id]
+            end += n
+            if state.num_computed_tokens + n == len(state.token_ids):
+                sample_states.append(state)
+                logits_indices.append(end - 1)
+        if not sample_states:
+            return ModelRunnerOutput([], [], [], [])
+        logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)]).cpu()
+        return self._sample(logits, sample_states)
+
+    def _sample(self, logits: torch.Tensor, states: list[CachedRequestState]) -> ModelRunnerOutput:
+        beam_logprobs = {}
+        rows, row_states = [], []
+        for i, state in enumerate(states):
+            if state.sampling_params.use_beam_search:
+                beam_logprobs[state.req_id] = torch.log_softmax(logits[i], dim=-1)
+            else:
+                rows.append(i)
+                row_states.append(state)
+        token_ids, sampled, top = [], [], []
+        if rows:
+            sampling_rows = [
+                SamplingRow(
+                    s.sampling_params,
+                    s.generator,
+                    s.token_ids[: s.num_prompt_tokens],
+                    s.token_ids[s.num_prompt_tokens :],
+                )
+                for s in row_states
+            ]
+            token_ids, sampled, top = self.sampler(
+                logits[rows] if len(rows) < len(states) else logits, sampling_rows
+            )
+        for state, token_id in zip(row_states, token_ids, strict=True):
+            state.token_ids.append(token_id)
+        by_id = {s.req_id: k for k, s in enumerate(row_states)}
+        return ModelRunnerOutput(
+            req_ids=[s.req_id for s in states],
+            sampled_token_ids=[token_ids[by_id[s.req_id]] if s.req_id in by_id else None for s in states],
+            sampled_logprobs=[sampled[by_id[s.req_id]] if s.req_id in by_id else 0.0 for s in states],
+            top_logprobs=[top[by_id[s.req_id]] if s.req_id in by_id else None for s in states],
+            beam_logprobs=beam_logprobs,
+        )
+
+    def _prepare_inputs(
+        self, ordered: list[CachedRequestState], num_scheduled: dict[str, int], num_decodes: int
+    ):
+        bs = self.block_size
+        input_ids: list[int] = []
+        positions: list[int] = []
+        for state in ordered:
+            start = state.num_computed_tokens
+            input_ids.extend(state.token_ids[start : start + num_scheduled[state.req_id]])
+            positions.extend(range(start, start + num_scheduled[state.req_id]))
+        pos = torch.tensor(positions, dtype=torch.long)
+        # slot of each new token: block_table[pos // bs] * bs + pos % bs
+        block_of_token = []
+        for state in ordered:
+            start = state.num_computed_tokens
+            n = num_scheduled[state.req_id]
+            first, last = start // bs, (start + n - 1) // bs
+            for b in range(first, last + 1):
+                lo, hi = max(start, b * bs), min(start + n, (b + 1) * bs)
+                block_of_token.extend([state.block_ids[b]] * (hi - lo))
+        slot_mapping = torch.tensor(block_of_token, dtype=torch.long) * bs + pos % bs
+
+        decode_slots = decode_mask = None
+        if num_decodes:
+            decode_states = ordered[:num_decodes]
+            max_blocks = max(len(s.block_ids) for s in decode_states)
+            table = torch.tensor(
+                [s.block_ids + [s.block_ids[0]] * (max_blocks - len(s.block_ids)) for s in decode_states]
+            )
+            decode_slots = (table[:, :, None] * bs + torch.arange(bs)).view(num_decodes, -1)  # (D, L)
+            context_lens = pos[:num_decodes] + 1
+            decode_mask = (torch.arange(max_blocks * bs)[None, :] < context_lens[:, None])[:, None, None, :]
+
+        prefills, start_idx = [], num_decodes
+        for state in ordered[num_decodes:]:
+            n = num_scheduled[state.req_id]
+            context_slots = None
+            if state.num_computed_tokens:
+                ctx = torch.arange(state.num_computed_tokens + n)
+                context_slots = torch.tensor(state.block_ids)[ctx // bs] * bs + ctx % bs
+            prefills.append(PrefillChunk(start_idx, n, state.num_computed_tokens, context_slots))
+            start_idx += n
+        dev = self.device
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping.to(dev),
+            num_decodes=num_decodes,
+            decode_slots=decode_slots.to(dev) if decode_slots is not None else None,
+            decode_mask=decode_mask.to(dev) if decode_mask is not None else None,
+            prefills=[
+                PrefillChunk(
+                    p.query_start,
+                    p.query_len,
+                    p.num_computed,
+                    p.context_slots.to(dev) if p.context_slots is not None else None,
+                )
+                for p in prefills
+            ],
+        )
+        return torch.tensor(input_ids, dtype=torch.long, device=dev), pos.to(dev), meta
+
+    def _lora_mapping(
+        self, ordered: list[CachedRequestState], num_scheduled: dict[str, int]
+    ) -> LoRAMapping | None:
+        if self.lora_manager is None or not any(s.lora_name for s in ordered):
+            return None
+        ranges: dict[int, list[torch.Tensor]] = {}
+        start = 0
+        for state in ordered:
+            n = num_scheduled[state.req_id]
+            if state.lora_name:
+                slot = self.lora_manager.activate(state.lora_name)
+                ranges.setdefault(slot, []).append(torch.arange(start, start + n))
+            start += n
+        groups = []
+        for slot, parts in ranges.items():
+            index = torch.cat(parts)
+            groups.append((slot, None if len(index) == start else index.to(self.device)))
+        return LoRAMapping(groups)

@@ -1,0 +1,62 @@
+"""Helpers shared by the engine tests: HF references, prompts, requests."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from clusterft.engine.request import Request
+from clusterft.engine.sampling_params import SamplingParams
+
+_ARRIVALS = itertools.count()
+_HF_MODELS = {}
+
+
+def hf_model(model_dir):
+    from transformers import AutoModelForCausalLM
+
+    if model_dir not in _HF_MODELS:
+        _HF_MODELS[model_dir] = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    return _HF_MODELS[model_dir]
+
+
+def hf_greedy(model_dir, prompt: list[int], max_new_tokens: int, **kwargs) -> list[int]:
+    """HF generate's new tokens for one prompt, stopped at EOS (kept) like the engine."""
+    model = hf_model(model_dir)
+    with torch.inference_mode():
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=max_new_tokens, do_sample=False, **kwargs)
+    tokens = out[0, len(prompt) :].tolist()
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [eos])
+    for i, t in enumerate(tokens):
+        if t in eos:
+            return tokens[: i + 1]
+    return tokens
+
+
+def random_prompts(lengths, seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(7, 1024, (n,), generator=g).tolist() for n in lengths]
+
+
+def make_request(
+    request_id: str,
+    num_tokens: int = 0,
+    token_ids: list[int] | None = None,
+    params: SamplingParams | None = None,
+    priority: int = 0,
+    arrival_time: float | None = None,
+    lora_name: str | None = None,
+) -> Request:
+    """A request with prompt `token_ids` (default 0..num_tokens-1); arrival defaults to its order."""
+    ids = token_ids if token_ids is not None else list(range(num_tokens))
+    return Request(
+        request_id=request_id,
+        prompt_token_ids=ids,
+        sampling_params=params or SamplingParams(temperature=0, max_tokens=16),
+        eos_token_ids=frozenset({2}),
+        arrival_time=arrival_time if arrival_time is not None else float(next(_ARRIVALS)),
+        priority=priority,
+        lora_name=lora_name,
+    )

@@ -1,0 +1,80 @@
+from clusterft.engine.kv_cache_manager import KVCacheManager
+from tests.engine.helpers import make_request
+
+
+def test_allocate_slots_on_demand_and_none_when_full():
+    kv = KVCacheManager(block_size=4, num_gpu_blocks=4)
+    r = make_request("a", 6)
+    assert [b.block_id for b in kv.allocate_slots(r, 6)] == [0, 1]
+    r.num_computed_tokens = 6
+    assert kv.allocate_slots(r, 1) == []  # slot 6 is in block 1
+    r.num_computed_tokens = 8
+    assert [b.block_id for b in kv.allocate_slots(r, 1)] == [2]
+    r2 = make_request("b", 8)
+    assert kv.allocate_slots(r2, 8) is None  # 2 blocks needed, 1 free: nothing changes
+    assert kv.block_pool.num_free_blocks == 1 and "b" in kv.req_to_blocks and kv.req_to_blocks["b"] == []
+    kv.free(r)
+    assert kv.block_pool.free_block_queue.block_ids() == [3, 2, 1, 0]
+
+
+def test_prefix_hit_keeps_last_token_to_compute_and_counts_free_cached_blocks():
+    kv = KVCacheManager(block_size=4, num_gpu_blocks=8)
+    a = make_request("a", token_ids=list(range(12)))
+    kv.allocate_slots(a, 12)
+    a.num_computed_tokens = 12
+    kv.free(a)  # all three blocks cached and free
+    b = make_request("b", token_ids=list(range(12)))
+    blocks, num = kv.get_computed_blocks(b)
+    assert [x.block_id for x in blocks] == [0, 1] and num == 8  # block 2 would leave nothing to compute
+    c = make_request("c", token_ids=[*range(8), 99, 98, 97, 96, 95])
+    blocks, num = kv.get_computed_blocks(c)
+    assert [x.block_id for x in blocks] == [0, 1] and num == 8
+    new = kv.allocate_slots(c, 5, blocks)
+    assert [x.block_id for x in new] == [3, 4]  # 0, 1 taken back from the free list; 2 stays cached
+    assert [x.ref_cnt for x in blocks] == [1, 1]
+    assert kv.block_pool.free_block_queue.block_ids() == [5, 6, 7, 2]
+
+
+def test_extra_keys_lora_and_weight_version_separate_caches():
+    kv = KVCacheManager(block_size=4, num_gpu_blocks=8)
+    a = make_request("a", token_ids=list(range(9)))
+    kv.allocate_slots(a, 9)
+    assert kv.get_computed_blocks(make_request("b", token_ids=list(range(9))))[1] == 8
+    assert kv.get_computed_blocks(make_request("c", token_ids=list(range(9)), lora_name="x"))[1] == 0
+    kv.weight_version = 1
+    assert kv.get_computed_blocks(make_request("d", token_ids=list(range(9))))[1] == 0
+
+
+def test_fork_then_copy_on_write_of_the_shared_partial_block():
+    kv = KVCacheManager(block_size=4, num_gpu_blocks=8)
+    parent = make_request("p", token_ids=list(range(6)))
+    kv.allocate_slots(parent, 5)
+    parent.num_computed_tokens = 5
+    child = parent.fork("c", 1)
+    kv.fork(parent, child)
+    assert [b.ref_cnt for b in kv.req_to_blocks["p"]] == [2, 2]
+    changed = kv.allocate_slots(child, 1)  # writes slot 5, in shared block 1
+    assert [b.block_id for b in changed] == [2]
+    assert kv.take_blocks_to_copy() == [(1, 2)]
+    assert kv.get_block_ids(child) == [0, 2] and kv.get_block_ids(parent) == [0, 1]
+    assert [b.ref_cnt for b in kv.req_to_blocks["p"]] == [2, 1]
+    assert kv.allocate_slots(parent, 1) == []  # now the only owner: writes in place
+    assert kv.take_blocks_to_copy() == []
+
+
+def test_swap_out_and_in_moves_blocks_between_pools():
+    kv = KVCacheManager(block_size=4, num_gpu_blocks=4, num_cpu_blocks=2)
+    r = make_request("a", 6)
+    kv.allocate_slots(r, 6)
+    r.num_computed_tokens = 6
+    assert kv.swap_out(r) == [(0, 0), (1, 1)]
+    assert kv.block_pool.num_free_blocks == 4 and kv.cpu_block_pool.num_free_blocks == 0
+    big = make_request("b", 12)
+    kv.allocate_slots(big, 12)
+    big.num_computed_tokens = 12
+    assert kv.swap_out(big) is None  # 3 blocks, CPU pool has none free
+    assert not kv.can_swap_in(r, 1)  # needs 2 of the 1 free device block
+    kv.free(big)
+    assert kv.block_pool.free_block_queue.block_ids() == [0, 1, 3, 2]
+    assert kv.swap_in(r) == [(0, 0), (1, 1)]
+    assert kv.cpu_block_pool.num_free_blocks == 2
