@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
+
 from clusterft.config import JobSpec, parse_job_dict
 from clusterft.controller.state import Job, State, Submitted
 
@@ -32,3 +34,10 @@ def make_job(state: State | None = None, *, attempt: int = 1, restarts: int = 0)
         created_at=0.0,
         updated_at=0.0,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    from clusterft.hf.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-llama", "llama", "tiny")

@@ -1,0 +1,153 @@
+"""The jobs REST API: the CLI's operations over HTTP, documented by FastAPI's OpenAPI schema.
+
+    POST /v1/jobs                   {"spec": {...} | "spec_yaml": "...", "name": ...} → 201 the job
+    GET  /v1/jobs                   jobs, newest first
+    GET  /v1/jobs/{id}              state, progress, results, history, log files
+    GET  /v1/jobs/{id}/logs         every attempt's log text (text/plain)
+    POST /v1/jobs/{id}/cancel       → the job (cancelled; its run is killed)
+    POST /v1/jobs/{id}/resume       → the job (resuming)
+
+Bound to 127.0.0.1 unless told otherwise. With an API key every request needs
+`Authorization: Bearer KEY` (compared in constant time); errors use OpenAI's error schema.
+"""
+
+from __future__ import annotations
+
+import hmac
+from pathlib import Path
+from typing import Any
+
+import yaml
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from pydantic import BaseModel, Field
+
+from clusterft.config import parse_job_dict
+from clusterft.controller.jobs import Jobs, job_record
+from clusterft.controller.state import IllegalTransition
+from clusterft.controller.store import StaleState, UnknownJob
+from clusterft.errors import UserError
+
+
+class SubmitRequest(BaseModel):
+    spec: dict[str, Any] | None = Field(
+        default=None, description="The job spec as a JSON object (YAML keys)."
+    )
+    spec_yaml: str | None = Field(default=None, description="The job spec as YAML text.")
+    name: str | None = Field(default=None, description="Job and registry model name.")
+    base_dir: str | None = Field(
+        default=None,
+        description="Directory relative paths of the spec are resolved against (default: the server's).",
+    )
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str, code: str | None = None):
+        self.status, self.message, self.type, self.code = status, message, type, code
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
+    """OpenAI's error schema."""
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def create_app(jobs: Jobs, api_key: str | None = None) -> FastAPI:
+    app = FastAPI(
+        title="clusterft jobs API",
+        version="1",
+        description="Submit, follow, cancel and resume fine-tuning jobs run by the clusterft controller.",
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+        return JSONResponse(
+            error_body(err.message, err.type, err.code), status_code=err.status, headers=headers
+        )
+
+    @app.exception_handler(UserError)
+    async def _user_error(_request: Request, err: UserError) -> JSONResponse:
+        if isinstance(err, UnknownJob):
+            return JSONResponse(
+                error_body(str(err), "invalid_request_error", "job_not_found"), status_code=404
+            )
+        if isinstance(err, IllegalTransition | StaleState):
+            return JSONResponse(error_body(str(err), "invalid_request_error", "conflict"), status_code=409)
+        return JSONResponse(error_body(str(err), "invalid_request_error"), status_code=400)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(
+                401,
+                "Incorrect API key provided; send `Authorization: Bearer <key>`",
+                "invalid_request_error",
+                "invalid_api_key",
+            )
+
+    auth = [Depends(authorize)]
+
+    @app.post("/v1/jobs", status_code=201, dependencies=auth)
+    def submit(body: SubmitRequest) -> dict[str, Any]:
+        if (body.spec is None) == (body.spec_yaml is None):
+            raise ApiError(
+                400, "give exactly one of `spec` (object) or `spec_yaml` (text)", "invalid_request_error"
+            )
+        raw = body.spec if body.spec is not None else yaml.safe_load(body.spec_yaml or "")
+        if not isinstance(raw, dict):
+            raise ApiError(400, "the job spec must be a mapping of keys", "invalid_request_error")
+        job = jobs.submit(parse_job_dict(raw, "request"), base_dir=body.base_dir, name=body.name)
+        return job_record(job)
+
+    @app.get("/v1/jobs", dependencies=auth)
+    def list_jobs(limit: int | None = None) -> dict[str, Any]:
+        return {"object": "list", "data": [job_record(job) for job in jobs.list(limit=limit)]}
+
+    @app.get("/v1/jobs/{job_id}", dependencies=auth)
+    def status(job_id: str) -> dict[str, Any]:
+        return job_record(jobs.get(job_id), jobs.store)
+
+    @app.get("/v1/jobs/{job_id}/logs", dependencies=auth, response_class=PlainTextResponse)
+    def logs(job_id: str) -> str:
+        parts = [
+            f"==> {path} <==\n{path.read_text(errors='replace')}"
+            for path in jobs.log_paths(job_id)
+            if path.is_file()
+        ]
+        return "".join(parts)
+
+    @app.post("/v1/jobs/{job_id}/cancel", dependencies=auth)
+    def cancel(job_id: str) -> dict[str, Any]:
+        return job_record(jobs.cancel(job_id))
+
+    @app.post("/v1/jobs/{job_id}/resume", dependencies=auth)
+    def resume(job_id: str) -> dict[str, Any]:
+        return job_record(jobs.resume(job_id))
+
+    return app
+
+
+def serve_api(
+    root: str | Path,
+    registry_root: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8266,
+    api_key: str | None = None,
+    start_controller: bool = True,
+) -> None:
+    """Run the API with uvicorn until interrupted (starting the controller on the Ray cluster)."""
+    import uvicorn
+
+    controller = None
+    if start_controller:
+        from clusterft.controller.jobs_commands import connect_controller
+
+        controller = connect_controller(root, registry_root)
+    jobs = Jobs(root, registry_root, controller=controller)
+    try:
+        uvicorn.run(create_app(jobs, api_key), host=host, port=port, log_level="info")
+    finally:
+        jobs.close()

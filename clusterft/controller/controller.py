@@ -1,0 +1,361 @@
+"""The job controller: a detached, named Ray actor that carries every job through its life.
+
+    submitted ─► training ─► evaluating ─► registered ─► promoted
+                  │   ▲      (eval driver)  (registry)   (alias moved; serving hook called)
+                  ▼   │
+                failed ─► resuming (backoff) ─► training, from the newest valid checkpoint
+
+The actor is a thin shell: `Controller.tick()` reads every unsettled job from the SQLite store and
+moves it one step, using the pure policies for each decision. The store and the run files are the
+only state, so a killed actor (Ray restarts it: `max_restarts=-1`) re-reads them and continues:
+a training driver that outlived it is re-attached, one that died is relaunched from its checkpoint.
+User commands (submit, cancel, resume) write the store directly; the controller reconciles.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from clusterft.controller.policy import (
+    Complete,
+    Failure,
+    GiveUp,
+    Promote,
+    check_completion,
+    decide_after_failure,
+    decide_promotion,
+    parse_gates,
+)
+from clusterft.controller.registry import Registry
+from clusterft.controller.run_job import job_spec
+from clusterft.controller.runs import Phase, RunFiles, describe_exit, kill, launch, pid_runs_job
+from clusterft.controller.state import (
+    Errored,
+    Evaluating,
+    Failed,
+    Job,
+    JobState,
+    Promoted,
+    Registered,
+    Resuming,
+    Training,
+)
+from clusterft.controller.store import JobStore, StaleState
+
+logger = logging.getLogger(__name__)
+CONTROLLER_NAME = "clusterft-controller"
+NAMESPACE = "clusterft"
+AliasHook = Callable[[str, str, str], None]
+"""on_alias_moved(model_name, alias, version): called after the controller moves an alias, so the
+serving app can follow it (the Serve app's hook plugs in here)."""
+
+
+RUN_FILES = frozenset({"metrics.jsonl", "loss.png", "run_summary.json"})
+"""Files of output_dir that describe the run rather than the model; not registered."""
+TRAIN_FACTS = ("planned_steps", "completed_steps", "final_loss", "checkpoint", "output", "wall_time_s")
+
+
+def store_path(root: str | Path) -> Path:
+    return Path(root) / "jobs.db"
+
+
+@dataclass
+class _Run:
+    files: RunFiles
+    process: subprocess.Popen[bytes] | None  # None: re-attached after a controller restart
+    pid: int
+
+
+class Controller:
+    """Every decision and effect of the controller, without Ray (the actor calls `tick` in a loop)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        registry_root: str | Path,
+        *,
+        env: dict[str, str] | None = None,
+        on_alias_moved: AliasHook | None = None,
+    ):
+        self.root = Path(root)
+        self.store = JobStore(store_path(root))
+        self.registry = Registry(registry_root)
+        self.env = env if env is not None else dict(os.environ)
+        self.on_alias_moved = on_alias_moved
+        self.runs: dict[str, _Run] = {}
+
+    def tick(self) -> None:
+        """Move every unsettled job one step; stop runs of jobs that were cancelled meanwhile."""
+        for job_id in list(self.runs):
+            if self.store.get(job_id).status is JobState.CANCELLED:
+                kill(self.runs.pop(job_id).pid)
+        for job in self.store.unsettled():
+            try:
+                self.advance(job)
+            except StaleState:
+                pass  # a user command moved it first; the next tick sees where it is now
+            except Exception:
+                logger.exception("controller: job %s in %s", job.id, job.status)
+
+    # ------------------------------------------------------------ one step of one job
+
+    def advance(self, job: Job) -> None:
+        step = {
+            JobState.SUBMITTED: self._start,
+            JobState.TRAINING: self._watch_training,
+            JobState.FAILED: self._decide,
+            JobState.RESUMING: self._relaunch,
+            JobState.EVALUATING: self._evaluate,
+        }.get(job.status)
+        if step is not None:
+            step(job)
+
+    def _start(self, job: Job) -> None:
+        try:
+            parse_gates(job_spec(job.spec_yaml))
+        except Exception as err:
+            self.store.transition(job.id, JobState.SUBMITTED, Errored(f"{type(err).__name__}: {err}"))
+            return
+        self._launch_training(job, JobState.SUBMITTED)
+
+    def _relaunch(self, job: Job) -> None:
+        assert isinstance(job.state, Resuming)
+        if time.time() >= job.updated_at + job.state.after_s:
+            self._launch_training(job, JobState.RESUMING)
+
+    def _launch_training(self, job: Job, expected: JobState) -> None:
+        from clusterft.storage import BundleStore
+        from clusterft.train.launcher import locate
+
+        where = locate(job_spec(job.spec_yaml))
+        latest = BundleStore(where.bundle_root).find_latest_valid()
+        resumed_from = f"{where.bundle_root}/{latest.name}" if latest else None
+        job = self.store.transition(job.id, expected, Training(resumed_from=resumed_from))
+        self._launch(job, "train")
+
+    def _launch(self, job: Job, phase: Phase) -> None:
+        files = RunFiles.of(self.root, job.id, job.attempt, phase)
+        process = launch(files, job.id, self.store.path, self.env)
+        self.runs[job.id] = _Run(files, process, process.pid)
+        self.store.add_log(job.id, phase, files.log)
+
+    def _poll(self, job: Job, phase: Phase) -> dict[str, Any] | Failure | None:
+        """None while the phase's driver runs; then its result, or the Failure of its death."""
+        files = RunFiles.of(self.root, job.id, job.attempt, phase)
+        run = self.runs.get(job.id)
+        code: int | None = None
+        if run is not None and run.files == files and run.process is not None:
+            code = run.process.poll()
+            if code is None:
+                return None
+        else:
+            pid = files.read_pid()
+            if pid is not None and pid_runs_job(pid, job.id):
+                self.runs[job.id] = _Run(files, None, pid)  # outlived the previous controller
+                return None
+        self.runs.pop(job.id, None)
+        result = files.read_result()
+        if result is None:
+            pid = files.read_pid()
+            return Failure(f"the {phase} driver (pid {pid}) {describe_exit(code)} without a result")
+        return result
+
+    def _watch_training(self, job: Job) -> None:
+        outcome = self._poll(job, "train")
+        if outcome is None:
+            return
+        facts: dict[str, Any] = {}
+        if isinstance(outcome, dict):
+            facts = {k: outcome.get(k) for k in TRAIN_FACTS}
+            outcome = training_outcome(outcome)
+        if isinstance(outcome, Complete):
+            self.store.transition(
+                job.id, JobState.TRAINING, Evaluating(completed_steps=outcome.steps), result={"train": facts}
+            )
+            return
+        job = self.store.transition(
+            job.id, JobState.TRAINING, Failed(why=outcome.reason, retryable=outcome.retryable)
+        )
+        self._decide(job)
+
+    def _decide(self, job: Job) -> None:
+        assert isinstance(job.state, Failed)
+        failure = Failure(job.state.why, job.state.retryable)
+        decision = decide_after_failure(job, failure, job_spec(job.spec_yaml))
+        if isinstance(decision, GiveUp):
+            self.store.transition(job.id, JobState.FAILED, Errored(decision.reason))
+        else:
+            self.store.transition(
+                job.id, JobState.FAILED, Resuming(after_s=decision.after_s, why=job.state.why)
+            )
+
+    # ------------------------------------------------------------ evaluate, register, promote
+
+    def _evaluate(self, job: Job) -> None:
+        spec = job_spec(job.spec_yaml)
+        metrics: dict[str, Any] = {}
+        if spec.eval.enabled:
+            files = RunFiles.of(self.root, job.id, job.attempt, "eval")
+            if job.id not in self.runs and files.read_pid() is None:
+                self._launch(job, "eval")
+                return
+            outcome = self._poll(job, "eval")
+            if outcome is None:
+                return
+            if isinstance(outcome, Failure) or not outcome["ok"]:
+                why = outcome.reason if isinstance(outcome, Failure) else outcome.get("error")
+                # The weights are final: a crashed evaluation is not fixed by training again.
+                self.store.transition(job.id, JobState.EVALUATING, Errored(f"evaluation failed: {why}"))
+                return
+            metrics = outcome["metrics"]
+        self._register_and_promote(job, spec, metrics)
+
+    def _register_and_promote(self, job: Job, spec: Any, metrics: dict[str, Any]) -> None:
+        """Register (once: a controller restarted mid-way finds its version by job id), decide,
+        move the alias, then record the outcome. Every effect is idempotent, so a crash between two
+        of them is repaired by doing all of them again."""
+        name = job.name
+        version = next((v for v in self.registry.versions(name) if v.manifest.job_id == job.id), None)
+        if version is None:
+            lora = spec.method.finetuning_type == "lora"
+            version = self.registry.register(
+                name,
+                self._model_files(job, spec),
+                kind="adapter" if lora else "full",
+                base_model=spec.model.model_name_or_path if lora else None,
+                job_id=job.id,
+                checkpoint=(job.result.get("train") or {}).get("checkpoint"),
+                eval_results=metrics,
+            )
+        production = self.registry.aliases(name).get("production")
+        production_eval = dict(self.registry.show(name, production).manifest.eval) if production else None
+        decision = decide_promotion(
+            metrics, parse_gates(spec), production_eval, spec.promote.not_worse_than_production
+        )
+        result = {"eval": metrics, "model_name": name, "version": version.version}
+        if not isinstance(decision, Promote):
+            self.store.transition(
+                job.id,
+                JobState.EVALUATING,
+                Registered(name, version.version, why=decision.reason),
+                result=result,
+            )
+            return
+        alias = spec.promote.alias
+        self.registry.promote(name, version.version, alias)
+        self.store.transition(job.id, JobState.EVALUATING, Registered(name, version.version), result=result)
+        self.store.transition(job.id, JobState.REGISTERED, Promoted(name, version.version, alias))
+        self._supersede(job.id, name, alias, version.version)
+        if self.on_alias_moved is not None:
+            self.on_alias_moved(name, alias, version.version)
+
+    def _supersede(self, job_id: str, name: str, alias: str, version: str) -> None:
+        """The job whose version held `alias` before rests in `registered` again."""
+        for other in self.store.list([JobState.PROMOTED, JobState.SERVING]):
+            state = other.state
+            if other.id != job_id and getattr(state, "model_name", None) == name and state.alias == alias:  # type: ignore[attr-defined]
+                why = f"{alias} moved to {version} (job {job_id})"
+                self.store.transition(other.id, other.status, Registered(name, state.version, why=why))  # type: ignore[attr-defined]
+
+    def _model_files(self, job: Job, spec: Any) -> Path:
+        """The exported adapter or model of output_dir, without the run's own files (metrics, plots,
+        checkpoints), as a directory of links for the registry to copy from."""
+        output = Path(spec.train.output_dir)
+        staged = self.root / "runs" / job.id / "model"
+        if staged.exists():
+            for link in staged.iterdir():
+                link.unlink()
+        staged.mkdir(parents=True, exist_ok=True)
+        for path in sorted(output.iterdir()):
+            if path.is_file() and path.name not in RUN_FILES:
+                (staged / path.name).symlink_to(path.resolve())
+        return staged
+
+
+def training_outcome(result: dict[str, Any]) -> Complete | Failure:
+    """A driver's result as a policy input: a run that stopped short is a failure, never a success."""
+    if not result["ok"]:
+        return Failure(result.get("error") or "training failed", retryable=result.get("retryable", True))
+    if not result.get("planned_steps"):
+        return Failure("training reported no planned step count")
+    return check_completion(result["planned_steps"], result["completed_steps"])
+
+
+# ---------------------------------------------------------------- the Ray actor
+
+
+def import_hook(dotted: str) -> AliasHook:
+    """`package.module:function` or `package.module.function` → the function."""
+    module, _, attr = dotted.replace(":", ".").rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+class JobControllerActor:
+    """The detached actor: builds a `Controller` and ticks it in a background thread. Ray restarts
+    it after a crash or `ray.kill(..., no_restart=False)`; __init__ runs again and resumes."""
+
+    def __init__(self, root: str, registry_root: str, poll_s: float = 0.5, on_alias_moved: str | None = None):
+        import ray
+
+        from clusterft.runtime import apply_runtime_defaults
+
+        apply_runtime_defaults()
+        env = dict(os.environ)
+        # The drivers join this cluster as drivers of their own (their Train actors die with them).
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        hook = import_hook(on_alias_moved) if on_alias_moved else None
+        self.controller = Controller(root, registry_root, env=env, on_alias_moved=hook)
+        self.poll_s = poll_s
+        self.started_at = time.time()
+        self._wake = threading.Event()
+        threading.Thread(target=self._loop, name="clusterft-controller", daemon=True).start()
+
+    def _loop(self) -> None:
+        while True:
+            self.controller.tick()
+            self._wake.wait(self.poll_s)
+            self._wake.clear()
+
+    def wake(self) -> None:
+        """Act now rather than at the next poll (after a submit, cancel or resume)."""
+        self._wake.set()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "root": str(self.controller.root),
+            "registry": str(self.controller.registry.root),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "runs": {job_id: run.pid for job_id, run in self.controller.runs.items()},
+        }
+
+
+def get_or_start_controller(root: str | Path, registry_root: str | Path, *, poll_s: float = 0.5) -> Any:
+    """The running controller actor, or a new detached one (the caller is connected to Ray).
+    Refuses a controller that serves a different root: one cluster, one job store."""
+    import ray
+
+    from clusterft.errors import UserError
+
+    root, registry_root = Path(root).resolve(), Path(registry_root).resolve()
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(JobControllerActor)
+    actor = actor_cls.options(
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote(str(root), str(registry_root), poll_s)
+    info = ray.get(actor.info.remote())
+    if (info["root"], info["registry"]) != (str(root), str(registry_root)):
+        raise UserError(
+            f"this Ray cluster's controller keeps jobs in {info['root']} (registry {info['registry']}), "
+            f"not {root}; use --root {info['root']} or stop it: "
+            f"ray.kill(ray.get_actor({CONTROLLER_NAME!r}, namespace={NAMESPACE!r}))"
+        )
+    return actor

@@ -1,0 +1,240 @@
+"""`clusterft jobs submit|list|status|logs|cancel|resume|api` and `clusterft eval`: argparse wiring.
+
+The CLI adds them in two calls (clusterft/cli.py):
+
+    from clusterft.controller.jobs_commands import add_eval_command, add_jobs_commands
+    add_jobs_commands(commands)
+    add_eval_command(commands)
+
+`submit` needs a running Ray cluster (`RAY_ADDRESS`, or `ray start --head` on this host) for the
+detached controller; the other commands read the job store on shared storage and work without one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from clusterft.controller.commands import DEFAULT_REGISTRY, REGISTRY_ENV, format_table
+from clusterft.controller.jobs import DEFAULT_ROOT, ROOT_ENV, Jobs, job_record, progress
+from clusterft.errors import UserError
+
+
+def connect_controller(root: str | Path, registry_root: str | Path) -> object:
+    """Join the running Ray cluster and return its controller actor (started if absent)."""
+    import ray
+
+    from clusterft.controller.controller import get_or_start_controller
+
+    if not ray.is_initialized():
+        try:
+            ray.init(
+                address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False, namespace="clusterft"
+            )
+        except ConnectionError as err:
+            raise UserError(
+                f"no Ray cluster to run the controller on ({err}); start one with "
+                "`RAY_AUTH_MODE=disabled ray start --head --num-cpus=N` or set RAY_ADDRESS"
+            ) from None
+    return get_or_start_controller(root, registry_root)
+
+
+def _jobs(args: argparse.Namespace, controller: object = None) -> Jobs:
+    return Jobs(args.root, args.registry, controller=controller)
+
+
+def jobs_submit(args: argparse.Namespace) -> int:
+    from clusterft.config import load_job_spec
+
+    spec = load_job_spec(args.job)
+    jobs = _jobs(args, connect_controller(args.root, args.registry))
+    job = jobs.submit(spec, base_dir=os.getcwd(), name=args.name)
+    print(job.id)
+    if not args.wait:
+        return 0
+    job = jobs.wait(job.id, bar=not args.no_progress)
+    print(f"{job.id}: {job.status}" + (f" ({job.reason})" if job.reason else ""), file=sys.stderr)
+    return 0 if job.status.value in ("registered", "promoted", "serving") else 1
+
+
+def jobs_list(args: argparse.Namespace) -> int:
+    jobs = _jobs(args).list(limit=args.limit)
+    if args.json:
+        print(json.dumps([job_record(job) for job in jobs], indent=2))
+        return 0
+    rows = []
+    for job in jobs:
+        done = progress(job)
+        steps = f"{done['step']}/{done['planned_steps'] or '?'}"
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(job.created_at))
+        rows.append([job.id, job.name, job.status, steps, job.attempt, created, job.reason])
+    print(format_table(["ID", "NAME", "STATUS", "STEPS", "ATTEMPT", "CREATED", "REASON"], rows))
+    return 0
+
+
+def jobs_status(args: argparse.Namespace) -> int:
+    jobs = _jobs(args)
+    record = job_record(jobs.get(args.id), jobs.store)
+    if args.json:
+        print(json.dumps(record, indent=2))
+        return 0
+    done = record["progress"]
+    print(
+        f"{record['id']}  {record['name']}  {record['status']}"
+        + (f": {record['reason']}" if record["reason"] else "")
+    )
+    print(
+        f"attempt {record['attempt']}, restarts {record['restarts']}, "
+        f"step {done['step']}/{done['planned_steps']}"
+    )
+    for key in ("model_name", "version", "eval"):
+        if key in record["result"]:
+            print(f"{key}: {record['result'][key]}")
+    for event in record["events"]:
+        at = time.strftime("%H:%M:%S", time.localtime(event["at"]))
+        print(
+            f"  {at}  {event['from_state'] or '-'} -> {event['to_state']}  {event['reason'] or ''}".rstrip()
+        )
+    return 0
+
+
+def jobs_logs(args: argparse.Namespace) -> int:
+    """Every attempt's logs in order; --follow keeps printing the newest until the job settles."""
+    jobs = _jobs(args)
+    printed: dict[Path, int] = {}
+    while True:
+        for path in jobs.log_paths(args.id):
+            if not path.is_file():
+                continue
+            with open(path, "rb") as handle:
+                if path not in printed:
+                    print(f"==> {path} <==", flush=True)
+                handle.seek(printed.get(path, 0))
+                chunk = handle.read()
+                printed[path] = handle.tell()
+            sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+        job = jobs.get(args.id)
+        if not args.follow or job.settled or job.status.value == "promoted":
+            return 0
+        time.sleep(1.0)
+
+
+def jobs_cancel(args: argparse.Namespace) -> int:
+    job = _jobs(args).cancel(args.id)
+    print(f"{job.id}: {job.status}")
+    return 0
+
+
+def jobs_resume(args: argparse.Namespace) -> int:
+    jobs = _jobs(args, connect_controller(args.root, args.registry))
+    job = jobs.resume(args.id)
+    print(f"{job.id}: {job.status}")
+    return 0
+
+
+def jobs_api(args: argparse.Namespace) -> int:
+    from clusterft.controller.api import serve_api
+
+    serve_api(
+        args.root, args.registry, host=args.host, port=args.port, api_key=args.api_key, start_controller=True
+    )
+    return 0
+
+
+def add_jobs_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the `jobs` group to the CLI's top-level subparsers."""
+    group = commands.add_parser("jobs", help="submit and follow fine-tuning jobs", description=__doc__)
+    group.add_argument(
+        "--root",
+        default=os.environ.get(ROOT_ENV, DEFAULT_ROOT),
+        metavar="DIR",
+        help=f"controller state on shared storage: job store, run logs (default: ${ROOT_ENV} or "
+        f"./{DEFAULT_ROOT})",
+    )
+    group.add_argument(
+        "--registry",
+        default=os.environ.get(REGISTRY_ENV, DEFAULT_REGISTRY),
+        metavar="DIR",
+        help=f"model registry root (default: ${REGISTRY_ENV} or ./{DEFAULT_REGISTRY})",
+    )
+    actions = group.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
+
+    def action(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help, description=help)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    sub = action("submit", jobs_submit, "submit a job spec; prints the job id at once")
+    sub.add_argument("job", help="job spec YAML, e.g. jobs/quickstart.yaml")
+    sub.add_argument(
+        "--name", help="job (and registry model) name; default: promote.model_name or output_dir"
+    )
+    sub.add_argument("--wait", action="store_true", help="follow the job until it is registered or promoted")
+    sub.add_argument("--no-progress", action="store_true", help="with --wait: no progress bar")
+
+    sub = action("list", jobs_list, "list jobs, newest first")
+    sub.add_argument("--limit", type=int, default=None, help="at most this many")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+    sub = action("status", jobs_status, "a job's state, progress, results and history")
+    sub.add_argument("id", help="job id")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+    sub = action("logs", jobs_logs, "print a job's driver and evaluation logs, every attempt")
+    sub.add_argument("id", help="job id")
+    sub.add_argument("-f", "--follow", action="store_true", help="keep printing until the job settles")
+
+    sub = action("cancel", jobs_cancel, "cancel a job and kill its run")
+    sub.add_argument("id", help="job id")
+
+    sub = action("resume", jobs_resume, "relaunch a cancelled or failed job from its newest checkpoint")
+    sub.add_argument("id", help="job id")
+
+    sub = action("api", jobs_api, "serve the jobs REST API (OpenAPI at /docs, /openapi.json)")
+    sub.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this host only)")
+    sub.add_argument("--port", type=int, default=8266, help="port (default 8266)")
+    sub.add_argument(
+        "--api-key",
+        default=os.environ.get("CLUSTERFT_API_KEY"),
+        help="require `Authorization: Bearer KEY` (default: $CLUSTERFT_API_KEY; unset: no auth)",
+    )
+
+
+def eval_handler(args: argparse.Namespace) -> int:
+    from clusterft.controller.evaluate import eval_command
+
+    return eval_command(
+        args.model,
+        args.dataset,
+        dataset_dir=args.dataset_dir,
+        template=args.template,
+        max_samples=args.max_samples,
+        max_new_tokens=args.max_new_tokens,
+        benchmark=args.benchmark,
+        base=args.base,
+        as_json=args.json,
+    )
+
+
+def add_eval_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `clusterft eval MODEL_OR_ADAPTER --dataset NAME ...`."""
+    help = "loss, perplexity and exact match of a model or adapter on a dataset (engine generation)"
+    sub = commands.add_parser("eval", help=help, description=help)
+    sub.set_defaults(handler=eval_handler)
+    sub.add_argument("model", help="HF model dir or peft adapter dir")
+    sub.add_argument(
+        "--dataset", required=True, type=lambda s: [x for x in s.split(",") if x], help="dataset names"
+    )
+    sub.add_argument("--dataset-dir", default="data", help="dir with dataset_info.json (default ./data)")
+    sub.add_argument("--template", default="default", help="chat template the model was trained with")
+    sub.add_argument("--max-samples", type=int, default=None, help="evaluate at most N examples")
+    sub.add_argument("--max-new-tokens", type=int, default=32, help="generation length")
+    sub.add_argument("--benchmark", action="store_true", help="GSM8K-style: compare the final number")
+    sub.add_argument("--base", help="base model dir of an adapter (default: from adapter_config.json)")
+    sub.add_argument("--json", action="store_true", help="print JSON")

@@ -1,0 +1,103 @@
+"""One phase of a job in its own process: `python -m clusterft.controller.run_job {train,eval} --job ID`.
+
+The controller starts this (see `runs.py`); it reads the job's spec from the store, runs the phase
+and writes `<phase>.result.json`. A crash, a SIGKILL or a lost node leaves no result file, which the
+controller reads as a failure of the attempt.
+
+    train  Ray Train run (`run_training`): resumes from the newest valid checkpoint of the same
+           storage path and name, so a relaunched attempt continues where the last one stopped
+    eval   `evaluate` on the job's eval set; eval.json next to the trained model
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from clusterft.config.spec import JobSpec
+from clusterft.controller.policy import Failure
+from clusterft.controller.runs import RunFiles
+from clusterft.errors import UserError
+
+
+def job_spec(spec_yaml: str) -> JobSpec:
+    """The resolved spec the store keeps (nested sections, absolute paths)."""
+    return JobSpec.model_validate(yaml.safe_load(spec_yaml))
+
+
+def train(spec: JobSpec) -> dict[str, Any]:
+    from clusterft.train.launcher import run_training
+
+    summary = run_training(spec, show_progress=False)
+    return {**dataclasses.asdict(summary), "ok": summary.ok, "retryable": True}
+
+
+def eval_set(spec: JobSpec) -> list[Any]:
+    """eval.dataset when set, else the job's own eval split (eval_dataset or val_size)."""
+    from clusterft.controller.evaluate import load_eval_examples
+    from clusterft.data import build_datasets
+    from clusterft.hf.loading import load_tokenizer
+
+    if spec.eval.dataset:
+        return load_eval_examples(spec.eval.dataset, spec.data.dataset_dir, spec.eval.max_samples)
+    tokenizer = load_tokenizer(spec.model.model_name_or_path, spec.model.trust_remote_code)
+    examples = build_datasets(spec.data, tokenizer, seed=spec.train.seed).eval_examples
+    return examples[: spec.eval.max_samples] if spec.eval.max_samples else examples
+
+
+def evaluate_job(spec: JobSpec) -> dict[str, Any]:
+    from clusterft.controller.evaluate import ModelRef, evaluate
+
+    output = Path(spec.train.output_dir)
+    base = spec.model.model_name_or_path if spec.method.finetuning_type == "lora" else None
+    metrics = evaluate(
+        ModelRef.resolve(output, base),
+        eval_set(spec),
+        template=spec.data.template,
+        cutoff_len=spec.data.cutoff_len,
+        max_new_tokens=spec.eval.max_new_tokens,
+        metrics=spec.eval.metrics,
+    )
+    return {"ok": True, "metrics": {k: v for k, v in metrics.items() if k != "samples"}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from clusterft.runtime import apply_runtime_defaults
+
+    apply_runtime_defaults()
+    parser = argparse.ArgumentParser(prog="python -m clusterft.controller.run_job")
+    parser.add_argument("phase", choices=["train", "eval"])
+    parser.add_argument("--job", required=True)
+    parser.add_argument("--store", required=True, help="the job store (jobs.db)")
+    parser.add_argument("--out", required=True, help="this attempt's run directory")
+    args = parser.parse_args(argv)
+    from clusterft.controller.store import JobStore
+
+    with JobStore(args.store) as store:
+        job = store.get(args.job)
+    files = RunFiles(Path(args.out), args.phase)
+    try:
+        spec = job_spec(job.spec_yaml)
+        result = train(spec) if args.phase == "train" else evaluate_job(spec)
+    except Exception as err:  # reported to the controller, which decides (UserError: not retryable)
+        traceback.print_exc()
+        failure = Failure.from_exception(err)
+        result = {"ok": False, "error": failure.reason, "retryable": failure.retryable}
+    files.write_result(result)
+    print(f"{args.phase} result: ok={result['ok']}", file=sys.stderr)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
