@@ -365,7 +365,8 @@ def test_ray_pods_have_resources_images_auth_and_one_ray_version(kind: str) -> N
         assert {"cpu", "memory"} <= set(resources["limits"]), f"{kind}/{name}"
         env = {e["name"]: e.get("value") for e in container.get("env", [])}
         assert "RAY_AUTH_MODE" not in env, f"{kind}/{name}: authOptions owns RAY_AUTH_MODE"
-        assert env.get("CLUSTERFT_REGISTRY", "").startswith(SHARED_PATH + "/"), f"{kind}/{name}"
+        for var in ("CLUSTERFT_REGISTRY", "CLUSTERFT_HOME"):  # registry; job store and run logs
+            assert env.get(var, "").startswith(SHARED_PATH + "/"), f"{kind}/{name}: {var}"
 
 
 @pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
@@ -413,6 +414,7 @@ def test_the_rayjobs_runtime_env_installs_clusterft_from_the_shared_volume() -> 
     env = runtime_env["env_vars"]
     assert all(isinstance(v, str) for v in env.values()), "runtime_env env_vars are strings"
     assert env["CLUSTERFT_REGISTRY"] == f"{SHARED_PATH}/registry"
+    assert env["CLUSTERFT_HOME"] == f"{SHARED_PATH}/controller"
     assert "RAY_AUTH_MODE" not in env
 
 
