@@ -1,0 +1,299 @@
+"""The engine deployment: one replica owns one engine (scheduler, KV cache manager, output processor)
+and runs its step loop; requests stream their outputs back to the ingress as small delta dicts.
+
+    ingress --generate(ids, params)--> EngineLoop.generate ---add_request---> engine (scheduler)
+       ^                                   |  queue per request                    | step() in a thread
+       +------ {"outputs": [delta...]} ----+<------------- RequestOutput ----------+
+
+Engine outputs are cumulative, so a consumer that falls behind takes only the newest one from its
+queue (several tokens in one message): slow HTTP clients cost messages, not engine steps.
+A step that raises (a tensor-parallel worker died) fails exactly the requests in flight, with the
+reason, and the engine is rebuilt before the next request is stepped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+from typing import Any
+
+from ray import serve
+
+from clusterft.engine import LLMEngine, RequestOutput, SamplingParams
+from clusterft.serve.spec import ServeSpec
+
+logger = logging.getLogger(__name__)
+
+
+def error_chunk(status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
+    return {"error": {"status": status, "message": message, "type": type_, "param": param}}
+
+
+def unregister_lora(lora_manager: Any, name: str) -> None:
+    """Forget adapter `name` and free its resident slot. The engine's LoRAManager has no removal yet,
+    so this reaches into its registry."""
+    lora_manager.paths.pop(name, None)
+    slot = lora_manager.resident.pop(name, None)
+    if slot is not None:
+        lora_manager._unload(slot)
+        lora_manager.free_slots.append(slot)
+
+
+def build_engine(spec: ServeSpec) -> LLMEngine:
+    """The engine of one replica: in-process for tensor_parallel_size 1, else sharded over workers."""
+    config = spec.engine.to_engine_config(spec.adapters)
+    if spec.tensor_parallel_size == 1:
+        return LLMEngine(spec.model_dir, config)
+    from clusterft.serve.sharded_engine import ShardedLLMEngine
+
+    return ShardedLLMEngine(spec.model_dir, config, spec.tensor_parallel_size, spec.worker_num_cpus)
+
+
+class EngineLoop:
+    """Plain asyncio object (no Serve): admission, the step loop, streaming deltas, adapters."""
+
+    def __init__(self, spec: ServeSpec, engine_factory: Callable[[], LLMEngine]) -> None:
+        self._factory = engine_factory
+        self.engine = engine_factory()
+        self.base_model = spec.model_name
+        self.max_queued_requests = spec.max_queued_requests
+        self.adapters: dict[str, str] = dict(spec.adapters)  # served now
+        self._retiring: set[str] = set()  # removed from service, still used by requests in flight
+        self._request_loras: dict[str, str | None] = {}
+        self._lock = threading.Lock()  # engine calls happen on the loop thread and the step thread
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._task: asyncio.Task | None = None
+        self.num_engine_failures = 0
+
+    # ---- requests --------------------------------------------------------------------------------
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        model: str,
+        priority: int = 0,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Admit a request and stream {"outputs": [delta, ...], ...} dicts; an error is one {"error"} dict."""
+        lora_name = None
+        if model != self.base_model:
+            if model not in self.adapters:
+                yield error_chunk(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+                return
+            lora_name = model
+        with self._lock:
+            num_waiting = self.engine.get_stats().num_waiting
+            if num_waiting >= self.max_queued_requests:
+                yield error_chunk(
+                    503,
+                    f"server overloaded: {num_waiting} requests waiting (max_queued_requests="
+                    f"{self.max_queued_requests}); retry later",
+                    "ServiceUnavailableError",
+                )
+                return
+            try:
+                self.engine.add_request(
+                    request_id, prompt_token_ids, params, priority=priority, lora_name=lora_name
+                )
+            except ValueError as exc:
+                yield error_chunk(400, str(exc), "BadRequestError")
+                return
+        queue: asyncio.Queue = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._request_loras[request_id] = lora_name
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        sent: dict[int, tuple[int, int]] = {}
+        finished = False
+        try:
+            while not finished:
+                item = await queue.get()
+                while not queue.empty():  # cumulative outputs: the newest one says it all
+                    item = queue.get_nowait()
+                if isinstance(item, dict):  # the engine failed under this request
+                    finished = True
+                    yield item
+                    return
+                finished = item.finished
+                yield self._delta(item, sent, params)
+        finally:
+            self._request_loras.pop(request_id, None)
+            self._queues.pop(request_id, None)
+            if not finished:  # the client went away: free its blocks now
+                with self._lock:
+                    self.engine.abort_request(request_id)
+
+    @staticmethod
+    def _delta(
+        out: RequestOutput, sent: dict[int, tuple[int, int]], params: SamplingParams
+    ) -> dict[str, Any]:
+        deltas = []
+        for o in out.outputs:
+            num_text, num_tokens = sent.get(o.index, (0, 0))
+            token_ids = list(o.token_ids[num_tokens:])  # one slice: the step thread may be appending
+            logprobs = None
+            if params.logprobs is not None and o.logprobs is not None:
+                logprobs = list(o.logprobs[num_tokens : num_tokens + len(token_ids)])
+                token_ids = token_ids[: len(logprobs)]
+            finish = o.finish_reason if out.finished else None
+            if not token_ids and len(o.text) == num_text and finish is None:
+                continue
+            sent[o.index] = (len(o.text), num_tokens + len(token_ids))
+            deltas.append(
+                {
+                    "index": o.index,
+                    "text": o.text[num_text:],
+                    "token_ids": token_ids,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                }
+            )
+        return {
+            "outputs": deltas,
+            "finished": out.finished,
+            "prompt_tokens": len(out.prompt_token_ids),
+            "cached_tokens": out.num_cached_tokens,
+            "finish_message": out.finish_message,
+        }
+
+    # ---- the step loop ---------------------------------------------------------------------------
+    def _step(self) -> list[RequestOutput]:
+        with self._lock:
+            return self.engine.step()
+
+    async def _run(self) -> None:
+        while self._queues:
+            try:
+                outputs = await asyncio.to_thread(self._step)
+            except Exception as exc:
+                await self._recover(exc)
+                continue
+            for out in outputs:
+                queue = self._queues.get(out.request_id)
+                if queue is not None:
+                    queue.put_nowait(out)
+            if self._retiring:
+                self._retire_adapters()
+            await asyncio.sleep(0)
+
+    async def _recover(self, exc: Exception) -> None:
+        """Fail every request in flight with the reason, then rebuild the engine (new workers)."""
+        self.num_engine_failures += 1
+        logger.error(
+            "engine step failed; failing %d requests in flight and rebuilding: %s", len(self._queues), exc
+        )
+        message = f"the engine failed while running this request ({exc}); it was aborted, retry it"
+        for queue in self._queues.values():
+            queue.put_nowait(error_chunk(503, message, "ServiceUnavailableError"))
+        self._queues.clear()
+        old = self.engine
+        with self._lock:
+            self.engine = await asyncio.to_thread(self._factory)
+            for name, path in self.adapters.items():
+                if name not in self.engine.lora_manager.paths:
+                    self.engine.add_lora(name, path)
+        close = getattr(old, "shutdown", None)
+        if close is not None:
+            close()
+
+    # ---- adapters --------------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str) -> dict[str, Any] | None:
+        """Serve adapter `name` from `path`; an error chunk when that can't be done."""
+        if name == self.base_model or name in self.adapters or name in self._retiring:
+            return error_chunk(
+                409, f"model `{name}` already exists; remove it first", "ConflictError", "name"
+            )
+        with self._lock:
+            try:
+                self.engine.add_lora(name, path)
+            except (FileNotFoundError, ValueError) as exc:
+                return error_chunk(400, str(exc), "BadRequestError", "path")
+        self.adapters[name] = path
+        return None
+
+    def remove_adapter(self, name: str) -> dict[str, Any] | None:
+        """Stop serving `name` now; it is unloaded once no request in flight uses it."""
+        if name not in self.adapters:
+            return error_chunk(404, f"adapter `{name}` does not exist", "NotFoundError", "name")
+        del self.adapters[name]
+        self._retiring.add(name)
+        self._retire_adapters()
+        return None
+
+    def _retire_adapters(self) -> None:
+        in_use = set(self._request_loras.values())
+        with self._lock:
+            for name in [n for n in self._retiring if n not in in_use]:
+                remove = getattr(self.engine, "remove_lora", None)  # a sharded engine tells its workers
+                if remove is None:
+                    unregister_lora(self.engine.lora_manager, name)
+                else:
+                    remove(name)
+                # Block hashes carry the adapter's name: a later adapter of that name must not hit them.
+                self.engine.reset_prefix_cache()
+                self._retiring.discard(name)
+
+    # ---- introspection ---------------------------------------------------------------------------
+    def model_info(self) -> dict[str, Any]:
+        return {
+            "base_model": self.base_model,
+            "adapters": dict(self.adapters),
+            "max_model_len": self.engine.max_model_len,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            stats = asdict(self.engine.get_stats())
+            kv = self.engine.kv_cache_manager
+            stats["prefix_cache_queries"] = kv.prefix_cache_queries
+            stats["prefix_cache_hits"] = kv.prefix_cache_hits
+        stats["num_engine_failures"] = self.num_engine_failures
+        stats["num_streams"] = len(self._queues)
+        return stats
+
+    def check_health(self) -> None:
+        """Raise when the replica can't serve; Serve then replaces it."""
+        check = getattr(self.engine, "check_health", None)
+        if check is not None and not self._queues:  # busy engines prove their health by stepping
+            with self._lock:
+                check()
+
+
+@serve.deployment(name="engine", max_ongoing_requests=1024)
+class EngineDeployment:
+    """Thin Serve shell around EngineLoop (one engine per replica)."""
+
+    def __init__(self, spec: ServeSpec) -> None:
+        from clusterft.runtime import apply_runtime_defaults
+
+        apply_runtime_defaults()
+        self.loop = EngineLoop(spec, lambda: build_engine(spec))
+
+    async def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        model: str,
+        priority: int = 0,
+    ) -> AsyncIterator[dict[str, Any]]:
+        async for chunk in self.loop.generate(request_id, prompt_token_ids, params, model, priority):
+            yield chunk
+
+    def model_info(self) -> dict[str, Any]:
+        return self.loop.model_info()
+
+    def stats(self) -> dict[str, Any]:
+        return self.loop.stats()
+
+    def add_adapter(self, name: str, path: str) -> dict[str, Any] | None:
+        return self.loop.add_adapter(name, path)
+
+    def remove_adapter(self, name: str) -> dict[str, Any] | None:
+        return self.loop.remove_adapter(name)
+
+    def check_health(self) -> None:
+        self.loop.check_health()

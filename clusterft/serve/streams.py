@@ -1,0 +1,47 @@
+"""Async stream helpers of the ingress (module-level so that Serve's pickled ingress class finds them)."""
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+
+async def prepend(first, rest: AsyncIterator) -> AsyncIterator:
+    try:
+        yield first
+        async for item in rest:
+            yield item
+    finally:
+        await rest.aclose()
+
+
+async def merge_streams(gens: list) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """Interleave the engine streams of a request's prompts; cancelling this cancels them all (client
+    disconnects abort every prompt's engine request, which frees its blocks)."""
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int, gen) -> None:
+        try:
+            async for chunk in gen:
+                await queue.put((i, chunk))
+        except Exception as exc:
+            await queue.put((i, exc))
+        finally:
+            await queue.put((i, done))
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    remaining = len(gens)
+    try:
+        while remaining:
+            i, item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield i, item
+    finally:
+        for gen in gens:
+            gen.cancel()
+        for task in tasks:
+            task.cancel()
