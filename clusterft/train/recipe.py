@@ -79,6 +79,7 @@ class Recipe:
         context = ray.train.get_context()
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.store = BundleStore(run.bundle_root)
+        self.pipeline = spec.parallel.strategy == "pipeline"
 
     # ------------------------------------------------------------------ setup
 
@@ -147,10 +148,11 @@ class Recipe:
         return load_bundle(BundleStore(source_root), name, self.rank)
 
     def _data_parallel_rank(self) -> tuple[int, bool]:
-        if self.spec.parallel.strategy == "pipeline":
-            return self.rank // self.spec.parallel.pipeline_stages, True
-        if self.spec.parallel.strategy == "tensor":
-            return self.rank // self.spec.parallel.tensor_parallel_size, True
+        """(data-parallel rank, whether model parallel). DeepSpeed's pipe topology puts the data axis
+        innermost (rank = stage * dp + dp_rank); AutoTP groups consecutive ranks likewise."""
+        dp = self.plan.data_parallel_size
+        if self.spec.parallel.strategy in ("pipeline", "tensor"):
+            return self.rank % dp, True
         return self.rank, False
 
     def _build_engine(self, resumed: LoadedBundle | None):
@@ -159,18 +161,24 @@ class Recipe:
         from transformers import get_scheduler
 
         spec = self.spec
-        model = load_model(self.model_dir, trust_remote_code=spec.model.trust_remote_code)
-        targets = lora_target_modules(model, spec.method.lora_target)
+        # DeepSpeed adopts the gloo/nccl process group Ray Train created (PipelineModule needs it first).
+        deepspeed.init_distributed(dist_backend="nccl" if spec.cluster.use_gpu else "gloo")
+        if self.pipeline:
+            model, named, hidden_size, targets = self._build_pipeline(resumed)
+        else:
+            model = load_model(self.model_dir, trust_remote_code=spec.model.trust_remote_code)
+            targets = lora_target_modules(model, spec.method.lora_target)
+            seed_everything(spec.train.seed)  # LoRA's random init: identical on every rank and restart
+            model = apply_method(model, spec.method, spec.model)
+            if spec.train.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                model.config.use_cache = False
+            if resumed is not None:
+                load_trainable_state(model, resumed.state["weights"])
+            named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            hidden_size = model.config.hidden_size
         compat = compat_record(spec, self.model_dir, self.train_data, targets)
-        seed_everything(spec.train.seed)  # LoRA's random init: identical on every rank and restart
-        model = apply_method(model, spec.method, spec.model)
-        if spec.train.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.config.use_cache = False
-        if resumed is not None:
-            load_trainable_state(model, resumed.state["weights"])
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        config = build_deepspeed_config(spec, self.world_size, hidden_size=model.config.hidden_size)
+        config = build_deepspeed_config(spec, self.world_size, hidden_size=hidden_size)
         config["train_micro_batch_size_per_gpu"] = self.plan.micro_batch_size
         config["train_batch_size"] = self.plan.global_micro_batch * self.plan.gradient_accumulation_steps
         total = self.plan.total_steps
@@ -187,6 +195,21 @@ class Recipe:
             model=model, model_parameters=[p for _, p in named], config=config, lr_scheduler=schedule
         )
         return engine, named, compat
+
+    def _build_pipeline(self, resumed: LoadedBundle | None):
+        """This stage's layers of the pipelined model, with the bundle's weights when resuming."""
+        from clusterft.train.pipeline import build_pipeline_module, hf_named_parameters
+
+        seed_everything(self.spec.train.seed)
+        module = build_pipeline_module(
+            self.model_dir, self.spec.parallel.pipeline_stages, self.spec.train.gradient_checkpointing
+        )
+        named = hf_named_parameters(module)
+        if resumed is not None:
+            with torch.no_grad():
+                for name, param in named:
+                    param.copy_(resumed.state["weights"][name])
+        return module, named, json.loads((self.model_dir / "config.json").read_text())["hidden_size"], []
 
     def _restore_training_state(self, resumed: LoadedBundle) -> None:
         trainer = resumed.trainer
@@ -231,6 +254,8 @@ class Recipe:
 
     def _train_step(self, step: int) -> tuple[float, int]:
         """One optimizer step: `gradient_accumulation_steps` micro-batches. Returns (loss, tokens)."""
+        if self.pipeline:
+            return self._pipeline_step(step)
         loss_sum, label_total, tokens = torch.zeros(()), 0, 0
         for micro in range(self.plan.gradient_accumulation_steps):
             epoch, micro_step = self.plan.position(step, micro)
@@ -257,6 +282,19 @@ class Recipe:
             if self.model_parallel:  # every model-parallel rank of a group computed the same loss
                 loss_sum /= self.world_size // self.plan.data_parallel_size
         return float(loss_sum) / label_total, tokens
+
+    def _pipeline_step(self, step: int) -> tuple[float, int]:
+        """One optimizer step through the pipe: the micro-batches are the accumulation steps."""
+        from clusterft.train.pipeline import pipeline_batch
+
+        batches = []
+        for micro in range(self.plan.gradient_accumulation_steps):
+            indices = self.sampler.batch(*self.plan.position(step, micro))
+            examples = [self.train_data[i] for i in indices]
+            batches.append(pipeline_batch(examples, self.tokenizer.pad_token_id, self.spec.data.cutoff_len))
+        loss = self.engine.train_batch(data_iter=iter(batches))  # averaged over micro-batches and dp
+        tokens = sum(int((ids != self.tokenizer.pad_token_id).sum()) for ids, _ in batches)
+        return float(loss), tokens
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -292,7 +330,7 @@ class Recipe:
             self.store,
             step,
             rank=self.rank,
-            state_part=(0, state) if self.rank == 0 else None,
+            state_part=(self.rank // self.plan.data_parallel_size, state) if self.dp_rank == 0 else None,
             trainer=trainer,
             rng=rng_state(),
             meta=meta,

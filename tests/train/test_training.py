@@ -110,3 +110,19 @@ def test_resume_on_fewer_workers(runs, tiny_llama, tmp_path):
     # Same global batches and token-mean loss; only dropout masks differ (reseeded on 1 worker).
     reference = losses(runs("zero2")[0])
     assert losses(one)[-1] == pytest.approx(reference[-1], rel=0.05)
+
+
+def test_pipeline_with_zero1_trains_full_model(ray_cluster, tiny_llama, tmp_path):
+    spec = make_job(
+        tiny_llama,
+        tmp_path / "pipe",
+        finetuning_type="full",
+        learning_rate=2e-3,
+        parallel={"strategy": "pipeline", "pipeline_stages": 2, "pipeline_zero_stage": 1},
+    )
+    summary = run_training(spec, show_progress=False)
+    assert summary.ok, summary.error
+    curve = losses(spec)
+    assert len(curve) == 8 and curve[-1] < curve[0] - 0.5, curve
+    # Exported as an ordinary HF model dir (stage parameters carry their HF names).
+    assert (Path(spec.train.output_dir) / "model.safetensors").is_file()
