@@ -66,6 +66,8 @@ class EngineLoop:
         self._lock = threading.Lock()  # engine calls happen on the loop thread and the step thread
         self._queues: dict[str, asyncio.Queue] = {}
         self._task: asyncio.Task | None = None
+        self._ready = asyncio.Event()  # cleared while a failed engine is being rebuilt
+        self._ready.set()
         self.num_engine_failures = 0
 
     # ---- requests --------------------------------------------------------------------------------
@@ -78,6 +80,7 @@ class EngineLoop:
         priority: int = 0,
     ) -> AsyncIterator[dict[str, Any]]:
         """Admit a request and stream {"outputs": [delta, ...], ...} dicts; an error is one {"error"} dict."""
+        await self._ready.wait()
         lora_name = None
         if model != self.base_model:
             if model not in self.adapters:
@@ -180,24 +183,27 @@ class EngineLoop:
             await asyncio.sleep(0)
 
     async def _recover(self, exc: Exception) -> None:
-        """Fail every request in flight with the reason, then rebuild the engine (new workers)."""
+        """Fail every request in flight with the reason, then rebuild the engine (new workers); new
+        requests wait for the rebuild instead of landing in the broken engine."""
         self.num_engine_failures += 1
         logger.error(
-            "engine step failed; failing %d requests in flight and rebuilding: %s", len(self._queues), exc
+            "engine step failed; failing %d requests in flight, rebuilding: %s", len(self._queues), exc
         )
         message = f"the engine failed while running this request ({exc}); it was aborted, retry it"
         for queue in self._queues.values():
             queue.put_nowait(error_chunk(503, message, "ServiceUnavailableError"))
         self._queues.clear()
-        old = self.engine
-        with self._lock:
+        self._ready.clear()
+        try:
+            close = getattr(self.engine, "shutdown", None)
+            if close is not None:
+                close()
             self.engine = await asyncio.to_thread(self._factory)
             for name, path in self.adapters.items():
                 if name not in self.engine.lora_manager.paths:
                     self.engine.add_lora(name, path)
-        close = getattr(old, "shutdown", None)
-        if close is not None:
-            close()
+        finally:
+            self._ready.set()
 
     # ---- adapters --------------------------------------------------------------------------------
     def add_adapter(self, name: str, path: str) -> dict[str, Any] | None:
