@@ -1,0 +1,137 @@
+"""`clusterft serve MODEL_DIR ...`: the OpenAI server on a local Ray cluster (or the one at --address).
+
+The CLI adds it in one call: `add_serve_command(commands)`; `serve_command(...)` is the same thing for
+Python callers (the benchmark, notebooks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+from clusterft.errors import UserError
+from clusterft.serve.spec import EngineSettings, ServeSpec
+
+
+def parse_adapters(items: Sequence[str]) -> dict[str, str]:
+    """['name=path', ...] -> {name: path}; a UserError names the malformed item."""
+    adapters: dict[str, str] = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise UserError(f"--adapters {item!r}: write each adapter as NAME=PATH (e.g. sql=saves/sql-lora)")
+        if name in adapters:
+            raise UserError(f"--adapters: {name!r} is given twice")
+        adapters[name] = path
+    return adapters
+
+
+def start_app(spec: ServeSpec, address: str | None = None) -> str:
+    """Connect to (or start) Ray, start Serve on spec.host:spec.port and deploy; returns the base URL."""
+    import ray
+    from ray import serve
+
+    from clusterft.serve.app import build_app
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        # No address: a local cluster the size of this machine, shut down with the server.
+        ray.init(address=address, include_dashboard=False)
+    serve.start(http_options={"host": spec.host, "port": spec.port})
+    serve.run(build_app(spec), name="clusterft", route_prefix="/")
+    return f"http://{spec.host}:{spec.port}"
+
+
+def stop_app() -> None:
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+
+
+def serve_command(
+    model_dir: str,
+    port: int = 8000,
+    tensor_parallel_size: int = 1,
+    adapters: Sequence[str] = (),
+    api_key: str | None = None,
+    *,
+    host: str = "127.0.0.1",
+    served_model_name: str | None = None,
+    address: str | None = None,
+    max_model_len: int | None = None,
+    device: str = "cpu",
+    blocking: bool = True,
+) -> int:
+    """Serve `model_dir` until interrupted (Ctrl-C shuts Serve and the local Ray cluster down)."""
+    from pydantic import ValidationError
+
+    from clusterft.hf.loading import check_model_dir
+
+    check_model_dir(model_dir)
+    try:
+        spec = ServeSpec(
+            model_dir=model_dir,
+            port=port,
+            tensor_parallel_size=tensor_parallel_size,
+            adapters=parse_adapters(adapters),
+            api_key=api_key,
+            host=host,
+            served_model_name=served_model_name,
+            engine=EngineSettings(max_model_len=max_model_len, device=device),
+        )
+    except ValidationError as err:
+        raise UserError(f"serve: {err}") from err
+    url = start_app(spec, address)
+    auth = " (Bearer token required)" if spec.resolved_api_key() else ""
+    print(f"serving {spec.model_name} at {url}/v1{auth}; Ctrl-C to stop", file=sys.stderr)
+    if not blocking:
+        return 0
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_app()
+    return 0
+
+
+def _handler(args: argparse.Namespace) -> int:
+    return serve_command(
+        args.model_dir,
+        args.port,
+        args.tensor_parallel_size,
+        args.adapters or (),
+        args.api_key,
+        host=args.host,
+        served_model_name=args.served_model_name,
+        address=args.address,
+        max_model_len=args.max_model_len,
+        device=args.device,
+    )
+
+
+def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add `serve` to the CLI's subcommands."""
+    help_ = "serve a model (and LoRA adapters) with an OpenAI-compatible API on Ray Serve"
+    sub = commands.add_parser("serve", help=help_, description=help_)
+    sub.set_defaults(handler=_handler)
+    sub.add_argument("model_dir", metavar="MODEL_DIR", help="HF model directory")
+    sub.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    sub.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)"
+    )
+    sub.add_argument("--tensor-parallel-size", type=int, default=1, help="worker shards per replica")
+    sub.add_argument("--adapters", nargs="+", metavar="NAME=PATH", help="LoRA adapters served by name")
+    sub.add_argument(
+        "--api-key", default=None, help="require this Bearer token (default: $CLUSTERFT_API_KEY)"
+    )
+    sub.add_argument("--served-model-name", default=None, help="model id of the base (default: dir name)")
+    sub.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    sub.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where workers run the model")
+    sub.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS or local)")
