@@ -113,7 +113,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=64)
     parser.add_argument("--batch-sizes", default="1,8,16,32,64")
     parser.add_argument("--quick", action="store_true", help="16 requests, outputs mean 32, HF sizes 1,16")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads for both engine and HF")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
