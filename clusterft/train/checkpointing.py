@@ -57,11 +57,13 @@ def save_bundle(
     rng: dict[str, Any],
     meta: dict[str, Any],
     keep_last: int,
+    local_state: dict[str, Any] | None = None,
 ) -> BundleInfo | None:
     """Write this rank's share of the bundle for `step`; rank 0 publishes it. Collective.
 
     `state_part` is (part index, consolidated state) on the ranks that write one; `trainer` is
-    given on rank 0 only. Returns the published bundle on rank 0, None elsewhere.
+    given on rank 0 only; `local_state` is rank-specific state that cannot be consolidated (AutoTP
+    optimizer slices). Returns the published bundle on rank 0, None elsewhere.
     """
     tmp = broadcast_object(store.begin(step) if rank == 0 else None)
     if state_part is not None:
@@ -70,6 +72,8 @@ def save_bundle(
     if trainer is not None:
         store.put_bytes(tmp, TRAINER_FILE, _dumps(trainer))
     store.put_bytes(tmp, f"rng/rank-{rank}.pt", _dumps(rng))
+    if local_state is not None:
+        store.put_bytes(tmp, f"local/rank-{rank}.pt", _dumps(local_state))
     if dist.is_initialized():
         dist.barrier()  # every rank's files are durable before the manifest vouches for them
     if rank != 0:
@@ -85,6 +89,7 @@ class LoadedBundle:
     trainer: dict[str, Any]
     state: dict[str, Any]  # parts merged: weights / exp_avg / exp_avg_sq by parameter name, and step
     rng: dict[str, Any] | None  # this rank's, when the bundle has one for it
+    local: dict[str, Any] | None  # this rank's un-consolidated optimizer state (AutoTP), if any
 
 
 def load_bundle(store: BundleStore, name: str, rank: int) -> LoadedBundle:
@@ -102,4 +107,6 @@ def load_bundle(store: BundleStore, name: str, rank: int) -> LoadedBundle:
             state["step"] = part["step"]
     rng_file = f"rng/rank-{rank}.pt"
     rng = _loads(store.read_bytes(name, rng_file)) if rng_file in files else None
-    return LoadedBundle(name, trainer, state, rng)
+    local_file = f"local/rank-{rank}.pt"
+    local = _loads(store.read_bytes(name, local_file)) if local_file in files else None
+    return LoadedBundle(name, trainer, state, rng, local)

@@ -83,10 +83,13 @@ def build_deepspeed_config(
 
 def _batch_keys(spec: JobSpec, world_size: int) -> dict[str, int]:
     micro, accumulation = spec.train.per_device_train_batch_size, spec.train.gradient_accumulation_steps
+    # DeepSpeed checks train_batch_size against its own idea of the data-parallel size, which under
+    # AutoTP is the whole world (tensor-parallel ranks are fed the same batch).
+    ranks = world_size if spec.parallel.strategy == "tensor" else data_parallel_size(spec, world_size)
     return {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
-        "train_batch_size": micro * accumulation * data_parallel_size(spec, world_size),
+        "train_batch_size": micro * accumulation * ranks,
     }
 
 

@@ -39,6 +39,7 @@ from clusterft.train.deepspeed_config import build_deepspeed_config
 from clusterft.train.plan import check_resumable, compat_record, plan_run, warmup_steps
 from clusterft.train.state import (
     gather_state,
+    gather_tensor_parallel_weights,
     restore_optimizer_state,
     rng_state,
     seed_everything,
@@ -179,8 +180,14 @@ class Recipe:
             hidden_size = model.config.hidden_size
         compat = compat_record(spec, self.model_dir, self.train_data, targets)
         config = build_deepspeed_config(spec, self.world_size, hidden_size=hidden_size)
+        # The run's micro-batch may differ from the spec's after a resume on another worker count.
+        ranks = config["train_batch_size"] // (
+            config["train_micro_batch_size_per_gpu"] * self.plan.gradient_accumulation_steps
+        )
         config["train_micro_batch_size_per_gpu"] = self.plan.micro_batch_size
-        config["train_batch_size"] = self.plan.global_micro_batch * self.plan.gradient_accumulation_steps
+        config["train_batch_size"] = (
+            self.plan.micro_batch_size * self.plan.gradient_accumulation_steps * ranks
+        )
         total = self.plan.total_steps
 
         def schedule(optimizer):
@@ -213,7 +220,15 @@ class Recipe:
 
     def _restore_training_state(self, resumed: LoadedBundle) -> None:
         trainer = resumed.trainer
-        restore_optimizer_state(self.engine, self.named_params, resumed.state)
+        if self.spec.parallel.strategy == "tensor":
+            if resumed.local is None or trainer["world_size"] != self.world_size:
+                raise UserError(
+                    f"{resumed.name}: a tensor-parallel checkpoint resumes on the same number of workers "
+                    f"({trainer['world_size']}); use resume: {{weights_only: true}} to change it"
+                )
+            restore_optimizer_state(self.engine, self.named_params, resumed.local)
+        else:
+            restore_optimizer_state(self.engine, self.named_params, resumed.state)
         scheduler = self.engine.lr_scheduler
         scheduler.load_state_dict(trainer["scheduler"])
         # LambdaLR.load_state_dict restores its counters, not the optimizer's current lr.
@@ -303,6 +318,13 @@ class Recipe:
 
         spec, plan = self.spec, self.plan
         state = gather_state(self.engine, self.named_params)
+        local_state = None
+        if self.spec.parallel.strategy == "tensor":
+            # AutoTP slices weights and moments by rank: gather full weights (export, resharding) and
+            # keep each rank's moment slices as they are (resume needs the same tensor_parallel_size).
+            full = gather_tensor_parallel_weights(self.engine)
+            local_state = {**state, "weights": {}}
+            state = {"weights": full, "exp_avg": {}, "exp_avg_sq": {}, "step": state["step"]}
         epoch, micro_step = plan.position(step)
         trainer = None
         if self.rank == 0:
@@ -335,6 +357,7 @@ class Recipe:
             rng=rng_state(),
             meta=meta,
             keep_last=spec.checkpoint.keep_last,
+            local_state=local_state,
         )
         metrics = {"global_step": step, "loss": loss}
         if info is None:

@@ -64,6 +64,22 @@ def gather_state(engine, named_params: NamedParams) -> dict[str, Any]:
     return {"weights": weights, **moments, "step": steps[0].clone() if steps else None}
 
 
+def gather_tensor_parallel_weights(engine) -> dict[str, torch.Tensor]:
+    """Full weights of an AutoTP model (each rank holds a slice of every split linear). Collective."""
+    from deepspeed.module_inject.layers import GatherReplacedLayerParams
+
+    weights: dict[str, torch.Tensor] = {}
+    for prefix, module in engine.module.named_modules():
+        params = list(module.parameters(recurse=False))
+        if not params:
+            continue
+        with GatherReplacedLayerParams(params, module, enabled=True):
+            for name, param in module.named_parameters(recurse=False):
+                if param.requires_grad:
+                    weights[f"{prefix}.{name}" if prefix else name] = param.detach().cpu().clone()
+    return weights
+
+
 def restore_optimizer_state(engine, named_params: NamedParams, saved: dict[str, Any]) -> None:
     """Put saved AdamW moments and step back into the engine's (possibly partitioned) optimizer.
 

@@ -89,7 +89,7 @@ def test_pipeline_batch_is_per_data_parallel_group():
 def test_tensor_parallel_autotp():
     config = build_deepspeed_config(make_spec(parallel={"strategy": "tensor", "tensor_parallel_size": 2}), 2)
     assert config["tensor_parallel"] == {"autotp_size": 2}
-    assert config["train_batch_size"] == 6
+    assert config["train_batch_size"] == 12  # DeepSpeed counts tensor-parallel ranks in the batch
 
 
 def test_gpu_uses_fused_optimizer_and_bf16():

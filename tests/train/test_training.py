@@ -126,3 +126,19 @@ def test_pipeline_with_zero1_trains_full_model(ray_cluster, tiny_llama, tmp_path
     assert len(curve) == 8 and curve[-1] < curve[0] - 0.5, curve
     # Exported as an ordinary HF model dir (stage parameters carry their HF names).
     assert (Path(spec.train.output_dir) / "model.safetensors").is_file()
+
+
+def test_tensor_parallel_autotp_trains_on_cpu(ray_cluster, tiny_llama, tmp_path):
+    """DeepSpeed AutoTP splits every linear layer over 2 CPU workers; the export gathers the slices."""
+    spec = make_job(
+        tiny_llama,
+        tmp_path / "tensor",
+        finetuning_type="full",
+        learning_rate=2e-3,
+        parallel={"strategy": "tensor", "tensor_parallel_size": 2},
+    )
+    summary = run_training(spec, show_progress=False)
+    assert summary.ok, summary.error
+    curve = losses(spec)
+    assert len(curve) == 8 and curve[-1] < curve[0] - 0.5, curve
+    assert (Path(spec.train.output_dir) / "model.safetensors").is_file()
