@@ -139,7 +139,7 @@ def test_sigkilled_driver_resumes_from_checkpoint_bitwise(jobs, reference, tiny_
         JobState.TRAINING,
     ]
     assert "SIGKILL" in history[2][1]
-    assert job.resumed_from is not None and int(job.resumed_from.rsplit("-", 1)[1]) >= 4
+    assert job.resumed_from is not None and int(job.resumed_from.rsplit("_", 1)[1]) >= 4
     assert job.result["train"]["completed_steps"] == 8
     expected, got = final_weights(reference[0]), final_weights(spec)
     assert expected.keys() == got.keys()
