@@ -1,0 +1,109 @@
+"""`ray job submit` end to end: a `ray start --head` cluster runs a training job submitted to it.
+
+The cluster lives in a private temp dir. Teardown stops exactly the processes of that cluster (found
+by its temp dir in their command lines) rather than `ray stop`, which would also stop any other Ray
+cluster on the machine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.train.helpers import EXAMPLES
+
+pytestmark = pytest.mark.slow
+RAY = str(Path(sys.executable).parent / "ray")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cluster_pids(temp_dir: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if temp_dir in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    pids.append(int(proc.name))
+            except OSError:
+                continue
+    return pids
+
+
+def stop_cluster(temp_dir: str) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in cluster_pids(temp_dir):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.time() + 10
+        while cluster_pids(temp_dir) and time.time() < deadline:
+            time.sleep(0.2)
+
+
+@pytest.fixture
+def head_cluster():
+    temp_dir = tempfile.mkdtemp(prefix="cfthead", dir="/tmp")
+    dashboard_port = free_port()
+    command = [
+        *(RAY, "start", "--head", "--num-cpus=2", f"--temp-dir={temp_dir}", f"--port={free_port()}"),
+        *("--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats"),
+    ]
+    try:
+        subprocess.run(command, check=True, capture_output=True, timeout=120)
+        yield f"http://127.0.0.1:{dashboard_port}"
+    finally:
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def test_ray_job_submit_trains(head_cluster, tiny_llama, tmp_path):
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    out = tmp_path / "out"
+    job = {
+        "model_name_or_path": str(tiny_llama),
+        "finetuning_type": "lora",
+        "dataset": "demo_tasks",
+        "dataset_dir": str(EXAMPLES),
+        "template": "chatml",
+        "cutoff_len": 48,
+        "max_samples": 32,
+        "per_device_train_batch_size": 2,
+        "max_steps": 4,
+        "save_steps": 2,
+        "learning_rate": 1e-2,
+        "output_dir": str(out),
+        "cluster": {"num_workers": 2},
+    }
+    (workdir / "job.yaml").write_text(yaml.safe_dump(job))
+    entry = (
+        "import sys; from clusterft.train.commands import train_command; "
+        "sys.exit(train_command('job.yaml', progress=False))"
+    )
+    submit = [RAY, "job", "submit", "--address", head_cluster, "--working-dir", str(workdir), "--"]
+    result = subprocess.run(
+        [*submit, sys.executable, "-c", entry],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "run_summary.json").read_text())
+    assert summary["status"] == "succeeded" and summary["completed_steps"] == 4
+    assert (out / "adapter_model.safetensors").is_file()
