@@ -1,0 +1,110 @@
+"""The jobs REST API and the jobs CLI group over a job store, without a cluster: the controller
+is not running, so submitted jobs stay `submitted` until one does."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from clusterft.controller.api import create_app
+from clusterft.controller.jobs import Jobs, absolute_spec
+from clusterft.controller.jobs_commands import add_eval_command, add_jobs_commands
+from tests.controller.conftest import make_spec
+
+SPEC = {
+    "model_name_or_path": "models/tiny-llama",
+    "dataset": "demo_tasks",
+    "output_dir": "saves/x",
+    "max_steps": 4,
+}
+KEY = "sk-test-0123456789"
+
+
+@pytest.fixture
+def jobs(tmp_path: Path):
+    jobs = Jobs(tmp_path / "root", tmp_path / "registry")
+    yield jobs
+    jobs.close()
+
+
+@pytest.fixture
+def client(jobs: Jobs) -> TestClient:
+    return TestClient(create_app(jobs, api_key=KEY), headers={"Authorization": f"Bearer {KEY}"})
+
+
+def test_missing_or_wrong_key_is_401_in_openai_error_schema(jobs: Jobs) -> None:
+    bare = TestClient(create_app(jobs, api_key=KEY))
+    for headers in ({}, {"Authorization": "Bearer nope"}, {"Authorization": KEY}):
+        response = bare.get("/v1/jobs", headers=headers)
+        assert response.status_code == 401
+        assert response.headers["www-authenticate"] == "Bearer"
+        error = response.json()["error"]
+        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+        assert KEY not in json.dumps(response.json())
+
+
+def test_no_key_configured_means_no_auth(jobs: Jobs) -> None:
+    assert TestClient(create_app(jobs)).get("/v1/jobs").status_code == 200
+
+
+def test_submit_status_cancel_resume_over_http(client: TestClient, tmp_path: Path) -> None:
+    created = client.post("/v1/jobs", json={"spec": SPEC, "name": "demo", "base_dir": str(tmp_path)})
+    assert created.status_code == 201, created.text
+    job = created.json()
+    assert (job["status"], job["name"], job["attempt"]) == ("submitted", "demo", 0)
+    listed = client.get("/v1/jobs").json()
+    assert [j["id"] for j in listed["data"]] == [job["id"]]
+    status = client.get(f"/v1/jobs/{job['id']}").json()
+    assert [e["to_state"] for e in status["events"]] == ["submitted"]
+    assert status["progress"] == {"step": 0, "planned_steps": 4, "loss": None}
+    assert client.post(f"/v1/jobs/{job['id']}/cancel").json()["status"] == "cancelled"
+    assert client.post(f"/v1/jobs/{job['id']}/resume").json()["status"] == "resuming"
+    conflict = client.post(f"/v1/jobs/{job['id']}/resume")
+    assert conflict.status_code == 400 and "only cancelled or error" in conflict.json()["error"]["message"]
+    assert client.get(f"/v1/jobs/{job['id']}/logs").text == ""
+
+
+def test_bad_requests_are_400_and_unknown_jobs_404(client: TestClient) -> None:
+    assert client.get("/v1/jobs/job-nope").status_code == 404
+    bad_gate = {**SPEC, "promote": {"gates": ["exact_mach >= 0.8"]}}
+    response = client.post("/v1/jobs", json={"spec": bad_gate})
+    assert response.status_code == 400 and "exact_match" in response.json()["error"]["message"]
+    assert client.post("/v1/jobs", json={}).status_code == 400
+    assert client.post("/v1/jobs", json={"spec_yaml": "- a list"}).status_code == 400
+
+
+def test_openapi_schema_documents_every_route(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/logs"} <= set(paths)
+    assert {"/v1/jobs/{job_id}/cancel", "/v1/jobs/{job_id}/resume"} <= set(paths)
+
+
+def test_submitted_spec_has_absolute_paths(tmp_path: Path) -> None:
+    (tmp_path / "models" / "tiny-llama").mkdir(parents=True)
+    spec = absolute_spec(make_spec(), tmp_path)
+    assert spec.model.model_name_or_path == str(tmp_path / "models" / "tiny-llama")
+    assert spec.train.output_dir == str(tmp_path / "saves" / "demo")
+    assert spec.data.dataset_dir == str(tmp_path / "data")
+    # A name that is not a local path (a hub id) is left as written.
+    other = absolute_spec(make_spec(), tmp_path / "elsewhere")
+    assert other.model.model_name_or_path == "models/tiny-llama"
+
+
+def test_cli_group_parses(tmp_path: Path, capsys: pytest.CaptureFixture[str], jobs: Jobs) -> None:
+    parser = argparse.ArgumentParser(prog="clusterft")
+    commands = parser.add_subparsers(dest="command", required=True)
+    add_jobs_commands(commands)
+    add_eval_command(commands)
+    job = jobs.submit(make_spec(), base_dir=tmp_path)
+    common = ["jobs", "--root", str(jobs.root), "--registry", str(jobs.registry_root)]
+    for argv in (["list"], ["status", job.id, "--json"], ["logs", job.id], ["cancel", job.id]):
+        args = parser.parse_args([*common, *argv])
+        assert args.handler(args) == 0
+    out = capsys.readouterr().out
+    assert job.id in out and "cancelled" in out
+    args = parser.parse_args(["eval", "m", "--dataset", "a,b", "--benchmark", "--max-samples", "3"])
+    assert (args.dataset, args.benchmark, args.max_samples) == (["a", "b"], True, 3)
