@@ -29,7 +29,7 @@ def parse_adapters(items: Sequence[str]) -> dict[str, str]:
     return adapters
 
 
-def start_app(spec: ServeSpec, address: str | None = None) -> str:
+def start_app(spec: ServeSpec, address: str | None = None, log_to_driver: bool = True) -> str:
     """Connect to (or start) Ray, start Serve on spec.host:spec.port and deploy; returns the base URL."""
     import ray
     from ray import serve
@@ -38,8 +38,8 @@ def start_app(spec: ServeSpec, address: str | None = None) -> str:
 
     address = address or os.environ.get("RAY_ADDRESS")
     if not ray.is_initialized():
-        # No address: a local cluster the size of this machine, shut down with the server.
-        ray.init(address=address, include_dashboard=False)
+        # No address: a new local cluster ("local", never someone's `ray start` cluster on this host).
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=log_to_driver)
     serve.start(http_options={"host": spec.host, "port": spec.port})
     serve.run(build_app(spec), name="clusterft", route_prefix="/")
     return f"http://{spec.host}:{spec.port}"

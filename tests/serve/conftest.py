@@ -42,7 +42,7 @@ def running_app(spec: ServeSpec) -> Iterator[str]:
 
     from clusterft.serve.app import build_app
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": spec.port})
         serve.run(build_app(spec), name="clusterft", route_prefix="/")
