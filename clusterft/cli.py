@@ -57,6 +57,24 @@ def _data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from clusterft.train.commands import train_command
+
+    return train_command(args.job, progress=not args.no_progress)
+
+
+def _checkpoints(args: argparse.Namespace) -> int:
+    from clusterft.train.commands import checkpoints_command
+
+    return checkpoints_command(args.action, args.path, args.keep)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from clusterft.train.commands import merge_command
+
+    return merge_command(args.base, args.adapter, args.out)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from clusterft.demo import run_demo
 
@@ -101,9 +119,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("job", help="job spec YAML")
     sub.add_argument("-n", type=int, default=3, help="number of examples")
 
-    from clusterft.controller.commands import add_registry_commands
+    sub = command(
+        "train", _train, "run a job spec on Ray Train with DeepSpeed (local cluster unless RAY_ADDRESS)"
+    )
+    sub.add_argument("job", help="job spec YAML")
+    sub.add_argument("--no-progress", action="store_true", help="no live progress bar (logs, CI)")
 
+    sub = command("checkpoints", _checkpoints, "list, verify or prune a run's checkpoint bundles")
+    sub.add_argument("action", choices=["list", "verify", "prune"], help="verify checks every sha256")
+    sub.add_argument("path", help="a run's checkpoint directory (local path or pyarrow URI)")
+    sub.add_argument("--keep", type=int, default=None, help="prune: valid bundles to keep (default 1)")
+
+    sub = command("merge", _merge, "merge a LoRA adapter into its base model and save an HF model dir")
+    sub.add_argument("base", help="base HF model dir")
+    sub.add_argument("adapter", help="peft adapter dir")
+    sub.add_argument("out", help="output HF model dir")
+
+    from clusterft.controller.commands import add_registry_commands
+    from clusterft.controller.jobs_commands import add_eval_command, add_jobs_commands
+    from clusterft.serve.commands import add_serve_command
+
+    add_jobs_commands(commands)
+    add_eval_command(commands)
     add_registry_commands(commands)
+    add_serve_command(commands)
 
     sub = command("demo", _demo, "run the end-to-end demo on a local Ray cluster and a tiny model")
     sub.add_argument("--workdir", default=".", help="where models/ and saves/ are written")
