@@ -48,18 +48,18 @@ def run_engine(model_dir: Path, requests, max_num_seqs: int):
     params = [
         SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False) for _, n in requests
     ]
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     outputs = llm.generate([p for p, _ in requests], params)
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    return [o.outputs[0].token_ids for o in outputs], tokens / elapsed, llm.engine.get_stats()
+    return [o.outputs[0].token_ids for o in outputs], tokens / elapsed, tokens / cpu, llm.engine.get_stats()
 
 
 def run_hf(model, requests, batch_size: int, pad_id: int):
     """Static batches over requests sorted by prompt length; each batch runs to its longest output."""
     order = sorted(range(len(requests)), key=lambda i: len(requests[i][0]))
     results: dict[int, list[int]] = {}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     for b in range(0, len(order), batch_size):
         idx = order[b : b + batch_size]
         width = max(len(requests[i][0]) for i in idx)
@@ -74,9 +74,9 @@ def run_hf(model, requests, batch_size: int, pad_id: int):
             out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new, do_sample=False)
         for row, i in enumerate(idx):
             results[i] = out[row, width : width + requests[i][1]].tolist()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     tokens = sum(n for _, n in requests)
-    return [results[i] for i in range(len(requests))], tokens / elapsed
+    return [results[i] for i in range(len(requests))], tokens / elapsed, tokens / cpu
 
 
 def prefix_ttft(model_dir: Path, vocab_size: int, seed: int) -> tuple[float, float]:
@@ -134,11 +134,12 @@ def main() -> None:
     pad_id = hf.generation_config.pad_token_id or 0
     requests = make_workload(num_requests, hf.config.vocab_size, args.seed, 512, mean_out, max_out)
 
-    engine_outputs, engine_tps, stats = run_engine(model_dir, requests, max_num_seqs=256)
-    hf_tps, hf_outputs = {}, {}
+    engine_outputs, engine_tps, engine_cpu_tps, stats = run_engine(model_dir, requests, max_num_seqs=256)
+    hf_tps, hf_cpu_tps, hf_outputs = {}, {}, {}
     for b in [int(s) for s in sizes.split(",")]:
-        hf_outputs[b], hf_tps[b] = run_hf(hf, requests, b, pad_id)
+        hf_outputs[b], hf_tps[b], hf_cpu_tps[b] = run_hf(hf, requests, b, pad_id)
     best_b = max(hf_tps, key=hf_tps.get)
+    best_cpu_b = max(hf_cpu_tps, key=hf_cpu_tps.get)
     reference = hf_outputs[min(hf_outputs)]  # the smallest batch pads least: the cleanest reference
     cold, warm = prefix_ttft(model_dir, hf.config.vocab_size, args.seed)
     result = {
@@ -150,6 +151,11 @@ def main() -> None:
         "hf_best_batch_size": best_b,
         "hf_tokens_per_s_by_batch_size": {str(b): round(t, 1) for b, t in hf_tps.items()},
         "speedup_vs_hf": round(engine_tps / hf_tps[best_b], 2),
+        # Per CPU-second of this process (one thread): robust to other load on a shared machine.
+        "engine_tokens_per_cpu_s": round(engine_cpu_tps, 1),
+        "hf_tokens_per_cpu_s": round(hf_cpu_tps[best_cpu_b], 1),
+        "hf_tokens_per_cpu_s_by_batch_size": {str(b): round(t, 1) for b, t in hf_cpu_tps.items()},
+        "speedup_vs_hf_cpu": round(engine_cpu_tps / hf_cpu_tps[best_cpu_b], 2),
         "kv_utilization": round(stats.kv_utilization_at_peak, 4),
         "prefix_ttft_cold_s": round(cold, 4),
         "prefix_ttft_warm_s": round(warm, 4),

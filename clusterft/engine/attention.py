@@ -1,14 +1,17 @@
-"""Paged attention, torch reference path: K/V live in blocks, reached through slot ids.
+"""Paged attention, torch reference path: K/V live in blocks, reached through block tables.
 
 A step's batch is flattened to T tokens. The first `num_decodes` tokens are single-token decode
 queries (one per request); the rest are prefill chunks, one contiguous run per request.
 
     tokens: | d0 | d1 | d2 | p0 p0 p0 p0 p0 | p1 p1 p1 |
-    slot_mapping[t] = block_table[pos // block_size] * block_size + pos % block_size
+    slot = block_table[pos // block_size] * block_size + pos % block_size
 
-Each layer first writes the step's new K/V into its slots, then reads: decodes gather their context
-through a padded (D, L) slot table and run one batched SDPA; each prefill chunk attends over its
-cached prefix (gathered) plus itself, causally.
+A layer's cache is (num_blocks, kvh, block_size, hd): each block holds, per KV head, a contiguous
+(block_size, hd) matrix. Each layer first writes the step's new K/V, then reads. Decodes are done
+block-wise for the whole batch at once, without padding every request to the longest context:
+scores of each (request, block) pair by one batched matmul, a softmax segmented by request (max and
+sum reduced over each request's blocks), and the weighted V summed back per request. Each prefill
+chunk attends over its cached prefix plus itself, causally, with SDPA.
 """
 
 from __future__ import annotations
@@ -24,22 +27,25 @@ class PrefillChunk:
     query_start: int  # index of the chunk's first token in the flat batch
     query_len: int
     num_computed: int  # tokens of this request already in the cache before the chunk
-    context_slots: torch.Tensor | None  # (num_computed + query_len,) slots; None when num_computed == 0
+    context_block_ids: torch.Tensor | None  # blocks holding the prefix and the chunk; None: no prefix
 
 
 @dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
     num_decodes: int
-    decode_slots: torch.Tensor | None  # (D, L) context slots of each decode, padded
-    decode_mask: torch.Tensor | None  # (D, 1, 1, L) True where a slot holds context
+    decode_block_ids: torch.Tensor | None  # (TB,) all decodes' block tables, concatenated
+    decode_block_owner: torch.Tensor | None  # (TB,) which decode (0..D-1) each of those blocks serves
+    decode_block_valid: torch.Tensor | None  # (TB, block_size) True where the slot is in the context
     prefills: list[PrefillChunk]
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots) -> None:
-    """k_cache, v_cache: (num_blocks, block_size, kvh, hd); k, v: (T, kvh, hd)."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k)
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+    """k_cache, v_cache: (num_blocks, kvh, block_size, hd); k, v: (T, kvh, hd)."""
+    block_size = k_cache.shape[2]
+    blocks, offsets = slots // block_size, slots % block_size
+    k_cache[blocks, :, offsets] = k
+    v_cache[blocks, :, offsets] = v
 
 
 def paged_attention(
@@ -54,29 +60,39 @@ def paged_attention(
     _, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
-    k_flat = k_cache.view(-1, num_kv_heads, head_dim)
-    v_flat = v_cache.view(-1, num_kv_heads, head_dim)
     out = torch.empty_like(q)
     d = meta.num_decodes
     if d:
-        qd = q[:d].view(d, num_kv_heads, group, head_dim)  # (D, kvh, g, hd): the g heads sharing a KV head
-        kd = k_flat[meta.decode_slots].transpose(1, 2)  # (D, kvh, L, hd)
-        vd = v_flat[meta.decode_slots].transpose(1, 2)
-        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale)
-        out[:d] = od.reshape(d, num_heads, head_dim)
+        owner = meta.decode_block_owner
+        kb = k_cache[meta.decode_block_ids]  # (TB, kvh, bs, hd)
+        vb = v_cache[meta.decode_block_ids]
+        qb = q[:d].view(d, num_kv_heads, group, head_dim)[owner]  # (TB, kvh, g, hd): g heads share a KV head
+        scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # (TB, kvh, g, bs)
+        scores = scores.masked_fill(~meta.decode_block_valid[:, None, None, :], float("-inf"))
+        block_max = scores.amax(dim=-1)  # (TB, kvh, g)
+        row_max = torch.full((d, num_kv_heads, group), float("-inf"), device=q.device, dtype=q.dtype)
+        row_max.scatter_reduce_(0, owner[:, None, None].expand_as(block_max), block_max, reduce="amax")
+        weights = torch.exp(scores - row_max[owner][..., None])
+        denom = torch.zeros_like(row_max).index_add_(0, owner, weights.sum(dim=-1))
+        od = torch.zeros(d, num_kv_heads, group, head_dim, device=q.device, dtype=q.dtype)
+        od.index_add_(0, owner, torch.matmul(weights, vb))  # sum over each request's blocks
+        out[:d] = (od / denom[..., None]).view(d, num_heads, head_dim)
     for chunk in meta.prefills:
         s, n = chunk.query_start, chunk.query_len
         qp = q[s : s + n].transpose(0, 1).unsqueeze(0)  # (1, h, n, hd)
-        if chunk.context_slots is None:  # no cached prefix: plain causal attention over the chunk
+        if chunk.context_block_ids is None:  # no cached prefix: plain causal attention over the chunk
             kp = k[s : s + n].transpose(0, 1).unsqueeze(0)  # (1, kvh, n, hd)
             vp = v[s : s + n].transpose(0, 1).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:
-            kp = k_flat[chunk.context_slots].transpose(0, 1).unsqueeze(0)  # (1, kvh, ctx, hd)
-            vp = v_flat[chunk.context_slots].transpose(0, 1).unsqueeze(0)
-            ctx = kp.shape[2]
-            q_pos = torch.arange(chunk.num_computed, chunk.num_computed + n)
-            mask = torch.arange(ctx)[None, :] <= q_pos[:, None]  # (n, ctx): key j visible to query i
+            ctx = chunk.num_computed + n
+            kp = k_cache[chunk.context_block_ids].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)
+            vp = v_cache[chunk.context_block_ids].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)
+            kp, vp = kp[None, :, :ctx], vp[None, :, :ctx]  # (1, kvh, ctx, hd)
+            q_pos = torch.arange(chunk.num_computed, ctx, device=q.device)
+            mask = (
+                torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
+            )  # (n, ctx): key j visible to i
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
         out[s : s + n] = op[0].transpose(0, 1)
     return out

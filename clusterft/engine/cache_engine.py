@@ -1,7 +1,8 @@
 """CacheEngine: the KV tensors of one worker, and the block copies/swaps the scheduler orders.
 
-Per layer, K and V are (num_blocks, block_size, num_kv_heads, head_dim). A tensor-parallel worker
-holds only its KV heads (num_kv_heads / tp_size) of every block: block ids are global, bytes local.
+Per layer, K and V are (num_blocks, num_kv_heads, block_size, head_dim): per KV head, a block is a
+contiguous (block_size, head_dim) matrix. A tensor-parallel worker holds only its KV heads
+(num_kv_heads / tp_size) of every block: block ids are global, bytes local.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ class CacheEngine:
         dtype: torch.dtype,
         device: str | torch.device,
     ) -> None:
-        shape = (num_gpu_blocks, block_size, num_kv_heads, head_dim)
-        cpu_shape = (num_cpu_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_gpu_blocks, num_kv_heads, block_size, head_dim)
+        cpu_shape = (num_cpu_blocks, num_kv_heads, block_size, head_dim)
         pin = torch.device(device).type == "cuda"
         # Zeroed, not empty: padded decode slots are masked, and 0 * NaN from garbage would still be NaN.
         self.gpu_cache = [

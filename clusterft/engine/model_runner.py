@@ -157,41 +157,38 @@ class ModelRunner:
                 block_of_token.extend([state.block_ids[b]] * (hi - lo))
         slot_mapping = torch.tensor(block_of_token, dtype=torch.long) * bs + pos % bs
 
-        decode_slots = decode_mask = None
+        dev = self.device
+        decode_block_ids = decode_block_owner = decode_block_valid = None
         if num_decodes:
-            decode_states = ordered[:num_decodes]
-            max_blocks = max(len(s.block_ids) for s in decode_states)
-            table = torch.tensor(
-                [s.block_ids + [s.block_ids[0]] * (max_blocks - len(s.block_ids)) for s in decode_states]
-            )
-            decode_slots = (table[:, :, None] * bs + torch.arange(bs)).view(num_decodes, -1)  # (D, L)
+            table: list[int] = []
+            owner: list[int] = []
+            for i, state in enumerate(ordered[:num_decodes]):
+                table += state.block_ids
+                owner += [i] * len(state.block_ids)
+            decode_block_ids = torch.tensor(table, dtype=torch.long)
+            decode_block_owner = torch.tensor(owner, dtype=torch.long)
+            # Slot positions of each block, compared with the owner's context length (new token included).
+            first_pos = torch.cat([torch.arange(len(s.block_ids)) * bs for s in ordered[:num_decodes]])
             context_lens = pos[:num_decodes] + 1
-            decode_mask = (torch.arange(max_blocks * bs)[None, :] < context_lens[:, None])[:, None, None, :]
-
+            decode_block_valid = (first_pos[:, None] + torch.arange(bs)) < context_lens[decode_block_owner][
+                :, None
+            ]
         prefills, start_idx = [], num_decodes
         for state in ordered[num_decodes:]:
             n = num_scheduled[state.req_id]
-            context_slots = None
+            context = None
             if state.num_computed_tokens:
-                ctx = torch.arange(state.num_computed_tokens + n)
-                context_slots = torch.tensor(state.block_ids)[ctx // bs] * bs + ctx % bs
-            prefills.append(PrefillChunk(start_idx, n, state.num_computed_tokens, context_slots))
+                num_blocks = -(-(state.num_computed_tokens + n) // bs)
+                context = torch.tensor(state.block_ids[:num_blocks], dtype=torch.long, device=dev)
+            prefills.append(PrefillChunk(start_idx, n, state.num_computed_tokens, context))
             start_idx += n
-        dev = self.device
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.to(dev),
             num_decodes=num_decodes,
-            decode_slots=decode_slots.to(dev) if decode_slots is not None else None,
-            decode_mask=decode_mask.to(dev) if decode_mask is not None else None,
-            prefills=[
-                PrefillChunk(
-                    p.query_start,
-                    p.query_len,
-                    p.num_computed,
-                    p.context_slots.to(dev) if p.context_slots is not None else None,
-                )
-                for p in prefills
-            ],
+            decode_block_ids=decode_block_ids.to(dev) if decode_block_ids is not None else None,
+            decode_block_owner=decode_block_owner.to(dev) if decode_block_owner is not None else None,
+            decode_block_valid=decode_block_valid.to(dev) if decode_block_valid is not None else None,
+            prefills=prefills,
         )
         return torch.tensor(input_ids, dtype=torch.long, device=dev), pos.to(dev), meta
 
