@@ -1,5 +1,6 @@
-"""The job controller's pure core: job states, the SQLite job store, policies and the model registry.
+"""The job controller: job states, the SQLite job store, policies, the model registry, evaluation,
+and the detached Ray actor (`controller.py`) with its CLI group and REST API.
 
-Nothing here imports Ray: the detached controller actor and the REST API are thin shells around
-these objects, so every decision (resume? give up? promote?) is testable without a cluster.
+The decisions (resume? give up? promote?) live in modules that never import Ray, so they are
+testable without a cluster; `controller.py` imports Ray only inside the actor and its launcher.
 """
