@@ -37,6 +37,9 @@ class AttentionMetadata:
     decode_block_ids: torch.Tensor | None  # (TB,) all decodes' block tables, concatenated
     decode_block_owner: torch.Tensor | None  # (TB,) which decode (0..D-1) each of those blocks serves
     decode_block_valid: torch.Tensor | None  # (TB, block_size) True where the slot is in the context
+    # (TB, kvh, bs, hd) scratch for the gathered K and V blocks, reused across layers and steps:
+    # a fresh tensor this large costs more in page faults than the copy itself.
+    decode_kv_buffers: tuple[torch.Tensor, torch.Tensor] | None
     prefills: list[PrefillChunk]
 
 
@@ -64,8 +67,9 @@ def paged_attention(
     d = meta.num_decodes
     if d:
         owner = meta.decode_block_owner
-        kb = k_cache[meta.decode_block_ids]  # (TB, kvh, bs, hd)
-        vb = v_cache[meta.decode_block_ids]
+        k_buf, v_buf = meta.decode_kv_buffers
+        kb = torch.index_select(k_cache, 0, meta.decode_block_ids, out=k_buf)  # (TB, kvh, bs, hd)
+        vb = torch.index_select(v_cache, 0, meta.decode_block_ids, out=v_buf)
         qb = q[:d].view(d, num_kv_heads, group, head_dim)[owner]  # (TB, kvh, g, hd): g heads share a KV head
         scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # (TB, kvh, g, bs)
         scores = scores.masked_fill(~meta.decode_block_valid[:, None, None, :], float("-inf"))

@@ -178,7 +178,12 @@ class LLMEngine:
             self.output_processor.states.pop(root, None)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.output_processor.states)
+        """True while some request has not returned its final output."""
+        pending = bool(self.output_processor.states)
+        assert not pending or self.scheduler.has_unfinished_requests() or self._pending_outputs, (
+            "lost requests"
+        )
+        return pending
 
     # ---- step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

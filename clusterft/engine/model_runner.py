@@ -48,6 +48,16 @@ class ModelRunner:
         self.lora_manager = lora_manager
         self.device = cache_engine.device
         self.requests: dict[str, CachedRequestState] = {}
+        self._kv_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # decode gather scratch
+
+    def _decode_kv_buffers(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(num_blocks, kvh, bs, hd) views of scratch buffers that grow by doubling and are reused."""
+        if self._kv_buffers is None or self._kv_buffers[0].shape[0] < num_blocks:
+            shape = (max(num_blocks, 2 * (self._kv_buffers[0].shape[0] if self._kv_buffers else 0)),
+                     *self.cache_engine.gpu_cache[0][0].shape[1:])  # fmt: skip
+            like = self.cache_engine.gpu_cache[0][0]
+            self._kv_buffers = (like.new_empty(shape), like.new_empty(shape))
+        return self._kv_buffers[0][:num_blocks], self._kv_buffers[1][:num_blocks]
 
     def _update_states(self, so: SchedulerOutput) -> None:
         for req_id in so.finished_req_ids:
@@ -188,6 +198,7 @@ class ModelRunner:
             decode_block_ids=decode_block_ids.to(dev) if decode_block_ids is not None else None,
             decode_block_owner=decode_block_owner.to(dev) if decode_block_owner is not None else None,
             decode_block_valid=decode_block_valid.to(dev) if decode_block_valid is not None else None,
+            decode_kv_buffers=self._decode_kv_buffers(len(decode_block_ids)) if num_decodes else None,
             prefills=prefills,
         )
         return torch.tensor(input_ids, dtype=torch.long, device=dev), pos.to(dev), meta

@@ -116,6 +116,13 @@ class OutputProcessor:
             for seq in state.sequences.values():
                 seq.finish_reason = seq.finish_reason or "abort"
 
+    @staticmethod
+    def _is_finished(state: RequestState) -> bool:
+        sequences = state.sequences.values()
+        if state.finish_message is not None or any(s.finish_reason == "abort" for s in sequences):
+            return True
+        return len(state.sequences) >= state.params.num_sequences and all(s.finish_reason for s in sequences)
+
     def make_output(self, root: str) -> RequestOutput | None:
         """The request's output now; None while a best_of / beam request is still running. A finished
         request's state is dropped."""
@@ -125,14 +132,7 @@ class OutputProcessor:
         if state.beam_results is not None:
             outputs, finished = state.beam_results, True
         else:
-            finished = (
-                (
-                    len(state.sequences) >= num_sequences
-                    and all(s.finish_reason for s in state.sequences.values())
-                )
-                or any(s.finish_reason == "abort" for s in state.sequences.values())
-                or state.finish_message is not None
-            )
+            finished = self._is_finished(state)
             if (num_sequences > params.n or params.use_beam_search) and not finished:
                 return None
             holdback = max((len(s) for s in params.stop), default=1) - 1
