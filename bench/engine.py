@@ -105,6 +105,66 @@ def prefix_ttft(model_dir: Path, vocab_size: int, seed: int) -> tuple[float, flo
     return sum(cold) / len(cold), sum(warm) / len(warm)
 
 
+def weight_bytes(model) -> int:
+    tensors = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    for module in model.modules():
+        if getattr(module, "qweight", None) is not None:
+            tensors[id(module.qweight)], tensors[id(module.scales)] = module.qweight, module.scales
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def perplexity(llm, token_ids: list[int]) -> float:
+    """Perplexity of the engine's model on one sequence (a single causal prefill, no sampling)."""
+    from clusterft.engine.attention import AttentionMetadata, PrefillChunk
+    from clusterft.engine.cache_engine import CacheEngine
+
+    engine, args = llm.engine, llm.engine.model_args
+    num_blocks = -(-len(token_ids) // 16)
+    cache = CacheEngine(
+        args.num_layers, args.num_kv_heads, args.head_dim, 16, num_blocks, 0, torch.float32, "cpu"
+    )
+    ids = torch.tensor(token_ids)
+    positions = torch.arange(len(token_ids))
+    meta = AttentionMetadata(positions, 0, None, None, None, None, [PrefillChunk(0, len(token_ids), 0, None)])
+    with torch.inference_mode():
+        hidden = engine.model(ids, positions, cache.gpu_cache, meta)
+        logprobs = torch.log_softmax(engine.model.compute_logits(hidden[:-1]), dim=-1)
+    return float(torch.exp(-logprobs.gather(1, ids[1:, None]).mean()))
+
+
+def int8_report(model_dir: Path, requests, eval_ids: list[int]) -> dict:
+    """Memory, speed and quality of int8 weights against fp32 on the same requests."""
+    from clusterft.engine import LLM, SamplingParams
+
+    report = {}
+    outputs = {}
+    for name, kwargs in [("fp32", {}), ("int8", {"quantization": "int8", "quant_group_size": 64})]:
+        llm = LLM(model_dir, max_num_seqs=256, enable_prefix_caching=False, **kwargs)
+        params = [
+            SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False)
+            for _, n in requests
+        ]
+        start = time.process_time()
+        outs = llm.generate([p for p, _ in requests], params)
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        report[f"{name}_tokens_per_cpu_s"] = round(tokens / (time.process_time() - start), 1)
+        report[f"{name}_weight_bytes"] = weight_bytes(llm.engine.model)
+        report[f"{name}_perplexity"] = round(perplexity(llm, eval_ids), 3)
+        outputs[name] = [o.outputs[0].token_ids for o in outs]
+    pairs = [
+        (a, b)
+        for r, g in zip(outputs["fp32"], outputs["int8"], strict=True)
+        for a, b in zip(r, g, strict=True)
+    ]
+    report["greedy_token_agreement"] = round(sum(a == b for a, b in pairs) / len(pairs), 4)
+    report["greedy_first_divergence_mean"] = round(
+        sum(next((i for i, (a, b) in enumerate(zip(r, g, strict=True)) if a != b), len(r))
+            for r, g in zip(outputs["fp32"], outputs["int8"], strict=True)) / len(requests), 1
+    )  # fmt: skip
+    report["weight_memory_saved"] = round(1 - report["int8_weight_bytes"] / report["fp32_weight_bytes"], 3)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -116,6 +176,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="intra-op threads for both engine and HF")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 weight quantization report")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from transformers import AutoModelForCausalLM
@@ -142,6 +203,16 @@ def main() -> None:
     best_cpu_b = max(hf_cpu_tps, key=hf_cpu_tps.get)
     reference = hf_outputs[min(hf_outputs)]  # the smallest batch pads least: the cleanest reference
     cold, warm = prefix_ttft(model_dir, hf.config.vocab_size, args.seed)
+    int8 = None
+    if not args.no_int8:
+        from transformers import AutoTokenizer
+
+        from clusterft.hf.tiny import CORPUS_PATH
+
+        text = CORPUS_PATH.read_text(encoding="utf-8")
+        eval_text = text[int(len(text) * 0.9) :]  # the corpus's last 10%, as an eval split
+        eval_ids = AutoTokenizer.from_pretrained(model_dir).encode(eval_text, add_special_tokens=False)[:1024]
+        int8 = int8_report(model_dir, requests[:16], eval_ids)
     result = {
         "model": str(model_dir.name),
         "num_requests": num_requests,
@@ -164,6 +235,7 @@ def main() -> None:
         "greedy_match_hf_requests": sum(a == b for a, b in zip(engine_outputs, reference, strict=True)),
         "greedy_reference_batch_size": min(hf_outputs),
         "threads": args.threads,
+        "int8": int8,
     }
     print(json.dumps(result, indent=None if args.json else 2))
 

@@ -96,3 +96,10 @@ def test_beam_search_matches_hf(model_dirs, arch, length_penalty, early_stopping
             assert completion.token_ids == tokens[:cut]
             assert completion.cumulative_logprob == pytest.approx(float(score), abs=1e-5)
     assert llm.engine.kv_cache_manager.block_pool.num_free_blocks == 64
+
+
+@pytest.mark.gpu
+def test_greedy_matches_hf_on_cuda(model_dirs):
+    prompts = random_prompts(LENGTHS, seed=8)
+    outputs = LLM(model_dirs["qwen2"], num_gpu_blocks=64, device="cuda").generate(prompts, GREEDY)
+    assert_matches_hf(model_dirs["qwen2"], prompts, outputs)
