@@ -63,7 +63,6 @@ class Request:
     finish_message: str | None = None
     num_preemptions: int = 0
     generator: torch.Generator | None = None  # seeded requests sample from their own stream
-    first_token_time: float | None = None
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)

@@ -95,6 +95,7 @@ class Scheduler:
                 f"raise num_gpu_blocks / kv_cache_space or shorten the prompt"
             )
             request.status = RequestStatus.FINISHED_IGNORED
+            self.group_members.pop(root)
             return
         self.requests[request.request_id] = request
         self._push_waiting(request)
@@ -143,6 +144,10 @@ class Scheduler:
         if request.request_id in self._runner_has:
             self._runner_has.discard(request.request_id)
             self._finished_req_ids.add(request.request_id)
+        root = request.parent_id or request.request_id
+        if not any(seq_id in self.requests for seq_id in self.group_members.get(root, ())):
+            self.group_members.pop(root, None)
+            self.beam_groups.pop(root, None)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)

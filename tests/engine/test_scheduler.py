@@ -123,5 +123,6 @@ def test_abort_frees_blocks_of_waiting_and_running_requests():
     sched.add_request(b)
     sched.finish_requests(["a", "b"], RequestStatus.FINISHED_ABORTED)
     assert sched.kv.block_pool.num_free_blocks == 16 and not sched.running
+    assert not sched.requests and not sched.group_members  # nothing kept for finished requests
     out = sched.schedule()
     assert out.num_scheduled_tokens == {} and out.finished_req_ids == {"a"}  # the runner drops its state
