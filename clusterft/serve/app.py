@@ -10,12 +10,15 @@ from ray import serve
 from clusterft.hf.loading import check_model_dir
 from clusterft.serve.engine_deployment import EngineDeployment
 from clusterft.serve.ingress import OpenAIIngress
+from clusterft.serve.model_source import resolve
 from clusterft.serve.spec import ServeSpec
 
 
 def build_app(spec: ServeSpec) -> serve.Application:
     """The Serve application for `spec` (deploy with `serve.run`, or from deployments/app.py)."""
-    check_model_dir(spec.model_dir)
+    check_model_dir(
+        resolve(spec).model_dir
+    )  # a registry alias that points nowhere fails here, not in a replica
     engine_options = {"num_cpus": spec.engine_num_cpus}
     if spec.engine.device == "cuda" and spec.tensor_parallel_size == 1:
         engine_options["num_gpus"] = 1  # the in-process worker needs the GPU itself

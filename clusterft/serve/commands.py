@@ -1,4 +1,5 @@
-"""`clusterft serve MODEL_DIR ...`: the OpenAI server on a local Ray cluster (or the one at --address).
+"""`clusterft serve MODEL_DIR ...` (or `--registry DIR --model-name NAME [--alias production]`, which
+follows the alias across promotions): the OpenAI server on a local Ray cluster (or --address).
 
 The CLI adds it in one call: `add_serve_command(commands)`; `serve_command(...)` is the same thing for
 Python callers (the benchmark, notebooks).
@@ -13,7 +14,7 @@ import time
 from collections.abc import Sequence
 
 from clusterft.errors import UserError
-from clusterft.serve.spec import EngineSettings, ServeSpec
+from clusterft.serve.spec import EngineSettings, RegistrySource, ServeSpec
 
 
 def parse_adapters(items: Sequence[str]) -> dict[str, str]:
@@ -54,7 +55,7 @@ def stop_app() -> None:
 
 
 def serve_command(
-    model_dir: str,
+    model_dir: str | None,
     port: int = 8000,
     tensor_parallel_size: int = 1,
     adapters: Sequence[str] = (),
@@ -65,17 +66,30 @@ def serve_command(
     address: str | None = None,
     max_model_len: int | None = None,
     device: str = "cpu",
+    registry: str | None = None,
+    model_name: str | None = None,
+    alias: str = "production",
     blocking: bool = True,
 ) -> int:
-    """Serve `model_dir` until interrupted (Ctrl-C shuts Serve and the local Ray cluster down)."""
+    """Serve `model_dir`, or the registry version `alias` of `model_name` points at (following it),
+    until interrupted (Ctrl-C shuts Serve and the local Ray cluster down)."""
     from pydantic import ValidationError
 
     from clusterft.hf.loading import check_model_dir
 
-    check_model_dir(model_dir)
+    source = None
+    if registry is not None or model_name is not None:
+        if registry is None or model_name is None or model_dir is not None:
+            raise UserError("serve: give MODEL_DIR, or --registry DIR with --model-name NAME (not both)")
+        source = RegistrySource(root=registry, model_name=model_name, alias=alias)
+    elif model_dir is None:
+        raise UserError("serve: give MODEL_DIR, or --registry DIR --model-name NAME to follow an alias")
+    else:
+        check_model_dir(model_dir)
     try:
         spec = ServeSpec(
             model_dir=model_dir,
+            registry=source,
             port=port,
             tensor_parallel_size=tensor_parallel_size,
             adapters=parse_adapters(adapters),
@@ -88,7 +102,8 @@ def serve_command(
         raise UserError(f"serve: {err}") from err
     url = start_app(spec, address)
     auth = " (Bearer token required)" if spec.resolved_api_key() else ""
-    print(f"serving {spec.model_name} at {url}/v1{auth}; Ctrl-C to stop", file=sys.stderr)
+    following = f" (following {alias} of {registry})" if source else ""
+    print(f"serving {spec.model_name}{following} at {url}/v1{auth}; Ctrl-C to stop", file=sys.stderr)
     if not blocking:
         return 0
     try:
@@ -113,6 +128,9 @@ def _handler(args: argparse.Namespace) -> int:
         address=args.address,
         max_model_len=args.max_model_len,
         device=args.device,
+        registry=args.registry,
+        model_name=args.model_name,
+        alias=args.alias,
     )
 
 
@@ -121,7 +139,10 @@ def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
     help_ = "serve a model (and LoRA adapters) with an OpenAI-compatible API on Ray Serve"
     sub = commands.add_parser("serve", help=help_, description=help_)
     sub.set_defaults(handler=_handler)
-    sub.add_argument("model_dir", metavar="MODEL_DIR", help="HF model directory")
+    sub.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help="HF model directory")
+    sub.add_argument("--registry", default=None, help="serve from this model registry instead of MODEL_DIR")
+    sub.add_argument("--model-name", default=None, help="registered model name (with --registry)")
+    sub.add_argument("--alias", default="production", help="alias to serve and follow (default production)")
     sub.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     sub.add_argument(
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from clusterft.engine.config import EngineConfig
 
@@ -53,10 +53,26 @@ class EngineSettings(_Section):
         return EngineConfig(**self.model_dump(), lora_modules=tuple((lora_modules or {}).items()))
 
 
+class RegistrySource(_Section):
+    """Serve whatever version an alias of the model registry points at, and follow it when it moves."""
+
+    root: str = Field(description="The registry's root directory (shared storage).")
+    model_name: str = Field(description="Registered model name (also the default served model name).")
+    alias: str = Field(default="production", description="The alias to follow (production, canary).")
+    poll_interval_s: float = Field(
+        default=0.5, gt=0, description="How often the engine replica checks whether the alias moved."
+    )
+
+
 class ServeSpec(_Section):
     """One Serve application: a base model, its LoRA adapters, the engine, and the HTTP edge."""
 
-    model_dir: str = Field(description="Local HF model directory (config.json + safetensors + tokenizer).")
+    model_dir: str | None = Field(
+        default=None, description="Local HF model directory (config.json + safetensors + tokenizer)."
+    )
+    registry: RegistrySource | None = Field(
+        default=None, description="Instead of model_dir: serve and follow an alias of the model registry."
+    )
     served_model_name: str | None = Field(
         default=None, description="The `model` clients ask for; default: the model directory's name."
     )
@@ -103,10 +119,24 @@ class ServeSpec(_Section):
                 raise ValueError("adapter names must be non-empty model ids (e.g. 'sql-lora')")
         return value
 
+    @model_validator(mode="after")
+    def _one_model_source(self) -> ServeSpec:
+        if (self.model_dir is None) == (self.registry is None):
+            raise ValueError(
+                "give exactly one of model_dir (a fixed HF model directory) or registry "
+                "({root, model_name, alias}: follow a registry alias)"
+            )
+        return self
+
     @property
     def model_name(self) -> str:
-        """The `model` id of the base model in requests and /v1/models."""
-        return self.served_model_name or os.path.basename(os.path.normpath(self.model_dir))
+        """The `model` id of the base model in requests and /v1/models (stable across versions)."""
+        if self.served_model_name:
+            return self.served_model_name
+        if self.registry is not None:
+            return self.registry.model_name
+        assert self.model_dir is not None
+        return os.path.basename(os.path.normpath(self.model_dir))
 
     def resolved_api_key(self) -> str | None:
         """The key to require: the spec's, else $CLUSTERFT_API_KEY, else None (open)."""

@@ -1,0 +1,83 @@
+"""Where a Serve app's weights come from: a fixed model directory, or the registry version an alias
+points at (and whether that alias has moved since).
+
+    spec.model_dir ──────────────────────────────────────► ModelVersion(None, model_dir)
+    spec.registry ─► <root>/<name>/aliases.json ─► vNNNN/manifest.json
+                       kind full | merged ─────────────► ModelVersion("vNNNN", <version dir>)
+                       kind adapter ───────────────────► ModelVersion("vNNNN", base_model, <version dir>)
+
+The registry's own reader (clusterft.controller.registry, no Ray, no controller state) parses the
+files, so the on-disk format has one owner.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from clusterft.controller.registry import ALIASES, Registry
+from clusterft.serve.spec import RegistrySource, ServeSpec
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One servable set of weights: the HF model the engine loads, plus an adapter applied to every
+    request for the served model name when the registered version is a LoRA adapter."""
+
+    version: str | None  # "v0003"; None when serving a fixed model_dir
+    model_dir: str
+    adapter_dir: str | None = None
+
+    @property
+    def weight_version(self) -> int:
+        """The engine's weight version (part of every prefix-cache block hash): the version number."""
+        return int(self.version[1:]) if self.version else 0
+
+
+def resolve_version(source: RegistrySource, ref: str | None = None) -> ModelVersion:
+    """The version `ref` (default: the version the source's alias points at now), ready to load.
+    Raises RegistryError (a UserError) naming the fix when the alias is unset or the version damaged."""
+    registered = Registry(source.root).show(source.model_name, ref or source.alias)
+    manifest = registered.manifest
+    if manifest.kind == "adapter":
+        assert manifest.base_model is not None, "the registry refuses adapters without a base model"
+        return ModelVersion(registered.version, manifest.base_model, str(registered.path))
+    return ModelVersion(registered.version, str(registered.path))
+
+
+def resolve(spec: ServeSpec) -> ModelVersion:
+    """What `spec` serves right now."""
+    if spec.registry is not None:
+        return resolve_version(spec.registry)
+    assert spec.model_dir is not None, "ServeSpec validates that one source is given"
+    return ModelVersion(None, spec.model_dir)
+
+
+class AliasWatch:
+    """Cheap polling of one alias: a stat of the aliases file each poll, a read only when it changed.
+
+    The registry replaces aliases.json by rename, so any move gives the file a new inode (and
+    usually a new mtime): comparing (inode, mtime_ns, size) catches every move without reading."""
+
+    def __init__(self, source: RegistrySource) -> None:
+        self.source = source
+        self.path = Path(source.root) / source.model_name / ALIASES
+        self._seen: tuple[int, int, int] | None = None
+        self._target: str | None = None
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def target(self) -> str | None:
+        """The version the alias points at now (None: unset), re-read only when the file changed."""
+        key = self._stat()
+        if key != self._seen:
+            aliases = Registry(self.source.root).aliases(self.source.model_name) if key else {}
+            self._target = aliases.get(self.source.alias)
+            self._seen = key
+        return self._target
