@@ -23,6 +23,9 @@ from typing import Any
 from ray import serve
 
 from clusterft.engine import LLMEngine, RequestOutput, SamplingParams
+from clusterft.serve.follower import ModelFollower
+from clusterft.serve.model_source import ModelVersion, resolve_version
+from clusterft.serve.model_source import resolve as resolve_spec
 from clusterft.serve.spec import ServeSpec
 
 logger = logging.getLogger(__name__)
@@ -42,23 +45,41 @@ def unregister_lora(lora_manager: Any, name: str) -> None:
         lora_manager.free_slots.append(slot)
 
 
-def build_engine(spec: ServeSpec) -> LLMEngine:
-    """The engine of one replica: in-process for tensor_parallel_size 1, else sharded over workers."""
-    config = spec.engine.to_engine_config(spec.adapters)
-    if spec.tensor_parallel_size == 1:
-        return LLMEngine(spec.model_dir, config)
-    from clusterft.serve.sharded_engine import ShardedLLMEngine
+def version_adapter_name(spec: ServeSpec, model: ModelVersion) -> str | None:
+    """The internal LoRA name of a registered adapter version (applied to the served model name)."""
+    return f"{spec.model_name}@{model.version}" if model.adapter_dir is not None else None
 
-    return ShardedLLMEngine(spec.model_dir, config, spec.tensor_parallel_size, spec.worker_num_cpus)
+
+def build_engine(spec: ServeSpec, model: ModelVersion) -> LLMEngine:
+    """The engine of one replica for one model version: in-process for tensor_parallel_size 1, else
+    sharded over workers. Its weight version is the registry's, so its prefix-cache block hashes
+    never equal another version's."""
+    adapters = dict(spec.adapters)
+    lora = version_adapter_name(spec, model)
+    if lora is not None:
+        assert model.adapter_dir is not None
+        adapters[lora] = model.adapter_dir
+    config = spec.engine.to_engine_config(adapters)
+    if spec.tensor_parallel_size == 1:
+        engine = LLMEngine(model.model_dir, config)
+    else:
+        from clusterft.serve.sharded_engine import ShardedLLMEngine
+
+        engine = ShardedLLMEngine(model.model_dir, config, spec.tensor_parallel_size, spec.worker_num_cpus)
+    engine.weight_version = model.weight_version
+    return engine
 
 
 class EngineLoop:
     """Plain asyncio object (no Serve): admission, the step loop, streaming deltas, adapters."""
 
-    def __init__(self, spec: ServeSpec, engine_factory: Callable[[], LLMEngine]) -> None:
+    def __init__(
+        self, spec: ServeSpec, engine_factory: Callable[[], LLMEngine], base_lora: str | None = None
+    ) -> None:
         self._factory = engine_factory
         self.engine = engine_factory()
         self.base_model = spec.model_name
+        self.base_lora = base_lora  # a registered adapter version: requests for the base model use it
         self.max_queued_requests = spec.max_queued_requests
         self.adapters: dict[str, str] = dict(spec.adapters)  # served now
         self._retiring: set[str] = set()  # removed from service, still used by requests in flight
@@ -81,7 +102,7 @@ class EngineLoop:
     ) -> AsyncIterator[dict[str, Any]]:
         """Admit a request and stream {"outputs": [delta, ...], ...} dicts; an error is one {"error"} dict."""
         await self._ready.wait()
-        lora_name = None
+        lora_name = self.base_lora
         if model != self.base_model:
             if model not in self.adapters:
                 yield error_chunk(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
@@ -270,13 +291,24 @@ class EngineLoop:
 
 @serve.deployment(name="engine", max_ongoing_requests=1024)
 class EngineDeployment:
-    """Thin Serve shell around EngineLoop (one engine per replica)."""
+    """Thin Serve shell around ModelFollower (one engine per replica and model version)."""
 
     def __init__(self, spec: ServeSpec) -> None:
         from clusterft.runtime import apply_runtime_defaults
 
         apply_runtime_defaults()
-        self.loop = EngineLoop(spec, lambda: build_engine(spec))
+
+        def make_loop(model: ModelVersion) -> EngineLoop:
+            return EngineLoop(spec, lambda: build_engine(spec, model), version_adapter_name(spec, model))
+
+        def resolve(ref: str | None) -> ModelVersion:
+            if ref is None or spec.registry is None:
+                return resolve_spec(spec)
+            return resolve_version(spec.registry, ref)
+
+        self.follower = ModelFollower(spec, resolve, make_loop)
+        if spec.registry is not None:  # Serve runs __init__ on the replica's event loop
+            self._watch_task = asyncio.get_running_loop().create_task(self.follower.watch())
 
     async def generate(
         self,
@@ -286,20 +318,30 @@ class EngineDeployment:
         model: str,
         priority: int = 0,
     ) -> AsyncIterator[dict[str, Any]]:
-        async for chunk in self.loop.generate(request_id, prompt_token_ids, params, model, priority):
+        async for chunk in self.follower.generate(request_id, prompt_token_ids, params, model, priority):
             yield chunk
 
+    async def reload(self, ref: str | None = None) -> dict[str, Any]:
+        return await self.follower.reload(ref)
+
     def model_info(self) -> dict[str, Any]:
-        return self.loop.model_info()
+        return self.follower.model_info()
+
+    def status(self) -> dict[str, Any]:
+        return self.follower.status()
 
     def stats(self) -> dict[str, Any]:
-        return self.loop.stats()
+        stats = self.follower.current.loop.stats()
+        stats["model_weight_version"] = self.follower.current.model.weight_version
+        stats["num_model_switches"] = self.follower.num_switches
+        stats["num_model_load_failures"] = self.follower.num_load_failures
+        return stats
 
     def add_adapter(self, name: str, path: str) -> dict[str, Any] | None:
-        return self.loop.add_adapter(name, path)
+        return self.follower.current.loop.add_adapter(name, path)
 
     def remove_adapter(self, name: str) -> dict[str, Any] | None:
-        return self.loop.remove_adapter(name)
+        return self.follower.current.loop.remove_adapter(name)
 
     def check_health(self) -> None:
-        self.loop.check_health()
+        self.follower.current.loop.check_health()

@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clusterft.engine import SamplingParams
 from clusterft.serve.metrics import ServeMetrics
+from clusterft.serve.model_source import resolve
 from clusterft.serve.protocol import (
     AdapterRequest,
     AssistantMessage,
@@ -52,9 +53,12 @@ from clusterft.serve.responses import (
 )
 from clusterft.serve.spec import ServeSpec
 from clusterft.serve.streams import merge_streams, prepend
+from clusterft.serve.version_routes import ModelVersionHeader, VersionRoutes, note_model_version, router
 
 RETRY_AFTER_S = 1
 app = FastAPI(title="clusterft OpenAI-compatible server")
+app.add_middleware(ModelVersionHeader)
+app.include_router(router)
 
 
 class APIError(Exception):
@@ -105,7 +109,7 @@ def _sse(payload: dict[str, Any] | str) -> str:
 
 @serve.deployment(name="ingress", max_ongoing_requests=1024)
 @serve.ingress(app)
-class OpenAIIngress:
+class OpenAIIngress(VersionRoutes):
     def __init__(self, spec: ServeSpec, engine: DeploymentHandle) -> None:
         from clusterft.runtime import apply_runtime_defaults
 
@@ -114,7 +118,7 @@ class OpenAIIngress:
 
         self.spec = spec
         self.engine = engine
-        self.tokenizer = load_tokenizer(spec.model_dir)
+        self.tokenizer = load_tokenizer(resolve(spec).model_dir)  # registry versions share their tokenizer
         self.token_text = TokenText(self.tokenizer)
         self.api_key = spec.resolved_api_key()
         self.metrics = ServeMetrics()
@@ -211,6 +215,7 @@ class OpenAIIngress:
         if "error" in first[1]:
             await merged.aclose()
             _raise_if_error(first[1])
+        note_model_version(first[1])
         return prepend(first, merged)
 
     async def _timed(
@@ -241,11 +246,6 @@ class OpenAIIngress:
         self.metrics.generation_tokens.inc(counter.completion_tokens)
 
     # ---- routes ----------------------------------------------------------------------------------
-    @app.get("/health")
-    async def health(self) -> Response:
-        await self._model_info()
-        return JSONResponse({"status": "ok"})
-
     @app.get("/metrics")
     async def metrics(self) -> Response:
         if not self.spec.enable_metrics:
@@ -262,7 +262,8 @@ class OpenAIIngress:
             ModelCard(
                 id=info["base_model"],
                 created=created,
-                root=self.spec.model_dir,
+                root=info["root"],
+                version=info["version"],
                 max_model_len=info["max_model_len"],
             )
         ]

@@ -38,6 +38,13 @@ _ENGINE_SERIES = {
     "num_preemptions_swap": ("clusterft_preemptions_swap", "Preemptions by swap-out", "counter"),
     "num_steps": ("clusterft_engine_steps", "Engine steps", "counter"),
     "num_engine_failures": ("clusterft_engine_failures", "Engine rebuilds after a failed step", "counter"),
+    "model_weight_version": ("clusterft_model_version", "Registry version number now served", "gauge"),
+    "num_model_switches": ("clusterft_model_switches", "Switches to another model version", "counter"),
+    "num_model_load_failures": (
+        "clusterft_model_load_failures",
+        "Model versions that failed to load (the previous one kept serving)",
+        "counter",
+    ),
 }
 
 

@@ -188,6 +188,7 @@ class ModelCard(BaseModel):
     root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
+    version: str | None = None  # the registry version a followed alias points at (clusterft extension)
 
 
 class ModelList(BaseModel):

@@ -1,0 +1,175 @@
+"""Follow a registry alias with zero failed requests: one engine per model version, switched atomically.
+
+    alias moves ─► build the new version's EngineLoop in a thread ─► swap `current` (one assignment)
+                   (the old one keeps serving meanwhile)              │
+                                                                       ▼
+    new requests ─► current            requests already on the old engine finish there ─► release it
+
+A request picks its engine when it is admitted and stays on it, so no request ever sees two sets of
+weights. Each version has its own engine, hence its own prefix cache, and its block hashes carry
+the version number as weight version: KV of one version is never reused by another. A version that
+fails to load leaves the old one serving; the error is logged, counted and shown by /health.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from clusterft.engine import SamplingParams
+from clusterft.serve.model_source import AliasWatch, ModelVersion
+from clusterft.serve.spec import ServeSpec
+
+if TYPE_CHECKING:  # engine_deployment builds the follower; the follower only holds its loops
+    from clusterft.serve.engine_deployment import EngineLoop
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Serving:
+    """One version's engine and how many requests are still on it."""
+
+    model: ModelVersion
+    loop: EngineLoop
+    num_in_flight: int = 0
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set once retired and empty
+
+
+class ModelFollower:
+    """Plain asyncio object (no Serve): serves the current version and switches to another one."""
+
+    def __init__(
+        self,
+        spec: ServeSpec,
+        resolve: Callable[[str | None], ModelVersion],
+        make_loop: Callable[[ModelVersion], EngineLoop],
+    ) -> None:
+        """`resolve(ref)` turns a version ref (None: the followed alias now) into a ModelVersion;
+        `make_loop` builds that version's engine loop (slow: it loads the weights)."""
+        self.spec = spec
+        self._resolve = resolve
+        self._make_loop = make_loop
+        model = resolve(None)
+        self.current = _Serving(model, make_loop(model))
+        self._retiring: list[_Serving] = []
+        self._switch_lock = asyncio.Lock()  # one version is built at a time
+        self._watch = AliasWatch(spec.registry) if spec.registry is not None else None
+        self._failed_target: str | None = None  # not retried by polling until the alias moves again
+        self.num_switches = 0
+        self.num_load_failures = 0
+        self.last_error: str | None = None
+        self.last_switch: dict[str, Any] | None = None
+
+    @property
+    def version(self) -> str | None:
+        return self.current.model.version
+
+    # ---- requests --------------------------------------------------------------------------------
+    async def generate(
+        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, model: str, priority: int
+    ) -> AsyncIterator[dict[str, Any]]:
+        """EngineLoop.generate on the engine current at admission; every chunk names its version."""
+        serving = self.current  # picked and counted with no await in between: a switch can't slip in
+        serving.num_in_flight += 1
+        try:
+            async for chunk in serving.loop.generate(request_id, prompt_token_ids, params, model, priority):
+                chunk["model_version"] = serving.model.version
+                yield chunk
+        finally:
+            serving.num_in_flight -= 1
+            if serving.num_in_flight == 0 and serving is not self.current:
+                serving.idle.set()
+
+    # ---- switching -------------------------------------------------------------------------------
+    async def watch(self) -> None:
+        """Poll the alias forever; switch when it points somewhere new (the replica's background task)."""
+        assert self._watch is not None and self.spec.registry is not None
+        while True:
+            await asyncio.sleep(self.spec.registry.poll_interval_s)
+            try:
+                target = await asyncio.to_thread(self._watch.target)
+            except Exception as exc:  # a half-written file on a flaky mount: look again next poll
+                logger.warning("could not read the registry alias: %s", exc)
+                continue
+            if target is not None and target not in (self.version, self._failed_target):
+                await self.reload(target)
+
+    async def reload(self, ref: str | None = None) -> dict[str, Any]:
+        """Switch to version `ref` (default: where the followed alias points now) unless already
+        serving it. Returns {"version", "previous", "switched", "error", "load_s"}; on error the old
+        version keeps serving."""
+        async with self._switch_lock:
+            previous = self.version
+            started = time.monotonic()
+            model: ModelVersion | None = None
+            try:
+                model = await asyncio.to_thread(self._resolve, ref)
+                if model.version == previous:
+                    return self._result(previous, previous, False, None, 0.0)
+                logger.info("loading %s %s while %s serves", self.spec.model_name, model.version, previous)
+                new = _Serving(model, await asyncio.to_thread(self._make_loop, model))
+            except Exception as exc:
+                self.num_load_failures += 1
+                self.last_error = f"{ref or 'alias target'}: {type(exc).__name__}: {exc}"
+                self._failed_target = model.version if model is not None else ref
+                logger.error("could not load %s; still serving %s", self.last_error, previous)
+                return self._result(previous, previous, False, self.last_error, time.monotonic() - started)
+            for name, path in self.current.loop.adapters.items():  # runtime adapters stay served
+                if name not in new.loop.adapters:
+                    new.loop.add_adapter(name, path)
+            old, self.current = self.current, new
+            self.num_switches += 1
+            self.last_error = self._failed_target = None
+            load_s = time.monotonic() - started
+            self.last_switch = self._result(model.version, previous, True, None, load_s)
+            logger.info("now serving %s %s (loaded in %.2fs)", self.spec.model_name, model.version, load_s)
+            self._retiring.append(old)
+            asyncio.get_running_loop().create_task(self._release(old))
+            return self.last_switch
+
+    async def _release(self, old: _Serving) -> None:
+        """Free the old engine once its last request has finished on it."""
+        if old.num_in_flight:
+            await old.idle.wait()
+        shutdown = getattr(old.loop.engine, "shutdown", None)  # a sharded engine stops its workers
+        if shutdown is not None:
+            await asyncio.to_thread(shutdown)
+        self._retiring.remove(old)
+        logger.info("released %s %s", self.spec.model_name, old.model.version)
+
+    @staticmethod
+    def _result(
+        version: str | None, previous: str | None, switched: bool, error: str | None, load_s: float
+    ) -> dict[str, Any]:
+        return {
+            "version": version,
+            "previous": previous,
+            "switched": switched,
+            "error": error,
+            "load_s": round(load_s, 3),
+        }
+
+    # ---- introspection ---------------------------------------------------------------------------
+    def model_info(self) -> dict[str, Any]:
+        info = self.current.loop.model_info()
+        info["version"] = self.version
+        info["root"] = self.current.model.adapter_dir or self.current.model.model_dir
+        return info
+
+    def status(self) -> dict[str, Any]:
+        """The version story for /health and metrics: what serves, what drains, the last error."""
+        return {
+            "model": self.spec.model_name,
+            "version": self.version,
+            "alias": self.spec.registry.alias if self.spec.registry else None,
+            "draining": [s.model.version for s in self._retiring],
+            "num_switches": self.num_switches,
+            "num_load_failures": self.num_load_failures,
+            "last_error": self.last_error,
+            "last_switch": self.last_switch,
+        }

@@ -1,0 +1,97 @@
+"""The HTTP face of model versions: GET /health with the version story, POST /v1/admin/reload (switch
+now rather than at the next alias poll), and the x-clusterft-model-version header on every response
+that ran on an engine. Routes are methods of a mixin of the ingress class, so Serve binds them to the
+ingress replica like the ingress's own routes.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict
+from ray.exceptions import RayError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+MODEL_VERSION_HEADER = "x-clusterft-model-version"
+router = APIRouter()
+# One holder per HTTP request: the ingress notes the version of the engine that admitted the request,
+# the middleware puts it in the response head. A mutable dict, so tasks spawned inside see it too.
+_request_version: ContextVar[dict[str, str] | None] = ContextVar("clusterft_request_version", default=None)
+
+
+def note_model_version(chunk: dict[str, Any]) -> None:
+    """Record the version a request's first engine chunk names, for the response header."""
+    holder = _request_version.get()
+    if holder is not None and chunk.get("model_version"):
+        holder["version"] = chunk["model_version"]
+
+
+class ModelVersionHeader:
+    """ASGI middleware adding x-clusterft-model-version to responses whose request reached an engine."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        holder: dict[str, str] = {}
+        token = _request_version.set(holder)
+
+        async def send_with_version(message: Message) -> None:
+            if message["type"] == "http.response.start" and "version" in holder:
+                headers = list(message.get("headers", []))
+                headers.append((MODEL_VERSION_HEADER.encode(), holder["version"].encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_version)
+        finally:
+            _request_version.reset(token)
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    version: str | None = None  # e.g. "v3"; None: wherever the followed alias points now
+
+
+class VersionRoutes:
+    """Mixin of the ingress (which provides `engine`, `_authorize` and `APIError`'s handlers)."""
+
+    engine: Any
+
+    async def _engine_call(self, method: str, *args: Any) -> Any:
+        from clusterft.serve.ingress import APIError
+
+        try:
+            return await getattr(self.engine, method).remote(*args)
+        except RayError as exc:
+            raise APIError(
+                503, f"the engine is unavailable ({type(exc).__name__}); retry", "ServiceUnavailableError"
+            ) from exc
+
+    @router.get("/health")
+    async def health(self) -> JSONResponse:
+        """200 while an engine serves; `degraded` when the last version switch failed (the previous
+        version still serves), with the error."""
+        status = await self._engine_call("status")
+        return JSONResponse({"status": "degraded" if status["last_error"] else "ok", **status})
+
+    @router.post("/v1/admin/reload")
+    async def reload(self, request: Request, body: ReloadRequest | None = None) -> dict[str, Any]:
+        """Switch to the alias's version (or `version`) now. With several engine replicas this call
+        reaches one; the others follow at their next alias poll."""
+        from clusterft.serve.ingress import APIError
+
+        self._authorize(request)  # type: ignore[attr-defined]
+        result = await self._engine_call("reload", body.version if body else None)
+        if result["error"]:
+            raise APIError(
+                500, f"could not load {result['error']}; still serving {result['version']}", "ModelLoadError"
+            )
+        return result

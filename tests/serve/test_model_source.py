@@ -1,0 +1,132 @@
+"""Alias resolution, alias polling and the version switch, without Ray or real engines."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from clusterft.controller.registry import Registry, RegistryError
+from clusterft.serve.follower import ModelFollower
+from clusterft.serve.model_source import AliasWatch, ModelVersion, resolve, resolve_version
+from clusterft.serve.spec import RegistrySource, ServeSpec
+
+
+def fake_model(path: Path, text: str) -> Path:
+    path.mkdir(parents=True)
+    (path / "weights.bin").write_text(text)
+    return path
+
+
+@pytest.fixture
+def registry(tmp_path) -> tuple[Registry, RegistrySource]:
+    reg = Registry(tmp_path / "registry")
+    reg.register("quick", fake_model(tmp_path / "m1", "one"), kind="full")
+    reg.register("quick", fake_model(tmp_path / "m2", "two"), kind="full")
+    base = fake_model(tmp_path / "base", "base")
+    reg.register("quick", fake_model(tmp_path / "lora", "adapter"), kind="adapter", base_model=base)
+    return reg, RegistrySource(root=str(reg.root), model_name="quick")
+
+
+def test_spec_takes_exactly_one_source(registry):
+    _, source = registry
+    assert ServeSpec(registry=source).model_name == "quick"
+    assert ServeSpec(registry=source, served_model_name="q").model_name == "q"
+    with pytest.raises(ValidationError, match="exactly one of model_dir"):
+        ServeSpec(model_dir="/m", registry=source)
+    with pytest.raises(ValidationError, match="exactly one of model_dir"):
+        ServeSpec()
+
+
+def test_alias_resolves_to_full_and_adapter_versions(registry, tmp_path):
+    reg, source = registry
+    with pytest.raises(RegistryError, match="promote one first"):
+        resolve(ServeSpec(registry=source))
+    reg.promote("quick", "v2")
+    assert resolve(ServeSpec(registry=source)) == ModelVersion("v0002", str(reg.root / "quick" / "v0002"))
+    assert resolve_version(source, "v1").model_dir == str(reg.root / "quick" / "v0001")
+    reg.promote("quick", "3")
+    adapter = resolve(ServeSpec(registry=source))
+    base, version_dir = str((tmp_path / "base").resolve()), str(reg.root / "quick" / "v0003")
+    assert adapter == ModelVersion("v0003", base, version_dir)
+    assert adapter.weight_version == 3
+    assert resolve(ServeSpec(model_dir="/m")) == ModelVersion(None, "/m")
+
+
+def test_alias_watch_sees_promote_and_rollback(registry):
+    reg, source = registry
+    watch = AliasWatch(source)
+    assert watch.target() is None  # no aliases file yet
+    reg.promote("quick", "v1")
+    assert watch.target() == "v0001"
+    reg.promote("quick", "v2", "canary")  # another alias moved: same answer
+    assert watch.target() == "v0001"
+    reg.promote("quick", "v2")
+    assert watch.target() == "v0002"
+    reg.rollback("quick")
+    assert watch.target() == "v0001"
+
+
+class FakeLoop:
+    """Stands in for EngineLoop: each request waits for `release` and then answers with its version."""
+
+    def __init__(self, model: ModelVersion) -> None:
+        self.model = model
+        self.adapters: dict[str, str] = {}
+        self.engine = self
+        self.release = asyncio.Event()
+        self.shut = False
+
+    async def generate(self, request_id, prompt_token_ids, params, model, priority):
+        yield {"outputs": [], "finished": False}
+        await self.release.wait()
+        yield {"outputs": [{"text": self.model.version}], "finished": True}
+
+    def add_adapter(self, name: str, path: str) -> None:
+        self.adapters[name] = path
+
+    def shutdown(self) -> None:
+        self.shut = True
+
+
+def test_switch_keeps_old_requests_on_old_engine_and_survives_a_bad_version(registry):
+    reg, source = registry
+    reg.promote("quick", "v1")
+    spec = ServeSpec(registry=source)
+    broken = {"v0003"}
+
+    def make_loop(model: ModelVersion) -> FakeLoop:
+        if model.version in broken:
+            raise OSError("weights unreadable")
+        return FakeLoop(model)
+
+    async def scenario() -> None:
+        follower = ModelFollower(spec, lambda ref: resolve_version(source, ref), make_loop)
+        old = follower.current.loop
+        old_request = follower.generate("a", [1], None, "quick", 0)
+        assert (await old_request.__anext__())["model_version"] == "v0001"
+        reg.promote("quick", "v2")
+        result = await follower.reload()
+        assert result["switched"] and (result["version"], result["previous"]) == ("v0002", "v0001")
+        new_request = follower.generate("b", [1], None, "quick", 0)
+        assert (await new_request.__anext__())["model_version"] == "v0002"
+        await asyncio.sleep(0.01)
+        assert not old.shut and follower.status()["draining"] == ["v0001"]  # a request still runs on it
+        old.release.set()
+        assert [c["model_version"] async for c in old_request] == ["v0001"]
+        await asyncio.sleep(0.01)
+        assert old.shut and follower.status()["draining"] == []
+
+        reg.promote("quick", "v3")  # fails to load: v2 keeps serving, the error is reported
+        failed = await follower.reload()
+        assert not failed["switched"] and "weights unreadable" in failed["error"]
+        assert follower.version == "v0002" and follower.status()["num_load_failures"] == 1
+
+        reg.rollback("quick")  # v3 -> v2: already serving it
+        assert not (await follower.reload())["switched"]
+        assert (await follower.reload("v1"))["version"] == "v0001"
+        assert follower.status()["last_error"] is None
+
+    asyncio.run(scenario())
