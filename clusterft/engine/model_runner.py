@@ -170,19 +170,15 @@ class ModelRunner:
         dev = self.device
         decode_block_ids = decode_block_owner = decode_block_valid = None
         if num_decodes:
-            table: list[int] = []
-            owner: list[int] = []
-            for i, state in enumerate(ordered[:num_decodes]):
-                table += state.block_ids
-                owner += [i] * len(state.block_ids)
+            decode_states = ordered[:num_decodes]
+            table = [block_id for state in decode_states for block_id in state.block_ids]
+            counts = torch.tensor([len(state.block_ids) for state in decode_states])
             decode_block_ids = torch.tensor(table, dtype=torch.long)
-            decode_block_owner = torch.tensor(owner, dtype=torch.long)
-            # Slot positions of each block, compared with the owner's context length (new token included).
-            first_pos = torch.cat([torch.arange(len(s.block_ids)) * bs for s in ordered[:num_decodes]])
-            context_lens = pos[:num_decodes] + 1
-            decode_block_valid = (first_pos[:, None] + torch.arange(bs)) < context_lens[decode_block_owner][
-                :, None
-            ]
+            decode_block_owner = torch.repeat_interleave(torch.arange(num_decodes), counts)  # (TB,)
+            # Each block's first position within its request, against the request's context length.
+            block_index = torch.arange(len(table)) - (torch.cumsum(counts, 0) - counts)[decode_block_owner]
+            context_lens = (pos[:num_decodes] + 1)[decode_block_owner]
+            decode_block_valid = block_index[:, None] * bs + torch.arange(bs) < context_lens[:, None]
         prefills, start_idx = [], num_decodes
         for state in ordered[num_decodes:]:
             n = num_scheduled[state.req_id]
