@@ -1,5 +1,8 @@
 """Greedy (and beam search) outputs equal HF `generate` token for token, through every engine path."""
 
+import json
+import shutil
+
 import pytest
 import torch
 
@@ -103,3 +106,34 @@ def test_greedy_matches_hf_on_cuda(model_dirs):
     prompts = random_prompts(LENGTHS, seed=8)
     outputs = LLM(model_dirs["qwen2"], num_gpu_blocks=64, device="cuda").generate(prompts, GREEDY)
     assert_matches_hf(model_dirs["qwen2"], prompts, outputs)
+
+
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+         "original_max_position_embeddings": 64, "rope_theta": 500000.0},
+    ],
+    ids=["linear", "llama3"],
+)  # fmt: skip
+def test_rope_scaling_from_config_matches_hf(llama_dir, tmp_path, rope):
+    scaled = tmp_path / "llama-scaled"
+    shutil.copytree(llama_dir, scaled)
+    config = json.loads((scaled / "config.json").read_text())
+    config["rope_parameters"] = rope
+    (scaled / "config.json").write_text(json.dumps(config))
+    prompts = random_prompts([30, 70], seed=9)
+    outputs = LLM(scaled, num_gpu_blocks=32).generate(prompts, GREEDY)
+    assert_matches_hf(scaled, prompts, outputs)
+    default = LLM(llama_dir, num_gpu_blocks=32).generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outputs] != [o.outputs[0].token_ids for o in default]
+
+
+def test_weight_version_bump_misses_the_prefix_cache(llama_dir):
+    llm = LLM(llama_dir, num_gpu_blocks=32)
+    prompt = random_prompts([40], seed=10)[0]
+    llm.generate(prompt, GREEDY)
+    assert llm.generate(prompt, GREEDY)[0].num_cached_tokens == 32
+    llm.engine.weight_version = 1  # what the controller does on promotion
+    assert llm.generate(prompt, GREEDY)[0].num_cached_tokens == 0
