@@ -28,6 +28,48 @@ def export_bundle(spec: JobSpec, base_dir: str, store: BundleStore, name: str, o
     return save_trained(model, output_dir, load_tokenizer(model_dir))
 
 
+def evaluate_loss(spec: JobSpec, base_dir: str, output_dir: Path) -> dict[str, float] | None:
+    """Token-mean loss and perplexity of the exported model on the eval split (None if it is empty).
+
+    Runs in the driver after training (`do_eval: true`); generation metrics such as exact match are
+    the evaluation stage's job.
+    """
+    import math
+
+    import torch
+    import torch.nn.functional as F
+
+    from clusterft.data import IGNORE_INDEX, build_datasets, collate
+    from clusterft.hf.loading import load_model, load_tokenizer
+    from clusterft.train.recipe import resolve
+
+    model_dir = resolve(base_dir, spec.model.model_name_or_path)
+    tokenizer = load_tokenizer(model_dir)
+    evaluation = build_datasets(spec.data, tokenizer, seed=spec.train.seed, base_dir=base_dir).eval
+    if not evaluation:
+        return None
+    if (output_dir / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(load_model(model_dir), output_dir)
+    else:
+        model = load_model(output_dir)
+    model.eval()
+    total, count = 0.0, 0
+    size = spec.train.per_device_eval_batch_size
+    with torch.no_grad():
+        for start in range(0, len(evaluation), size):
+            batch = collate(evaluation[start : start + size], tokenizer.pad_token_id)
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            labels = batch["labels"][:, 1:].reshape(-1)
+            total += float(
+                F.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)), labels, reduction="sum")
+            )
+            count += int((labels != IGNORE_INDEX).sum())
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)), "eval_examples": len(evaluation)}
+
+
 def read_metrics(metrics_path: Path) -> dict[int, dict]:
     """step → the last record of that step (steps re-run after a restart overwrite the earlier ones)."""
     records: dict[int, dict] = {}

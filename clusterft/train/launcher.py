@@ -25,7 +25,7 @@ from clusterft.config.spec import JobSpec
 from clusterft.errors import UserError
 from clusterft.storage import BundleStore
 from clusterft.train.callbacks import CallbackRunner
-from clusterft.train.export import export_bundle, plot_loss
+from clusterft.train.export import evaluate_loss, export_bundle, plot_loss
 from clusterft.train.recipe import RunContext, resolve, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class RunSummary:
     output: str | None
     checkpoint: str | None
     error: str | None = None
+    eval_metrics: dict[str, float] | None = None
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -109,9 +110,21 @@ def preflight(spec: JobSpec, where: RunLocation) -> None:
         raise UserError("parallel.strategy pipeline trains finetuning_type full only; use zero1/2/3 for lora")
     tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
     train = build_datasets(spec.data, tokenizer, seed=spec.train.seed, base_dir=where.base_dir).train
-    if not spec.resume.enabled or spec.resume.from_checkpoint:
-        return
-    latest = BundleStore(where.bundle_root).find_latest_valid()
+    store = BundleStore(where.bundle_root)
+    latest = store.find_latest_valid()
+    if latest is not None and not spec.resume.enabled:
+        if not spec.train.overwrite_output_dir:
+            raise UserError(
+                f"resume.enabled is false but {where.bundle_root} holds checkpoints (newest {latest.name}); "
+                "set overwrite_output_dir: true to delete them, or use another checkpoint.name"
+            )
+        store.storage.delete_dir("")
+        latest = None
+    if latest is None and spec.resume.from_checkpoint:
+        source = resolve(where.base_dir, spec.resume.from_checkpoint)
+        store, latest = BundleStore(source.parent), BundleStore(source.parent).inspect(source.name)
+        if not latest.valid:
+            raise UserError(f"resume.from_checkpoint: {source} is not valid: {latest.problem}")
     if latest is None:
         return
     from clusterft.hf.loading import load_model
@@ -119,10 +132,10 @@ def preflight(spec: JobSpec, where: RunLocation) -> None:
     from clusterft.train.plan import check_resumable, compat_record
 
     targets = lora_target_modules(load_model(model_dir), spec.method.lora_target)
-    saved = load_bundle(BundleStore(where.bundle_root), latest.name, rank=0).trainer["compat"]
-    check_resumable(
-        saved, compat_record(spec, model_dir, train, targets), spec.resume.weights_only, latest.name
-    )
+    trainer = load_bundle(store, latest.name, rank=0).trainer
+    weights_only = spec.resume.weights_only and trainer["spec_hash"] != spec.spec_hash()
+    current = compat_record(spec, model_dir, train, targets)
+    check_resumable(trainer["compat"], current, weights_only, latest.name)
 
 
 def _connect(spec: JobSpec) -> bool:
@@ -201,11 +214,12 @@ def _finish(
         )
     if spec.train.plot_loss:
         plot_loss(where.output_dir / "metrics.jsonl", where.output_dir / "loss.png")
-    status = "succeeded" if error is None and planned is not None and completed >= planned else "failed"
-    if error is None and status == "failed":
-        error_text = f"completed {completed} of {planned} planned steps"
-    else:
-        error_text = f"{type(error).__name__}: {error}" if error else None
+    status, error_text = run_status(error, planned, completed)
+    eval_metrics = None
+    if output is not None and spec.train.do_eval:
+        eval_metrics = evaluate_loss(spec, where.base_dir, where.output_dir)
+        if eval_metrics is not None:
+            tracker.callbacks.call("on_eval", eval_metrics)
     summary = RunSummary(
         status=status,
         planned_steps=planned,
@@ -217,11 +231,21 @@ def _finish(
         output=output,
         checkpoint=f"{where.bundle_root}/{latest.name}" if latest else None,
         error=error_text,
+        eval_metrics=eval_metrics,
         checkpoints=tracker.checkpoints,
     )
     (where.output_dir / "run_summary.json").write_text(json.dumps(asdict(summary), indent=2))
     tracker.callbacks.call("on_train_end", asdict(summary))
     return summary
+
+
+def run_status(error: Exception | None, planned: int | None, completed: int) -> tuple[str, str | None]:
+    """("succeeded" | "failed", why): ending with fewer steps than planned is a failure, not a success."""
+    if error is not None:
+        return "failed", f"{type(error).__name__}: {error}"
+    if planned is None or completed < planned:
+        return "failed", f"completed {completed} of {planned} planned steps"
+    return "succeeded", None
 
 
 class ProgressTracker:

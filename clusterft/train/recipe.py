@@ -40,6 +40,7 @@ from clusterft.train.plan import check_resumable, compat_record, plan_run, warmu
 from clusterft.train.state import (
     gather_state,
     gather_tensor_parallel_weights,
+    model_state_bytes,
     restore_optimizer_state,
     rng_state,
     seed_everything,
@@ -96,7 +97,13 @@ class Recipe:
             spec.data, self.tokenizer, seed=spec.train.seed, base_dir=self.run.base_dir
         ).train
         trainer = resumed.trainer if resumed else {}
-        self.plan = plan_run(spec, self.world_size, len(self.train_data), trainer.get("global_micro_batch"))
+        # weights_only drops optimizer, schedule and data position of a checkpoint from a different
+        # spec; the run's own checkpoints (same spec hash) always resume exactly.
+        self.exact_resume = resumed is not None and (
+            not spec.resume.weights_only or trainer["spec_hash"] == spec.spec_hash()
+        )
+        geometry = trainer.get("global_micro_batch") if self.exact_resume else None
+        self.plan = plan_run(spec, self.world_size, len(self.train_data), geometry)
         # Tokens trained on per example (labels shifted by one): the loss divides by the global count.
         self.label_counts = [sum(t != IGNORE_INDEX for t in ex.labels[1:]) for ex in self.train_data]
 
@@ -113,8 +120,8 @@ class Recipe:
         self.engine, self.named_params, self.compat = self._build_engine(resumed)
         self.start_step = 0
         if resumed is not None:
-            check_resumable(trainer["compat"], self.compat, spec.resume.weights_only, resumed.name)
-            if not spec.resume.weights_only:
+            check_resumable(trainer["compat"], self.compat, not self.exact_resume, resumed.name)
+            if self.exact_resume:
                 self._restore_training_state(resumed)
         self.resumed_from = resumed.name if resumed else None
         self._send("start", planned_steps=self.plan.total_steps, resumed_from=self.resumed_from,
@@ -126,27 +133,25 @@ class Recipe:
         (pids / f"rank-{self.rank}.pid").write_text(str(os.getpid()))
 
     def _load_checkpoint(self) -> LoadedBundle | None:
-        """The bundle to resume from: named in the spec, else the newest that verifies (rank 0 picks)."""
-        resume = self.spec.resume
-        if not resume.enabled:
-            return None
-        name = None
+        """The bundle to resume from (rank 0 picks, every rank reads).
+
+        This run's own newest valid bundle comes first: after a worker failure the run continues
+        from its own progress. Without one, `resume.from_checkpoint` (a bundle dir), if given; and
+        with `resume.enabled: false`, nothing else (preflight made sure no stale bundles exist).
+        """
+        location = None
         if self.rank == 0:
-            if resume.from_checkpoint:
-                source = resolve(self.run.base_dir, resume.from_checkpoint)
-                store = BundleStore(source.parent)
-                info = store.inspect(source.name)
-                if not info.valid:
-                    raise UserError(f"resume.from_checkpoint: {source} is not valid: {info.problem}")
-                self.store_for_resume, name = store, source.name
-            else:
-                info = self.store.find_latest_valid()
-                name = info.name if info else None
-        source_root = broadcast_object(str(getattr(self, "store_for_resume", self.store).storage.uri))
-        name = broadcast_object(name)
-        if name is None:
-            return None
-        return load_bundle(BundleStore(source_root), name, self.rank)
+            info = self.store.find_latest_valid()
+            if info is not None:
+                location = (str(self.store.storage.uri), info.name)
+            elif self.spec.resume.from_checkpoint:
+                source = resolve(self.run.base_dir, self.spec.resume.from_checkpoint)
+                checked = BundleStore(source.parent).inspect(source.name)
+                if not checked.valid:
+                    raise UserError(f"resume.from_checkpoint: {source} is not valid: {checked.problem}")
+                location = (str(source.parent), source.name)
+        location = broadcast_object(location)
+        return load_bundle(BundleStore(location[0]), location[1], self.rank) if location else None
 
     def _data_parallel_rank(self) -> tuple[int, bool]:
         """(data-parallel rank, whether model parallel). DeepSpeed's pipe topology puts the data axis
@@ -252,8 +257,12 @@ class Recipe:
             loss, tokens = self._train_step(step)
             step += 1
             elapsed = time.perf_counter() - started
+            extra = (
+                {"model_state_bytes": model_state_bytes(self.engine)} if step == self.start_step + 1 else {}
+            )
             self._send(
                 "step",
+                **extra,
                 step=step,
                 loss=loss,
                 lr=self.engine.get_lr()[0],

@@ -108,6 +108,29 @@ def restore_optimizer_state(engine, named_params: NamedParams, saved: dict[str, 
             optimizer.state[param][key].copy_(saved[key][name])
 
 
+def model_state_bytes(engine) -> dict[str, int]:
+    """Bytes this rank holds of parameters, fp32 master copies and optimizer moments.
+
+    ZeRO-3 parameters count their local partition (`ds_tensor`); ZeRO's flat fp32 partitions are
+    the master copies; without ZeRO the optimizer updates the parameters themselves (no copy).
+    """
+    params = 0
+    for param in engine.module.parameters():
+        local = getattr(param, "ds_tensor", param)
+        params += local.numel() * local.element_size()
+    optimizer = _inner_optimizer(engine)
+    master = 0
+    if _is_zero(engine):
+        master = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+    moments = sum(
+        value.numel() * value.element_size()
+        for state in optimizer.state.values()
+        for key, value in state.items()
+        if key in MOMENTS
+    )
+    return {"params": params, "master": master, "moments": moments, "total": params + master + moments}
+
+
 # ---------------------------------------------------------------- RNG
 
 

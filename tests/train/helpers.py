@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from clusterft.config import JobSpec, parse_job_dict
 from clusterft.storage import BundleStore
@@ -57,6 +57,24 @@ def bundles(spec: JobSpec) -> BundleStore:
 def final_weights(spec: JobSpec) -> dict:
     store = bundles(spec)
     return load_bundle(store, store.find_latest_valid().name, rank=0).state["weights"]
+
+
+class RecordingCallback:
+    """A user callback (named by dotted path in a spec) that records the hooks the driver calls."""
+
+    events: ClassVar[list[tuple[str, dict]]] = []
+
+    def on_step_end(self, metrics: dict) -> None:
+        self.events.append(("on_step_end", metrics))
+
+    def on_checkpoint(self, info: dict) -> None:
+        self.events.append(("on_checkpoint", info))
+
+    def on_eval(self, metrics: dict) -> None:
+        self.events.append(("on_eval", metrics))
+
+    def on_train_end(self, summary: dict) -> None:
+        self.events.append(("on_train_end", summary))
 
 
 class WorkerKiller(threading.Thread):

@@ -92,13 +92,10 @@ def test_ray_job_submit_trains(head_cluster, tiny_llama, tmp_path):
         "cluster": {"num_workers": 2},
     }
     (workdir / "job.yaml").write_text(yaml.safe_dump(job))
-    entry = (
-        "import sys; from clusterft.train.commands import train_command; "
-        "sys.exit(train_command('job.yaml', progress=False))"
-    )
+    clusterft = str(Path(sys.executable).parent / "clusterft")  # the console script, as a user runs it
     submit = [RAY, "job", "submit", "--address", head_cluster, "--working-dir", str(workdir), "--"]
     result = subprocess.run(
-        [*submit, sys.executable, "-c", entry],
+        [*submit, clusterft, "train", "job.yaml", "--no-progress"],
         capture_output=True,
         text=True,
         timeout=400,

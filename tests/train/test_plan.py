@@ -1,0 +1,71 @@
+"""Pure run decisions: step counts, batch geometry across worker counts, resume compatibility."""
+
+from __future__ import annotations
+
+import pytest
+
+from clusterft.errors import UserError
+from clusterft.train.launcher import run_status
+from clusterft.train.plan import check_resumable, plan_run
+from tests.train.helpers import make_job
+
+
+def spec(tmp_path, **overrides):
+    return make_job(tmp_path / "model", tmp_path / "out", **overrides)
+
+
+def test_max_steps_wins(tmp_path):
+    plan = plan_run(spec(tmp_path), world_size=2, num_train_examples=64)
+    assert (plan.micro_batch_size, plan.global_micro_batch, plan.micro_steps_per_epoch) == (2, 4, 16)
+    assert plan.total_steps == 8
+    assert plan.position(7, 1) == (0, 15)
+    assert plan.position(8) == (1, 0)  # the data order wraps into epoch 1
+
+
+def test_epochs_give_the_step_count(tmp_path):
+    plan = plan_run(spec(tmp_path, max_steps=-1, num_train_epochs=2.0), world_size=2, num_train_examples=64)
+    assert plan.total_steps == 2 * 16 // 2
+
+
+def test_resume_on_fewer_workers_keeps_the_global_batch(tmp_path):
+    plan = plan_run(spec(tmp_path, cluster={"num_workers": 1}), 1, 64, global_micro_batch=4)
+    assert (plan.micro_batch_size, plan.global_micro_batch) == (4, 4)
+    with pytest.raises(UserError, match="cannot be split evenly over 3"):
+        plan_run(spec(tmp_path, cluster={"num_workers": 3}), 3, 64, global_micro_batch=4)
+
+
+def test_pipeline_data_parallel_size(tmp_path):
+    pipe = spec(
+        tmp_path, finetuning_type="full", cluster={"num_workers": 4}, parallel={"strategy": "pipeline"}
+    )
+    plan = plan_run(pipe, 4, 64)
+    assert (plan.data_parallel_size, plan.global_micro_batch) == (2, 4)
+
+
+def test_too_little_data_is_a_user_error(tmp_path):
+    with pytest.raises(UserError, match="cannot fill one micro-step"):
+        plan_run(spec(tmp_path), 2, 3)
+
+
+SAVED = {"model": "m1", "finetuning_type": "lora", "data": "d1", "lora_rank": 4, "lora_target": ["q_proj"]}
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [({"model": "m2"}, "model"), ({"lora_rank": 8}, "lora_rank"), ({"data": "d2"}, "data")],
+)
+def test_incompatible_checkpoint_refused(change, key):
+    with pytest.raises(UserError, match=rf"(?s){key}: checkpoint has .*weights_only: true"):
+        check_resumable(SAVED, {**SAVED, **change}, weights_only=False, bundle="step_000000004")
+
+
+def test_weights_only_allows_new_data_and_model_but_not_new_shapes():
+    check_resumable(SAVED, {**SAVED, "data": "d2", "model": "m2"}, weights_only=True, bundle="b")
+    with pytest.raises(UserError, match="lora_rank"):
+        check_resumable(SAVED, {**SAVED, "lora_rank": 8}, weights_only=True, bundle="b")
+
+
+def test_fewer_steps_than_planned_is_a_failure():
+    assert run_status(None, planned=8, completed=8) == ("succeeded", None)
+    assert run_status(None, planned=8, completed=6) == ("failed", "completed 6 of 8 planned steps")
+    assert run_status(RuntimeError("worker died"), 8, 8) == ("failed", "RuntimeError: worker died")
