@@ -125,7 +125,7 @@ def perplexity(llm, token_ids: list[int]) -> float:
     )
     ids = torch.tensor(token_ids)
     positions = torch.arange(len(token_ids))
-    meta = AttentionMetadata(positions, 0, None, None, None, None, [PrefillChunk(0, len(token_ids), 0, None)])
+    meta = AttentionMetadata(positions, 0, [], [PrefillChunk(0, len(token_ids), 0, None)])
     with torch.inference_mode():
         hidden = engine.model(ids, positions, cache.gpu_cache, meta)
         logprobs = torch.log_softmax(engine.model.compute_logits(hidden[:-1]), dim=-1)

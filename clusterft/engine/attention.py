@@ -10,7 +10,9 @@ A layer's cache is (num_blocks, kvh, block_size, hd): each block holds, per KV h
 (block_size, hd) matrix. Each layer first writes the step's new K/V, then reads. Decodes are done
 block-wise for the whole batch at once, without padding every request to the longest context:
 scores of each (request, block) pair by one batched matmul, a softmax segmented by request (max and
-sum reduced over each request's blocks), and the weighted V summed back per request. Each prefill
+sum reduced over each request's blocks), and the weighted V summed back per request. Where the
+decodes' blocks fill most of a range of block ids, the matmuls read the cache in place; copying
+blocks out first cost as much as the attention itself on CPU. Each prefill
 chunk attends over its cached prefix plus itself, causally, with SDPA.
 """
 
@@ -31,15 +33,27 @@ class PrefillChunk:
 
 
 @dataclass
+class DecodeBlocks:
+    """(request, block) pairs of the step's decodes, read either in place or gathered.
+
+    In place: blocks [block_start, block_start + R) of the cache, a view, no copy; blocks that no
+    decode reads in that range have owner D (a dummy request) and no valid slot. Gathered: the listed
+    block ids are copied into reused scratch buffers (a block shared by several decodes, e.g. a
+    cached prefix, is read in place for one of them and gathered for the others).
+    """
+
+    owner: torch.Tensor  # (R,) decode index 0..D-1 reading each block, D for none
+    valid: torch.Tensor  # (R, block_size) True where the slot is in the owner's context
+    block_start: int | None = None  # in place: first block of the range
+    block_ids: torch.Tensor | None = None  # gathered: which blocks
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # gathered: (R, kvh, bs, hd) scratch for K, V
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # (T,) where each new token's K/V is written
     num_decodes: int
-    decode_block_ids: torch.Tensor | None  # (TB,) all decodes' block tables, concatenated
-    decode_block_owner: torch.Tensor | None  # (TB,) which decode (0..D-1) each of those blocks serves
-    decode_block_valid: torch.Tensor | None  # (TB, block_size) True where the slot is in the context
-    # (TB, kvh, bs, hd) scratch for the gathered K and V blocks, reused across layers and steps:
-    # a fresh tensor this large costs more in page faults than the copy itself.
-    decode_kv_buffers: tuple[torch.Tensor, torch.Tensor] | None
+    decode_blocks: list[DecodeBlocks]
     prefills: list[PrefillChunk]
 
 
@@ -55,32 +69,17 @@ def paged_attention(
     q: torch.Tensor,  # (T, h, hd)
     k: torch.Tensor,  # (T, kvh, hd), this step's keys (already written to the cache)
     v: torch.Tensor,
-    k_cache: torch.Tensor,  # (num_blocks, block_size, kvh, hd)
+    k_cache: torch.Tensor,  # (num_blocks, kvh, block_size, hd)
     v_cache: torch.Tensor,
     meta: AttentionMetadata,
     scale: float,
 ) -> torch.Tensor:  # (T, h, hd)
-    _, num_heads, head_dim = q.shape
+    head_dim = q.shape[2]
     num_kv_heads = k.shape[1]
-    group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     d = meta.num_decodes
     if d:
-        owner = meta.decode_block_owner
-        k_buf, v_buf = meta.decode_kv_buffers
-        kb = torch.index_select(k_cache, 0, meta.decode_block_ids, out=k_buf)  # (TB, kvh, bs, hd)
-        vb = torch.index_select(v_cache, 0, meta.decode_block_ids, out=v_buf)
-        qb = q[:d].view(d, num_kv_heads, group, head_dim)[owner]  # (TB, kvh, g, hd): g heads share a KV head
-        scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale  # (TB, kvh, g, bs)
-        scores = scores.masked_fill(~meta.decode_block_valid[:, None, None, :], float("-inf"))
-        block_max = scores.amax(dim=-1)  # (TB, kvh, g)
-        row_max = torch.full((d, num_kv_heads, group), float("-inf"), device=q.device, dtype=q.dtype)
-        row_max.scatter_reduce_(0, owner[:, None, None].expand_as(block_max), block_max, reduce="amax")
-        weights = torch.exp(scores - row_max[owner][..., None])
-        denom = torch.zeros_like(row_max).index_add_(0, owner, weights.sum(dim=-1))
-        od = torch.zeros(d, num_kv_heads, group, head_dim, device=q.device, dtype=q.dtype)
-        od.index_add_(0, owner, torch.matmul(weights, vb))  # sum over each request's blocks
-        out[:d] = (od / denom[..., None]).view(d, num_heads, head_dim)
+        out[:d] = _decode_attention(q[:d], k_cache, v_cache, meta.decode_blocks, scale)
     for chunk in meta.prefills:
         s, n = chunk.query_start, chunk.query_len
         qp = q[s : s + n].transpose(0, 1).unsqueeze(0)  # (1, h, n, hd)
@@ -100,3 +99,34 @@ def paged_attention(
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
         out[s : s + n] = op[0].transpose(0, 1)
     return out
+
+
+def _decode_attention(q, k_cache, v_cache, decode_blocks: list[DecodeBlocks], scale: float) -> torch.Tensor:
+    """q: (D, h, hd) one token per request -> (D, h, hd), with a softmax segmented by request."""
+    d, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[1]
+    group = num_heads // num_kv_heads
+    # Row D is a dummy request for blocks nobody reads; its (NaN) results are dropped at the end.
+    qd = torch.cat([q.view(d, num_kv_heads, group, head_dim), q.new_zeros(1, num_kv_heads, group, head_dim)])
+    parts = []
+    for blocks in decode_blocks:
+        if blocks.block_start is not None:
+            kb = k_cache[blocks.block_start : blocks.block_start + len(blocks.owner)]  # (R, kvh, bs, hd) view
+            vb = v_cache[blocks.block_start : blocks.block_start + len(blocks.owner)]
+        else:
+            kb = torch.index_select(k_cache, 0, blocks.block_ids, out=blocks.buffers[0])
+            vb = torch.index_select(v_cache, 0, blocks.block_ids, out=blocks.buffers[1])
+        scores = torch.matmul(qd[blocks.owner], kb.transpose(-1, -2)) * scale  # (R, kvh, g, bs)
+        scores = scores.masked_fill(~blocks.valid[:, None, None, :], float("-inf"))
+        parts.append((scores, vb, blocks.owner))
+    row_max = torch.full((d + 1, num_kv_heads, group), float("-inf"), device=q.device, dtype=q.dtype)
+    for scores, _, owner in parts:
+        block_max = scores.amax(dim=-1)  # (R, kvh, g)
+        row_max.scatter_reduce_(0, owner[:, None, None].expand_as(block_max), block_max, reduce="amax")
+    denom = torch.zeros_like(row_max)
+    acc = q.new_zeros(d + 1, num_kv_heads, group, head_dim)
+    for scores, vb, owner in parts:
+        weights = torch.exp(scores - row_max[owner][..., None])
+        denom.index_add_(0, owner, weights.sum(dim=-1))
+        acc.index_add_(0, owner, torch.matmul(weights, vb))  # sum over each request's blocks
+    return (acc[:d] / denom[:d, ..., None]).reshape(d, num_heads, head_dim)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clusterft.engine.attention import AttentionMetadata, PrefillChunk
+from clusterft.engine.attention import AttentionMetadata, DecodeBlocks, PrefillChunk
 from clusterft.engine.cache_engine import CacheEngine
 from clusterft.engine.lora import LoRAManager
 from clusterft.engine.models.layers import LoRAMapping
@@ -168,17 +168,9 @@ class ModelRunner:
         slot_mapping = torch.tensor(block_of_token, dtype=torch.long) * bs + pos % bs
 
         dev = self.device
-        decode_block_ids = decode_block_owner = decode_block_valid = None
-        if num_decodes:
-            decode_states = ordered[:num_decodes]
-            table = [block_id for state in decode_states for block_id in state.block_ids]
-            counts = torch.tensor([len(state.block_ids) for state in decode_states])
-            decode_block_ids = torch.tensor(table, dtype=torch.long)
-            decode_block_owner = torch.repeat_interleave(torch.arange(num_decodes), counts)  # (TB,)
-            # Each block's first position within its request, against the request's context length.
-            block_index = torch.arange(len(table)) - (torch.cumsum(counts, 0) - counts)[decode_block_owner]
-            context_lens = (pos[:num_decodes] + 1)[decode_block_owner]
-            decode_block_valid = block_index[:, None] * bs + torch.arange(bs) < context_lens[:, None]
+        decode_blocks = (
+            self._decode_blocks(ordered[:num_decodes], pos[:num_decodes] + 1) if num_decodes else []
+        )
         prefills, start_idx = [], num_decodes
         for state in ordered[num_decodes:]:
             n = num_scheduled[state.req_id]
@@ -191,13 +183,38 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_mapping=slot_mapping.to(dev),
             num_decodes=num_decodes,
-            decode_block_ids=decode_block_ids.to(dev) if decode_block_ids is not None else None,
-            decode_block_owner=decode_block_owner.to(dev) if decode_block_owner is not None else None,
-            decode_block_valid=decode_block_valid.to(dev) if decode_block_valid is not None else None,
-            decode_kv_buffers=self._decode_kv_buffers(len(decode_block_ids)) if num_decodes else None,
+            decode_blocks=decode_blocks,
             prefills=prefills,
         )
         return torch.tensor(input_ids, dtype=torch.long, device=dev), pos.to(dev), meta
+
+    def _decode_blocks(self, decode_states: list[CachedRequestState], context_lens: torch.Tensor):
+        """The decodes' (request, block) pairs as in-place and gathered DecodeBlocks (see attention.py)."""
+        bs, dev, d = self.block_size, self.device, len(decode_states)
+        table = [block_id for state in decode_states for block_id in state.block_ids]
+        counts = torch.tensor([len(state.block_ids) for state in decode_states])
+        block_ids = torch.tensor(table, dtype=torch.long)
+        owner = torch.repeat_interleave(torch.arange(d), counts)  # (TB,)
+        # Each block's first position within its request, against the request's context length.
+        block_index = torch.arange(len(table)) - (torch.cumsum(counts, 0) - counts)[owner]
+        valid = block_index[:, None] * bs + torch.arange(bs) < context_lens[owner][:, None]
+        seen: set[int] = set()
+        first = torch.tensor([not (b in seen or seen.add(b)) for b in table])  # first reader of each block
+        lo, hi = min(seen), max(seen) + 1
+        parts = []
+        if hi - lo <= 2 * len(seen):  # dense enough: read the range in place
+            range_owner = torch.full((hi - lo,), d, dtype=torch.long)
+            range_valid = torch.zeros(hi - lo, bs, dtype=torch.bool)
+            range_owner[block_ids[first] - lo] = owner[first]
+            range_valid[block_ids[first] - lo] = valid[first]
+            parts.append(DecodeBlocks(range_owner.to(dev), range_valid.to(dev), block_start=lo))
+            block_ids, owner, valid = block_ids[~first], owner[~first], valid[~first]
+        if len(block_ids):
+            parts.append(
+                DecodeBlocks(owner.to(dev), valid.to(dev), block_ids=block_ids.to(dev),
+                             buffers=self._decode_kv_buffers(len(block_ids)))
+            )  # fmt: skip
+        return parts
 
     def _lora_mapping(
         self, ordered: list[CachedRequestState], num_scheduled: dict[str, int]
