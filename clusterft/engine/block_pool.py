@@ -2,10 +2,12 @@
 
 The pool never touches tensors: a block is an id into the cache engine's K/V tensors.
 
-Free list order is eviction order. Blocks freed by a finished request are appended at the tail (its
-last block first, so a prefix outlives its tail); allocation pops the head. A free block keeps its
-hash, so a later request with the same prefix can take it back ("touch") until it is reused and its
-hash evicted: lazy LRU eviction of cached blocks.
+Free list order is eviction order; allocation pops the head. A freed block that holds a cached hash
+joins the tail (a finished request frees its last block first, so a prefix outlives its tail) and
+keeps its hash, so a later request with the same prefix can take it back ("touch") until it is
+reused and its hash evicted: lazy LRU eviction of cached blocks. A freed block without a hash holds
+nothing worth keeping: it goes to the head and is reused first, which also keeps the ids of the
+blocks in use compact (decode attention reads a dense range of the cache in place).
 """
 
 from __future__ import annotations
@@ -57,6 +59,12 @@ class FreeKVCacheBlockQueue:
         block.next_free.prev_free = block.prev_free
         block.prev_free = block.next_free = None
         self.num_free_blocks -= 1
+
+    def appendleft(self, block: KVCacheBlock) -> None:
+        first = self.head.next_free
+        self.head.next_free, block.prev_free = block, self.head
+        block.next_free, first.prev_free = first, block
+        self.num_free_blocks += 1
 
     def append(self, block: KVCacheBlock) -> None:
         last = self.tail.prev_free
@@ -134,12 +142,16 @@ class BlockPool:
             block.ref_cnt += 1
 
     def free_blocks(self, ordered_blocks: Iterable[KVCacheBlock]) -> None:
-        """Drop one reference each; blocks reaching zero join the free list tail in the given order."""
+        """Drop one reference each; blocks reaching zero join the free list: cached ones at the tail
+        in the given order, uncached ones at the head (reused first)."""
         for block in ordered_blocks:
             assert block.ref_cnt > 0, f"double free of block {block.block_id}"
             block.ref_cnt -= 1
             if block.ref_cnt == 0:
-                self.free_block_queue.append(block)
+                if block.block_hash is None:
+                    self.free_block_queue.appendleft(block)
+                else:
+                    self.free_block_queue.append(block)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (after a weight change, or to measure a cold cache)."""

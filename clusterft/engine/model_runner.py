@@ -202,7 +202,7 @@ class ModelRunner:
         first = torch.tensor([not (b in seen or seen.add(b)) for b in table])  # first reader of each block
         lo, hi = min(seen), max(seen) + 1
         parts = []
-        if hi - lo <= 2 * len(seen):  # dense enough: read the range in place
+        if 4 * (hi - lo) <= 5 * len(seen):  # dense: few idle blocks read for nothing
             range_owner = torch.full((hi - lo,), d, dtype=torch.long)
             range_valid = torch.zeros(hi - lo, bs, dtype=torch.bool)
             range_owner[block_ids[first] - lo] = owner[first]

@@ -15,16 +15,21 @@ def test_allocation_pops_free_list_head_and_sets_ref_counts():
     assert pool.free_block_queue.block_ids() == [3, 4, 5]
 
 
-def test_free_appends_in_given_order_and_touch_removes_from_free_list():
-    pool = BlockPool(4)
-    a = pool.get_new_blocks(4)
+def test_free_puts_uncached_blocks_first_cached_last_and_touch_removes_from_free_list():
+    pool = BlockPool(5)
+    a = pool.get_new_blocks(5)
+    pool.cache_full_block(a[0], 10, (None, (0,), ()))
+    pool.cache_full_block(a[1], 11, (10, (1,), ()))
     pool.free_blocks(reversed(a[:3]))  # a request frees its tail first
-    assert pool.free_block_queue.block_ids() == [2, 1, 0]
-    pool.touch([a[1]])
-    assert a[1].ref_cnt == 1 and pool.free_block_queue.block_ids() == [2, 0]
+    assert pool.free_block_queue.block_ids() == [2, 1, 0]  # 2 (uncached) reused first; 1 evicted before 0
+    pool.free_blocks([a[4]])
+    assert pool.free_block_queue.block_ids() == [4, 2, 1, 0]
+    pool.free_blocks([a[3]])
+    pool.touch([a[3]])
+    assert a[3].ref_cnt == 1 and pool.free_block_queue.block_ids() == [4, 2, 1, 0]
     pool.touch([a[3]])  # shared: ref 2, never on the free list
     pool.free_blocks([a[3]])
-    assert a[3].ref_cnt == 1 and pool.num_free_blocks == 2
+    assert a[3].ref_cnt == 1 and pool.num_free_blocks == 4
 
 
 def test_cached_free_blocks_are_evicted_lazily_in_lru_order():

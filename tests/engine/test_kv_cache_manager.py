@@ -13,8 +13,8 @@ def test_allocate_slots_on_demand_and_none_when_full():
     r2 = make_request("b", 8)
     assert kv.allocate_slots(r2, 8) is None  # 2 blocks needed, 1 free: nothing changes
     assert kv.block_pool.num_free_blocks == 1 and "b" in kv.req_to_blocks and kv.req_to_blocks["b"] == []
-    kv.free(r)
-    assert kv.block_pool.free_block_queue.block_ids() == [3, 2, 1, 0]
+    kv.free(r)  # block 0 holds a cached (full prompt) block: evicted last; 1 and 2 are reused first
+    assert kv.block_pool.free_block_queue.block_ids() == [1, 2, 3, 0]
 
 
 def test_prefix_hit_keeps_last_token_to_compute_and_counts_free_cached_blocks():
@@ -75,6 +75,7 @@ def test_swap_out_and_in_moves_blocks_between_pools():
     assert kv.swap_out(big) is None  # 3 blocks, CPU pool has none free
     assert not kv.can_swap_in(r, 1)  # needs 2 of the 1 free device block
     kv.free(big)
-    assert kv.block_pool.free_block_queue.block_ids() == [0, 1, 3, 2]
-    assert kv.swap_in(r) == [(0, 0), (1, 1)]
+    # big's first block duplicated cached block 0, so it stayed uncached: reused first.
+    assert kv.block_pool.free_block_queue.block_ids() == [1, 0, 3, 2]
+    assert kv.swap_in(r) == [(0, 1), (1, 0)]
     assert kv.cpu_block_pool.num_free_blocks == 2
