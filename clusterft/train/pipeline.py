@@ -192,3 +192,31 @@ def pipeline_batch(examples: list, pad_token_id: int, length: int) -> tuple[torc
         input_ids[row, :n] = torch.tensor(example.input_ids[:n])
         labels[row, :n] = torch.tensor(example.labels[:n])
     return input_ids, labels
+
+
+def build_pipeline_engine_inputs(model_dir: Path, spec, weights: dict[str, torch.Tensor] | None):
+    """(this stage's PipelineModule, its (HF name, parameter) list, hidden size) for the recipe;
+    `weights` (a checkpoint's, by HF name) replace the base model's when resuming."""
+    from clusterft.train.state import seed_everything
+
+    seed_everything(spec.train.seed)
+    module = build_pipeline_module(
+        model_dir, spec.parallel.pipeline_stages, spec.train.gradient_checkpointing
+    )
+    named = hf_named_parameters(module)
+    if weights is not None:
+        with torch.no_grad():
+            for name, param in named:
+                param.copy_(weights[name])
+    hidden_size = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["hidden_size"]
+    return module, named, hidden_size
+
+
+def pipeline_step(engine, micro_batches: list[list], pad_token_id: int, length: int) -> tuple[float, int]:
+    """One optimizer step through the pipe (the micro-batches are the accumulation steps).
+
+    Returns (loss averaged over micro-batches and data-parallel ranks, tokens this rank fed in)."""
+    batches = [pipeline_batch(examples, pad_token_id, length) for examples in micro_batches]
+    loss = engine.train_batch(data_iter=iter(batches))
+    tokens = sum(int((ids != pad_token_id).sum()) for ids, _ in batches)
+    return float(loss), tokens

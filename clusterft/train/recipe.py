@@ -74,6 +74,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 class Recipe:
+    """One worker's share of a run. `setup()` builds everything in a fixed order; `train()` loops."""
+
     def __init__(self, spec: JobSpec, run: RunContext, progress: Any = None):
         import ray.train
 
@@ -170,7 +172,11 @@ class Recipe:
         # DeepSpeed adopts the gloo/nccl process group Ray Train created (PipelineModule needs it first).
         deepspeed.init_distributed(dist_backend="nccl" if spec.cluster.use_gpu else "gloo")
         if self.pipeline:
-            model, named, hidden_size, targets = self._build_pipeline(resumed)
+            from clusterft.train.pipeline import build_pipeline_engine_inputs
+
+            weights = resumed.state["weights"] if resumed is not None else None
+            model, named, hidden_size = build_pipeline_engine_inputs(self.model_dir, spec, weights)
+            targets: list[str] = []
         else:
             model = load_model(self.model_dir, trust_remote_code=spec.model.trust_remote_code)
             targets = lora_target_modules(model, spec.method.lora_target)
@@ -207,21 +213,6 @@ class Recipe:
             model=model, model_parameters=[p for _, p in named], config=config, lr_scheduler=schedule
         )
         return engine, named, compat
-
-    def _build_pipeline(self, resumed: LoadedBundle | None):
-        """This stage's layers of the pipelined model, with the bundle's weights when resuming."""
-        from clusterft.train.pipeline import build_pipeline_module, hf_named_parameters
-
-        seed_everything(self.spec.train.seed)
-        module = build_pipeline_module(
-            self.model_dir, self.spec.parallel.pipeline_stages, self.spec.train.gradient_checkpointing
-        )
-        named = hf_named_parameters(module)
-        if resumed is not None:
-            with torch.no_grad():
-                for name, param in named:
-                    param.copy_(resumed.state["weights"][name])
-        return module, named, json.loads((self.model_dir / "config.json").read_text())["hidden_size"], []
 
     def _restore_training_state(self, resumed: LoadedBundle) -> None:
         trainer = resumed.trainer
@@ -279,13 +270,23 @@ class Recipe:
     def _train_step(self, step: int) -> tuple[float, int]:
         """One optimizer step: `gradient_accumulation_steps` micro-batches. Returns (loss, tokens)."""
         if self.pipeline:
-            return self._pipeline_step(step)
-        loss_sum, label_total, tokens = torch.zeros(()), 0, 0
+            from clusterft.train.pipeline import pipeline_step
+
+            examples = [
+                [self.train_data[i] for i in self.sampler.batch(*self.plan.position(step, micro))]
+                for micro in range(self.plan.gradient_accumulation_steps)
+            ]
+            return pipeline_step(
+                self.engine, examples, self.tokenizer.pad_token_id, self.spec.data.cutoff_len
+            )
+        device = self.engine.device
+        loss_sum, label_total, tokens = torch.zeros((), device=device), 0, 0
         for micro in range(self.plan.gradient_accumulation_steps):
             epoch, micro_step = self.plan.position(step, micro)
             indices = self.sampler.batch(epoch, micro_step)
             global_labels = sum(self.label_counts[i] for i in self.sampler.global_batch(epoch, micro_step))
             batch = collate([self.train_data[i] for i in indices], self.tokenizer.pad_token_id)
+            batch = {key: value.to(device) for key, value in batch.items()}
             tokens += int(batch["attention_mask"].sum())
             logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             # (B, T, V) predicts token t+1 from t; summed here, divided by the GLOBAL label count, so the
@@ -306,19 +307,6 @@ class Recipe:
             if self.model_parallel:  # every model-parallel rank of a group computed the same loss
                 loss_sum /= self.world_size // self.plan.data_parallel_size
         return float(loss_sum) / label_total, tokens
-
-    def _pipeline_step(self, step: int) -> tuple[float, int]:
-        """One optimizer step through the pipe: the micro-batches are the accumulation steps."""
-        from clusterft.train.pipeline import pipeline_batch
-
-        batches = []
-        for micro in range(self.plan.gradient_accumulation_steps):
-            indices = self.sampler.batch(*self.plan.position(step, micro))
-            examples = [self.train_data[i] for i in indices]
-            batches.append(pipeline_batch(examples, self.tokenizer.pad_token_id, self.spec.data.cutoff_len))
-        loss = self.engine.train_batch(data_iter=iter(batches))  # averaged over micro-batches and dp
-        tokens = sum(int((ids != self.tokenizer.pad_token_id).sum()) for ids, _ in batches)
-        return float(loss), tokens
 
     # ------------------------------------------------------------------ checkpoint
 

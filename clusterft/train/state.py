@@ -119,9 +119,11 @@ def model_state_bytes(engine) -> dict[str, int]:
         local = getattr(param, "ds_tensor", param)
         params += local.numel() * local.element_size()
     optimizer = _inner_optimizer(engine)
-    master = 0
-    if _is_zero(engine):
-        master = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+    # ZeRO-1/2 hand the torch optimizer their flat fp32 partitions; ZeRO-3 keeps them in its own list.
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if flats is None and _is_zero(engine):
+        flats = [p for group in optimizer.param_groups for p in group["params"]]
+    master = sum(t.numel() * t.element_size() for t in flats or [])
     moments = sum(
         value.numel() * value.element_size()
         for state in optimizer.state.values()

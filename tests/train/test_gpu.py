@@ -1,0 +1,54 @@
+"""GPU paths (skipped without CUDA): bf16 with DeepSpeed's fused optimizer over NCCL, and AutoTP."""
+
+from __future__ import annotations
+
+import tempfile
+
+import pytest
+
+from clusterft.train.launcher import run_training
+from tests.train.helpers import make_job
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def gpu_cluster():
+    import ray
+    import torch
+
+    ray.init(
+        num_cpus=2,
+        num_gpus=torch.cuda.device_count(),
+        include_dashboard=False,
+        _temp_dir=tempfile.mkdtemp(prefix="cftgpu", dir="/tmp"),
+    )
+    yield torch.cuda.device_count()
+    ray.shutdown()
+
+
+def test_bf16_zero2_trains_on_one_gpu(gpu_cluster, tiny_llama, tmp_path):
+    spec = make_job(
+        tiny_llama,
+        tmp_path / "bf16",
+        bf16=True,
+        cluster={"num_workers": 1, "gpus_per_worker": 1},
+        parallel={"strategy": "zero2"},
+    )
+    summary = run_training(spec, show_progress=False)
+    assert summary.ok, summary.error
+    assert summary.final_loss < 7.0
+
+
+def test_autotp_on_two_gpus(gpu_cluster, tiny_llama, tmp_path):
+    if gpu_cluster < 2:
+        pytest.skip("needs 2 GPUs")
+    spec = make_job(
+        tiny_llama,
+        tmp_path / "tp",
+        finetuning_type="full",
+        cluster={"num_workers": 2, "gpus_per_worker": 1},
+        parallel={"strategy": "tensor", "tensor_parallel_size": 2},
+    )
+    summary = run_training(spec, show_progress=False)
+    assert summary.ok, summary.error
