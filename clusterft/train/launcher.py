@@ -106,8 +106,11 @@ def preflight(spec: JobSpec, where: RunLocation) -> None:
     from clusterft.train.checkpointing import load_bundle
 
     model_dir = check_model_dir(resolve(where.base_dir, spec.model.model_name_or_path))
-    if spec.parallel.strategy == "pipeline" and spec.method.finetuning_type != "full":
-        raise UserError("parallel.strategy pipeline trains finetuning_type full only; use zero1/2/3 for lora")
+    if spec.parallel.strategy in ("pipeline", "tensor") and spec.method.finetuning_type != "full":
+        raise UserError(
+            f"parallel.strategy {spec.parallel.strategy} trains finetuning_type full only "
+            "(its layers are rebuilt or split, which peft adapters do not survive); use ddp/zero* for lora"
+        )
     tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
     train = build_datasets(spec.data, tokenizer, seed=spec.train.seed, base_dir=where.base_dir).train
     store = BundleStore(where.bundle_root)

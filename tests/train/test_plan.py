@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from clusterft.errors import UserError
-from clusterft.train.launcher import run_status
+from clusterft.storage import BundleStore
+from clusterft.train.launcher import locate, preflight, run_status
 from clusterft.train.plan import check_resumable, plan_run
 from tests.train.helpers import make_job
 
@@ -69,3 +70,21 @@ def test_fewer_steps_than_planned_is_a_failure():
     assert run_status(None, planned=8, completed=8) == ("succeeded", None)
     assert run_status(None, planned=8, completed=6) == ("failed", "completed 6 of 8 planned steps")
     assert run_status(RuntimeError("worker died"), 8, 8) == ("failed", "RuntimeError: worker died")
+
+
+@pytest.mark.parametrize("strategy", ["pipeline", "tensor"])
+def test_preflight_refuses_lora_with_model_parallel(tiny_llama, tmp_path, strategy):
+    job = make_job(tiny_llama, tmp_path / "out", parallel={"strategy": strategy})
+    with pytest.raises(UserError, match="finetuning_type full only"):
+        preflight(job, locate(job))
+
+
+def test_preflight_refuses_stale_checkpoints_when_resume_is_off(tiny_llama, tmp_path):
+    job = make_job(tiny_llama, tmp_path / "out", resume={"enabled": False})
+    store = BundleStore(locate(job).bundle_root)
+    store.publish(store.begin(2), 2, {})
+    with pytest.raises(UserError, match="overwrite_output_dir: true"):
+        preflight(job, locate(job))
+    overwrite = make_job(tiny_llama, tmp_path / "out", resume={"enabled": False}, overwrite_output_dir=True)
+    preflight(overwrite, locate(overwrite))
+    assert store.find_latest_valid() is None
