@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
@@ -141,6 +142,9 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset")
     parser.add_argument("--no-kill", action="store_true", help="skip the kill → resume measurement")
     args = parser.parse_args()
+    # DeepSpeed and Ray log to stdout; keep stdout for the JSON alone (fd level: catches everything).
+    json_out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
 
     from clusterft.runtime import apply_runtime_defaults
 
@@ -153,8 +157,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="cft-bench-"))
     model_dir = make_tiny_model(work / "small-llama", "llama", "small")
     psi = count_parameters(model_dir)
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tempfile.mkdtemp(prefix="cftbr", dir="/tmp"))  # fmt: skip
+    ray_dir = tempfile.mkdtemp(prefix="cftbr", dir="/tmp")
+    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False, _temp_dir=ray_dir)
     results: dict[str, Any] = {
         "model": "llama/small",
         "parameters": psi,
@@ -172,7 +176,9 @@ def main() -> None:
             results["kill_resume_zero2"] = kill_and_resume(model_dir, work / "kill", args.steps, args.workers)
     finally:
         ray.shutdown()
-    print(json.dumps(results, indent=None if args.json else 2))
+        shutil.rmtree(ray_dir, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)
+    print(json.dumps(results, indent=None if args.json else 2), file=json_out, flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 
 import pytest
@@ -17,14 +18,11 @@ def gpu_cluster():
     import ray
     import torch
 
-    ray.init(
-        num_cpus=2,
-        num_gpus=torch.cuda.device_count(),
-        include_dashboard=False,
-        _temp_dir=tempfile.mkdtemp(prefix="cftgpu", dir="/tmp"),
-    )
+    temp_dir = tempfile.mkdtemp(prefix="cftgpu", dir="/tmp")
+    ray.init(num_cpus=2, num_gpus=torch.cuda.device_count(), include_dashboard=False, _temp_dir=temp_dir)
     yield torch.cuda.device_count()
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_bf16_zero2_trains_on_one_gpu(gpu_cluster, tiny_llama, tmp_path):

@@ -7,6 +7,7 @@ One Ray cluster serves the whole module; each run takes seconds (tiny model, 8 s
 from __future__ import annotations
 
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def ray_cluster():
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
     yield
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
