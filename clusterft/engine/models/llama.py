@@ -14,7 +14,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from clusterft.engine.attention import AttentionMetadata, paged_attention, write_kv
-from clusterft.engine.models.layers import LoRAMapping, PackedLinear, ParallelContext, RMSNorm, RotaryEmbedding
+from clusterft.engine.models.layers import (
+    LoRAMapping,
+    PackedLinear,
+    ParallelContext,
+    RMSNorm,
+    RotaryEmbedding,
+)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -82,7 +88,9 @@ class Attention(nn.Module):
             args.hidden_size, {"q_proj": q_size, "k_proj": kv_size, "v_proj": kv_size}, args.qkv_bias, dtype
         )
         # Row-parallel: each worker adds its heads' share; the bias is added once (rank 0).
-        self.o_proj = PackedLinear(q_size, {"o_proj": args.hidden_size}, args.o_bias and pc.tp_rank == 0, dtype)
+        self.o_proj = PackedLinear(
+            q_size, {"o_proj": args.hidden_size}, args.o_bias and pc.tp_rank == 0, dtype
+        )
         self.pc = pc
 
     def forward(self, positions, x, kv_cache, meta: AttentionMetadata, rotary, lora) -> torch.Tensor:
@@ -107,8 +115,12 @@ class MLP(nn.Module):
             raise ValueError(f"tensor_parallel_size {pc.tp_size} must divide intermediate_size")
         inter = args.intermediate_size // pc.tp_size
         self.inter = inter
-        self.gate_up_proj = PackedLinear(args.hidden_size, {"gate_proj": inter, "up_proj": inter}, args.mlp_bias, dtype)
-        self.down_proj = PackedLinear(inter, {"down_proj": args.hidden_size}, args.mlp_bias and pc.tp_rank == 0, dtype)
+        self.gate_up_proj = PackedLinear(
+            args.hidden_size, {"gate_proj": inter, "up_proj": inter}, args.mlp_bias, dtype
+        )
+        self.down_proj = PackedLinear(
+            inter, {"down_proj": args.hidden_size}, args.mlp_bias and pc.tp_rank == 0, dtype
+        )
         self.pc = pc
 
     def forward(self, x: torch.Tensor, lora: LoRAMapping | None) -> torch.Tensor:

@@ -45,7 +45,9 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
         return sorted({model_dir / f for f in json.loads(index.read_text())["weight_map"].values()})
     single = model_dir / "model.safetensors"
     if not single.exists():
-        raise FileNotFoundError(f"{model_dir} has no model.safetensors(.index.json): save the model with safetensors")
+        raise FileNotFoundError(
+            f"{model_dir} has no model.safetensors(.index.json): save the model with safetensors"
+        )
     return [single]
 
 
@@ -89,7 +91,9 @@ def load_model(
                 _load_tensor(model, args, pc, key, f.get_tensor(key), loaded)
     expected = 2 + args.num_layers * 9 + (0 if args.tie_word_embeddings else 1)
     if len(loaded) < expected:
-        raise ValueError(f"{model_dir}: only {len(loaded)} of {expected} expected weights found in safetensors")
+        raise ValueError(
+            f"{model_dir}: only {len(loaded)} of {expected} expected weights found in safetensors"
+        )
     if quant_group_size:
         for name, module in model.named_modules():
             if hasattr(module, "quantize_") and not any(ex in name for ex in quant_exclude_modules):
