@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from clusterft.controller.commands import DEFAULT_REGISTRY, REGISTRY_ENV
 from clusterft.engine.config import EngineConfig
 
 API_KEY_ENV = "CLUSTERFT_API_KEY"
@@ -56,7 +57,10 @@ class EngineSettings(_Section):
 class RegistrySource(_Section):
     """Serve whatever version an alias of the model registry points at, and follow it when it moves."""
 
-    root: str = Field(description="The registry's root directory (shared storage).")
+    root: str = Field(
+        default_factory=lambda: os.environ.get(REGISTRY_ENV, DEFAULT_REGISTRY),
+        description=f"The registry's root directory (shared storage); default ${REGISTRY_ENV} or ./registry.",
+    )
     model_name: str = Field(description="Registered model name (also the default served model name).")
     alias: str = Field(default="production", description="The alias to follow (production, canary).")
     poll_interval_s: float = Field(

@@ -439,16 +439,6 @@ def test_the_configmaps_job_spec_is_valid_and_lives_on_the_shared_volume() -> No
 # ---------------------------------------------------------------- serving
 
 
-# Until deployments/serve_config.yaml exists (the serving work writes it), the RayService carries this
-# stand-in. Once the file exists the test below compares with it instead, and fails until serveConfigV2
-# is the file's content: the two cannot drift apart silently.
-STANDIN_SERVE_CONFIG = {
-    "proxy_location": "EveryNode",
-    "http_options": {"host": "0.0.0.0", "port": 8000},
-    "applications": [{"name": "clusterft", "route_prefix": "/", "import_path": "deployments.app:app"}],
-}
-
-
 def serve_config() -> dict[str, Any]:
     config = yaml.safe_load(the("RayService")["spec"]["serveConfigV2"])
     assert isinstance(config, dict), "serveConfigV2 must be a YAML mapping in a string"
@@ -456,17 +446,13 @@ def serve_config() -> dict[str, Any]:
 
 
 def test_the_rayservice_serves_deployments_serve_config() -> None:
-    if SERVE_CONFIG.is_file():
-        expected, source = yaml.safe_load(SERVE_CONFIG.read_text(encoding="utf-8")), str(SERVE_CONFIG)
-    else:
-        expected, source = (
-            STANDIN_SERVE_CONFIG,
-            "the stand-in (deployments/serve_config.yaml is not written yet)",
-        )
+    expected = yaml.safe_load(SERVE_CONFIG.read_text(encoding="utf-8"))
     assert serve_config() == expected, (
-        f"k8s/rayservice.yaml spec.serveConfigV2 differs from {source}: "
+        f"k8s/rayservice.yaml spec.serveConfigV2 differs from {SERVE_CONFIG}: "
         "paste deployments/serve_config.yaml into serveConfigV2 (a YAML block string)"
     )
+    # Inside Kubernetes the proxies must listen on every interface (Serve's default for config files).
+    assert "host" not in expected.get("http_options", {})
 
 
 def test_the_serve_config_listens_where_the_serve_service_looks() -> None:

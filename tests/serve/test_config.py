@@ -68,11 +68,18 @@ def test_cli_serve_arguments():
     assert args.host == "127.0.0.1"
 
 
-def test_serve_config_yaml_builds_the_app(tiny_llama):
+def test_serve_config_yaml_builds_the_app(tiny_llama, tmp_path, monkeypatch):
+    """The shipped config serves the registry's production alias, found through $CLUSTERFT_REGISTRY."""
+    from clusterft.controller.registry import Registry
     from deployments.app import app_builder
 
     config = yaml.safe_load((ROOT / "deployments" / "serve_config.yaml").read_text())
     [app] = config["applications"]
     assert app["import_path"] == "deployments.app:app_builder"
-    ServeSpec(**app["args"])  # the shipped args are a valid spec
-    assert isinstance(app_builder({**app["args"], "model_dir": str(tiny_llama)}), serve.Application)
+    registry = Registry(tmp_path / "registry")
+    name = app["args"]["registry"]["model_name"]
+    registry.promote(name, registry.register(name, tiny_llama, kind="full").version)
+    monkeypatch.setenv("CLUSTERFT_REGISTRY", str(tmp_path / "registry"))
+    spec = ServeSpec(**app["args"])  # the shipped args are a valid spec
+    assert spec.registry is not None and spec.registry.root == str(tmp_path / "registry")
+    assert isinstance(app_builder(app["args"]), serve.Application)
