@@ -72,6 +72,17 @@ def head_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
+def submit_when_ready(command: list[str], wait_s: float = 90) -> subprocess.CompletedProcess[str]:
+    """Run `ray job submit`, again while the new head's job agent is still starting: right after
+    `ray start` the dashboard answers before its agent does, and refuses jobs it has not started."""
+    deadline = time.time() + wait_s
+    while True:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=400)
+        if "No available agent to submit job" not in result.stdout + result.stderr or time.time() > deadline:
+            return result
+        time.sleep(2)
+
+
 def test_ray_job_submit_trains(head_cluster, tiny_llama, tmp_path):
     workdir = tmp_path / "job"
     workdir.mkdir()
@@ -94,12 +105,7 @@ def test_ray_job_submit_trains(head_cluster, tiny_llama, tmp_path):
     (workdir / "job.yaml").write_text(yaml.safe_dump(job))
     clusterft = str(Path(sys.executable).parent / "clusterft")  # the console script, as a user runs it
     submit = [RAY, "job", "submit", "--address", head_cluster, "--working-dir", str(workdir), "--"]
-    result = subprocess.run(
-        [*submit, clusterft, "train", "job.yaml", "--no-progress"],
-        capture_output=True,
-        text=True,
-        timeout=400,
-    )
+    result = submit_when_ready([*submit, clusterft, "train", "job.yaml", "--no-progress"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["status"] == "succeeded" and summary["completed_steps"] == 4
