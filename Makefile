@@ -40,8 +40,11 @@ lint: setup
 	$(BIN)/ruff check clusterft tests bench
 	$(BIN)/ruff format --check clusterft tests bench
 
+# Each prints JSON; the figures in README.md come from these.
 bench: setup
 	$(BIN)/python bench/engine.py --json
+	$(BIN)/python bench/train.py --json
+	$(BIN)/python bench/serve_load.py --json
 
 clean:
 	rm -rf $(VENV) .cache build *.egg-info
