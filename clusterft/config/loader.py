@@ -25,6 +25,8 @@ IGNORED_KEYS: dict[str, str] = {
     "eval_steps": "evaluation runs after training, as set in the eval section",
     "flash_attn": "the attention kernel follows the hardware",
     "ddp_find_unused_parameters": "DeepSpeed decides",
+    "logging_steps": "every optimizer step is logged to output_dir/metrics.jsonl",
+    "dataloader_num_workers": "batches are collated in the training process from pre-tokenized examples",
 }
 # Flat LLaMA-Factory keys that land in a clusterft section.
 RENAMED_KEYS: dict[str, tuple[str, str]] = {

@@ -135,14 +135,16 @@ class TrainArgs(Section):
     bf16: bool = Field(default=False, description="Train in bfloat16 where the hardware has it.")
     fp16: bool = Field(default=False, description="Train in float16 (GPU only).")
     seed: int = Field(default=42, description="Seed of model init, data order and dropout.")
-    logging_steps: int = Field(default=10, gt=0, description="Log metrics every N optimizer steps.")
     save_steps: int = Field(default=500, gt=0, description="Write a checkpoint every N optimizer steps.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     plot_loss: bool = Field(default=True, description="Write loss.png to output_dir.")
-    dataloader_num_workers: int = Field(default=0, ge=0, description="Background processes loading batches.")
 
     @model_validator(mode="after")
     def _check(self) -> TrainArgs:
+        if not self.do_train:
+            raise ValueError(
+                "do_train is false: a job spec trains; to only evaluate a model use `clusterft eval`"
+            )
         if self.bf16 and self.fp16:
             raise ValueError("bf16 and fp16 are both true; choose one (or neither for fp32)")
         if self.max_steps <= 0 and self.num_train_epochs <= 0:
@@ -250,7 +252,6 @@ class PromoteSpec(Section):
     alias: Literal["production", "canary"] = Field(
         default="production", description="Alias moved on success."
     )
-    merge: bool = Field(default=False, description="Register a merged model instead of base + adapter.")
 
 
 # ---------------------------------------------------------------- the job

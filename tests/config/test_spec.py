@@ -119,6 +119,7 @@ def test_section_typo_and_bad_values_all_reported(tmp_path: Path) -> None:
         (("bf16: false", "bf16: true\nfp16: true"), "(spec): bf16 and fp16 are both true; choose one"),
         (("num_train_epochs: 3", "num_train_epochs: 0"), "(spec): nothing to train: set max_steps > 0"),
         (("stage: sft", "stage: dpo"), "2:stage: Input should be 'sft'"),
+        (("do_train: true", "do_train: false"), "(spec): do_train is false: a job spec trains"),
         (
             ("output_dir: saves/demo", "output: saves/demo"),
             "19:output: unknown key; did you mean 'output_dir'?",
