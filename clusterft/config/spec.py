@@ -30,6 +30,13 @@ def _split_csv(value: Any) -> Any:
     return value
 
 
+def known_template(value: str) -> str:
+    """A chat template name clusterft renders (or `tokenizer`: the model's own chat_template)."""
+    if value not in TEMPLATES:
+        raise ValueError(f"unknown template {value!r}; choose one of {', '.join(TEMPLATES)}")
+    return value
+
+
 # ---------------------------------------------------------------- LLaMA-Factory's flat keys
 
 
@@ -93,12 +100,7 @@ class DataArgs(Section):
 
     _split_datasets = field_validator("dataset", "eval_dataset", mode="before")(_split_csv)
 
-    @field_validator("template")
-    @classmethod
-    def _known_template(cls, value: str) -> str:
-        if value not in TEMPLATES:
-            raise ValueError(f"unknown template {value!r}; choose one of {', '.join(TEMPLATES)}")
-        return value
+    _known_template = field_validator("template")(known_template)
 
     @field_validator("dataset")
     @classmethod

@@ -9,20 +9,16 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from clusterft.config.spec import Section, known_template
 from clusterft.controller.commands import DEFAULT_REGISTRY, REGISTRY_ENV
 from clusterft.engine.config import EngineConfig
 
 API_KEY_ENV = "CLUSTERFT_API_KEY"
-CHAT_TEMPLATES = ("tokenizer", "default", "alpaca", "chatml", "qwen", "llama3")
 
 
-class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-
-class EngineSettings(_Section):
+class EngineSettings(Section):
     """The engine's settings (see clusterft.engine.EngineConfig for their exact meaning)."""
 
     block_size: int = Field(default=16, description="Tokens per KV block (a power of two).")
@@ -54,7 +50,7 @@ class EngineSettings(_Section):
         return EngineConfig(**self.model_dump(), lora_modules=tuple((lora_modules or {}).items()))
 
 
-class RegistrySource(_Section):
+class RegistrySource(Section):
     """Serve whatever version an alias of the model registry points at, and follow it when it moves."""
 
     root: str = Field(
@@ -68,7 +64,7 @@ class RegistrySource(_Section):
     )
 
 
-class ServeSpec(_Section):
+class ServeSpec(Section):
     """One Serve application: a base model, its LoRA adapters, the engine, and the HTTP edge."""
 
     model_dir: str | None = Field(
@@ -108,12 +104,7 @@ class ServeSpec(_Section):
         default=5.0, gt=0, description="Serve's replica health-check period."
     )
 
-    @field_validator("chat_template")
-    @classmethod
-    def _known_template(cls, value: str) -> str:
-        if value not in CHAT_TEMPLATES:
-            raise ValueError(f"unknown chat_template {value!r}; choose one of {', '.join(CHAT_TEMPLATES)}")
-        return value
+    _known_template = field_validator("chat_template")(known_template)
 
     @field_validator("adapters")
     @classmethod
