@@ -26,6 +26,13 @@ from tests.train.helpers import EXAMPLES
 
 pytestmark = pytest.mark.slow
 RAY = str(Path(sys.executable).parent / "ray")
+FIXED_PORTS = (
+    "dashboard-agent-listen",
+    "dashboard-agent-grpc",
+    "ray-client-server",
+    "runtime-env-agent",
+    "metrics-export",
+)
 
 
 def free_port() -> int:
@@ -56,13 +63,16 @@ def stop_cluster(temp_dir: str) -> None:
             time.sleep(0.2)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def head_cluster():
     temp_dir = tempfile.mkdtemp(prefix="cfthead", dir="/tmp")
     dashboard_port = free_port()
     command = [
         *(RAY, "start", "--head", "--num-cpus=2", f"--temp-dir={temp_dir}", f"--port={free_port()}"),
         *("--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats"),
+        # Every listening port of its own: with the defaults (e.g. the job agent's 52365) a second Ray
+        # cluster on the machine leaves this one without a job agent ("No available agent").
+        *(f"--{name}-port={free_port()}" for name in FIXED_PORTS),
     ]
     try:
         subprocess.run(command, check=True, capture_output=True, timeout=120)
@@ -110,3 +120,54 @@ def test_ray_job_submit_trains(head_cluster, tiny_llama, tmp_path):
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["status"] == "succeeded" and summary["completed_steps"] == 4
     assert (out / "adapter_model.safetensors").is_file()
+
+
+def test_ray_job_submit_runs_the_controller_to_promotion_and_eval(head_cluster, tiny_llama, tmp_path):
+    """What k8s/rayjob-finetune.yaml runs: `clusterft jobs submit --wait` as a Ray job (the controller
+    trains, evaluates on the engine, registers and promotes), then `clusterft eval` as another."""
+    workdir = tmp_path / "job"
+    workdir.mkdir()
+    shared = tmp_path / "shared"
+    job = {
+        "model_name_or_path": str(tiny_llama),
+        "finetuning_type": "lora",
+        "dataset": "demo_tasks",
+        "dataset_dir": str(EXAMPLES),
+        "template": "chatml",
+        "cutoff_len": 48,
+        "max_samples": 32,
+        "per_device_train_batch_size": 2,
+        "max_steps": 4,
+        "save_steps": 2,
+        "learning_rate": 1e-2,
+        "output_dir": str(shared / "out"),
+        "cluster": {"num_workers": 2},
+        "eval": {"dataset": ["demo_tasks_eval"], "max_samples": 4, "max_new_tokens": 8},
+        "promote": {"model_name": "submitted"},
+    }
+    (workdir / "job.yaml").write_text(yaml.safe_dump(job))
+    bin_dir = Path(sys.executable).parent
+    env = json.dumps(
+        {
+            "env_vars": {
+                "CLUSTERFT_HOME": str(shared / "controller"),
+                "CLUSTERFT_REGISTRY": str(shared / "registry"),
+            }
+        }
+    )
+    submit = [RAY, "job", "submit", "--address", head_cluster, "--working-dir", str(workdir)]
+    submit += ["--runtime-env-json", env, "--"]
+    result = submit_when_ready(
+        [*submit, str(bin_dir / "clusterft"), "jobs", "submit", "job.yaml", "--wait", "--no-progress"]
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from clusterft.controller.registry import Registry
+
+    assert Registry(shared / "registry").aliases("submitted")["production"] == "v0001"
+
+    # Evaluate the run's adapter (registered versions are immutable: eval.json goes next to the run's).
+    evaluate = [str(bin_dir / "clusterft"), "eval", str(shared / "out"), "--dataset", "demo_tasks_eval"]
+    evaluate += ["--dataset-dir", str(EXAMPLES), "--template", "chatml", "--max-samples", "4", "--json"]
+    result = submit_when_ready([*submit, *evaluate])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert '"exact_match"' in result.stdout and '"num_examples": 4' in result.stdout
