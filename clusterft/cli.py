@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import sys
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from functools import partial
 
+from clusterft.cli_helpers import add_command, add_group
 from clusterft.errors import UserError
 from clusterft.runtime import apply_runtime_defaults
-
-Handler = Callable[[argparse.Namespace], int]
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -88,11 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-
-    def command(name: str, handler: Handler, help: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help, description=help)
-        sub.set_defaults(handler=handler)
-        return sub
+    command = partial(add_command, commands)
 
     sub = command("validate", _validate, "check a job spec YAML and print it resolved (exit 2 on errors)")
     sub.add_argument("job", help="job spec YAML, e.g. jobs/quickstart.yaml")
@@ -106,16 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("--size", choices=["tiny", "small"], default="tiny", help="tiny ~0.9M, small ~5M params")
     sub.add_argument("--seed", type=int, default=0, help="weight initialisation seed")
 
-    data = commands.add_parser(
-        "data", help="inspect a job's datasets", description="inspect a job's datasets"
-    )
-    data_commands = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
-    sub = data_commands.add_parser(
+    data_action = add_group(commands, "data", "inspect a job's datasets")
+    sub = data_action(
         "preview",
-        help="show rendered examples with the trained-on part marked",
-        description="show rendered examples with the trained-on part marked ([[...]])",
+        _data_preview,
+        "show rendered examples with the trained-on part marked",
+        "show rendered examples with the trained-on part marked ([[...]])",
     )
-    sub.set_defaults(handler=_data_preview)
     sub.add_argument("job", help="job spec YAML")
     sub.add_argument("-n", type=int, default=3, help="number of examples")
 

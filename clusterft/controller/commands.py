@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
+from clusterft.cli_helpers import Subcommands, add_dir_option, add_group
 from clusterft.controller.registry import ALIAS_NAMES, Registry, Version
 
 REGISTRY_ENV = "CLUSTERFT_REGISTRY"
@@ -151,25 +151,22 @@ def registry_delete(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_registry_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_registry_option(parser: argparse.ArgumentParser) -> None:
+    """`--registry DIR`: the model registry's root, `$CLUSTERFT_REGISTRY` or ./registry."""
+    add_dir_option(
+        parser, "--registry", REGISTRY_ENV, DEFAULT_REGISTRY, "model registry root on shared storage"
+    )
+
+
+def add_registry_commands(commands: Subcommands) -> None:
     """Add `registry list|show|promote|rollback|delete` to the CLI's top-level subparsers."""
-    registry = commands.add_parser(
+    action = add_group(
+        commands,
         "registry",
         help="registered model versions and their aliases",
         description="registered model versions and their aliases (production, canary)",
+        options=[add_registry_option],
     )
-    registry.add_argument(
-        "--registry",
-        default=os.environ.get(REGISTRY_ENV, DEFAULT_REGISTRY),
-        metavar="DIR",
-        help=f"registry root on shared storage (default: ${REGISTRY_ENV} or ./{DEFAULT_REGISTRY})",
-    )
-    actions = registry.add_subparsers(dest="registry_command", metavar="ACTION", required=True)
-
-    def action(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        sub = actions.add_parser(name, help=help, description=help)
-        sub.set_defaults(handler=handler)
-        return sub
 
     sub = action("list", registry_list, "list models, or the versions of one model")
     sub.add_argument("name", nargs="?", help="model name (omit to list every model)")

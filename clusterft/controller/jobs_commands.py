@@ -17,10 +17,10 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
-from clusterft.controller.commands import DEFAULT_REGISTRY, REGISTRY_ENV, format_table
+from clusterft.cli_helpers import Subcommands, add_command, add_dir_option, add_group
+from clusterft.controller.commands import add_registry_option, format_table
 from clusterft.controller.jobs import DEFAULT_ROOT, ROOT_ENV, Jobs, job_record, progress
 from clusterft.errors import UserError
 
@@ -147,28 +147,22 @@ def jobs_api(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_jobs_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add the `jobs` group to the CLI's top-level subparsers."""
-    group = commands.add_parser("jobs", help="submit and follow fine-tuning jobs", description=__doc__)
-    group.add_argument(
-        "--root",
-        default=os.environ.get(ROOT_ENV, DEFAULT_ROOT),
-        metavar="DIR",
-        help=f"controller state on shared storage: job store, run logs (default: ${ROOT_ENV} or "
-        f"./{DEFAULT_ROOT})",
+def add_root_option(parser: argparse.ArgumentParser) -> None:
+    """`--root DIR`: the controller's state, `$CLUSTERFT_HOME` or ./saves/controller."""
+    add_dir_option(
+        parser, "--root", ROOT_ENV, DEFAULT_ROOT, "controller state on shared storage: job store, run logs"
     )
-    group.add_argument(
-        "--registry",
-        default=os.environ.get(REGISTRY_ENV, DEFAULT_REGISTRY),
-        metavar="DIR",
-        help=f"model registry root (default: ${REGISTRY_ENV} or ./{DEFAULT_REGISTRY})",
-    )
-    actions = group.add_subparsers(dest="jobs_command", metavar="ACTION", required=True)
 
-    def action(name: str, handler: Callable[[argparse.Namespace], int], help: str) -> argparse.ArgumentParser:
-        sub = actions.add_parser(name, help=help, description=help)
-        sub.set_defaults(handler=handler)
-        return sub
+
+def add_jobs_commands(commands: Subcommands) -> None:
+    """Add the `jobs` group to the CLI's top-level subparsers."""
+    action = add_group(
+        commands,
+        "jobs",
+        help="submit and follow fine-tuning jobs",
+        description=__doc__,
+        options=[add_root_option, add_registry_option],
+    )
 
     sub = action("submit", jobs_submit, "submit a job spec; prints the job id at once")
     sub.add_argument("job", help="job spec YAML, e.g. jobs/quickstart.yaml")
@@ -222,11 +216,10 @@ def eval_handler(args: argparse.Namespace) -> int:
     )
 
 
-def add_eval_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_eval_command(commands: Subcommands) -> None:
     """Add `clusterft eval MODEL_OR_ADAPTER --dataset NAME ...`."""
     help = "loss, perplexity and exact match of a model or adapter on a dataset (engine generation)"
-    sub = commands.add_parser("eval", help=help, description=help)
-    sub.set_defaults(handler=eval_handler)
+    sub = add_command(commands, "eval", eval_handler, help)
     sub.add_argument("model", help="HF model dir or peft adapter dir")
     sub.add_argument(
         "--dataset", required=True, type=lambda s: [x for x in s.split(",") if x], help="dataset names"

@@ -13,6 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 
+from clusterft.cli_helpers import Subcommands, add_command
 from clusterft.errors import UserError
 from clusterft.serve.spec import EngineSettings, RegistrySource, ServeSpec
 
@@ -134,14 +135,17 @@ def _handler(args: argparse.Namespace) -> int:
     )
 
 
-def add_serve_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def add_serve_command(commands: Subcommands) -> None:
     """Add `serve` to the CLI's subcommands."""
-    help_ = "serve a model (and LoRA adapters) with an OpenAI-compatible API on Ray Serve"
-    sub = commands.add_parser("serve", help=help_, description=help_)
-    sub.set_defaults(handler=_handler)
+    help = "serve a model (and LoRA adapters) with an OpenAI-compatible API on Ray Serve"
+    sub = add_command(commands, "serve", _handler, help)
     sub.add_argument("model_dir", metavar="MODEL_DIR", nargs="?", help="HF model directory")
-    sub.add_argument("--registry", default=None, help="serve from this model registry instead of MODEL_DIR")
-    sub.add_argument("--model-name", default=None, help="registered model name (with --registry)")
+    sub.add_argument(
+        "--registry", default=None, metavar="DIR", help="serve from this model registry instead of MODEL_DIR"
+    )
+    sub.add_argument(
+        "--model-name", default=None, metavar="NAME", help="registered model name (with --registry)"
+    )
     sub.add_argument("--alias", default="production", help="alias to serve and follow (default production)")
     sub.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     sub.add_argument(
