@@ -1,7 +1,8 @@
 """LLMEngine (add requests, step) and LLM, the offline batch API on top of it.
 
-One step is three calls, as in nano-vllm: `scheduler.schedule()` -> `model_runner.execute_model()`
--> `scheduler.update_from_output()`, then outputs are detokenized and stop strings applied.
+One step is three calls, as in nano-vllm: `scheduler.schedule()` -> `executor.execute_model()`
+-> `scheduler.update_from_output()`, then outputs are detokenized and stop strings applied. The
+executor (executor.py) holds the model and the KV tensors, in this process or on worker actors.
 """
 
 from __future__ import annotations
@@ -9,25 +10,18 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import torch
-
-from clusterft.engine.cache_engine import CacheEngine
 from clusterft.engine.config import EngineConfig
+from clusterft.engine.executor import Executor, LocalExecutor
 from clusterft.engine.kv_cache_manager import KVCacheManager
-from clusterft.engine.lora import LoRAManager
-from clusterft.engine.model_runner import ModelRunner
-from clusterft.engine.models import load_model
+from clusterft.engine.models import LlamaForCausalLM, ModelArgs
 from clusterft.engine.output_processor import OutputProcessor, RequestState
 from clusterft.engine.outputs import EngineStats, RequestOutput
 from clusterft.engine.request import Request, RequestStatus
-from clusterft.engine.sampler import Sampler
 from clusterft.engine.sampling_params import SamplingParams
 from clusterft.engine.scheduler import Scheduler
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _eos_token_ids(model_dir: Path, hf_config, tokenizer) -> frozenset[int]:
@@ -44,42 +38,29 @@ def _eos_token_ids(model_dir: Path, hf_config, tokenizer) -> frozenset[int]:
 
 
 class LLMEngine:
-    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, **config_overrides) -> None:
-        from transformers import AutoTokenizer
+    """Scheduling, the KV block table and detokenization; `executor_factory(model_dir, config,
+    model_args)` builds what runs the forward passes (LocalExecutor: this process)."""
+
+    def __init__(
+        self,
+        model_dir: str | Path,
+        config: EngineConfig | None = None,
+        *,
+        executor_factory: Callable[[Path, EngineConfig, ModelArgs], Executor] = LocalExecutor,
+        **config_overrides,
+    ) -> None:
+        from transformers import AutoConfig, AutoTokenizer
 
         self.config = config = config or EngineConfig(**config_overrides)
         self.model_dir = Path(model_dir)
-        if config.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
-        dtype = _DTYPES[config.dtype]
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        model, self.model_args, hf_config = load_model(
-            self.model_dir,
-            dtype=dtype,
-            max_model_len=config.max_model_len,
-            quant_group_size=config.quant_group_size if config.quantization == "int8" else None,
-            quant_exclude_modules=config.quant_exclude_modules,
-        )
-        self.model = model.to(config.device)
+        hf_config = AutoConfig.from_pretrained(self.model_dir)
+        self.model_args = ModelArgs.from_hf_config(hf_config)
         self.max_model_len = config.max_model_len or self.model_args.max_position_embeddings
         self.eos_token_ids = _eos_token_ids(self.model_dir, hf_config, self.tokenizer)
-
-        args = self.model_args
-        block_bytes = CacheEngine.block_bytes(
-            args.num_layers, args.num_kv_heads, args.head_dim, config.block_size, dtype
-        )
-        self.num_gpu_blocks = config.num_gpu_blocks or max(
-            int(config.kv_cache_space * 2**30) // block_bytes, 1
-        )
-        self.num_cpu_blocks = (
-            config.num_cpu_blocks
-            if config.num_cpu_blocks is not None
-            else int(config.swap_space * 2**30) // block_bytes
-        )
-        self.cache_engine = CacheEngine(
-            args.num_layers, args.num_kv_heads, args.head_dim, config.block_size,
-            self.num_gpu_blocks, self.num_cpu_blocks, dtype, config.device,
-        )  # fmt: skip
+        self.executor = executor_factory(self.model_dir, config, self.model_args)
+        self.num_gpu_blocks = self.executor.num_gpu_blocks
+        self.num_cpu_blocks = self.executor.num_cpu_blocks
         self.kv_cache_manager = KVCacheManager(
             config.block_size, self.num_gpu_blocks, self.num_cpu_blocks, config.enable_prefix_caching
         )
@@ -92,18 +73,27 @@ class LLMEngine:
             preemption_mode=config.preemption_mode,
             max_loras=config.max_loras,
         )
-        self.lora_manager = LoRAManager(self.model, config.max_loras, torch.device(config.device), dtype)
-        for name, path in config.lora_modules:
-            self.lora_manager.add_lora(name, path)
-        self.model_runner = ModelRunner(
-            self.model, self.cache_engine, config.block_size, Sampler(config.seed), self.lora_manager
-        )
+        self.lora_manager = self.executor.lora_manager
         self.output_processor = OutputProcessor(self.tokenizer)
         self._pending_outputs: list[str] = []  # roots finished at admission (never fit)
         self._request_counter = itertools.count()
         self.num_steps = 0
         self._peak_blocks = 0
         self._kv_utilization_at_peak = 0.0
+
+    # ---- executor --------------------------------------------------------------------------------
+    @property
+    def model(self) -> LlamaForCausalLM:
+        """The in-process model (LocalExecutor only), for tests and benchmarks that call it directly."""
+        return self.executor.model
+
+    def check_health(self) -> None:
+        """Raise when a worker of the executor is gone."""
+        self.executor.check_health()
+
+    def shutdown(self) -> None:
+        """Release the executor's workers; the engine can't step afterwards."""
+        self.executor.shutdown()
 
     # ---- weights ---------------------------------------------------------------------------------
     @property
@@ -117,6 +107,10 @@ class LLMEngine:
 
     def add_lora(self, name: str, path: str | Path) -> None:
         self.lora_manager.add_lora(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Forget adapter `name`; call reset_prefix_cache() before a new adapter takes its name."""
+        self.lora_manager.remove_lora(name)
 
     # ---- requests --------------------------------------------------------------------------------
     def add_request(
@@ -189,7 +183,7 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         sched_out = self.scheduler.schedule()
         self._track_utilization()
-        runner_out = self.model_runner.execute_model(sched_out)
+        runner_out = self.executor.execute_model(sched_out)
         update = self.scheduler.update_from_output(sched_out, runner_out)
         self.num_steps += 1
         touched, stopped = self.output_processor.process(update.updated)

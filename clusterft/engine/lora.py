@@ -3,6 +3,7 @@
 A resident adapter's A/B matrices hang on the packed linear layers under its slot; the runner maps
 each token of a batch to its request's slot, so base-model requests and requests for different
 adapters share one forward pass (multi-LoRA). Output: base(x) + B(A(x)) * scale, as peft computes it.
+On a tensor-parallel shard each adapter is sliced like the weights it adapts (see `_shard`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from clusterft.engine.models.layers import ParallelContext
+
 _KEY_RE = re.compile(
     r"base_model\.model\.model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.lora_([AB])\.weight"
 )
@@ -23,14 +26,31 @@ _PACKED_INTO = {
     "q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
     "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
 }  # fmt: skip
+_ROW_PARALLEL = ("o_proj", "down_proj")  # their input dim is split; the all-reduce sums the parts
+
+
+def adapter_dir(name: str, path: str | Path) -> Path:
+    """`path` as a Path once it is a peft adapter dir; FileNotFoundError saying so otherwise."""
+    path = Path(path)
+    if not (path / "adapter_config.json").exists():
+        raise FileNotFoundError(f"LoRA {name!r}: {path} has no adapter_config.json (save it with peft)")
+    return path
 
 
 class LoRAManager:
-    def __init__(self, model, max_loras: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self,
+        model,
+        max_loras: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        pc: ParallelContext | None = None,
+    ) -> None:
         self.model = model
         self.max_loras = max_loras
         self.device = device
         self.dtype = dtype
+        self.pc = pc or ParallelContext()
         self.paths: dict[str, Path] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self.free_slots = list(range(max_loras))
@@ -38,10 +58,15 @@ class LoRAManager:
 
     def add_lora(self, name: str, path: str | Path) -> None:
         """Register a peft adapter dir under `name` (loaded on first use)."""
-        path = Path(path)
-        if not (path / "adapter_config.json").exists():
-            raise FileNotFoundError(f"LoRA {name!r}: {path} has no adapter_config.json (save it with peft)")
-        self.paths[name] = path
+        self.paths[name] = adapter_dir(name, path)
+
+    def remove_lora(self, name: str) -> None:
+        """Forget adapter `name` and free its slot if it is resident."""
+        self.paths.pop(name, None)
+        slot = self.resident.pop(name, None)
+        if slot is not None:
+            self._unload(slot)
+            self.free_slots.append(slot)
 
     def activate(self, name: str) -> int:
         """The slot of adapter `name`, loading it (and evicting the least recently used) if needed."""
@@ -89,4 +114,17 @@ class LoRAManager:
         for (layer, block, proj), ab in pairs.items():
             packed = getattr(getattr(self.model.layers[layer], block), _PACKED_INTO[proj])
             start, end = packed.offsets[proj]
-            packed.loras.setdefault(slot, []).append((ab["A"], ab["B"], scale, start, end))
+            a, b = self._shard(proj, ab["A"], ab["B"])
+            packed.loras.setdefault(slot, []).append((a, b, scale, start, end))
+
+    def _shard(self, proj: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's part of A (r, in) and B (out, r): the B rows of its output slice for
+        column-parallel projections, the A columns of its input slice for row-parallel ones."""
+        rank, n = self.pc.tp_rank, self.pc.tp_size
+        if n == 1:
+            return a, b
+        if proj in _ROW_PARALLEL:
+            per = a.shape[1] // n
+            return a[:, rank * per : (rank + 1) * per].contiguous(), b
+        per = b.shape[0] // n
+        return a, b[rank * per : (rank + 1) * per].contiguous()

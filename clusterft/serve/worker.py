@@ -25,15 +25,12 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from clusterft.engine import EngineConfig
-from clusterft.engine.cache_engine import CacheEngine
-from clusterft.engine.lora import LoRAManager
+from clusterft.engine.executor import Executor, kv_cache_blocks, load_model_runner
+from clusterft.engine.lora import adapter_dir
 from clusterft.engine.model_runner import ModelRunner
-from clusterft.engine.models import ParallelContext, load_model
+from clusterft.engine.models import ModelArgs, ParallelContext
 from clusterft.engine.outputs import ModelRunnerOutput, SchedulerOutput
-from clusterft.engine.sampler import Sampler
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-_ROW_PARALLEL = ("o_proj", "down_proj")  # their input dim is split; the all-reduce sums the parts
+from clusterft.errors import UserError
 
 
 class WorkerDiedError(RuntimeError):
@@ -43,34 +40,6 @@ class WorkerDiedError(RuntimeError):
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(t)
     return t
-
-
-class ShardedLoRAManager(LoRAManager):
-    """The engine's LoRAManager, with each adapter sliced like the weights it adapts: B rows for
-    column-parallel projections, A columns for row-parallel ones (whose deltas the all-reduce sums)."""
-
-    def __init__(self, model, max_loras: int, device, dtype, rank: int, world_size: int) -> None:
-        super().__init__(model, max_loras, device, dtype)
-        self.rank, self.world_size = rank, world_size
-
-    def _load(self, path: Path, slot: int) -> None:
-        super()._load(path, slot)
-        r, n = self.rank, self.world_size
-        for module in self._modules():
-            entries = module.loras.get(slot)
-            if not entries:
-                continue
-            row_parallel = any(name in module.offsets for name in _ROW_PARALLEL)
-            sliced = []
-            for a, b, scale, start, end in entries:
-                if row_parallel:
-                    per = a.shape[1] // n
-                    a = a[:, r * per : (r + 1) * per].contiguous()
-                else:
-                    per = b.shape[0] // n
-                    b = b[r * per : (r + 1) * per].contiguous()
-                sliced.append((a, b, scale, start, end))
-            module.loras[slot] = sliced
 
 
 class TPWorker:
@@ -99,32 +68,8 @@ class TPWorker:
         dist.init_process_group(
             backend, init_method=init_method, rank=self.rank, world_size=self.world_size, timeout=timeout
         )
-        dtype = _DTYPES[config.dtype]
         pc = ParallelContext(self.rank, self.world_size, _all_reduce)
-        model, args, _ = load_model(
-            model_dir,
-            dtype=dtype,
-            max_model_len=config.max_model_len,
-            pc=pc,
-            quant_group_size=config.quant_group_size if config.quantization == "int8" else None,
-            quant_exclude_modules=config.quant_exclude_modules,
-        )
-        model = model.to(config.device)
-        cache = CacheEngine(
-            args.num_layers,
-            args.num_kv_heads // self.world_size,
-            args.head_dim,
-            config.block_size,
-            num_gpu_blocks,
-            num_cpu_blocks,
-            dtype,
-            config.device,
-        )
-        device = torch.device(config.device)
-        self.lora = ShardedLoRAManager(model, config.max_loras, device, dtype, self.rank, self.world_size)
-        for name, path in config.lora_modules:
-            self.lora.add_lora(name, path)
-        self.runner = ModelRunner(model, cache, config.block_size, Sampler(config.seed), self.lora)
+        self.runner = load_model_runner(model_dir, config, num_gpu_blocks, num_cpu_blocks, pc)
         return True
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
@@ -139,33 +84,56 @@ class TPWorker:
         return out if self.rank == 0 else None
 
     def add_lora(self, name: str, path: str) -> None:
-        self.lora.add_lora(name, path)
+        self.runner.lora_manager.add_lora(name, path)
 
     def remove_lora(self, name: str) -> None:
-        from clusterft.serve.engine_deployment import unregister_lora
-
-        unregister_lora(self.lora, name)
+        self.runner.lora_manager.remove_lora(name)
 
     def ping(self) -> bool:
         return True
 
 
-class WorkerGroup:
-    """The replica's workers: a placement group with one bundle per rank, and the step fan-out."""
+class WorkerLoRARegistry:
+    """The replica's adapter names (the engine's add_request checks them); changes go to every rank."""
+
+    def __init__(self, workers: WorkerGroup, lora_modules: tuple[tuple[str, str], ...]) -> None:
+        self.workers = workers
+        self.paths = {name: Path(path) for name, path in lora_modules}  # the ranks loaded these in setup
+
+    def add_lora(self, name: str, path: str | Path) -> None:
+        path = adapter_dir(name, path)
+        self.workers.call("add_lora", name, str(path))
+        self.paths[name] = path
+
+    def remove_lora(self, name: str) -> None:
+        self.workers.call("remove_lora", name)
+        self.paths.pop(name, None)
+
+
+class WorkerGroup(Executor):
+    """The replica's workers as the engine's Executor: a placement group with one bundle per rank,
+    and the fan-out of every step and adapter change."""
 
     def __init__(
         self,
-        model_dir: str,
+        model_dir: Path,
         config: EngineConfig,
-        world_size: int,
+        model_args: ModelArgs,
+        *,
+        tensor_parallel_size: int,
         num_cpus: float,
-        num_gpu_blocks: int,
-        num_cpu_blocks: int,
     ) -> None:
+        args, tp = model_args, tensor_parallel_size
+        if args.num_heads % tp or args.num_kv_heads % tp or args.intermediate_size % tp:
+            raise UserError(
+                f"tensor_parallel_size {tp} must divide the model's attention heads ({args.num_heads}), "
+                f"KV heads ({args.num_kv_heads}) and intermediate_size ({args.intermediate_size})"
+            )
+        self.num_gpu_blocks, self.num_cpu_blocks = kv_cache_blocks(config, args, tp)
         bundle: dict[str, float] = {"CPU": num_cpus or 0.01}
         if config.device == "cuda":
             bundle["GPU"] = 1
-        self.pg = placement_group([bundle] * world_size, strategy="STRICT_PACK")
+        self.pg = placement_group([bundle] * tp, strategy="STRICT_PACK")
         ray.get(self.pg.ready(), timeout=300)
         tag = uuid.uuid4().hex[:8]
         actor = ray.remote(TPWorker)
@@ -178,16 +146,17 @@ class WorkerGroup:
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=rank
                 ),
-            ).remote(rank, world_size)
-            for rank in range(world_size)
+            ).remote(rank, tp)
+            for rank in range(tp)
         ]
         init_method = ray.get(self.workers[0].rendezvous_address.remote())
-        args = (init_method, model_dir, config, num_gpu_blocks, num_cpu_blocks)
-        self._wait([w.setup.remote(*args) for w in self.workers])
+        self.call("setup", init_method, str(model_dir), config, self.num_gpu_blocks, self.num_cpu_blocks)
+        self.lora_manager = WorkerLoRARegistry(self, config.lora_modules)
 
-    def _wait(self, refs: list) -> list[Any]:
-        """Results of one call on every rank; a dead rank raises at once (the live ones would block in
-        their next collective until the gloo timeout)."""
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """Every rank's result of `method(*args)`; a dead rank raises at once (the live ones would
+        block in their next collective until the gloo timeout)."""
+        refs = [getattr(w, method).remote(*args) for w in self.workers]
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1)
@@ -201,16 +170,10 @@ class WorkerGroup:
         return ray.get(refs)
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        return self._wait([w.execute_model.remote(so) for w in self.workers])[0]
-
-    def add_lora(self, name: str, path: str) -> None:
-        self._wait([w.add_lora.remote(name, path) for w in self.workers])
-
-    def remove_lora(self, name: str) -> None:
-        self._wait([w.remove_lora.remote(name) for w in self.workers])
+        return self.call("execute_model", so)[0]
 
     def check_health(self) -> None:
-        self._wait([w.ping.remote() for w in self.workers])
+        self.call("ping")
 
     def shutdown(self) -> None:
         for worker in self.workers:

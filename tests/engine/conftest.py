@@ -28,6 +28,15 @@ def model_dirs(llama_dir, qwen2_dir):
     return {"llama": llama_dir, "qwen2": qwen2_dir}
 
 
+@pytest.fixture(scope="session")
+def adapters(llama_dir, tmp_path_factory):
+    """Two peft adapters of the tiny llama: name -> (adapter dir, peft model)."""
+    from tests.engine.helpers import make_adapter
+
+    root = tmp_path_factory.mktemp("adapters")
+    return {name: make_adapter(llama_dir, root / name, seed) for name, seed in [("a", 1), ("b", 2)]}
+
+
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread: on a shared 2-core machine, OpenMP threads waiting on each other cost

@@ -1,4 +1,4 @@
-"""Helpers shared by the engine tests: HF references, prompts, requests."""
+"""Helpers shared by the engine tests: HF references, prompts, requests, LoRA adapters."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from clusterft.engine.request import Request
 from clusterft.engine.sampling_params import SamplingParams
 
 _ARRIVALS = itertools.count()
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 _HF_MODELS = {}
 
 
@@ -60,3 +61,20 @@ def make_request(
         priority=priority,
         lora_name=lora_name,
     )
+
+
+def make_adapter(base_dir, out_dir, seed):
+    """A peft LoRA adapter dir on every projection, saved to `out_dir`; (out_dir, the peft model)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=LORA_TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    with torch.no_grad():  # make the adapter matter: B is random and not small
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    peft_model.save_pretrained(out_dir)
+    return out_dir, peft_model.eval()

@@ -6,30 +6,6 @@ import torch
 from clusterft.engine import LLM, SamplingParams
 from tests.engine.helpers import hf_greedy, random_prompts
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def make_adapter(base_dir, out_dir, seed):
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False)
-    peft_model = get_peft_model(model, config)
-    with torch.no_grad():  # make the adapter matter: B is random and not small
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    peft_model.save_pretrained(out_dir)
-    return out_dir, peft_model.eval()
-
-
-@pytest.fixture(scope="module")
-def adapters(llama_dir, tmp_path_factory):
-    root = tmp_path_factory.mktemp("adapters")
-    return {name: make_adapter(llama_dir, root / name, seed) for name, seed in [("a", 1), ("b", 2)]}
-
 
 def peft_greedy(peft_model, prompt, max_new_tokens):
     with torch.inference_mode():
@@ -60,7 +36,7 @@ def test_base_and_two_adapters_in_one_batch_match_peft(llama_dir, adapters):
     llm = LLM(llama_dir, num_gpu_blocks=64, lora_modules=[(n, str(d)) for n, (d, _) in adapters.items()])
     params = SamplingParams(temperature=0, max_tokens=16)
     outputs = run_mixed_batch(llm, prompts, names, params)
-    assert llm.engine.model_runner.lora_manager.num_loads == 2
+    assert llm.engine.lora_manager.num_loads == 2
     for prompt, name, tokens in zip(prompts, names, outputs, strict=True):
         ref = hf_greedy(llama_dir, prompt, 16) if name is None else peft_greedy(adapters[name][1], prompt, 16)
         assert tokens == ref
@@ -87,7 +63,7 @@ def test_lru_bound_on_resident_adapters(llama_dir, adapters):
     prompts = random_prompts([9, 14, 12], seed=32)
     names = ["a", "b", "a"]
     outputs = run_mixed_batch(llm, prompts, names, SamplingParams(temperature=0, max_tokens=8))
-    manager = llm.engine.model_runner.lora_manager
+    manager = llm.engine.lora_manager
     assert len(manager.resident) == 1 and manager.num_loads >= 2
     for prompt, name, tokens in zip(prompts, names, outputs, strict=True):
         assert tokens == peft_greedy(adapters[name][1], prompt, 8)
