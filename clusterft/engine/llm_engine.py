@@ -26,15 +26,15 @@ from clusterft.engine.scheduler import Scheduler
 
 def _eos_token_ids(model_dir: Path, hf_config, tokenizer) -> frozenset[int]:
     """EOS ids as HF generate uses them: generation_config.json's list, else config / tokenizer."""
-    ids: list[int] = []
     gen = model_dir / "generation_config.json"
-    if gen.exists():
-        eos = json.loads(gen.read_text()).get("eos_token_id")
-        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
-    if not ids:
-        eos = getattr(hf_config, "eos_token_id", None) or tokenizer.eos_token_id
-        ids += eos if isinstance(eos, list) else [eos] if eos is not None else []
-    return frozenset(ids)
+    for eos in (
+        json.loads(gen.read_text()).get("eos_token_id") if gen.exists() else None,
+        getattr(hf_config, "eos_token_id", None) or tokenizer.eos_token_id,
+    ):
+        ids = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if ids:
+            return frozenset(ids)
+    return frozenset()
 
 
 class LLMEngine:
@@ -257,10 +257,7 @@ class LLM:
                 )
             )
         finished: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished_requests() or self.engine._pending_outputs:
-            assert self.engine.scheduler.has_unfinished_requests() or self.engine._pending_outputs, (
-                "lost requests"
-            )
+        while self.engine.has_unfinished_requests():
             for out in self.engine.step():
                 if out.finished:
                     finished[out.request_id] = out
