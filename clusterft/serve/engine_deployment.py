@@ -5,8 +5,10 @@ and runs its step loop; requests stream their outputs back to the ingress as sma
        ^                                   |  queue per request                    | step() in a thread
        +------ {"outputs": [delta...]} ----+<------------- RequestOutput ----------+
 
-Engine outputs are cumulative, so a consumer that falls behind takes only the newest one from its
-queue (several tokens in one message): slow HTTP clients cost messages, not engine steps.
+Engine outputs are cumulative, so a stream may skip any of them: the step loop hands a request's
+output to its stream only every `stream_interval` tokens (the first token and the finished output at
+once), and a consumer that falls behind takes only the newest one from its queue. Either way one
+message carries several tokens: per-token message hops are what a small model's serving pays for.
 A step that raises (a tensor-parallel worker died) fails exactly the requests in flight, with the
 reason, and the engine is rebuilt before the next request is stepped.
 """
@@ -17,18 +19,36 @@ import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ray import serve
 
 from clusterft.engine import LLMEngine, RequestOutput, SamplingParams
+from clusterft.serve.admin import Reconciler, sync_forever
 from clusterft.serve.follower import ModelFollower
 from clusterft.serve.model_source import ModelVersion, resolve_version
 from clusterft.serve.model_source import resolve as resolve_spec
 from clusterft.serve.spec import ServeSpec
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Stream:
+    """One request's channel from the step loop to its generate() consumer."""
+
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    num_tokens_sent: int = 0  # tokens of the longest sequence when an output was last queued
+
+    def offer(self, out: RequestOutput, stream_interval: int) -> None:
+        """Queue `out` if it finishes the request, carries the first tokens, or `stream_interval` new
+        ones (n > 1: the longest sequence's; every sequence gains one per step)."""
+        num_tokens = max((len(o.token_ids) for o in out.outputs), default=0)
+        new = num_tokens - self.num_tokens_sent
+        if out.finished or (new > 0 and (self.num_tokens_sent == 0 or new >= stream_interval)):
+            self.num_tokens_sent = num_tokens
+            self.queue.put_nowait(out)
 
 
 def error_chunk(status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
@@ -81,11 +101,12 @@ class EngineLoop:
         self.base_model = spec.model_name
         self.base_lora = base_lora  # a registered adapter version: requests for the base model use it
         self.max_queued_requests = spec.max_queued_requests
+        self.stream_interval = spec.stream_interval
         self.adapters: dict[str, str] = dict(spec.adapters)  # served now
         self._retiring: set[str] = set()  # removed from service, still used by requests in flight
         self._request_loras: dict[str, str | None] = {}
         self._lock = threading.Lock()  # engine calls happen on the loop thread and the step thread
-        self._queues: dict[str, asyncio.Queue] = {}
+        self._streams: dict[str, _Stream] = {}
         self._task: asyncio.Task | None = None
         self._ready = asyncio.Event()  # cleared while a failed engine is being rebuilt
         self._ready.set()
@@ -125,8 +146,8 @@ class EngineLoop:
             except ValueError as exc:
                 yield error_chunk(400, str(exc), "BadRequestError")
                 return
-        queue: asyncio.Queue = asyncio.Queue()
-        self._queues[request_id] = queue
+        queue = (stream := _Stream()).queue
+        self._streams[request_id] = stream
         self._request_loras[request_id] = lora_name
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._run())
@@ -145,7 +166,7 @@ class EngineLoop:
                 yield self._delta(item, sent, params)
         finally:
             self._request_loras.pop(request_id, None)
-            self._queues.pop(request_id, None)
+            self._streams.pop(request_id, None)
             if not finished:  # the client went away: free its blocks now
                 with self._lock:
                     self.engine.abort_request(request_id)
@@ -189,16 +210,16 @@ class EngineLoop:
             return self.engine.step()
 
     async def _run(self) -> None:
-        while self._queues:
+        while self._streams:
             try:
                 outputs = await asyncio.to_thread(self._step)
             except Exception as exc:
                 await self._recover(exc)
                 continue
             for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.offer(out, self.stream_interval)
             if self._retiring:
                 self._retire_adapters()
             await asyncio.sleep(0)
@@ -208,12 +229,12 @@ class EngineLoop:
         requests wait for the rebuild instead of landing in the broken engine."""
         self.num_engine_failures += 1
         logger.error(
-            "engine step failed; failing %d requests in flight, rebuilding: %s", len(self._queues), exc
+            "engine step failed; failing %d requests in flight, rebuilding: %s", len(self._streams), exc
         )
         message = f"the engine failed while running this request ({exc}); it was aborted, retry it"
-        for queue in self._queues.values():
-            queue.put_nowait(error_chunk(503, message, "ServiceUnavailableError"))
-        self._queues.clear()
+        for stream in self._streams.values():
+            stream.queue.put_nowait(error_chunk(503, message, "ServiceUnavailableError"))
+        self._streams.clear()
         self._ready.clear()
         try:
             close = getattr(self.engine, "shutdown", None)
@@ -278,13 +299,13 @@ class EngineLoop:
             stats["prefix_cache_queries"] = kv.prefix_cache_queries
             stats["prefix_cache_hits"] = kv.prefix_cache_hits
         stats["num_engine_failures"] = self.num_engine_failures
-        stats["num_streams"] = len(self._queues)
+        stats["num_streams"] = len(self._streams)
         return stats
 
     def check_health(self) -> None:
         """Raise when the replica can't serve; Serve then replaces it."""
         check = getattr(self.engine, "check_health", None)
-        if check is not None and not self._queues:  # busy engines prove their health by stepping
+        if check is not None and not self._streams:  # busy engines prove their health by stepping
             with self._lock:
                 check()
 
@@ -307,8 +328,13 @@ class EngineDeployment:
             return resolve_version(spec.registry, ref)
 
         self.follower = ModelFollower(spec, resolve, make_loop)
-        if spec.registry is not None:  # Serve runs __init__ on the replica's event loop
-            self._watch_task = asyncio.get_running_loop().create_task(self.follower.watch())
+        loop = asyncio.get_running_loop()  # Serve runs __init__ on the replica's event loop
+        if spec.registry is not None:
+            self._watch_task = loop.create_task(self.follower.watch())
+        # Admin changes (adapters, reload) arrive through the app's record: see clusterft.serve.admin.
+        self.reconciler = Reconciler(self.follower)
+        replica = serve.get_replica_context().replica_id.unique_id
+        self._admin_task = loop.create_task(sync_forever(spec, replica, self.reconciler))
 
     async def generate(
         self,
@@ -320,9 +346,6 @@ class EngineDeployment:
     ) -> AsyncIterator[dict[str, Any]]:
         async for chunk in self.follower.generate(request_id, prompt_token_ids, params, model, priority):
             yield chunk
-
-    async def reload(self, ref: str | None = None) -> dict[str, Any]:
-        return await self.follower.reload(ref)
 
     def model_info(self) -> dict[str, Any]:
         return self.follower.model_info()
@@ -336,12 +359,6 @@ class EngineDeployment:
         stats["num_model_switches"] = self.follower.num_switches
         stats["num_model_load_failures"] = self.follower.num_load_failures
         return stats
-
-    def add_adapter(self, name: str, path: str) -> dict[str, Any] | None:
-        return self.follower.current.loop.add_adapter(name, path)
-
-    def remove_adapter(self, name: str) -> dict[str, Any] | None:
-        return self.follower.current.loop.remove_adapter(name)
 
     def check_health(self) -> None:
         self.follower.current.loop.check_health()

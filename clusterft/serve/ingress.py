@@ -10,7 +10,6 @@ No `from __future__ import annotations` here: FastAPI must see real types in rou
 """
 
 import hmac
-import json
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -24,20 +23,19 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clusterft.engine import SamplingParams
+from clusterft.serve.admin import change_everywhere, record_handle
+from clusterft.serve.errors import RETRY_AFTER_S, APIError, engine_error
 from clusterft.serve.metrics import ServeMetrics
 from clusterft.serve.model_source import resolve
 from clusterft.serve.protocol import (
     AdapterRequest,
     AssistantMessage,
     ChatChoice,
-    ChatChunkChoice,
-    ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
     CompletionChoice,
     CompletionRequest,
     CompletionResponse,
-    Delta,
     ModelCard,
     ModelList,
     error_body,
@@ -45,26 +43,22 @@ from clusterft.serve.protocol import (
     now,
 )
 from clusterft.serve.responses import (
+    ChatChunkChoices,
     ChoiceAccumulator,
+    CompletionChunkChoices,
     TokenText,
     UsageCounter,
     chat_logprobs,
     completion_logprobs,
+    sse_events,
 )
 from clusterft.serve.spec import ServeSpec
 from clusterft.serve.streams import merge_streams, prepend
 from clusterft.serve.version_routes import ModelVersionHeader, VersionRoutes, note_model_version, router
 
-RETRY_AFTER_S = 1
 app = FastAPI(title="clusterft OpenAI-compatible server")
 app.add_middleware(ModelVersionHeader)
 app.include_router(router)
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
 
 
 def _error_response(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
@@ -99,12 +93,7 @@ async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
 
 def _raise_if_error(chunk: dict[str, Any]) -> None:
     if "error" in chunk:
-        e = chunk["error"]
-        raise APIError(e["status"], e["message"], e["type"], e.get("param"))
-
-
-def _sse(payload: dict[str, Any] | str) -> str:
-    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+        raise APIError.from_chunk(chunk)
 
 
 @serve.deployment(name="ingress", max_ongoing_requests=1024)
@@ -118,6 +107,7 @@ class OpenAIIngress(VersionRoutes):
 
         self.spec = spec
         self.engine = engine
+        self.admin = record_handle(spec)  # admin changes reach every engine replica through it
         self.tokenizer = load_tokenizer(resolve(spec).model_dir)  # registry versions share their tokenizer
         self.token_text = TokenText(self.tokenizer)
         self.api_key = spec.resolved_api_key()
@@ -139,12 +129,7 @@ class OpenAIIngress(VersionRoutes):
             )
 
     async def _model_info(self) -> dict[str, Any]:
-        try:
-            return await self.engine.model_info.remote()
-        except RayError as exc:
-            raise APIError(
-                503, f"the engine is unavailable ({type(exc).__name__}); retry", "ServiceUnavailableError"
-            ) from exc
+        return await self._engine_call("model_info")
 
     async def _max_len(self) -> int:
         if self._max_model_len is None:
@@ -209,9 +194,7 @@ class OpenAIIngress(VersionRoutes):
             first = await merged.__anext__()
         except RayError as exc:
             await merged.aclose()
-            raise APIError(
-                503, f"the engine is unavailable ({type(exc).__name__}); retry", "ServiceUnavailableError"
-            ) from exc
+            raise engine_error(exc) from exc
         if "error" in first[1]:
             await merged.aclose()
             _raise_if_error(first[1])
@@ -238,8 +221,7 @@ class OpenAIIngress(VersionRoutes):
                     last = t
                 yield i, chunk
         except RayError as exc:  # the engine replica died under this request
-            msg = f"the engine replica failed while running this request ({type(exc).__name__}); retry it"
-            yield 0, {"error": {"status": 503, "message": msg, "type": "ServiceUnavailableError"}}
+            yield 0, engine_error(exc).chunk()
             return
         self.metrics.e2e.observe(time.perf_counter() - start)
         self.metrics.prompt_tokens.inc(sum(counter.prompt_tokens.values()))
@@ -282,14 +264,17 @@ class OpenAIIngress(VersionRoutes):
     @app.post("/v1/admin/adapters", status_code=201)
     async def add_adapter(self, body: AdapterRequest, request: Request) -> dict[str, Any]:
         self._authorize(request)
-        _raise_if_error(await self.engine.add_adapter.remote(body.name, body.path) or {})
-        return {"id": body.name, "object": "model", "root": body.path}
+        progress = await change_everywhere(self.admin, "add_adapter", body.name, body.path)
+        if progress["errors"]:  # the path is no adapter (every replica says why): take it back
+            await change_everywhere(self.admin, "remove_adapter", body.name)
+            raise APIError(400, progress["errors"][0], "BadRequestError", "path")
+        return {"id": body.name, "object": "model", "root": body.path, "num_replicas": progress["num_live"]}
 
     @app.delete("/v1/admin/adapters/{name}")
     async def remove_adapter(self, name: str, request: Request) -> dict[str, Any]:
         self._authorize(request)
-        _raise_if_error(await self.engine.remove_adapter.remote(name) or {})
-        return {"id": name, "object": "model", "deleted": True}
+        progress = await change_everywhere(self.admin, "remove_adapter", name)
+        return {"id": name, "object": "model", "deleted": True, "num_replicas": progress["num_live"]}
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
@@ -313,7 +298,9 @@ class OpenAIIngress(VersionRoutes):
         stream = self._timed(await self._start(prompts, params, body.model, body.priority), counter, start)
         rid, created = new_id("cmpl"), now()
         if body.stream:
-            return self._sse_response(self._completion_events(stream, body, echo, rid, created, counter))
+            head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+            choices_of = CompletionChunkChoices(body.n, echo, body.logprobs, self.token_text)
+            return self._sse_response(stream, head, choices_of, counter, body)
         acc = ChoiceAccumulator(body.n)
         async for i, chunk in stream:
             _raise_if_error(chunk)
@@ -338,56 +325,6 @@ class OpenAIIngress(VersionRoutes):
             ).model_dump()
         )
 
-    async def _completion_events(self, stream, body: CompletionRequest, echo, rid, created, counter):
-        echoed, offsets = set(), {}
-        async for i, chunk in stream:
-            if "error" in chunk:
-                yield _sse(error_body(chunk["error"]["message"], chunk["error"]["type"], None, 503))
-                break
-            choices = []
-            for o in chunk["outputs"]:
-                index = i * body.n + o["index"]
-                text = o["text"]
-                if index not in echoed:
-                    echoed.add(index)
-                    text = echo[i] + text
-                lps = None
-                if body.logprobs is not None:
-                    lps = completion_logprobs(
-                        o["token_ids"],
-                        o["logprobs"] or [],
-                        body.logprobs,
-                        self.token_text,
-                        offsets.get(index, 0),
-                    ).model_dump()
-                offsets[index] = offsets.get(index, 0) + len(o["text"])
-                choices.append(
-                    {"index": index, "text": text, "logprobs": lps, "finish_reason": o["finish_reason"]}
-                )
-            if choices:
-                yield _sse(
-                    {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": body.model,
-                        "choices": choices,
-                    }
-                )
-        else:
-            if body.stream_options and body.stream_options.include_usage:
-                yield _sse(
-                    {
-                        "id": rid,
-                        "object": "text_completion",
-                        "created": created,
-                        "model": body.model,
-                        "choices": [],
-                        "usage": counter.usage().model_dump(),
-                    }
-                )
-        yield _sse("[DONE]")
-
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         start = time.perf_counter()
@@ -411,7 +348,9 @@ class OpenAIIngress(VersionRoutes):
         stream = self._timed(await self._start(prompts, params, body.model, body.priority), counter, start)
         rid, created = new_id("chatcmpl"), now()
         if body.stream:
-            return self._sse_response(self._chat_events(stream, body, rid, created, counter, k))
+            head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
+            choices_of = ChatChunkChoices(k if body.logprobs else None, self.token_text)
+            return self._sse_response(stream, head, choices_of, counter, body)
         acc = ChoiceAccumulator(body.n)
         async for i, chunk in stream:
             _raise_if_error(chunk)
@@ -434,48 +373,10 @@ class OpenAIIngress(VersionRoutes):
             ).model_dump()
         )
 
-    async def _chat_events(self, stream, body: ChatCompletionRequest, rid, created, counter, k: int):
-        started: set[int] = set()
-
-        def chunk_of(choices: list[ChatChunkChoice], usage=None) -> str:
-            return _sse(
-                ChatCompletionChunk(
-                    id=rid, created=created, model=body.model, choices=choices, usage=usage
-                ).model_dump(exclude_none=True)
-            )
-
-        async for _, chunk in stream:
-            if "error" in chunk:
-                yield _sse(error_body(chunk["error"]["message"], chunk["error"]["type"], None, 503))
-                break
-            choices = []
-            for o in chunk["outputs"]:
-                index = o["index"]
-                if index not in started:  # OpenAI's first delta of a choice names the role
-                    started.add(index)
-                    choices.append(ChatChunkChoice(index=index, delta=Delta(role="assistant", content="")))
-                lps = (
-                    chat_logprobs(o["token_ids"], o["logprobs"] or [], k, self.token_text)
-                    if body.logprobs
-                    else None
-                )
-                choices.append(
-                    ChatChunkChoice(
-                        index=index,
-                        delta=Delta(content=o["text"]),
-                        logprobs=lps,
-                        finish_reason=o["finish_reason"],
-                    )
-                )
-            if choices:
-                yield chunk_of(choices)
-        else:
-            if body.stream_options and body.stream_options.include_usage:
-                yield chunk_of([], counter.usage())
-        yield _sse("[DONE]")
-
-    def _sse_response(self, events: AsyncIterator[str]) -> StreamingResponse:
+    def _sse_response(self, stream, head, choices_of, counter: UsageCounter, body) -> StreamingResponse:
         self.metrics.requests.labels("200").inc()
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = sse_events(stream, head, choices_of, counter, include_usage)
         return StreamingResponse(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )

@@ -66,24 +66,9 @@ class _EngineCollector:
 class ServeMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.ttft = Histogram(
-            "clusterft_time_to_first_token_seconds",
-            "Request arrival to its first output token",
-            registry=self.registry,
-            buckets=_LATENCY_BUCKETS,
-        )
-        self.itl = Histogram(
-            "clusterft_inter_token_latency_seconds",
-            "Time between output tokens of a request",
-            registry=self.registry,
-            buckets=_LATENCY_BUCKETS,
-        )
-        self.e2e = Histogram(
-            "clusterft_request_latency_seconds",
-            "Request arrival to its last token",
-            registry=self.registry,
-            buckets=_LATENCY_BUCKETS,
-        )
+        self.ttft = self._latency("time_to_first_token", "Request arrival to its first output token")
+        self.itl = self._latency("inter_token_latency", "Time between output tokens of a request")
+        self.e2e = self._latency("request_latency", "Request arrival to its last token")
         self.prompt_tokens = Counter(
             "clusterft_prompt_tokens", "Prompt tokens of served requests", registry=self.registry
         )
@@ -95,6 +80,10 @@ class ServeMetrics:
         )
         self.engine = _EngineCollector()
         self.registry.register(self.engine)
+
+    def _latency(self, name: str, help_: str) -> Histogram:
+        """A latency histogram `clusterft_<name>_seconds` in this ingress's registry."""
+        return Histogram(f"clusterft_{name}_seconds", help_, registry=self.registry, buckets=_LATENCY_BUCKETS)
 
     def observe_tokens(self, gap_s: float, num_tokens: int) -> None:
         """A message carrying `num_tokens` tokens arrived `gap_s` after the previous one."""

@@ -1,4 +1,4 @@
-"""Engine deltas -> OpenAI response objects (pure functions: no HTTP, no Ray).
+"""Engine deltas -> OpenAI response objects and SSE streams (no HTTP server, no Ray).
 
 The engine streams, per prompt, dicts `{"outputs": [{"index", "text", "token_ids", "logprobs",
 "finish_reason"}], "prompt_tokens", "cached_tokens", "finished"}`. A request with several prompts
@@ -7,16 +7,21 @@ The engine streams, per prompt, dicts `{"outputs": [{"index", "text", "token_ids
 
 from __future__ import annotations
 
+import json
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from clusterft.serve.protocol import (
+    ChatChunkChoice,
     ChatLogprobs,
     CompletionLogprobs,
+    Delta,
     PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
     Usage,
+    error_body,
 )
 
 
@@ -122,3 +127,90 @@ class ChoiceAccumulator:
 
     def ordered(self) -> list[tuple[int, ChoiceState]]:
         return sorted(self.choices.items())
+
+
+# ---------------------------------------------------------------- SSE streams
+
+
+def sse(payload: dict[str, Any] | str) -> str:
+    """One server-sent event: `data: <json>` (or a literal such as `[DONE]`) and a blank line."""
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+class CompletionChunkChoices:
+    """A /v1/completions stream's engine chunk -> its `choices`: echoed prompt text before a choice's
+    first delta, text offsets of logprobs running on across chunks."""
+
+    def __init__(self, n: int, echo: list[str], num_logprobs: int | None, text: TokenText) -> None:
+        self.n, self.echo, self.num_logprobs, self.text = n, echo, num_logprobs, text
+        self._offsets: dict[int, int] = {}  # choice index -> characters streamed so far
+
+    def __call__(self, prompt_index: int, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        choices = []
+        for o in chunk["outputs"]:
+            index = prompt_index * self.n + o["index"]
+            offset = self._offsets.get(index)
+            text = o["text"] if offset is not None else self.echo[prompt_index] + o["text"]
+            lps = None
+            if self.num_logprobs is not None:
+                lps = completion_logprobs(
+                    o["token_ids"], o["logprobs"] or [], self.num_logprobs, self.text, offset or 0
+                ).model_dump()
+            self._offsets[index] = (offset or 0) + len(o["text"])
+            choices.append(
+                {"index": index, "text": text, "logprobs": lps, "finish_reason": o["finish_reason"]}
+            )
+        return choices
+
+
+class ChatChunkChoices:
+    """A /v1/chat/completions stream's engine chunk -> its `choices`; a choice's first delta names the
+    role, as OpenAI's does."""
+
+    def __init__(self, num_logprobs: int | None, text: TokenText) -> None:
+        self.num_logprobs, self.text = num_logprobs, text
+        self._started: set[int] = set()
+
+    def __call__(self, prompt_index: int, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        choices = []
+        for o in chunk["outputs"]:
+            index = o["index"]
+            if index not in self._started:
+                self._started.add(index)
+                choices.append(ChatChunkChoice(index=index, delta=Delta(role="assistant", content="")))
+            lps = None
+            if self.num_logprobs is not None:
+                lps = chat_logprobs(o["token_ids"], o["logprobs"] or [], self.num_logprobs, self.text)
+            choices.append(
+                ChatChunkChoice(
+                    index=index,
+                    delta=Delta(content=o["text"]),
+                    logprobs=lps,
+                    finish_reason=o["finish_reason"],
+                )
+            )
+        return [c.model_dump(exclude_none=True) for c in choices]
+
+
+async def sse_events(
+    stream: AsyncIterator[tuple[int, dict[str, Any]]],
+    head: dict[str, Any],
+    choices_of: Callable[[int, dict[str, Any]], list[dict[str, Any]]],
+    counter: UsageCounter,
+    include_usage: bool,
+) -> AsyncIterator[str]:
+    """The SSE body of a streamed completion or chat completion: one event per engine chunk that has
+    choices (`head` + `choices`), the usage event if asked for, then `[DONE]`. An engine error ends the
+    stream with an event in OpenAI's error schema (the status is sent already)."""
+    async for prompt_index, chunk in stream:
+        if "error" in chunk:
+            e = chunk["error"]
+            yield sse(error_body(e["message"], e["type"], e.get("param"), e["status"]))
+            break
+        choices = choices_of(prompt_index, chunk)
+        if choices:
+            yield sse({**head, "choices": choices})
+    else:
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": counter.usage().model_dump()})
+    yield sse("[DONE]")

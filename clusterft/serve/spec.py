@@ -94,6 +94,13 @@ class ServeSpec(Section):
         default=256, ge=0, description="Waiting requests beyond which new ones get 503 + Retry-After."
     )
     num_replicas: int = Field(default=1, ge=1, description="Engine replicas (each with its own workers).")
+    stream_interval: int = Field(
+        default=1,
+        ge=1,
+        description="Output tokens a stream gathers before the engine replica sends them on (vLLM's "
+        "stream_interval): 1 sends every token; N sends the first token at once, then every N tokens "
+        "and the last ones, so one message carries several tokens.",
+    )
     chat_template: str = Field(
         default="tokenizer", description="Chat template: the tokenizer's own, or a clusterft template name."
     )

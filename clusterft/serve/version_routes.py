@@ -15,6 +15,8 @@ from pydantic import BaseModel, ConfigDict
 from ray.exceptions import RayError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from clusterft.serve.errors import APIError, engine_error
+
 MODEL_VERSION_HEADER = "x-clusterft-model-version"
 router = APIRouter()
 # One holder per HTTP request: the ingress notes the version of the engine that admitted the request,
@@ -61,19 +63,16 @@ class ReloadRequest(BaseModel):
 
 
 class VersionRoutes:
-    """Mixin of the ingress (which provides `engine`, `_authorize` and `APIError`'s handlers)."""
+    """Mixin of the ingress (which provides `engine`, `admin`, `_authorize` and `APIError`'s handlers)."""
 
     engine: Any
+    admin: Any  # the app's AdminRecord handle
 
     async def _engine_call(self, method: str, *args: Any) -> Any:
-        from clusterft.serve.ingress import APIError
-
         try:
             return await getattr(self.engine, method).remote(*args)
         except RayError as exc:
-            raise APIError(
-                503, f"the engine is unavailable ({type(exc).__name__}); retry", "ServiceUnavailableError"
-            ) from exc
+            raise engine_error(exc) from exc
 
     @router.get("/health")
     async def health(self) -> JSONResponse:
@@ -84,14 +83,17 @@ class VersionRoutes:
 
     @router.post("/v1/admin/reload")
     async def reload(self, request: Request, body: ReloadRequest | None = None) -> dict[str, Any]:
-        """Switch to the alias's version (or `version`) now. With several engine replicas this call
-        reaches one; the others follow at their next alias poll."""
-        from clusterft.serve.ingress import APIError
+        """Switch every engine replica to the alias's version (or `version`) now, rather than at its
+        next alias poll; answers once all live replicas have run the reload."""
+        from clusterft.serve.admin import change_everywhere
 
         self._authorize(request)  # type: ignore[attr-defined]
-        result = await self._engine_call("reload", body.version if body else None)
+        progress = await change_everywhere(self.admin, "reload", body.version if body else None)
+        results = progress["reload_results"]
+        failed = [r for r in results if r["error"]]
+        result = failed[0] if failed else results[0]
         if result["error"]:
             raise APIError(
                 500, f"could not load {result['error']}; still serving {result['version']}", "ModelLoadError"
             )
-        return result
+        return {**result, "num_replicas": progress["num_live"]}

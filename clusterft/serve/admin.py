@@ -1,0 +1,259 @@
+"""Admin changes (runtime LoRA adapters, reload) reach every engine replica: a desired-state record
+that each replica reconciles, and an admin call that waits until every live replica has applied it.
+
+    POST/DELETE /v1/admin/adapters, POST /v1/admin/reload
+      ingress ──change──► AdminRecord (one per app and spec: a detached named actor) ─► generation g
+         │                      ▲  sync(replica, applied generation, errors, reload result)
+         │                      │  ◄── the desired state, when newer than what the replica applied
+         └─ waits until every live replica reports g (bounded), then answers with their errors
+      engine replica, every SYNC_INTERVAL_S: sync ─► Reconciler.apply(desired) on its current loop
+
+Why a record and not a call per replica: a Serve handle sends each call to one replica of its choice
+and has no public way to address them all, and a broadcast would miss replicas that start later (the
+replacement of a crashed replica, a scale-up), which the record reaches at their first sync. A
+replica is live while it syncs (within STALE_AFTER_S); a dead one stops being waited for.
+
+Adapters are state: a replica's served set is made equal to the record's, whenever it started. A
+reload is a command: replicas live when it was issued run it once; a replica starting later has just
+resolved the alias itself and skips it. The record is detached (it must outlive every replica); it
+exits by itself once no replica has synced for IDLE_EXIT_S (the app was deleted or redeployed with
+another spec, which gets a record of its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from clusterft.serve.errors import APIError
+
+if TYPE_CHECKING:
+    from clusterft.serve.follower import ModelFollower
+    from clusterft.serve.spec import ServeSpec
+
+logger = logging.getLogger(__name__)
+
+SYNC_INTERVAL_S = 0.2
+STALE_AFTER_S = 5.0
+IDLE_EXIT_S = 600.0
+APPLY_TIMEOUT_S = 120.0  # a reload loads a model version
+
+
+@dataclass
+class ReplicaReport:
+    applied: int  # the generation whose state the replica serves
+    last_sync: float
+    errors: list[str] = field(default_factory=list)  # what failed applying `applied`
+    reload_result: dict[str, Any] | None = None  # of the last reload command it ran
+
+
+@dataclass
+class AdminState:
+    """The record's content and decisions (no Ray): the desired adapters, the newest reload command,
+    and what each replica has applied."""
+
+    base_model: str
+    adapters: dict[str, str]
+    generation: int = 0
+    reload_generation: int = 0  # the generation that issued the newest reload; 0: none
+    reload_ref: str | None = None
+    replicas: dict[str, ReplicaReport] = field(default_factory=dict)
+    created: float = field(default_factory=time.time)
+
+    # ---- changes (each one a new generation) ----------------------------------------------------
+    def add_adapter(self, name: str, path: str) -> int:
+        if name == self.base_model or name in self.adapters:
+            raise APIError(409, f"model `{name}` already exists; remove it first", "ConflictError", "name")
+        self.adapters[name] = path
+        return self._bump()
+
+    def remove_adapter(self, name: str) -> int:
+        if self.adapters.pop(name, None) is None:
+            raise APIError(404, f"adapter `{name}` does not exist", "NotFoundError", "name")
+        return self._bump()
+
+    def reload(self, ref: str | None) -> int:
+        self.reload_ref = ref
+        self.reload_generation = self._bump()
+        return self.reload_generation
+
+    def _bump(self) -> int:
+        self.generation += 1
+        return self.generation
+
+    # ---- replicas -------------------------------------------------------------------------------
+    def desired(self) -> dict[str, Any]:
+        return {
+            "generation": self.generation,
+            "adapters": dict(self.adapters),
+            "reload_generation": self.reload_generation,
+            "reload_ref": self.reload_ref,
+        }
+
+    def sync(
+        self, replica: str, applied: int, errors: list[str], reload_result: dict | None, now: float
+    ) -> dict[str, Any] | None:
+        """Record what `replica` has applied; the desired state if it has not applied the newest."""
+        self.replicas[replica] = ReplicaReport(applied, now, errors, reload_result)
+        return self.desired() if applied < self.generation else None
+
+    def live(self, now: float) -> dict[str, ReplicaReport]:
+        return {r: rep for r, rep in self.replicas.items() if now - rep.last_sync <= STALE_AFTER_S}
+
+    def progress(self, generation: int, now: float) -> dict[str, Any]:
+        """Which live replicas have not applied `generation` yet; the errors and reload results of
+        those that have."""
+        live = self.live(now)
+        done = {r: rep for r, rep in live.items() if rep.applied >= generation}
+        return {
+            "num_live": len(live),
+            "pending": sorted(set(live) - set(done)),
+            "errors": [e for rep in done.values() for e in rep.errors],
+            "reload_results": [rep.reload_result for rep in done.values() if rep.reload_result],
+        }
+
+    def idle(self, now: float) -> bool:
+        """True once no replica has synced for IDLE_EXIT_S: nobody serves this app any more."""
+        last = max((rep.last_sync for rep in self.replicas.values()), default=self.created)
+        return now - last > IDLE_EXIT_S
+
+
+class AdminRecord:
+    """Ray actor shell around AdminState (see `record_handle`)."""
+
+    def __init__(self, base_model: str, adapters: dict[str, str]) -> None:
+        self.state = AdminState(base_model, dict(adapters))
+        self._reaper: asyncio.Task | None = None
+
+    async def _exit_when_idle(self) -> None:
+        import ray
+
+        while not self.state.idle(time.time()):
+            await asyncio.sleep(IDLE_EXIT_S / 10)
+        ray.kill(ray.get_runtime_context().current_actor)
+
+    def change(self, op: str, *args: Any) -> int | dict[str, Any]:
+        """`op` is add_adapter, remove_adapter or reload; the new generation, or an error dict."""
+        try:
+            return getattr(self.state, op)(*args)
+        except APIError as exc:
+            return exc.chunk()
+
+    async def sync(self, replica: str, applied: int, errors: list[str], reload_result: dict | None):
+        if self._reaper is None:  # started here: an async actor's methods run on its event loop
+            self._reaper = asyncio.get_running_loop().create_task(self._exit_when_idle())
+        return self.state.sync(replica, applied, errors, reload_result, time.time())
+
+    def progress(self, generation: int) -> dict[str, Any]:
+        return self.state.progress(generation, time.time())
+
+
+def record_name(app_name: str, spec: ServeSpec) -> str:
+    """One record per app and spec: a redeploy with another spec starts from that spec's adapters."""
+    digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
+    return f"clusterft-admin-{app_name}-{digest}"
+
+
+def record_handle(spec: ServeSpec):
+    """The app's record (created by whichever replica asks first; Serve's namespace)."""
+    import ray
+    from ray import serve
+
+    actor = ray.remote(num_cpus=0, max_restarts=0)(AdminRecord)
+    return actor.options(
+        name=record_name(serve.get_replica_context().app_name, spec),
+        namespace="serve",
+        lifetime="detached",
+        get_if_exists=True,
+    ).remote(spec.model_name, dict(spec.adapters))
+
+
+class Reconciler:
+    """An engine replica's side: make its follower's current loop serve the desired state."""
+
+    def __init__(self, follower: ModelFollower) -> None:
+        self.follower = follower
+        self.applied = -1  # -1: never synced; the first desired state is always applied
+        self.errors: list[str] = []
+        self.reload_result: dict[str, Any] | None = None
+        self._reload_seen: int | None = None  # None until the first sync
+
+    async def apply(self, desired: dict[str, Any]) -> None:
+        errors: list[str] = []
+        if self._reload_seen is None:  # a new replica resolved the alias at start: old reloads are moot
+            self._reload_seen = desired["reload_generation"]
+            version = self.follower.version
+            self.reload_result = self.follower._result(version, version, False, None, 0.0)
+        elif desired["reload_generation"] > self._reload_seen:
+            self.reload_result = await self.follower.reload(desired["reload_ref"])
+            self._reload_seen = desired["reload_generation"]
+            if self.reload_result["error"]:
+                errors.append(f"could not load {self.reload_result['error']}")
+        loop = self.follower.current.loop
+        wanted = desired["adapters"]
+        for name in [n for n in loop.adapters if wanted.get(n) != loop.adapters[n]]:
+            loop.remove_adapter(name)
+        for name, path in wanted.items():
+            if name in loop.adapters:
+                continue
+            error = loop.add_adapter(name, path)
+            if error is not None:
+                if error["error"]["status"] == 409:  # still unloading the old one: next sync
+                    return
+                errors.append(error["error"]["message"])
+        self.applied, self.errors = desired["generation"], errors
+
+
+async def sync_forever(spec: ServeSpec, replica: str, reconciler: Reconciler) -> None:
+    """The engine replica's background task: report every SYNC_INTERVAL_S, and reconcile when the
+    record has news. Applying runs beside the reports, so a long reload never looks like a dead
+    replica. A lost record is created anew from the spec, and the replica reconciles to it."""
+    from ray.exceptions import RayActorError
+
+    record = record_handle(spec)
+    applying: asyncio.Task | None = None
+    while True:
+        try:
+            desired = await record.sync.remote(
+                replica, reconciler.applied, reconciler.errors, reconciler.reload_result
+            )
+            if desired is not None and (applying is None or applying.done()):
+                applying = asyncio.get_running_loop().create_task(reconciler.apply(desired))
+        except RayActorError:
+            logger.exception("the admin record is gone; starting a new one from the spec")
+            record, reconciler.applied = record_handle(spec), -1
+        except Exception:  # a busy cluster: try again at the next sync
+            logger.exception("admin record sync failed")
+        await asyncio.sleep(SYNC_INTERVAL_S)
+
+
+async def change_everywhere(record, op: str, *args: Any) -> dict[str, Any]:
+    """Record a change and wait until every live engine replica has applied it; APIError for a
+    refused change (409/404), a 503 when no replica is live, a 504 when some did not apply in time."""
+    generation = await record.change.remote(op, *args)
+    if isinstance(generation, dict):
+        raise APIError.from_chunk(generation)
+    started = time.monotonic()
+    while True:
+        progress = await record.progress.remote(generation)
+        if progress["num_live"] and not progress["pending"]:
+            return progress
+        waited = time.monotonic() - started
+        if not progress["num_live"] and waited > STALE_AFTER_S:
+            raise APIError(
+                503,
+                "no engine replica is running; the change applies when one starts",
+                "ServiceUnavailableError",
+            )
+        if waited > APPLY_TIMEOUT_S:
+            raise APIError(
+                504,
+                f"engine replicas {progress['pending']} did not apply the change within "
+                f"{APPLY_TIMEOUT_S:.0f}s; it is recorded and they apply it when they can",
+                "TimeoutError",
+            )
+        await asyncio.sleep(SYNC_INTERVAL_S / 2)

@@ -1,0 +1,104 @@
+"""The admin record's logic with real engines and followers, without Serve or Ray: two replicas
+converge on the record's adapters, a replica starting later gets them too but skips earlier reloads,
+bad paths are reported, conflicts refused, and a replica that stops syncing is no longer waited for."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from clusterft.serve.admin import STALE_AFTER_S, AdminState, Reconciler
+from clusterft.serve.engine_deployment import EngineLoop, build_engine
+from clusterft.serve.errors import APIError
+from clusterft.serve.follower import ModelFollower
+from clusterft.serve.model_source import resolve
+from tests.serve.conftest import make_spec
+
+
+def replica(spec) -> Reconciler:
+    follower = ModelFollower(
+        spec, lambda ref: resolve(spec), lambda model: EngineLoop(spec, lambda: build_engine(spec, model))
+    )
+    return Reconciler(follower)
+
+
+async def sync(state: AdminState, name: str, r: Reconciler, now: float) -> None:
+    """One sync of replica `name`, applied at once."""
+    desired = state.sync(name, r.applied, r.errors, r.reload_result, now)
+    if desired is not None:
+        await r.apply(desired)
+    state.sync(name, r.applied, r.errors, r.reload_result, now)  # report what was applied
+
+
+def served(r: Reconciler) -> dict[str, str]:
+    return r.follower.current.loop.adapters
+
+
+def test_replicas_converge_on_the_record(tiny_llama, tiny_adapter):
+    spec = make_spec(tiny_llama)
+    state = AdminState("tiny", {})
+    a, b = replica(spec), replica(spec)
+
+    async def main() -> None:
+        for name, r in (("a", a), ("b", b)):
+            await sync(state, name, r, now=0)
+        assert (a.applied, b.applied) == (0, 0)
+
+        added = state.add_adapter("ada", str(tiny_adapter))
+        assert state.progress(added, now=0)["pending"] == ["a", "b"]
+        await sync(state, "a", a, now=1)
+        assert state.progress(added, now=1)["pending"] == ["b"]
+        await sync(state, "b", b, now=1)
+        assert state.progress(added, now=1) == {
+            "num_live": 2,
+            "pending": [],
+            "errors": [],
+            "reload_results": [a.reload_result, b.reload_result],
+        }
+        assert served(a) == served(b) == {"ada": str(tiny_adapter)}
+
+        reloaded = state.reload(None)
+        await sync(state, "a", a, now=2)
+        assert a.reload_result["error"] is None and not a.reload_result["switched"]
+
+        c = replica(spec)  # a replacement replica, started after both changes
+        await sync(state, "c", c, now=2)
+        assert served(c) == {"ada": str(tiny_adapter)} and c.applied == reloaded
+        assert c.reload_result["version"] == c.follower.version  # skipped, not run
+
+        bad = state.add_adapter("bad", "/no/such/adapter")
+        await sync(state, "a", a, now=3)
+        assert "adapter_config.json" in state.progress(bad, now=3)["errors"][0]
+        assert "bad" not in served(a)
+
+        removed = state.remove_adapter("ada")
+        for name, r in (("a", a), ("c", c)):
+            await sync(state, name, r, now=3 + STALE_AFTER_S)
+        # b stopped syncing at t=1 (a dead replica): nobody waits for it any more
+        progress = state.progress(removed, now=3 + STALE_AFTER_S)
+        assert progress["num_live"] == 2 and progress["pending"] == []
+        assert served(a) == served(c) == {}
+
+    asyncio.run(main())
+
+
+def test_record_refuses_conflicts_and_unknown_adapters():
+    state = AdminState("tiny", {"spec-lora": "/a"})
+    with pytest.raises(APIError, match="already exists") as conflict:
+        state.add_adapter("spec-lora", "/b")
+    assert conflict.value.status == 409
+    with pytest.raises(APIError, match="already exists"):
+        state.add_adapter("tiny", "/b")  # the base model's name
+    with pytest.raises(APIError, match="does not exist") as missing:
+        state.remove_adapter("nope")
+    assert missing.value.status == 404 and state.generation == 0
+
+
+def test_record_is_idle_once_no_replica_syncs():
+    from clusterft.serve.admin import IDLE_EXIT_S
+
+    state = AdminState("tiny", {})
+    state.sync("a", -1, [], None, now=state.created + 10)
+    assert not state.idle(state.created + 10 + IDLE_EXIT_S)
+    assert state.idle(state.created + 11 + IDLE_EXIT_S)
