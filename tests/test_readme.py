@@ -1,6 +1,6 @@
-"""README.md stays true: every `clusterft` command it shows parses with the real CLI, and every
-repository path it names exists. (The commands' behaviour is exercised by the tests of each package
-and by `make demo`; this test catches a README that drifted from the CLI.)"""
+"""README.md stays true: every `clusterft` command it shows parses with the real CLI, every repository
+path it names exists, and every command line of its shell blocks is run somewhere: EXERCISED_BY names
+the test (or demo step) that runs each, and fails when a README command has none."""
 
 from __future__ import annotations
 
@@ -20,15 +20,15 @@ def shell_blocks(text: str) -> list[str]:
     return re.findall(r"```bash\n(.*?)```", text, flags=re.S)
 
 
+def shell_lines(text: str) -> list[list[str]]:
+    """Each command line of the README's bash blocks, split into words (comments dropped)."""
+    lines = [line for block in shell_blocks(text) for line in block.replace("\\\n", " ").splitlines()]
+    return [words for words in (shlex.split(line, comments=True) for line in lines) if words]
+
+
 def clusterft_commands(text: str) -> list[list[str]]:
-    """Each `clusterft ...` line of the README's bash blocks, split into arguments (comments dropped)."""
-    commands = []
-    for block in shell_blocks(text):
-        for line in block.replace("\\\n", " ").splitlines():
-            words = shlex.split(line, comments=True)
-            if "clusterft" in words:
-                commands.append(words[words.index("clusterft") + 1 :])
-    return commands
+    """The arguments of each `clusterft ...` command in the README's bash blocks."""
+    return [words[words.index("clusterft") + 1 :] for words in shell_lines(text) if "clusterft" in words]
 
 
 COMMANDS = clusterft_commands(README)
@@ -65,3 +65,56 @@ def test_paths_named_in_readme_exist() -> None:
     assert named, "the README names no repository paths"
     missing = sorted(path for path in named if not (ROOT / path.rstrip("/")).exists())
     assert not missing, f"README names paths that do not exist: {missing}"
+
+
+SERVE_TOUR = "tests/test_readme_commands.py::test_serve_the_registry_query_promote_rollback_and_stop"
+CONTROLLER_JOB = (
+    "tests/train/test_job_submit.py::test_ray_job_submit_runs_the_controller_to_promotion_and_eval"
+)
+TRAIN_JOB = "tests/train/test_job_submit.py::test_ray_job_submit_trains"
+DEMO = "tests/test_demo.py::test_demo_runs_end_to_end"
+CHECKOUT = "tests/test_readme_commands.py::test_validate_and_preview_the_quickstart_job"
+# README command line (words joined by one space) -> PATH::NAME of the test, fixture, make target or
+# demo step that runs it (tests/test_demo.py runs the demo).
+EXERCISED_BY = {
+    "make demo": DEMO,  # `clusterft demo`, with --quick (200 steps instead of 400)
+    "make test": "Makefile::test",  # the suite this test is part of
+    "source .venv/bin/activate": "tests/test_readme_commands.py::run",  # the venv's bin first on PATH
+    "clusterft make-tiny-model models/tiny-llama": "tests/test_readme_commands.py::checkout",  # its fixture
+    "clusterft validate jobs/quickstart.yaml": CHECKOUT,
+    "clusterft data preview jobs/quickstart.yaml -n 3": CHECKOUT,
+    "clusterft train jobs/quickstart.yaml": TRAIN_JOB,  # a 4-step job, as a Ray job
+    "clusterft checkpoints list saves/storage/quickstart/bundles": TRAIN_JOB,
+    "clusterft checkpoints verify saves/storage/quickstart/bundles": TRAIN_JOB,
+    "export RAY_AUTH_MODE=disabled": "clusterft/runtime.py::apply_runtime_defaults",  # every test process
+    "ray start --head --num-cpus=4 --block & RAY_HEAD=$!": "tests/train/test_job_submit.py::head_cluster",
+    "clusterft jobs submit jobs/quickstart.yaml --wait": CONTROLLER_JOB,  # as a Ray job, as k8s runs it
+    "clusterft jobs list": CONTROLLER_JOB,
+    "clusterft jobs status JOB_ID": CONTROLLER_JOB,
+    "clusterft jobs logs JOB_ID --follow": CONTROLLER_JOB,
+    "kill -9 $(cat saves/quickstart/.clusterft/workers/rank-1.pid)": "clusterft/demo.py::WorkerKiller",
+    "clusterft registry list": SERVE_TOUR,
+    "clusterft registry show quickstart production": SERVE_TOUR,
+    "clusterft serve --registry registry --model-name quickstart --port 8000": SERVE_TOUR,
+    (
+        "curl -s http://127.0.0.1:8000/v1/chat/completions -H Content-Type: application/json -d "
+        '{"model": "quickstart", "messages": [{"role": "user", "content": "sort\\n5301"}], "max_tokens": 8}'
+    ): SERVE_TOUR,
+    "clusterft registry promote quickstart v0002": SERVE_TOUR,
+    "clusterft registry rollback quickstart --alias production": SERVE_TOUR,
+    "kill $RAY_HEAD": "tests/train/test_job_submit.py::head_cluster",  # its teardown
+    (
+        "ray job submit --address http://127.0.0.1:8265 --working-dir . -- "
+        "clusterft train jobs/quickstart.yaml"
+    ): TRAIN_JOB,
+}
+
+
+def test_every_readme_command_is_exercised() -> None:
+    shown = {" ".join(words) for words in shell_lines(README)}
+    assert sorted(shown - set(EXERCISED_BY)) == [], "README commands no test runs: add one, then list it here"
+    assert sorted(set(EXERCISED_BY) - shown) == [], "listed commands the README no longer shows"
+    for where in set(EXERCISED_BY.values()):
+        path, name = where.split("::")
+        source = (ROOT / path).read_text(encoding="utf-8")
+        assert re.search(rf"^(def |class )?{name}[(:]", source, flags=re.M), f"{where}: no such test or step"
