@@ -9,17 +9,31 @@ A request picks its engine when it is admitted and stays on it, so no request ev
 weights. Each version has its own engine, hence its own prefix cache, and its block hashes carry
 the version number as weight version: KV of one version is never reused by another. A version that
 fails to load leaves the old one serving; the error is logged, counted and shown by /health.
+
+A follower of a registry alias also keeps a serving record (clusterft/controller/serving.py) next to
+the registry's versions: written at start, after every switch and at every poll (the heartbeat),
+removed by `close()`. The job controller reads it to move the version's job to `serving`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from clusterft.controller.serving import (
+    ServingRecord,
+    remove_record,
+    replica_identity,
+    stale_after_s,
+    write_record,
+)
 from clusterft.engine import SamplingParams
 from clusterft.serve.model_source import AliasWatch, ModelVersion
 from clusterft.serve.spec import ServeSpec
@@ -48,9 +62,11 @@ class ModelFollower:
         spec: ServeSpec,
         resolve: Callable[[str | None], ModelVersion],
         make_loop: Callable[[ModelVersion], EngineLoop],
+        identity: tuple[str, str] | None = None,
     ) -> None:
         """`resolve(ref)` turns a version ref (None: the followed alias now) into a ModelVersion;
-        `make_loop` builds that version's engine loop (slow: it loads the weights)."""
+        `make_loop` builds that version's engine loop (slow: it loads the weights). `identity` is
+        (app, replica id) for the serving record; default: the Serve replica's own."""
         self.spec = spec
         self._resolve = resolve
         self._make_loop = make_loop
@@ -64,6 +80,11 @@ class ModelFollower:
         self.num_load_failures = 0
         self.last_error: str | None = None
         self.last_switch: dict[str, Any] | None = None
+        self.app, self.replica = identity or replica_identity()
+        self._since = time.time()  # when the current version began serving here
+        self._closed = False
+        self._record_lock = threading.Lock()  # heartbeats write from a thread
+        self._publish()
 
     @property
     def version(self) -> str | None:
@@ -87,7 +108,15 @@ class ModelFollower:
 
     # ---- switching -------------------------------------------------------------------------------
     async def watch(self) -> None:
-        """Poll the alias forever; switch when it points somewhere new (the replica's background task)."""
+        """Poll the alias forever and switch when it points somewhere new; beside it, refresh the
+        serving record at the same interval, so a long model load does not stop the heartbeat
+        (the replica's background task). Cancelling it removes the record."""
+        try:
+            await asyncio.gather(self._follow(), self._heartbeat())
+        finally:
+            self.close()
+
+    async def _follow(self) -> None:
         assert self._watch is not None and self.spec.registry is not None
         while True:
             await asyncio.sleep(self.spec.registry.poll_interval_s)
@@ -98,6 +127,12 @@ class ModelFollower:
                 continue
             if target is not None and target not in (self.version, self._failed_target):
                 await self.reload(target)
+
+    async def _heartbeat(self) -> None:
+        assert self.spec.registry is not None
+        while not self._closed:
+            await asyncio.sleep(self.spec.registry.poll_interval_s)
+            await asyncio.to_thread(self._publish)
 
     async def reload(self, ref: str | None = None) -> dict[str, Any]:
         """Switch to version `ref` (default: where the followed alias points now) unless already
@@ -123,6 +158,7 @@ class ModelFollower:
                 if name not in new.loop.adapters:
                     new.loop.add_adapter(name, path)
             old, self.current = self.current, new
+            self._since = time.time()
             self.num_switches += 1
             self.last_error = self._failed_target = None
             load_s = time.monotonic() - started
@@ -130,6 +166,7 @@ class ModelFollower:
             logger.info("now serving %s %s (loaded in %.2fs)", self.spec.model_name, model.version, load_s)
             self._retiring.append(old)
             asyncio.get_running_loop().create_task(self._release(old))
+            await asyncio.to_thread(self._publish)
             return self.last_switch
 
     async def _release(self, old: _Serving) -> None:
@@ -141,6 +178,49 @@ class ModelFollower:
             await asyncio.to_thread(shutdown)
         self._retiring.remove(old)
         logger.info("released %s %s", self.spec.model_name, old.model.version)
+
+    # ---- the serving record ----------------------------------------------------------------------
+    def record(self) -> ServingRecord | None:
+        """What this replica serves, as the controller reads it; None when not following a registry."""
+        source = self.spec.registry
+        if source is None or self.version is None:
+            return None
+        return ServingRecord(
+            model_name=source.model_name,
+            version=self.version,
+            alias=source.alias,
+            app=self.app,
+            replica=self.replica,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            since=self._since,
+            heartbeat_at=time.time(),
+            stale_after_s=stale_after_s(source.poll_interval_s),
+        )
+
+    def _publish(self) -> None:
+        """Write the record; a storage hiccup is logged, never fails serving (the record goes stale).
+        Under a lock, so a heartbeat that read the old version cannot land after a switch's write."""
+        with self._record_lock:
+            record, source = self.record(), self.spec.registry
+            if record is None or source is None or self._closed:
+                return
+            try:
+                write_record(source.root, record)
+            except OSError as exc:
+                logger.warning("could not write the serving record: %s", exc)
+
+    def close(self) -> None:
+        """Remove the serving record and write no more (a clean shutdown of the replica)."""
+        with self._record_lock:
+            self._closed = True
+            source = self.spec.registry
+            if source is None:
+                return
+            try:
+                remove_record(source.root, source.model_name, self.replica)
+            except OSError as exc:
+                logger.warning("could not remove the serving record: %s", exc)
 
     @staticmethod
     def _result(

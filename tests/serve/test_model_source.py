@@ -130,3 +130,56 @@ def test_switch_keeps_old_requests_on_old_engine_and_survives_a_bad_version(regi
         assert follower.status()["last_error"] is None
 
     asyncio.run(scenario())
+
+
+def test_follower_keeps_a_serving_record_beats_while_polling_and_removes_it_when_stopped(registry):
+    from clusterft.controller.serving import read_records
+
+    reg, source = registry
+    reg.promote("quick", "v1")
+    spec = ServeSpec(registry=source.model_copy(update={"poll_interval_s": 0.05}))
+
+    async def scenario() -> None:
+        follower = ModelFollower(
+            spec, lambda ref: resolve_version(source, ref), FakeLoop, identity=("app", "app#engine#r1")
+        )
+        [started] = read_records(reg.root, "quick")  # written before the first poll
+        assert (started.version, started.alias, started.app, started.replica) == (
+            "v0001",
+            "production",
+            "app",
+            "app#engine#r1",
+        )
+        assert started.stale_after_s == 5.0 and started.since <= started.heartbeat_at
+        watch = asyncio.get_running_loop().create_task(follower.watch())
+        await asyncio.sleep(0.3)
+        [beating] = read_records(reg.root, "quick")
+        assert beating.version == "v0001" and beating.heartbeat_at > started.heartbeat_at
+        assert beating.since == started.since
+
+        reg.promote("quick", "v2")  # the poll switches; the record follows at once
+        for _ in range(100):
+            await asyncio.sleep(0.02)
+            if follower.version == "v0002":
+                break
+        [switched] = read_records(reg.root, "quick")
+        assert switched.version == "v0002" and switched.since > started.since
+
+        watch.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await watch
+        assert read_records(reg.root, "quick") == []
+        follower._publish()  # closed: a late heartbeat writes nothing
+        assert read_records(reg.root, "quick") == []
+
+    asyncio.run(scenario())
+
+
+def test_a_follower_of_a_fixed_model_dir_writes_no_record(tmp_path):
+    spec = ServeSpec(model_dir=str(tmp_path / "m"))
+    follower = ModelFollower(
+        spec, lambda ref: ModelVersion(None, spec.model_dir), FakeLoop, identity=("a", "r")
+    )
+    assert follower.record() is None
+    follower.close()
+    assert not any(tmp_path.rglob("*.json"))

@@ -1,7 +1,8 @@
 """Promotion and rollback under load on real Ray + Serve (127.0.0.1): the app follows the registry's
 `production` alias from v1 to v2 (alias poll) and back to v1 (rollback + POST /v1/admin/reload) while
 4 clients (streaming and not) keep sending; no request fails and every answer equals the offline
-engine of the version its header names."""
+engine of the version its header names. The replica's serving record says which version it serves
+at every point."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import httpx
 import pytest
 
 from clusterft.controller.registry import Registry
+from clusterft.controller.serving import read_records
 from clusterft.serve.spec import RegistrySource, ServeSpec
 from clusterft.serve.version_routes import MODEL_VERSION_HEADER
 from tests.serve.conftest import ENGINE, free_port, offline_texts, running_app
@@ -88,6 +90,18 @@ def wait_for_version(results: list[Result], version: str, after: float, timeout_
     raise AssertionError(f"no response from {version} within {timeout_s}s")
 
 
+def wait_for_record(registry: Registry, version: str, timeout_s: float = 10) -> float:
+    """Seconds until the replica's serving record names `version` (it follows the switch)."""
+    started = time.monotonic()
+    while True:
+        records = read_records(registry.root, "quickstart")
+        if [r.version for r in records] == [version]:
+            assert records[0].live(time.time()) and records[0].app == "clusterft"
+            return time.monotonic() - started
+        assert time.monotonic() - started < timeout_s, records
+        time.sleep(0.05)
+
+
 def test_promote_and_rollback_under_load_lose_no_request(tmp_path):
     from clusterft.hf.tiny import make_tiny_model
 
@@ -113,6 +127,7 @@ def test_promote_and_rollback_under_load_lose_no_request(tmp_path):
     with running_app(spec) as url:
         models = httpx.get(f"{url}/v1/models").json()["data"]
         assert [(m["id"], m["version"]) for m in models] == [("quickstart", "v0001")]
+        wait_for_record(registry, "v0001")
         load = threading.Thread(target=load_loop, args=(url, stop, results))
         load.start()
         try:
@@ -122,12 +137,14 @@ def test_promote_and_rollback_under_load_lose_no_request(tmp_path):
             promoted_at = time.monotonic()
             registry.promote("quickstart", "v2")  # the replica's alias poll sees it
             first_v2 = wait_for_version(results, "v0002", promoted_at)
+            record_after_switch_s = wait_for_record(registry, "v0002")
             time.sleep(1.0)
 
             rolled_back_at = time.monotonic()
             registry.rollback("quickstart")
             reload = httpx.post(f"{url}/v1/admin/reload", timeout=60).json()  # no waiting for the poll
             first_v1 = wait_for_version(results, "v0001", rolled_back_at)
+            wait_for_record(registry, "v0001")
             time.sleep(1.0)
         finally:
             stop.set()
@@ -154,6 +171,7 @@ def test_promote_and_rollback_under_load_lose_no_request(tmp_path):
         "promote_switch_s (alias poll)": round(first_v2.ended - promoted_at, 3),
         "rollback_switch_s (admin reload)": round(first_v1.ended - rolled_back_at, 3),
         "requests_served_during_promote_switch": len(during),
+        "serving_record_after_first_v2_response_s": round(record_after_switch_s, 3),
         "v1_responses_after_promote": sum(
             r.version == "v0001" for r in results if promoted_at <= r.ended < rolled_back_at
         ),
