@@ -1,26 +1,27 @@
 """The job controller: a detached, named Ray actor that carries every job through its life.
 
-    submitted ─► training ─► evaluating ─► registered ─► promoted
-                  │   ▲      (eval driver)  (registry)   (alias moved; serving hook called)
-                  ▼   │
+    submitted ─► training ─► evaluating ─► registered ◄─► promoted ◄─► serving
+                  │   ▲      (eval driver)  (registry)   (an alias    (a live replica
+                  ▼   │                                   points here)  serves it)
                 failed ─► resuming (backoff) ─► training, from the newest valid checkpoint
 
 The actor is a thin shell: `Controller.tick()` reads every unsettled job from the SQLite store and
-moves it one step, using the pure policies for each decision. The store and the run files are the
-only state, so a killed actor (Ray restarts it: `max_restarts=-1`) re-reads them and continues:
-a training driver that outlived it is re-attached, one that died is relaunched from its checkpoint.
+moves it one step, using the pure policies for each decision; then it reconciles every job holding a
+registry version with the registry's aliases and the replicas' serving records (`decide_serving`),
+whoever moved the alias: this controller, `clusterft registry promote|rollback`, or another
+cluster's controller on the same storage. The store, the run files and the registry are the only
+state, so a killed actor (Ray restarts it: `max_restarts=-1`) re-reads them and continues: a
+training driver that outlived it is re-attached, one that died is relaunched from its checkpoint.
 User commands (submit, cancel, resume) write the store directly; the controller reconciles.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,33 +31,33 @@ from clusterft.controller.policy import (
     Failure,
     GiveUp,
     Promote,
+    VersionState,
     check_completion,
     decide_after_failure,
     decide_promotion,
+    decide_serving,
     parse_gates,
 )
-from clusterft.controller.registry import Registry
-from clusterft.controller.run_job import job_spec
+from clusterft.controller.registry import AliasChange, Registry
 from clusterft.controller.runs import Phase, RunFiles, describe_exit, kill, launch, pid_runs_job
+from clusterft.controller.serving import live_versions, read_records
 from clusterft.controller.state import (
+    HOLDS_VERSION,
     Errored,
     Evaluating,
     Failed,
     Job,
     JobState,
-    Promoted,
     Registered,
     Resuming,
     Training,
 )
 from clusterft.controller.store import JobStore, StaleState
+from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, SpecSchemaError, job_spec
 
 logger = logging.getLogger(__name__)
 CONTROLLER_NAME = "clusterft-controller"
 NAMESPACE = "clusterft"
-AliasHook = Callable[[str, str, str], None]
-"""on_alias_moved(model_name, alias, version): called after the controller moves an alias, so the
-serving app can follow it (the Serve app's hook plugs in here)."""
 
 
 RUN_FILES = frozenset({"metrics.jsonl", "loss.png", "run_summary.json"})
@@ -84,27 +85,74 @@ class Controller:
         registry_root: str | Path,
         *,
         env: dict[str, str] | None = None,
-        on_alias_moved: AliasHook | None = None,
     ):
         self.root = Path(root)
         self.store = JobStore(store_path(root))
         self.registry = Registry(registry_root)
         self.env = env if env is not None else dict(os.environ)
-        self.on_alias_moved = on_alias_moved
         self.runs: dict[str, _Run] = {}
+        self.unreadable: dict[str, str] = {}
+        """Jobs whose stored spec this clusterft cannot read (newer schema, or invalid), and why."""
 
     def tick(self) -> None:
-        """Move every unsettled job one step; stop runs of jobs that were cancelled meanwhile."""
+        """Move every unsettled job one step; stop runs of jobs that were cancelled meanwhile; then
+        reconcile the jobs holding registry versions."""
         for job_id in list(self.runs):
             if self.store.get(job_id).status is JobState.CANCELLED:
                 kill(self.runs.pop(job_id).pid)
         for job in self.store.unsettled():
             try:
+                if job.spec_schema != SPEC_SCHEMA_VERSION:
+                    job = self._upgrade_spec(job)
+                    if job is None:
+                        continue
                 self.advance(job)
             except StaleState:
                 pass  # a user command moved it first; the next tick sees where it is now
             except Exception:
                 logger.exception("controller: job %s in %s", job.id, job.status)
+        self.reconcile()
+
+    def _upgrade_spec(self, job: Job) -> Job | None:
+        """The job with its spec in the current schema (dropped keys go in its history), or None
+        when it cannot be read: left alone, and said once in the log, not at every tick."""
+        if job.id in self.unreadable:
+            return None
+        try:
+            return self.store.upgrade_spec(job.id)
+        except SpecSchemaError as err:
+            self.unreadable[job.id] = str(err)
+            logger.error("controller: leaving job %s alone: %s", job.id, err)
+            return None
+
+    def reconcile(self, now: float | None = None) -> None:
+        """Move each registered, promoted or serving job to where the registry's aliases and the
+        live serving records say it belongs (`decide_serving`), one transition at a time."""
+        now = time.time() if now is None else now
+        views: dict[str, tuple[dict[str, str | None], dict[str, AliasChange], frozenset[str]]] = {}
+        for job in self.store.list(HOLDS_VERSION):
+            try:
+                for _ in HOLDS_VERSION:  # at most one move per state: registered → promoted → serving
+                    assert isinstance(job.state, VersionState), job.state
+                    name = job.state.model_name
+                    if name not in views:
+                        views[name] = self._registry_view(name, now)
+                    new = decide_serving(job.state, *views[name])
+                    if new is None:
+                        break
+                    job = self.store.transition(job.id, job.status, new)
+            except StaleState:
+                pass  # moved by someone else meanwhile; the next tick sees where it is now
+            except Exception:
+                logger.exception("controller: reconciling job %s in %s", job.id, job.status)
+
+    def _registry_view(
+        self, model_name: str, now: float
+    ) -> tuple[dict[str, str | None], dict[str, AliasChange], frozenset[str]]:
+        """(aliases, each alias's latest move, versions live replicas serve) of one model."""
+        last_moves = {change.alias: change for change in self.registry.alias_history(model_name)}
+        served = live_versions(read_records(self.registry.root, model_name), now)
+        return self.registry.aliases(model_name), last_moves, served
 
     # ------------------------------------------------------------ one step of one job
 
@@ -121,7 +169,7 @@ class Controller:
 
     def _start(self, job: Job) -> None:
         try:
-            parse_gates(job_spec(job.spec_yaml))
+            parse_gates(job_spec(job))
         except Exception as err:
             self.store.transition(job.id, JobState.SUBMITTED, Errored(f"{type(err).__name__}: {err}"))
             return
@@ -136,7 +184,7 @@ class Controller:
         from clusterft.storage import BundleStore
         from clusterft.train.launcher import locate
 
-        where = locate(job_spec(job.spec_yaml))
+        where = locate(job_spec(job))
         latest = BundleStore(where.bundle_root).find_latest_valid()
         resumed_from = f"{where.bundle_root}/{latest.name}" if latest else None
         job = self.store.transition(job.id, expected, Training(resumed_from=resumed_from))
@@ -190,7 +238,7 @@ class Controller:
     def _decide(self, job: Job) -> None:
         assert isinstance(job.state, Failed)
         failure = Failure(job.state.why, job.state.retryable)
-        decision = decide_after_failure(job, failure, job_spec(job.spec_yaml))
+        decision = decide_after_failure(job, failure, job_spec(job))
         if isinstance(decision, GiveUp):
             self.store.transition(job.id, JobState.FAILED, Errored(decision.reason))
         else:
@@ -201,7 +249,7 @@ class Controller:
     # ------------------------------------------------------------ evaluate, register, promote
 
     def _evaluate(self, job: Job) -> None:
-        spec = job_spec(job.spec_yaml)
+        spec = job_spec(job)
         metrics: dict[str, Any] = {}
         if spec.eval.enabled:
             files = RunFiles.of(self.root, job.id, job.attempt, "eval")
@@ -250,21 +298,10 @@ class Controller:
                 result=result,
             )
             return
-        alias = spec.promote.alias
-        self.registry.promote(name, version.version, alias)
+        # The reconcile pass that follows moves the job to promoted (and serving), and the job that
+        # held the alias before back to registered: the same path as a `registry promote`.
+        self.registry.promote(name, version.version, spec.promote.alias)
         self.store.transition(job.id, JobState.EVALUATING, Registered(name, version.version), result=result)
-        self.store.transition(job.id, JobState.REGISTERED, Promoted(name, version.version, alias))
-        self._supersede(job.id, name, alias, version.version)
-        if self.on_alias_moved is not None:
-            self.on_alias_moved(name, alias, version.version)
-
-    def _supersede(self, job_id: str, name: str, alias: str, version: str) -> None:
-        """The job whose version held `alias` before rests in `registered` again."""
-        for other in self.store.list([JobState.PROMOTED, JobState.SERVING]):
-            state = other.state
-            if other.id != job_id and getattr(state, "model_name", None) == name and state.alias == alias:  # type: ignore[attr-defined]
-                why = f"{alias} moved to {version} (job {job_id})"
-                self.store.transition(other.id, other.status, Registered(name, state.version, why=why))  # type: ignore[attr-defined]
 
     def _model_files(self, job: Job, spec: Any) -> Path:
         """The exported adapter or model of output_dir, without the run's own files (metrics, plots,
@@ -293,17 +330,11 @@ def training_outcome(result: dict[str, Any]) -> Complete | Failure:
 # ---------------------------------------------------------------- the Ray actor
 
 
-def import_hook(dotted: str) -> AliasHook:
-    """`package.module:function` or `package.module.function` → the function."""
-    module, _, attr = dotted.replace(":", ".").rpartition(".")
-    return getattr(importlib.import_module(module), attr)
-
-
 class JobControllerActor:
     """The detached actor: builds a `Controller` and ticks it in a background thread. Ray restarts
     it after a crash or `ray.kill(..., no_restart=False)`; __init__ runs again and resumes."""
 
-    def __init__(self, root: str, registry_root: str, poll_s: float = 0.5, on_alias_moved: str | None = None):
+    def __init__(self, root: str, registry_root: str, poll_s: float = 0.5):
         import ray
 
         from clusterft.runtime import apply_runtime_defaults
@@ -312,8 +343,7 @@ class JobControllerActor:
         env = dict(os.environ)
         # The drivers join this cluster as drivers of their own (their Train actors die with them).
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        hook = import_hook(on_alias_moved) if on_alias_moved else None
-        self.controller = Controller(root, registry_root, env=env, on_alias_moved=hook)
+        self.controller = Controller(root, registry_root, env=env)
         self.poll_s = poll_s
         self.started_at = time.time()
         self._wake = threading.Event()

@@ -66,6 +66,7 @@ def job_record(job: Job, store: JobStore | None = None) -> dict[str, Any]:
         "created_at": job.created_at,
         "updated_at": job.updated_at,
         "resumed_from": job.resumed_from,
+        "spec_schema": job.spec_schema,
         "result": dict(job.result),
         "progress": progress(job),
     }
@@ -80,10 +81,10 @@ def job_record(job: Job, store: JobStore | None = None) -> dict[str, Any]:
 
 def progress(job: Job) -> dict[str, Any]:
     """Steps done (the last step in output_dir/metrics.jsonl) of the planned total."""
-    from clusterft.controller.run_job import job_spec
+    from clusterft.controller.stored_spec import job_spec
     from clusterft.train.export import read_metrics
 
-    spec = job_spec(job.spec_yaml)
+    spec = job_spec(job)
     steps = read_metrics(Path(spec.train.output_dir) / "metrics.jsonl")
     planned = (job.result.get("train") or {}).get("planned_steps") or (
         spec.train.max_steps if spec.train.max_steps > 0 else None
@@ -156,7 +157,8 @@ class Jobs:
         return [Path(log.path) for log in self.store.logs(job_id)]
 
     def wait(self, job_id: str, poll_s: float = 1.0, timeout_s: float | None = None, bar: bool = True) -> Job:
-        """Follow the job until it settles (or is promoted), with a progress bar of training steps."""
+        """Follow the job until its run is over (settled: registered, promoted, serving, cancelled or
+        error), with a progress bar of training steps."""
         from tqdm import tqdm
 
         deadline = None if timeout_s is None else time.time() + timeout_s
@@ -171,7 +173,7 @@ class Jobs:
                     )
                 progress_bar.n = done["step"]
                 progress_bar.set_postfix_str(str(job.status))
-            if job.settled or job.status is JobState.PROMOTED:
+            if job.settled:
                 break
             if deadline is not None and time.time() > deadline:
                 break

@@ -1,4 +1,5 @@
-"""Pure decisions of the controller: resume or give up, did training finish, promote or hold.
+"""Pure decisions of the controller: resume or give up, did training finish, promote or hold, and
+where a job holding a registry version stands (registered, promoted, serving).
 
 Each function takes plain values and returns a small decision object; the controller actor only
 carries the decision out. Nothing here touches Ray, the store or the filesystem.
@@ -10,12 +11,13 @@ import difflib
 import math
 import operator
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import get_args
 
 from clusterft.config.spec import EvalSpec, JobSpec
-from clusterft.controller.state import Job
+from clusterft.controller.registry import AliasChange
+from clusterft.controller.state import Job, Promoted, Registered, Serving
 from clusterft.errors import UserError
 
 MAX_BACKOFF_S = 600.0
@@ -224,3 +226,55 @@ def decide_promotion(
     if problems:
         return Hold("not promoted: " + "; ".join(problems))
     return Promote(tuple(notes))
+
+
+# ---------------------------------------------------------------- registered, promoted, serving
+
+VersionState = Registered | Promoted | Serving
+
+
+def decide_serving(
+    state: VersionState,
+    aliases: Mapping[str, str | None],
+    last_moves: Mapping[str, AliasChange],
+    served_versions: Collection[str],
+) -> VersionState | None:
+    """The next state of a job holding a registry version, or None where it already belongs.
+
+    `aliases` is where each alias of the job's model points now, `last_moves` each alias's latest
+    move (for the reason), `served_versions` the versions some live replica serves. One move at a
+    time (the caller repeats until None), each a transition of the state machine:
+
+        registered ─► promoted   an alias points at the version (first in `aliases` order)
+        promoted   ─► serving    and a live replica serves it
+        promoted/serving ─► registered   the job's alias moved away (rollback, another promotion)
+        serving    ─► promoted   no live replica serves it any more
+    """
+    holders = [alias for alias, target in aliases.items() if target == state.version]
+    if isinstance(state, Registered):
+        if not holders:
+            return None
+        alias = holders[0]
+        return Promoted(state.model_name, state.version, alias, why=_moved(alias, aliases, last_moves))
+    if state.alias not in holders:
+        return Registered(state.model_name, state.version, why=_moved(state.alias, aliases, last_moves))
+    served = state.version in served_versions
+    if isinstance(state, Promoted):
+        return Serving(state.model_name, state.version, state.alias) if served else None
+    if not served:
+        return Promoted(
+            state.model_name, state.version, state.alias, why=f"no live replica serves {state.version}"
+        )
+    return None
+
+
+def _moved(alias: str, aliases: Mapping[str, str | None], last_moves: Mapping[str, AliasChange]) -> str:
+    """`production rolled back to v0001 (2026-11-28T09:15:00+00:00)`: the alias's latest move."""
+    target = aliases.get(alias)
+    change = last_moves.get(alias)
+    if target is None:
+        return f"{alias} points at no version"
+    if change is None or change.version != target:
+        return f"{alias} points at {target}"
+    verb = "rolled back" if change.action == "rollback" else "promoted"
+    return f"{alias} {verb} to {target} ({change.at})"

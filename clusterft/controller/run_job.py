@@ -19,17 +19,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from clusterft.config.spec import JobSpec
 from clusterft.controller.policy import Failure
 from clusterft.controller.runs import RunFiles
+from clusterft.controller.stored_spec import job_spec
 from clusterft.errors import UserError
-
-
-def job_spec(spec_yaml: str) -> JobSpec:
-    """The resolved spec the store keeps (nested sections, absolute paths)."""
-    return JobSpec.model_validate(yaml.safe_load(spec_yaml))
 
 
 def train(spec: JobSpec) -> dict[str, Any]:
@@ -84,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         job = store.get(args.job)
     files = RunFiles(Path(args.out), args.phase)
     try:
-        spec = job_spec(job.spec_yaml)
+        spec = job_spec(job)
         result = train(spec) if args.phase == "train" else evaluate_job(spec)
     except Exception as err:  # reported to the controller, which decides (UserError: not retryable)
         traceback.print_exc()

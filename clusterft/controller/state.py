@@ -2,18 +2,22 @@
 
 The life of a job (issue 6):
 
-    submitted ─► training ─► evaluating ─► registered ─► promoted ─► serving
-                   │  ▲                        ▲  │         │           │
-                   ▼  │                        │  └─────────┼───────────┘ rollback / superseded
-                 failed ─► resuming            └────────────┘
+    submitted ─► training ─► evaluating ─► registered ◄─► promoted ◄─► serving
+                   │  ▲                        ▲                           │
+                   ▼  │                        └───────────────────────────┘ rollback / superseded
+                 failed ─► resuming
                    │          (relaunch from the newest valid checkpoint, after a backoff)
                    ▼
                  error            cancelled  (from any state before evaluation ends)
 
 `error` and `cancelled` are where the controller stops; `jobs resume ID` moves either back to
-`resuming` with a fresh restart budget. `registered` is where a job rests when its gates hold it
-back; `serving` is where a promoted job rests. The controller acts on its own only on jobs that
-are not settled (see `SETTLED`).
+`resuming` with a fresh restart budget. From `registered` on, a job holds a registry version and
+its run is over (`SETTLED`): the controller launches nothing for it, and only the registry moves it
+(`HOLDS_VERSION`). An alias pointing at its version makes it `promoted` (the controller's own
+promotion or `clusterft registry promote`); a live replica serving that version (a serving record,
+see serving.py) makes it `serving`; the alias moving away (rollback, another promotion) sends it
+back to `registered` with the reason, and the last replica going away sends `serving` back to
+`promoted`.
 """
 
 from __future__ import annotations
@@ -53,16 +57,21 @@ TRANSITIONS: Mapping[JobState, frozenset[JobState]] = {
     _S.REGISTERED: frozenset({_S.PROMOTED}),
     # Back to `registered` when the alias is rolled back or another version is promoted over it.
     _S.PROMOTED: frozenset({_S.SERVING, _S.REGISTERED}),
-    _S.SERVING: frozenset({_S.REGISTERED}),
+    # Back to `promoted` when no live replica serves the version any more.
+    _S.SERVING: frozenset({_S.REGISTERED, _S.PROMOTED}),
     # A user's `jobs resume ID`.
     _S.CANCELLED: frozenset({_S.RESUMING}),
     _S.ERROR: frozenset({_S.RESUMING}),
 }
 """Allowed moves; anything else raises `IllegalTransition`."""
 
-SETTLED: frozenset[JobState] = frozenset({_S.REGISTERED, _S.SERVING, _S.CANCELLED, _S.ERROR})
-"""States the controller leaves alone; only a user command (resume, promote, rollback) moves them.
-A restarted controller picks up every job *not* in one of these."""
+HOLDS_VERSION: frozenset[JobState] = frozenset({_S.REGISTERED, _S.PROMOTED, _S.SERVING})
+"""States of a job that registered a version; the registry's aliases and the serving records move
+it between them (the controller's reconcile pass), never a launch."""
+
+SETTLED: frozenset[JobState] = HOLDS_VERSION | {_S.CANCELLED, _S.ERROR}
+"""States whose run is over: the controller launches nothing for them. A restarted controller
+advances every job *not* in one of these; of these it only reconciles `HOLDS_VERSION`."""
 
 
 class IllegalTransition(UserError):
@@ -146,6 +155,8 @@ class Promoted(State):
     model_name: str
     version: str
     alias: str
+    why: str | None = None
+    """How the alias came to point here, or why no replica serves it any more."""
 
 
 @dataclass(frozen=True)
@@ -210,6 +221,8 @@ class Job:
     updated_at: float
     result: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     resumed_from: str | None = None
+    spec_schema: int = 0
+    """The spec schema `spec_yaml` was written under (stored_spec.py); 0: before it was stored."""
 
     @property
     def status(self) -> JobState:

@@ -24,8 +24,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
 from clusterft.config.spec import JobSpec
 from clusterft.controller.state import (
     Job,
@@ -37,9 +35,10 @@ from clusterft.controller.state import (
     next_counters,
     state_from_json,
 )
+from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, dump_spec, load_spec
 from clusterft.errors import UserError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Index i upgrades a database from schema version i to i + 1; never edit a released entry, append.
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -84,6 +83,10 @@ MIGRATIONS: tuple[str, ...] = (
         PRIMARY KEY (job_id, attempt, kind)
     );
     """,
+    # 2: the spec schema each job's spec_yaml was written under; rows from before it are 0.
+    """
+    ALTER TABLE jobs ADD COLUMN spec_schema INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -106,7 +109,9 @@ class StaleState(UserError):
 
 @dataclass(frozen=True)
 class Event:
-    """One row of a job's history; `from_state` is None for the submission."""
+    """One row of a job's history; `from_state` is None for the submission. A warning about the job
+    that moves nothing (e.g. spec keys dropped on upgrade) has `from_state == to_state` and
+    `data["warning"]`."""
 
     seq: int
     job_id: str
@@ -218,7 +223,7 @@ class JobStore:
         """Record a new job in `submitted` and return it. `spec_yaml` is kept as the user wrote it
         (default: the resolved spec dumped to YAML)."""
         if spec_yaml is None:
-            spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+            spec_yaml = dump_spec(spec)
         name = name or default_job_name(spec)
         now = self._clock()
         state = Submitted()
@@ -228,9 +233,19 @@ class JobStore:
                 job_id = new_job_id(now)  # same second, same 4 hex digits: draw again
             db.execute(
                 "INSERT INTO jobs (id, name, spec_yaml, spec_hash, state, state_data, attempt, restarts,"
-                " reason, result, resumed_from, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?, ?, 0, 0, NULL, '{}', NULL, ?, ?)",
-                (job_id, name, spec_yaml, spec.spec_hash(), state.kind, json.dumps(state.data()), now, now),
+                " reason, result, resumed_from, created_at, updated_at, spec_schema)"
+                " VALUES (?, ?, ?, ?, ?, ?, 0, 0, NULL, '{}', NULL, ?, ?, ?)",
+                (
+                    job_id,
+                    name,
+                    spec_yaml,
+                    spec.spec_hash(),
+                    state.kind,
+                    json.dumps(state.data()),
+                    now,
+                    now,
+                    SPEC_SCHEMA_VERSION,
+                ),
             )
             _append_event(db, job_id, now, None, state, attempt=0)
         return self.get(job_id)
@@ -297,6 +312,32 @@ class JobStore:
             _append_event(db, job_id, now, actual, new, attempt)
         return self.get(job_id)
 
+    def upgrade_spec(self, job_id: str) -> Job:
+        """Rewrite a job's spec stored under an older spec schema in the current one, and record the
+        keys that went away as a warning in its history (once: the job is current afterwards).
+        Raises `SpecSchemaError` when the spec is of a newer schema or no longer validates."""
+        now = self._clock()
+        with self._write() as db:
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+            if row is None:
+                raise UnknownJob(job_id)
+            old = row["spec_schema"]
+            if old != SPEC_SCHEMA_VERSION:
+                loaded = load_spec(row["spec_yaml"], old)
+                db.execute(
+                    "UPDATE jobs SET spec_yaml = ?, spec_schema = ? WHERE id = ?",
+                    (dump_spec(loaded.spec), SPEC_SCHEMA_VERSION, job_id),
+                )
+                if loaded.dropped:
+                    state = state_from_json(row["state"], row["state_data"])
+                    why = (
+                        f"spec stored by an older clusterft (spec schema {old}): dropped "
+                        f"{', '.join(loaded.dropped)}, which this one no longer has"
+                    )
+                    data = {"warning": "spec_schema", "from_schema": old, "dropped": dict(loaded.dropped)}
+                    _append_event(db, job_id, now, state.kind, state, row["attempt"], why, data)
+        return self.get(job_id)
+
     # ------------------------------------------------------------ history and logs
 
     def events(self, job_id: str) -> list[Event]:
@@ -355,12 +396,28 @@ def _statements(script: str) -> list[str]:
 
 
 def _append_event(
-    db: sqlite3.Connection, job_id: str, now: float, src: JobState | None, new: State, attempt: int
+    db: sqlite3.Connection,
+    job_id: str,
+    now: float,
+    src: JobState | None,
+    new: State,
+    attempt: int,
+    reason: str | None = None,
+    data: Mapping[str, Any] | None = None,
 ) -> None:
+    """One history row: a transition to `new` (its reason and data by default), or a warning."""
     db.execute(
         "INSERT INTO events (job_id, at, from_state, to_state, attempt, reason, data)"
         " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (job_id, now, src, new.kind, attempt, new.reason, json.dumps(new.data())),
+        (
+            job_id,
+            now,
+            src,
+            new.kind,
+            attempt,
+            reason if reason is not None else new.reason,
+            json.dumps(dict(data) if data is not None else new.data()),
+        ),
     )
 
 
@@ -377,4 +434,5 @@ def _job(row: sqlite3.Row) -> Job:
         updated_at=row["updated_at"],
         result=json.loads(row["result"]),
         resumed_from=row["resumed_from"],
+        spec_schema=row["spec_schema"],
     )

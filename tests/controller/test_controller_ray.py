@@ -1,8 +1,10 @@
 """The controller on a real local Ray cluster, with real driver processes killed for real.
 
-One cluster and one controller root serve the module; each job is a tiny 8-step LoRA run:
-end to end to `promoted`, a SIGKILLed training driver resumed bit for bit, a controller actor
-killed mid-job that comes back and finishes it, and a job held back by its gate.
+One cluster, one controller root and one Serve app following the registry's `production` alias
+serve the module; each job is a tiny 8-step LoRA run: end to end to `serving`, a SIGKILLed training
+driver resumed bit for bit, a controller actor killed mid-job that comes back and finishes it, and a
+job held back by its gate that `clusterft registry promote` then puts into service and
+`registry rollback` takes out again.
 """
 
 from __future__ import annotations
@@ -13,19 +15,24 @@ import tempfile
 import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
+from clusterft.cli import main as cli
 from clusterft.controller.controller import CONTROLLER_NAME, NAMESPACE, get_or_start_controller
 from clusterft.controller.jobs import Jobs
 from clusterft.controller.registry import Registry
 from clusterft.controller.runs import RunFiles, kill, pid_runs_job
+from clusterft.controller.serving import read_records
 from clusterft.controller.state import JobState
+from clusterft.serve.spec import RegistrySource, ServeSpec
 from clusterft.train.export import read_metrics
+from tests.serve.conftest import ENGINE, free_port
 from tests.train.helpers import bundles, final_weights, make_job
 
 pytestmark = pytest.mark.slow
-DONE = {JobState.REGISTERED, JobState.PROMOTED, JobState.ERROR, JobState.CANCELLED}
+DONE = {JobState.REGISTERED, JobState.PROMOTED, JobState.SERVING, JobState.ERROR, JobState.CANCELLED}
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +94,34 @@ def reference(jobs, tiny_llama, tmp_path_factory):
     return spec, wait_until(jobs, job.id, DONE)
 
 
-def test_job_runs_end_to_end_to_promoted(reference, root):
+@pytest.fixture(scope="module")
+def app(jobs, reference, root):
+    """The Serve app following `production` of `tiny` (0 CPUs reserved: training needs both)."""
+    from ray import serve
+
+    from clusterft.serve.app import build_app
+
+    spec = ServeSpec(
+        registry=RegistrySource(root=str(root / "registry"), model_name="tiny", poll_interval_s=0.25),
+        port=free_port(),
+        engine=ENGINE,
+        engine_num_cpus=0,
+        worker_num_cpus=0,
+        ingress_num_cpus=0,
+    )
+    serve.start(http_options={"host": "127.0.0.1", "port": spec.port})
+    try:
+        serve.run(build_app(spec), name="clusterft", route_prefix="/")
+        yield f"http://127.0.0.1:{spec.port}"
+    finally:
+        serve.shutdown()
+
+
+def served_version(url: str) -> str:
+    return httpx.get(f"{url}/v1/models", timeout=30).json()["data"][0]["version"]
+
+
+def test_job_runs_end_to_end_to_serving(reference, app, jobs, root):
     spec, job = reference
     assert job.status is JobState.PROMOTED, job.reason
     assert (job.attempt, job.restarts) == (1, 0)
@@ -101,6 +135,16 @@ def test_job_runs_end_to_end_to_promoted(reference, root):
     assert "adapter_model.safetensors" in version.manifest.files
     assert "metrics.jsonl" not in version.manifest.files
     assert (Path(spec.train.output_dir) / "eval.json").is_file()
+    # The app follows production; its replica's serving record moves the job to `serving`.
+    job = wait_until(jobs, job.id, {JobState.SERVING}, 120)
+    assert [e.to_state for e in jobs.store.events(job.id)][-3:] == [
+        JobState.REGISTERED,
+        JobState.PROMOTED,
+        JobState.SERVING,
+    ]
+    [record] = read_records(root / "registry", "tiny")
+    assert (record.version, record.alias, record.app) == (version.version, "production", "clusterft")
+    assert served_version(app) == version.version
 
 
 def test_sigkilled_driver_resumes_from_checkpoint_bitwise(jobs, reference, tiny_llama, tmp_path):
@@ -128,7 +172,7 @@ def test_sigkilled_driver_resumes_from_checkpoint_bitwise(jobs, reference, tiny_
         f"first new step {stepping_at - killed_at:.1f}s"
     )
     assert relaunched is not None
-    assert job.status in (JobState.PROMOTED, JobState.REGISTERED), job.reason
+    assert job.status in (JobState.PROMOTED, JobState.SERVING, JobState.REGISTERED), job.reason
     assert (job.attempt, job.restarts) == (2, 1)
     history = [(e.to_state, e.reason) for e in jobs.store.events(job.id)]
     assert [s for s, _ in history][:5] == [
@@ -147,7 +191,7 @@ def test_sigkilled_driver_resumes_from_checkpoint_bitwise(jobs, reference, tiny_
         assert torch.equal(expected[name], got[name]), name
 
 
-def test_killed_controller_restarts_and_finishes_the_job(jobs, reference, tiny_llama, tmp_path):
+def test_killed_controller_restarts_and_finishes_the_job(jobs, reference, app, tiny_llama, tmp_path):
     import ray
 
     spec = job_spec(tiny_llama, tmp_path / "out", promote={"gates": ["exact_match >= 0.99"]})
@@ -173,3 +217,25 @@ def test_killed_controller_restarts_and_finishes_the_job(jobs, reference, tiny_l
     assert job.result["train"]["completed_steps"] == 8
     expected, got = final_weights(reference[0]), final_weights(spec)
     assert all(torch.equal(expected[name], got[name]) for name in expected)
+
+    # The held version, promoted by hand, goes into service; the job serving before steps back.
+    registry = ["registry", "--registry", str(jobs.registry_root)]
+    [before] = [j for j in jobs.store.list([JobState.SERVING]) if j.name == "tiny"]
+    previous = before.result["version"]
+    promoted_at = time.time()
+    assert cli([*registry, "promote", "tiny", job.result["version"]]) == 0
+    job = wait_until(jobs, job.id, {JobState.SERVING}, 120)
+    serving_s = time.time() - promoted_at
+    assert served_version(app) == job.result["version"]
+    before = wait_until(jobs, before.id, {JobState.REGISTERED}, 30)
+    assert before.reason.startswith(f"production promoted to {job.result['version']} (")
+    rolled_back_at = time.time()
+    assert cli([*registry, "rollback", "tiny"]) == 0
+    before = wait_until(jobs, before.id, {JobState.SERVING}, 120)
+    rollback_serving_s = time.time() - rolled_back_at
+    job = wait_until(jobs, job.id, {JobState.REGISTERED}, 30)
+    assert job.reason.startswith(f"production rolled back to {previous} (")
+    assert served_version(app) == previous
+    promoted = [e for e in jobs.store.events(job.id) if e.to_state is JobState.PROMOTED]
+    assert [e.reason.split(" (")[0] for e in promoted] == [f"production promoted to {job.result['version']}"]
+    print(f"\nregistry promote -> serving {serving_s:.1f}s; rollback -> serving {rollback_serving_s:.1f}s")

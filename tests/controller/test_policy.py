@@ -21,10 +21,13 @@ from clusterft.controller.policy import (
     check_completion,
     decide_after_failure,
     decide_promotion,
+    decide_serving,
     no_worse,
     parse_gate,
     parse_gates,
 )
+from clusterft.controller.registry import AliasChange
+from clusterft.controller.state import Promoted, Registered, Serving
 from clusterft.errors import UserError
 from tests.controller.conftest import make_job, make_spec
 
@@ -232,3 +235,91 @@ def test_no_worse_directions() -> None:
 def test_bad_gate_in_decision_is_an_error_not_a_hold() -> None:
     with pytest.raises(GateError):
         decide_promotion({"exact_match": 1.0}, ["exact_match ~ 1"], None, False)
+
+
+# ---------------------------------------------------------------- registered, promoted, serving
+
+AT = "2026-11-28T09:15:00+00:00"
+PROMOTED_V2 = {"production": AliasChange("production", "promote", "v0002", "v0001", AT)}
+ROLLED_BACK_TO_V1 = {"production": AliasChange("production", "rollback", "v0001", "v0002", AT)}
+ON_V2 = {"production": "v0002", "canary": None}
+ON_V1 = {"production": "v0001", "canary": None}
+
+
+def settle(state, aliases, moves, served):
+    """Apply decide_serving until it holds still, as the controller's reconcile pass does."""
+    path = [state]
+    while (new := decide_serving(path[-1], aliases, moves, served)) is not None:
+        path.append(new)
+        assert len(path) <= 4, path
+    return path[1:]
+
+
+def test_an_alias_pointing_at_the_version_promotes_and_a_live_replica_makes_it_serving() -> None:
+    registered = Registered("demo", "v0002")
+    promoted = Promoted("demo", "v0002", "production", why=f"production promoted to v0002 ({AT})")
+    assert decide_serving(registered, ON_V2, PROMOTED_V2, set()) == promoted
+    assert decide_serving(promoted, ON_V2, PROMOTED_V2, set()) is None  # nothing serves it yet
+    assert decide_serving(promoted, ON_V2, PROMOTED_V2, {"v0001"}) is None  # the old one still serves
+    assert decide_serving(promoted, ON_V2, PROMOTED_V2, {"v0001", "v0002"}) == Serving(
+        "demo", "v0002", "production"
+    )
+    assert settle(registered, ON_V2, PROMOTED_V2, {"v0002"}) == [
+        promoted,
+        Serving("demo", "v0002", "production"),
+    ]
+    assert decide_serving(Serving("demo", "v0002", "production"), ON_V2, PROMOTED_V2, {"v0002"}) is None
+
+
+def test_a_rollback_sends_the_serving_job_back_to_registered_with_the_reason() -> None:
+    serving = Serving("demo", "v0002", "production")
+    why = f"production rolled back to v0001 ({AT})"
+    assert decide_serving(serving, ON_V1, ROLLED_BACK_TO_V1, {"v0002"}) == Registered(
+        "demo", "v0002", why=why
+    )
+    # ...and the job of the version it went back to is promoted, then serving once a replica has it.
+    registered = Registered("demo", "v0001", why="production promoted to v0002")
+    assert settle(registered, ON_V1, ROLLED_BACK_TO_V1, {"v0002"}) == [
+        Promoted("demo", "v0001", "production", why=why)
+    ]
+    assert settle(registered, ON_V1, ROLLED_BACK_TO_V1, {"v0001"})[-1] == Serving(
+        "demo", "v0001", "production"
+    )
+
+
+def test_a_job_held_by_its_gate_stays_registered_while_no_alias_points_at_it() -> None:
+    held = Registered("demo", "v0003", why="not promoted: exact_match >= 0.99: got 0.5")
+    assert decide_serving(held, ON_V2, PROMOTED_V2, {"v0002", "v0003"}) is None
+    assert decide_serving(held, {"production": None, "canary": None}, {}, set()) is None
+
+
+def test_the_last_replica_going_away_sends_serving_back_to_promoted() -> None:
+    serving = Serving("demo", "v0002", "production")
+    assert decide_serving(serving, ON_V2, PROMOTED_V2, set()) == Promoted(
+        "demo", "v0002", "production", why="no live replica serves v0002"
+    )
+
+
+def test_a_job_whose_alias_moved_but_another_alias_holds_it_is_promoted_under_that_one() -> None:
+    serving = Serving("demo", "v0002", "canary")
+    aliases = {"production": "v0002", "canary": "v0003"}
+    moves = {
+        "canary": AliasChange("canary", "promote", "v0003", "v0002", AT),
+        "production": AliasChange("production", "promote", "v0002", "v0001", AT),
+    }
+    assert settle(serving, aliases, moves, {"v0002"}) == [
+        Registered("demo", "v0002", why=f"canary promoted to v0003 ({AT})"),
+        Promoted("demo", "v0002", "production", why=f"production promoted to v0002 ({AT})"),
+        Serving("demo", "v0002", "production"),
+    ]
+
+
+def test_reasons_without_a_matching_history_entry_say_where_the_alias_points() -> None:
+    promoted = Promoted("demo", "v0002", "production")
+    assert decide_serving(promoted, ON_V1, {}, set()) == Registered(
+        "demo", "v0002", why="production points at v0001"
+    )
+    unset = {"production": None, "canary": None}
+    assert decide_serving(promoted, unset, {}, set()) == Registered(
+        "demo", "v0002", why="production points at no version"
+    )

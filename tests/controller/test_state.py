@@ -8,6 +8,7 @@ import json
 import pytest
 
 from clusterft.controller.state import (
+    HOLDS_VERSION,
     SETTLED,
     STATE_TYPES,
     TRANSITIONS,
@@ -36,7 +37,8 @@ ILLEGAL = sorted((src, dst) for src in S for dst in S if dst not in TRANSITIONS[
 
 def test_the_lifecycle_of_the_issue_is_a_path_through_the_machine() -> None:
     path = [S.SUBMITTED, S.TRAINING, S.FAILED, S.RESUMING, S.TRAINING, S.FAILED, S.RESUMING, S.TRAINING]
-    path += [S.EVALUATING, S.REGISTERED, S.PROMOTED, S.SERVING, S.REGISTERED]
+    path += [S.EVALUATING, S.REGISTERED, S.PROMOTED, S.SERVING, S.REGISTERED, S.PROMOTED]
+    path += [S.SERVING, S.PROMOTED, S.REGISTERED]
     for src, dst in itertools.pairwise(path):
         check_transition(src, dst)
 
@@ -51,11 +53,11 @@ def test_the_transition_table_is_exactly_this() -> None:
         S.EVALUATING: [S.CANCELLED, S.ERROR, S.REGISTERED],
         S.REGISTERED: [S.PROMOTED],
         S.PROMOTED: [S.REGISTERED, S.SERVING],
-        S.SERVING: [S.REGISTERED],
+        S.SERVING: [S.PROMOTED, S.REGISTERED],
         S.CANCELLED: [S.RESUMING],
         S.ERROR: [S.RESUMING],
     }
-    assert len(ALLOWED) == 21
+    assert len(ALLOWED) == 22
 
 
 @pytest.mark.parametrize(("src", "dst"), ALLOWED)
@@ -96,7 +98,11 @@ def test_every_illegal_pair_raises() -> None:
 
 
 def test_settled_states_are_where_the_controller_stops() -> None:
-    assert {S.REGISTERED, S.SERVING, S.CANCELLED, S.ERROR} == SETTLED
+    assert {S.REGISTERED, S.PROMOTED, S.SERVING, S.CANCELLED, S.ERROR} == SETTLED
+    # The registry alone moves a job that holds a version: among themselves, never to a run.
+    assert {S.REGISTERED, S.PROMOTED, S.SERVING} == HOLDS_VERSION
+    for src in HOLDS_VERSION:
+        assert TRANSITIONS[src] <= HOLDS_VERSION, src
     # Everything unsettled can still end: it reaches a settled state.
     for start in set(S) - SETTLED:
         seen, frontier = {start}, [start]
@@ -118,6 +124,7 @@ def test_settled_states_are_where_the_controller_stops() -> None:
         Evaluating(completed_steps=400),
         Registered("demo", "v0002", why="exact_match 0.5 < 0.8"),
         Promoted("demo", "v0002", "production"),
+        Promoted("demo", "v0002", "production", why="production rolled back to v0002"),
         Serving("demo", "v0002", "production"),
         Cancelled(),
         Errored("gave up"),
