@@ -30,7 +30,7 @@ def test_spec_defaults_bind_localhost_and_map_to_engine_config(tiny_llama, monke
         ServeSpec(model_dir="m", chat_template="nope")
     with pytest.raises(ValidationError, match="extra"):
         ServeSpec(model_dir="m", prot=1)
-    assert spec.stream_interval == 1  # vLLM's default: every token its own message
+    assert spec.stream_interval == 4  # the first token at once, then 4 per message
     with pytest.raises(ValidationError, match="stream_interval"):
         ServeSpec(model_dir="m", stream_interval=0)
 
