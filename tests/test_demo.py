@@ -2,7 +2,7 @@
 
 The same code path as `make demo` with fewer training steps: a real local Ray cluster, the
 controller actor, 2 ZeRO-2 workers of which one is SIGKILLed, evaluation on the engine, the
-registry gate, and the Serve app answering through the OpenAI client.
+registry gate, the Serve app answering through the OpenAI client, and the job reaching `serving`.
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     after = float(re.search(r"exact match [\d.]+ -> ([\d.]+)", summary).group(1))
     assert after >= 0.8
     assert "quickstart v0001 promoted to production" in summary
+    states = "submitted -> training -> evaluating -> registered -> promoted -> serving; serving "
+    assert states in summary
     answered = re.search(r"(\d+)/(\d+) answers right", summary)
     assert answered and int(answered.group(2)) == 6 and int(answered.group(1)) >= 4
     assert (tmp_path / "saves" / "quickstart" / "loss.png").is_file()
