@@ -104,8 +104,11 @@ def save_trained(model: torch.nn.Module, out_dir: str | Path, tokenizer=None) ->
     return out
 
 
-def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path) -> Path:
-    """Fold a LoRA adapter into its base model and save a plain HF model dir (with the tokenizer)."""
+def merge_adapter(
+    base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *, dtype: str = "float32"
+) -> Path:
+    """Fold a LoRA adapter into its base model loaded in `dtype` and save a plain HF model dir (with
+    the tokenizer). Unchecked: `clusterft.hf.merge_check.merge_checked` is the merge to publish."""
     from peft import PeftModel
 
     from clusterft.hf.loading import load_model, load_tokenizer
@@ -113,7 +116,7 @@ def merge_adapter(base_dir: str | Path, adapter_dir: str | Path, out_dir: str | 
     adapter = Path(adapter_dir)
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"{adapter_dir} is not a peft adapter dir (no adapter_config.json)")
-    model = PeftModel.from_pretrained(load_model(base_dir), adapter)
+    model = PeftModel.from_pretrained(load_model(base_dir, dtype=dtype), adapter)
     merged = model.merge_and_unload()
     merged.eval()
     tokenizer_dir = adapter if (adapter / "tokenizer_config.json").is_file() else base_dir
