@@ -5,7 +5,7 @@ Wiring (clusterft/cli.py):
     checkpoints {list,verify,prune} PATH [--keep K]
                                               → checkpoints_command(args.action, args.path, args.keep)
     merge BASE ADAPTER OUT                    → merge_command(args.base, args.adapter, args.out)
-UserError propagates (the CLI prints it and exits 2).
+UserError propagates (the CLI prints it and exits 2); a merge that fails its check is one.
 """
 
 from __future__ import annotations
@@ -60,8 +60,17 @@ def checkpoints_command(action: str, path: str, keep: int | None = None) -> int:
 
 
 def merge_command(base: str, adapter: str, out: str) -> int:
-    """Merge a LoRA adapter into its base model; write an HF model dir to `out`."""
-    from clusterft.hf.lora import merge_adapter
+    """Merge a LoRA adapter into its base model, check that the merged model's logits equal
+    base+adapter's, and only then write the HF model dir (with merge_check.json) to `out`.
+    A failed check raises MergeCheckError (a UserError: exit 2) and leaves nothing at `out`."""
+    from clusterft.hf.merge_check import REPORT_FILE, merge_checked
 
-    print(f"merged model written to {merge_adapter(base, adapter, out)}", file=sys.stderr)
+    report = merge_checked(base, adapter, out)
+    print(
+        f"merged model written to {out}: merge check passed on {report.prompts} probes "
+        f"({report.tokens} tokens), max |logit diff| {report.max_abs_diff:.3g} "
+        f"({report.rel_diff:.3g} of the logits' RMS, tolerance {report.tolerance:g} for {report.dtype}) "
+        f"in {report.seconds:.1f}s; report in {out}/{REPORT_FILE}",
+        file=sys.stderr,
+    )
     return 0
