@@ -34,7 +34,10 @@ class FileEntry:
 @dataclass(frozen=True)
 class Manifest:
     """Everything known about one version: what it is, where it came from, how it scored, and the
-    hash of every file. `files` keys are POSIX paths relative to the version directory."""
+    hash of every file. `files` keys are POSIX paths relative to the version directory.
+
+    `merge_check` (kind merged only) is the passing merge-equivalence report of the merged weights,
+    with the adapter they came from and its hash; manifests written before it existed have none."""
 
     name: str
     version: str
@@ -46,10 +49,14 @@ class Manifest:
     job_id: str | None = None
     checkpoint: str | None = None
     eval: Mapping[str, Any] = field(default_factory=dict)
+    merge_check: Mapping[str, Any] | None = None
     format: int = FORMAT
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        record = asdict(self)
+        if record["merge_check"] is None:
+            del record["merge_check"]  # adapter and full manifests stay readable by older readers
+        return json.dumps(record, indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_json(cls, text: str) -> Manifest:

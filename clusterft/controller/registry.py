@@ -38,6 +38,8 @@ from clusterft.controller.manifest import (
     tree_sha256,
 )
 from clusterft.errors import UserError
+from clusterft.hf.loading import model_fingerprint
+from clusterft.hf.merge_check import DEFAULT_TOLERANCE
 from clusterft.storage.fs import fsync_dir
 
 ALIASES = "aliases.json"
@@ -127,14 +129,17 @@ class Registry:
         job_id: str | None = None,
         checkpoint: str | None = None,
         eval_results: Mapping[str, Any] | None = None,
+        merge_check: Mapping[str, Any] | None = None,
         verify: Callable[[Path], None] | None = None,
     ) -> Version:
         """Copy `source_dir` in as the next version of `name` and return it.
 
         `base_model` is required for adapters (an adapter is useless without its base); its hash is
-        computed unless given. `verify(staged_dir)` runs on the copied files before the version is
-        published; raising stops the registration (the merge-equivalence check plugs in here). It
-        must only read: the files are already hashed and read-only.
+        computed unless given. A merged version needs `merge_check`: the passing report
+        (`MergeCheckReport.to_dict()`, or the merge_check.json beside the weights) of exactly these
+        weights; its base model is the report's unless given. `verify(staged_dir)` runs on the
+        copied files before the version is published; raising stops the registration. It must
+        only read: the files are already hashed and read-only.
         """
         model_dir = self._model_dir(name)
         source = Path(source_dir)
@@ -152,6 +157,10 @@ class Registry:
             )
         if kind == "adapter" and base_model is None:
             raise RegistryError("an adapter needs base_model: the model directory it was trained on")
+        if kind == "merged":
+            base_model = _check_merge_report(merge_check, base_model)
+        elif merge_check is not None:
+            raise RegistryError(f"merge_check is the report of a merged version; this one is kind {kind}")
         if base_model is not None and base_model_sha256 is None:
             if not Path(base_model).exists():
                 raise RegistryError(
@@ -167,6 +176,8 @@ class Registry:
                 (staging / rel).chmod(0o444)
             for directory in {(staging / rel).parent for rel in files}:
                 fsync_dir(directory)  # the new entries themselves survive a crash, not only the bytes
+            if merge_check is not None:
+                _check_merged_weights(merge_check, staging)
             if verify is not None:
                 verify(staging)
                 if files_under(staging) != files:
@@ -185,6 +196,7 @@ class Registry:
                     job_id=job_id,
                     checkpoint=checkpoint,
                     eval=dict(eval_results or {}),
+                    merge_check=_merge_record(merge_check),
                 )
                 atomic_write_text(staging / MANIFEST, manifest.to_json())
                 (staging / MANIFEST).chmod(0o444)
@@ -368,6 +380,59 @@ class Registry:
             fsync_dir(model_dir)
             shutil.rmtree(trash)
         return version
+
+
+def _check_merge_report(report: Mapping[str, Any] | None, base_model: str | Path | None) -> Path:
+    """The base model of a merged version whose merge check passed; a RegistryError saying why not."""
+    how = (
+        "merge with `clusterft merge BASE ADAPTER OUT` (it checks, and writes OUT/merge_check.json) "
+        "or clusterft.controller.merged.stage_merged, and register with merge_check=<its report>"
+    )
+    if report is None:
+        raise RegistryError(
+            "a merged version needs a passing merge-equivalence check (merged-model logits equal to "
+            f"base+adapter logits on probe prompts); none was given: {how}"
+        )
+    rel, tolerance, dtype = report["rel_diff"], report["tolerance"], report["dtype"]
+    if not (report["passed"] and rel <= tolerance):
+        raise RegistryError(
+            f"the merge check of this merged model failed: max |diff| {report['max_abs_diff']:.4g}, "
+            f"{rel:.3g} of the logits' scale, tolerance {tolerance:g} for {dtype}; a merge that fails "
+            f"it is never registered: {how}"
+        )
+    if tolerance > DEFAULT_TOLERANCE.get(dtype, 0.0):
+        raise RegistryError(
+            f"the merge check ran with tolerance {tolerance:g}, looser than the {dtype} default "
+            f"{DEFAULT_TOLERANCE.get(dtype)}; a registered merge must pass the default: {how}"
+        )
+    checked_base, adapter = Path(report["base_model"]), Path(report["adapter"])
+    if base_model is not None and Path(base_model).resolve() != checked_base:
+        raise RegistryError(
+            f"the merge check compared against base model {checked_base}, not {base_model}; "
+            "register with the base the adapter was merged into"
+        )
+    for what, path in (("base model", checked_base), ("adapter", adapter)):
+        if not path.exists():
+            raise RegistryError(f"{what} {path} of the merge check no longer exists; merge and check again")
+    if model_fingerprint(checked_base) != report["base_fingerprint"]:
+        raise RegistryError(f"base model {checked_base} changed since the merge check; merge and check again")
+    return checked_base
+
+
+def _check_merged_weights(report: Mapping[str, Any], staged: Path) -> None:
+    """The staged copy must be the merged model the report checked, not another merge."""
+    if model_fingerprint(staged) != report["merged_fingerprint"]:
+        raise RegistryError(
+            "these merged weights are not the ones the merge check ran on (their fingerprint "
+            "differs); register the directory the check wrote merge_check.json into, or check again"
+        )
+
+
+def _merge_record(report: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The report as the manifest keeps it, with the hash of the adapter the weights came from."""
+    if report is None:
+        return None
+    return {**report, "adapter_sha256": tree_sha256(Path(report["adapter"]))}
 
 
 def _alias_stack(history: list[dict[str, Any]], alias: str) -> list[str]:

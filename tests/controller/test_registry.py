@@ -11,8 +11,13 @@ from pathlib import Path
 import pytest
 
 from clusterft.controller.manifest import MANIFEST, sha256_file, tree_sha256
+from clusterft.controller.merged import stage_merged
 from clusterft.controller.registry import IntegrityError, Registry, RegistryError, Version
 from clusterft.errors import UserError
+from clusterft.hf.lora import merge_adapter
+from clusterft.hf.merge_check import MergeCheckReport
+from clusterft.hf.tiny import make_tiny_model
+from tests.hf.helpers import make_trained_adapter
 
 
 def make_adapter(root: Path, seed: int = 0) -> Path:
@@ -134,6 +139,14 @@ def test_register_refuses_bad_sources_and_names(registry: Registry, tmp_path: Pa
             registry.register(name, make_adapter(tmp_path / "a"), kind="full")
 
 
+def test_a_version_without_the_merge_check_field_still_loads(
+    registry: Registry, tmp_path: Path, base: Path
+) -> None:
+    version = register(registry, tmp_path, base)
+    assert "merge_check" not in json.loads((version.path / MANIFEST).read_text())
+    assert registry.show("demo", "v1").manifest.merge_check is None
+
+
 def test_the_verify_hook_sees_the_copied_files_and_can_stop_registration(
     registry: Registry, tmp_path: Path, base: Path
 ) -> None:
@@ -145,18 +158,77 @@ def test_the_verify_hook_sees_the_copied_files_and_can_stop_registration(
         raise UserError("merged logits differ from base+adapter by 0.3 (tolerance 1e-4)")
 
     with pytest.raises(UserError, match="merged logits differ"):
-        registry.register("demo", make_adapter(tmp_path / "a"), kind="merged", verify=merge_equivalence)
+        registry.register("demo", make_adapter(tmp_path / "a"), kind="full", verify=merge_equivalence)
     assert len(seen) == 1 and not seen[0].exists(), "the staged copy is removed"
     assert registry.versions("demo") == []
-    accepted = registry.register("demo", make_adapter(tmp_path / "a"), kind="merged", verify=lambda _: None)
+    accepted = registry.register("demo", make_adapter(tmp_path / "a"), kind="full", verify=lambda _: None)
     assert accepted.version == "v0001"
 
     def writes(staged: Path) -> None:
         (staged / "probe_logits.pt").write_bytes(b"0")
 
     with pytest.raises(RegistryError, match="it must only read them"):
-        registry.register("demo", make_adapter(tmp_path / "a"), kind="merged", verify=writes)
+        registry.register("demo", make_adapter(tmp_path / "a"), kind="full", verify=writes)
     assert [v.version for v in registry.versions("demo")] == ["v0001"]
+
+
+# ---------------------------------------------------------------- merged versions
+
+
+@pytest.fixture(scope="module")
+def merged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, MergeCheckReport]:
+    """A real tiny base, a LoRA adapter of it, and their merge staged as the controller does it."""
+    root = tmp_path_factory.mktemp("merge")
+    base = make_tiny_model(root / "base", "llama", "tiny")
+    adapter = make_trained_adapter(base, root / "adapter")
+    merged_dir, report = stage_merged(adapter, base, root / "work")
+    return base, adapter, merged_dir, report
+
+
+def test_a_checked_merge_is_registered_with_its_report(
+    registry: Registry, merged: tuple[Path, Path, Path, MergeCheckReport]
+) -> None:
+    base, adapter, merged_dir, report = merged
+    assert merged_dir.name == "merged" and report.passed
+    version = registry.register("demo", merged_dir, kind="merged", merge_check=report.to_dict(), job_id="j")
+    manifest = registry.show("demo", "v1").manifest
+    assert manifest == version.manifest
+    assert (manifest.base_model, manifest.base_model_sha256) == (str(base.resolve()), tree_sha256(base))
+    assert manifest.merge_check == {**report.to_dict(), "adapter_sha256": tree_sha256(adapter)}
+    assert manifest.merge_check["adapter"] == str(adapter.resolve())
+    assert "merge_check.json" in manifest.files
+    registry.verify("demo", "v1", check_base=True)
+
+
+def test_an_unchecked_or_failed_merge_is_refused(
+    registry: Registry, merged: tuple[Path, Path, Path, MergeCheckReport], tmp_path: Path
+) -> None:
+    base, _, merged_dir, report = merged
+    checked = report.to_dict()
+    with pytest.raises(RegistryError, match="a merged version needs a passing merge-equivalence check"):
+        registry.register("demo", merged_dir, kind="merged", base_model=base)
+    failed = {**checked, "passed": False, "max_abs_diff": 0.75, "rel_diff": 3.4}
+    with pytest.raises(
+        RegistryError, match=r"failed: max \|diff\| 0.75, 3.4 of the logits' scale, tolerance 0.001"
+    ):
+        registry.register("demo", merged_dir, kind="merged", merge_check=failed)
+    loosened = {**checked, "tolerance": 0.5}
+    with pytest.raises(RegistryError, match=r"looser than the float32 default 0\.001"):
+        registry.register("demo", merged_dir, kind="merged", merge_check=loosened)
+    with pytest.raises(RegistryError, match=r"compared against base model .* not /elsewhere"):
+        registry.register("demo", merged_dir, kind="merged", base_model="/elsewhere", merge_check=checked)
+    with pytest.raises(
+        RegistryError, match="merge_check is the report of a merged version; this one is kind full"
+    ):
+        registry.register("demo", merged_dir, kind="full", merge_check=checked)
+    # The report of one merge does not vouch for other weights.
+    other = make_trained_adapter(base, tmp_path / "other", seed=7)
+    with pytest.raises(RegistryError, match="not the ones the merge check ran on"):
+        registry.register(
+            "demo", merge_adapter(base, other, tmp_path / "m"), kind="merged", merge_check=checked
+        )
+    assert registry.versions("demo") == []
+    assert [p.name for p in (registry.root / "demo").iterdir() if p.name != ".lock"] == [], "no staging left"
 
 
 # ---------------------------------------------------------------- immutability
