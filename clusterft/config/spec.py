@@ -254,6 +254,10 @@ class PromoteSpec(Section):
     alias: Literal["production", "canary"] = Field(
         default="production", description="Alias moved on success."
     )
+    merge: bool = Field(
+        default=False,
+        description="Register the LoRA adapter merged into its base, after the merge-equivalence check.",
+    )
 
 
 # ---------------------------------------------------------------- the job
@@ -290,6 +294,12 @@ class JobSpec(Section):
             )
         if self.train.fp16 and not self.cluster.use_gpu:
             raise ValueError("fp16 needs GPUs (cluster.gpus_per_worker > 0); on CPU train in fp32 or bf16")
+        if self.promote.merge and self.method.finetuning_type != "lora":
+            raise ValueError(
+                f"promote.merge: true merges a LoRA adapter into its base, but finetuning_type is "
+                f"{self.method.finetuning_type}: the trained model is already a whole model; remove "
+                "promote.merge (or train with finetuning_type: lora)"
+            )
         return self
 
     def spec_hash(self) -> str:

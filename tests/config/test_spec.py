@@ -160,6 +160,18 @@ def test_cross_section_rules(tmp_path: Path) -> None:
     assert "fp16 needs GPUs" in errors_of(fp16)[0]
 
 
+def test_promote_merge_needs_a_lora_adapter(tmp_path: Path) -> None:
+    merge = LLAMAFACTORY_YAML + "promote:\n  merge: true\n"
+    assert load_job_spec(write(tmp_path, merge)).promote.merge is True
+    assert load_job_spec(write(tmp_path, LLAMAFACTORY_YAML, "d.yaml")).promote.merge is False
+    full = write(tmp_path, merge.replace("finetuning_type: lora", "finetuning_type: full"), "full.yaml")
+    assert errors_of(full) == [
+        "None:(spec): promote.merge: true merges a LoRA adapter into its base, but finetuning_type is "
+        "full: the trained model is already a whole model; remove promote.merge (or train with "
+        "finetuning_type: lora)"
+    ]
+
+
 def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
     bad = write(tmp_path, "model_name_or_path: [unclosed\n")
     [error] = errors_of(bad)
