@@ -249,40 +249,48 @@ class Controller:
     # ------------------------------------------------------------ evaluate, register, promote
 
     def _evaluate(self, job: Job) -> None:
+        """Evaluate and (promote.merge) merge in the eval driver, then register and decide."""
         spec = job_spec(job)
-        metrics: dict[str, Any] = {}
-        if spec.eval.enabled:
+        outcome: dict[str, Any] = {"metrics": {}}
+        if spec.eval.enabled or spec.promote.merge:
             files = RunFiles.of(self.root, job.id, job.attempt, "eval")
             if job.id not in self.runs and files.read_pid() is None:
                 self._launch(job, "eval")
                 return
-            outcome = self._poll(job, "eval")
-            if outcome is None:
+            polled = self._poll(job, "eval")
+            if polled is None:
                 return
-            if isinstance(outcome, Failure) or not outcome["ok"]:
-                why = outcome.reason if isinstance(outcome, Failure) else outcome.get("error")
-                # The weights are final: a crashed evaluation is not fixed by training again.
-                self.store.transition(job.id, JobState.EVALUATING, Errored(f"evaluation failed: {why}"))
+            if isinstance(polled, Failure) or not polled["ok"]:
+                why = polled.reason if isinstance(polled, Failure) else polled.get("error")
+                stage = "evaluation" if not spec.promote.merge else "evaluation or merge check"
+                # The weights are final: a crashed evaluation or a broken merge is not fixed by
+                # training again.
+                self.store.transition(job.id, JobState.EVALUATING, Errored(f"{stage} failed: {why}"))
                 return
-            metrics = outcome["metrics"]
-        self._register_and_promote(job, spec, metrics)
+            outcome = polled
+        self._register_and_promote(job, spec, outcome["metrics"], outcome.get("merged"))
 
-    def _register_and_promote(self, job: Job, spec: Any, metrics: dict[str, Any]) -> None:
+    def _register_and_promote(
+        self, job: Job, spec: Any, metrics: dict[str, Any], merged: dict[str, Any] | None = None
+    ) -> None:
         """Register (once: a controller restarted mid-way finds its version by job id), decide,
         move the alias, then record the outcome. Every effect is idempotent, so a crash between two
-        of them is repaired by doing all of them again."""
+        of them is repaired by doing all of them again. `merged` is the eval driver's staged merge
+        (promote.merge): registered as a `merged` version with its passing merge check."""
         name = job.name
         version = next((v for v in self.registry.versions(name) if v.manifest.job_id == job.id), None)
         if version is None:
             lora = spec.method.finetuning_type == "lora"
+            kind = "merged" if merged else "adapter" if lora else "full"
             version = self.registry.register(
                 name,
-                self._model_files(job, spec),
-                kind="adapter" if lora else "full",
+                Path(merged["dir"]) if merged else self._model_files(job, spec),
+                kind=kind,
                 base_model=spec.model.model_name_or_path if lora else None,
                 job_id=job.id,
                 checkpoint=(job.result.get("train") or {}).get("checkpoint"),
                 eval_results=metrics,
+                merge_check=merged["merge_check"] if merged else None,
             )
         production = self.registry.aliases(name).get("production")
         production_eval = dict(self.registry.show(name, production).manifest.eval) if production else None

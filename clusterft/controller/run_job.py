@@ -6,7 +6,9 @@ controller reads as a failure of the attempt.
 
     train  Ray Train run (`run_training`): resumes from the newest valid checkpoint of the same
            storage path and name, so a relaunched attempt continues where the last one stopped
-    eval   `evaluate` on the job's eval set; eval.json next to the trained model
+    eval   `evaluate` on the job's eval set (eval.enabled), then, with promote.merge, merge the
+           adapter into its base and run the merge-equivalence check (`stage_merged`): the heavy work
+           before registration happens here, never in the controller's own loop
 """
 
 from __future__ import annotations
@@ -46,20 +48,30 @@ def eval_set(spec: JobSpec) -> list[Any]:
     return examples[: spec.eval.max_samples] if spec.eval.max_samples else examples
 
 
-def evaluate_job(spec: JobSpec) -> dict[str, Any]:
+def evaluate_job(spec: JobSpec, run_dir: Path) -> dict[str, Any]:
+    """{"ok", "metrics"} and, with promote.merge, {"merged": {"dir", "merge_check"}}: the merged
+    model staged under `run_dir`, which the controller registers as a `merged` version."""
     from clusterft.controller.evaluate import ModelRef, evaluate
 
     output = Path(spec.train.output_dir)
     base = spec.model.model_name_or_path if spec.method.finetuning_type == "lora" else None
-    metrics = evaluate(
-        ModelRef.resolve(output, base),
-        eval_set(spec),
-        template=spec.data.template,
-        cutoff_len=spec.data.cutoff_len,
-        max_new_tokens=spec.eval.max_new_tokens,
-        metrics=spec.eval.metrics,
-    )
-    return {"ok": True, "metrics": {k: v for k, v in metrics.items() if k != "samples"}}
+    result: dict[str, Any] = {"ok": True, "metrics": {}}
+    if spec.eval.enabled:
+        metrics = evaluate(
+            ModelRef.resolve(output, base),
+            eval_set(spec),
+            template=spec.data.template,
+            cutoff_len=spec.data.cutoff_len,
+            max_new_tokens=spec.eval.max_new_tokens,
+            metrics=spec.eval.metrics,
+        )
+        result["metrics"] = {k: v for k, v in metrics.items() if k != "samples"}
+    if spec.promote.merge:  # the spec allows it only with LoRA, so `base` is set
+        from clusterft.controller.merged import stage_merged
+
+        merged_dir, report = stage_merged(output, spec.model.model_name_or_path, run_dir)
+        result["merged"] = {"dir": str(merged_dir), "merge_check": report.to_dict()}
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -79,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     files = RunFiles(Path(args.out), args.phase)
     try:
         spec = job_spec(job)
-        result = train(spec) if args.phase == "train" else evaluate_job(spec)
+        result = train(spec) if args.phase == "train" else evaluate_job(spec, Path(args.out))
     except Exception as err:  # reported to the controller, which decides (UserError: not retryable)
         traceback.print_exc()
         failure = Failure.from_exception(err)

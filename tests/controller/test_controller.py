@@ -169,3 +169,70 @@ def test_a_spec_of_a_newer_clusterft_is_left_alone_and_said_once(controller, cap
     assert controller.store.get(job.id).status is S.SUBMITTED
     assert "upgrade clusterft" in controller.unreadable[job.id]
     assert len([r for r in caplog.records if "leaving job" in r.message]) == 1
+
+
+def merge_job(controller: Controller, adapter: Path, base: Path) -> str:
+    """A LoRA job with promote.merge whose training is done: the controller's next step is the eval
+    driver (a real subprocess), which merges and checks; evaluation is off to keep it to the merge."""
+    spec = make_spec(
+        model_name_or_path=str(base),
+        finetuning_type="lora",
+        output_dir=str(adapter),
+        eval={"enabled": False},
+        promote={"merge": True},
+    )
+    job = controller.store.submit(spec)
+    controller.store.transition(job.id, S.SUBMITTED, Training())
+    controller.store.transition(job.id, S.TRAINING, Evaluating(completed_steps=10))
+    return job.id
+
+
+def tick_until_settled(controller: Controller, job_id: str, timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while controller.store.get(job_id).status is S.EVALUATING:
+        assert time.monotonic() < deadline, "the eval driver did not finish"
+        controller.tick()
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def merging_controller(tmp_path: Path) -> Controller:
+    import os
+
+    made = Controller(tmp_path / "controller", tmp_path / "registry", env=dict(os.environ))
+    yield made
+    made.store.close()
+
+
+def test_promote_merge_registers_the_checked_merged_model_and_a_broken_adapter_errors(
+    merging_controller, tmp_path, tiny_llama
+) -> None:
+    from tests.hf.helpers import make_trained_adapter
+
+    controller = merging_controller
+    adapter = make_trained_adapter(Path(tiny_llama), tmp_path / "adapter")
+    job_id = merge_job(controller, adapter, Path(tiny_llama))
+    tick_until_settled(controller, job_id)
+
+    job = controller.store.get(job_id)
+    assert job.status in (S.PROMOTED, S.REGISTERED), job.reason
+    version = controller.registry.show("adapter", job.result["version"])
+    manifest = version.manifest
+    assert manifest.kind == "merged" and manifest.job_id == job_id
+    check = manifest.merge_check
+    assert check["passed"] and check["rel_diff"] <= check["tolerance"] and check["dtype"] == "float32"
+    assert check["adapter_effect"] > 0  # the adapter changed the logits: the check compared something
+    assert (version.path / "model.safetensors").is_file()
+    assert not (version.path / "adapter_config.json").exists()
+    controller.registry.verify("adapter", version.version)  # every registered file matches its sha256
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for path in adapter.iterdir():
+        (broken / path.name).write_bytes(path.read_bytes())
+    (broken / "adapter_model.safetensors").write_bytes(b"not a safetensors file")
+    broken_id = merge_job(controller, broken, Path(tiny_llama))
+    tick_until_settled(controller, broken_id)
+    job, why = status(controller, broken_id)
+    assert job is S.ERROR and why.startswith("evaluation or merge check failed: ")
+    assert "broken" not in controller.registry.models()  # nothing registered from a failed merge
