@@ -94,6 +94,17 @@ def registry_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _merge_check(check: Any) -> str | None:
+    """One line for a merged version's passing merge-equivalence check (None for other kinds)."""
+    if not check:
+        return None
+    return (
+        f"passed: max |diff| {check['max_abs_diff']:.3g} ({check['rel_diff']:.3g} of the logits' RMS, "
+        f"tolerance {check['tolerance']:g}, {check['dtype']}), {check['prompts']} probes; "
+        f"adapter {check['adapter']} sha256 {check['adapter_sha256'][:12]}"
+    )
+
+
 def registry_show(args: argparse.Namespace) -> int:
     """A version's manifest; with --verify, its files are re-hashed first."""
     registry = _registry(args)
@@ -115,6 +126,7 @@ def registry_show(args: argparse.Namespace) -> int:
         ("job", manifest.job_id),
         ("checkpoint", manifest.checkpoint),
         ("eval", _metrics(dict(manifest.eval))),
+        ("merge check", _merge_check(manifest.merge_check)),
     ]
     print(format_table(["FIELD", "VALUE"], fields))
     print()

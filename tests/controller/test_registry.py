@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from clusterft.cli import main as cli
 from clusterft.controller.manifest import MANIFEST, sha256_file, tree_sha256
 from clusterft.controller.merged import stage_merged
 from clusterft.controller.registry import IntegrityError, Registry, RegistryError, Version
@@ -186,7 +187,7 @@ def merged(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path, 
 
 
 def test_a_checked_merge_is_registered_with_its_report(
-    registry: Registry, merged: tuple[Path, Path, Path, MergeCheckReport]
+    registry: Registry, merged: tuple[Path, Path, Path, MergeCheckReport], capsys: pytest.CaptureFixture[str]
 ) -> None:
     base, adapter, merged_dir, report = merged
     assert merged_dir.name == "merged" and report.passed
@@ -198,6 +199,9 @@ def test_a_checked_merge_is_registered_with_its_report(
     assert manifest.merge_check["adapter"] == str(adapter.resolve())
     assert "merge_check.json" in manifest.files
     registry.verify("demo", "v1", check_base=True)
+    assert cli(["registry", "--registry", str(registry.root), "show", "demo", "v1"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("merge check"))
+    assert f"max |diff| {report.max_abs_diff:.3g}" in row and report.dtype in row
 
 
 def test_an_unchecked_or_failed_merge_is_refused(
