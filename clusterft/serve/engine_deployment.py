@@ -55,16 +55,6 @@ def error_chunk(status: int, message: str, type_: str, param: str | None = None)
     return {"error": {"status": status, "message": message, "type": type_, "param": param}}
 
 
-def unregister_lora(lora_manager: Any, name: str) -> None:
-    """Forget adapter `name` and free its resident slot. The engine's LoRAManager has no removal yet,
-    so this reaches into its registry."""
-    lora_manager.paths.pop(name, None)
-    slot = lora_manager.resident.pop(name, None)
-    if slot is not None:
-        lora_manager._unload(slot)
-        lora_manager.free_slots.append(slot)
-
-
 def version_adapter_name(spec: ServeSpec, model: ModelVersion) -> str | None:
     """The internal LoRA name of a registered adapter version (applied to the served model name)."""
     return f"{spec.model_name}@{model.version}" if model.adapter_dir is not None else None
@@ -237,9 +227,7 @@ class EngineLoop:
         self._streams.clear()
         self._ready.clear()
         try:
-            close = getattr(self.engine, "shutdown", None)
-            if close is not None:
-                close()
+            self.engine.shutdown()
             self.engine = await asyncio.to_thread(self._factory)
             for name, path in self.adapters.items():
                 if name not in self.engine.lora_manager.paths:
@@ -275,11 +263,7 @@ class EngineLoop:
         in_use = set(self._request_loras.values())
         with self._lock:
             for name in [n for n in self._retiring if n not in in_use]:
-                remove = getattr(self.engine, "remove_lora", None)  # a sharded engine tells its workers
-                if remove is None:
-                    unregister_lora(self.engine.lora_manager, name)
-                else:
-                    remove(name)
+                self.engine.remove_lora(name)  # a sharded engine tells its workers
                 # Block hashes carry the adapter's name: a later adapter of that name must not hit them.
                 self.engine.reset_prefix_cache()
                 self._retiring.discard(name)
@@ -304,10 +288,9 @@ class EngineLoop:
 
     def check_health(self) -> None:
         """Raise when the replica can't serve; Serve then replaces it."""
-        check = getattr(self.engine, "check_health", None)
-        if check is not None and not self._streams:  # busy engines prove their health by stepping
+        if not self._streams:  # busy engines prove their health by stepping
             with self._lock:
-                check()
+                self.engine.check_health()
 
 
 @serve.deployment(name="engine", max_ongoing_requests=1024)
@@ -362,3 +345,10 @@ class EngineDeployment:
 
     def check_health(self) -> None:
         self.follower.current.loop.check_health()
+
+    def __del__(self) -> None:
+        # Serve calls this on a graceful replica shutdown: the serving record goes at once rather
+        # than going stale, so the controller moves a job off `serving` without waiting for it.
+        follower = getattr(self, "follower", None)  # None when __init__ failed
+        if follower is not None:
+            follower.close()

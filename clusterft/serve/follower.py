@@ -173,9 +173,7 @@ class ModelFollower:
         """Free the old engine once its last request has finished on it."""
         if old.num_in_flight:
             await old.idle.wait()
-        shutdown = getattr(old.loop.engine, "shutdown", None)  # a sharded engine stops its workers
-        if shutdown is not None:
-            await asyncio.to_thread(shutdown)
+        await asyncio.to_thread(old.loop.engine.shutdown)  # a sharded engine stops its workers
         self._retiring.remove(old)
         logger.info("released %s %s", self.spec.model_name, old.model.version)
 

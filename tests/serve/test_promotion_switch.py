@@ -150,6 +150,8 @@ def test_promote_and_rollback_under_load_lose_no_request(tmp_path):
             stop.set()
             load.join(timeout=120)
         health = httpx.get(f"{url}/health").json()
+    # serve.shutdown stopped the replica gracefully: its record went with it (EngineDeployment.__del__)
+    assert read_records(registry.root, "quickstart") == []
 
     failed = [r for r in results if r.status != 200 or r.error]
     assert not failed, failed[:5]
