@@ -70,6 +70,7 @@ def serve_command(
     registry: str | None = None,
     model_name: str | None = None,
     alias: str = "production",
+    stream_interval: int = 4,
     blocking: bool = True,
 ) -> int:
     """Serve `model_dir`, or the registry version `alias` of `model_name` points at (following it),
@@ -98,6 +99,7 @@ def serve_command(
             host=host,
             served_model_name=served_model_name,
             engine=EngineSettings(max_model_len=max_model_len, device=device),
+            stream_interval=stream_interval,
         )
     except ValidationError as err:
         raise UserError(f"serve: {err}") from err
@@ -132,6 +134,7 @@ def _handler(args: argparse.Namespace) -> int:
         registry=args.registry,
         model_name=args.model_name,
         alias=args.alias,
+        stream_interval=args.stream_interval,
     )
 
 
@@ -152,6 +155,10 @@ def add_serve_command(commands: Subcommands) -> None:
         "--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)"
     )
     sub.add_argument("--tensor-parallel-size", type=int, default=1, help="worker shards per replica")
+    sub.add_argument(
+        "--stream-interval", type=int, default=4, metavar="N",
+        help="tokens per streamed message after the first (default 4; 1 sends every token)",
+    )  # fmt: skip
     sub.add_argument("--adapters", nargs="+", metavar="NAME=PATH", help="LoRA adapters served by name")
     sub.add_argument(
         "--api-key", default=None, help="require this Bearer token (default: $CLUSTERFT_API_KEY)"
