@@ -375,9 +375,9 @@ class JobStore:
         return LogPointer(job_id, attempt, kind, str(path), now)
 
     def logs(self, job_id: str) -> list[LogPointer]:
-        """The job's log files, by attempt then kind."""
+        """The job's log files in the order their phases ran: by attempt, then start time."""
         self.get(job_id)
-        rows = self._read("SELECT * FROM logs WHERE job_id = ? ORDER BY attempt, kind", (job_id,))
+        rows = self._read("SELECT * FROM logs WHERE job_id = ? ORDER BY attempt, created_at, kind", (job_id,))
         return [LogPointer(r["job_id"], r["attempt"], r["kind"], r["path"], r["created_at"]) for r in rows]
 
 

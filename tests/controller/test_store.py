@@ -213,12 +213,12 @@ def test_log_pointers_per_attempt(store: JobStore) -> None:
     store.transition(job.id, S.TRAINING, Failed("boom"))
     store.transition(job.id, S.FAILED, Resuming(1.0, "boom"))
     store.transition(job.id, S.RESUMING, Training())
-    store.add_log(job.id, "driver", "/shared/logs/a2-driver.log")
+    store.add_log(job.id, "train", "/shared/logs/a2-train.log")
     store.add_log(job.id, "eval", "/shared/logs/eval.log", attempt=2)
     logs = [(log.attempt, log.kind, log.path) for log in store.logs(job.id)]
-    assert logs == [
+    assert logs == [  # in the order the phases ran, not by name ("eval" < "train")
         (1, "driver", "/shared/logs/a1-driver.log"),
-        (2, "driver", "/shared/logs/a2-driver.log"),
+        (2, "train", "/shared/logs/a2-train.log"),
         (2, "eval", "/shared/logs/eval.log"),
     ]
 

@@ -150,7 +150,7 @@ def test_ray_job_submit_runs_the_controller_to_promotion_and_eval(head_cluster, 
     assert "registered -> promoted" in status and "version: v0001" in status, status
     logs = clusterft("jobs", "logs", job_id, "--follow", env=stores)  # returns: the job has settled
     headers = re.findall(r"^==> (.+) <==$", logs, re.M)
-    assert [Path(h).name for h in headers] == ["eval.log", "train.log"], logs[-2000:]  # attempt, then kind
+    assert [Path(h).name for h in headers] == ["train.log", "eval.log"], logs[-2000:]  # as they ran
     assert "train result: ok=True" in logs
 
     # Evaluate the run's adapter (registered versions are immutable: eval.json goes next to the run's).
