@@ -120,7 +120,7 @@ def jobs_logs(args: argparse.Namespace) -> int:
             sys.stdout.write(chunk.decode(errors="replace"))
             sys.stdout.flush()
         job = jobs.get(args.id)
-        if not args.follow or job.settled or job.status.value == "promoted":
+        if not args.follow or job.settled:
             return 0
         time.sleep(1.0)
 
@@ -169,7 +169,11 @@ def add_jobs_commands(commands: Subcommands) -> None:
     sub.add_argument(
         "--name", help="job (and registry model) name; default: promote.model_name or output_dir"
     )
-    sub.add_argument("--wait", action="store_true", help="follow the job until it is registered or promoted")
+    sub.add_argument(
+        "--wait",
+        action="store_true",
+        help="follow the job until it settles (registered, promoted, serving, or error)",
+    )
     sub.add_argument("--no-progress", action="store_true", help="with --wait: no progress bar")
 
     sub = action("list", jobs_list, "list jobs, newest first")
