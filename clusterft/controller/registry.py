@@ -37,6 +37,7 @@ from clusterft.controller.manifest import (
     sha256_file,
     tree_sha256,
 )
+from clusterft.controller.serving import read_records
 from clusterft.errors import UserError
 from clusterft.hf.loading import model_fingerprint
 from clusterft.hf.merge_check import DEFAULT_TOLERANCE
@@ -360,7 +361,8 @@ class Registry:
         )
 
     def delete(self, name: str, ref: str) -> Version:
-        """Remove a version for good; its number is never reused. Refuses while an alias points at it."""
+        """Remove a version for good; its number is never reused. Refuses while an alias points at it
+        or a live Serve replica serves it (its serving record, see `serving.py`)."""
         with self._locked(name) as model_dir:
             version = self.show(name, ref)
             holders = [a for a, v in self._read_aliases(model_dir)["aliases"].items() if v == version.version]
@@ -370,6 +372,13 @@ class Registry:
                     f"{name} {version.version} is the {' and '.join(holders)} version; move the alias first: "
                     f"`clusterft registry promote {name} VERSION --alias {alias}` or "
                     f"`clusterft registry rollback {name} --alias {alias}`"
+                )
+            serving = [r for r in read_records(self.root, name) if r.live(time.time())]
+            if version.version in {r.version for r in serving}:
+                where = ", ".join(sorted(f"{r.app}/{r.replica} on {r.host}" for r in serving))
+                raise RegistryError(
+                    f"{name} {version.version} is still served by a live replica ({where}); stop that app "
+                    "or let it switch to another version first"
                 )
             # Tombstone first: even if we crash mid-delete, the number is never given out again.
             atomic_write_text(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import multiprocessing
+import time
 from pathlib import Path
 
 import pytest
@@ -383,6 +384,23 @@ def test_delete_refuses_an_aliased_version_and_says_how_to_move_it(
     assert "clusterft registry promote demo VERSION --alias production" in message
     assert "clusterft registry rollback demo --alias production" in message
     assert registry.show("demo", "v1").version == "v0001"
+
+
+def test_delete_refuses_a_version_a_live_replica_serves(
+    registry: Registry, tmp_path: Path, base: Path
+) -> None:
+    from clusterft.controller.serving import ServingRecord, write_record
+
+    def serving_since(at: float) -> None:
+        record = ServingRecord("demo", "v0001", "production", "app", "r1", "node-1", 1, at, at, 5.0)
+        write_record(registry.root, record)
+
+    register(registry, tmp_path, base, 0)
+    serving_since(time.time())
+    with pytest.raises(RegistryError, match=r"v0001 is still served by a live replica \(app/r1 on node-1\)"):
+        registry.delete("demo", "v1")
+    serving_since(time.time() - 60)  # a replica that died a minute ago does not hold the version
+    assert registry.delete("demo", "v1").version == "v0001"
 
 
 def test_deleted_numbers_are_never_reused(registry: Registry, tmp_path: Path, base: Path) -> None:
