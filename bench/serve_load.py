@@ -165,18 +165,64 @@ def latency_ms(values_s: list[float], digits: int) -> dict:
     }
 
 
+SERVE_ROLES = {
+    "engine": "ray::ServeReplica:clusterft:engine",
+    "ingress": "ray::ServeReplica:clusterft:ingress",
+    "proxy": "ray::ProxyActor",
+}
+
+
+def serve_processes() -> dict:
+    """role -> psutil.Process of the app's engine replica, ingress replica and HTTP proxy (found by
+    the process titles Ray gives its actors), and the load client (this process)."""
+    import psutil
+
+    found = {"client": psutil.Process()}
+    for process in psutil.process_iter(["cmdline"]):
+        title = " ".join(process.info["cmdline"] or ())
+        for role, prefix in SERVE_ROLES.items():
+            if title.startswith(prefix):
+                found[role] = process
+    missing = set(SERVE_ROLES) - set(found)
+    assert not missing, f"no process found for {sorted(missing)}"
+    return found
+
+
+def cpu_seconds(processes: dict) -> dict:
+    out = {}
+    for role, process in processes.items():
+        times = process.cpu_times()
+        out[role] = times.user + times.system
+    return out
+
+
+def cpu_per_1k_tokens(before: list[dict], after: list[dict], tokens: int) -> dict:
+    """CPU seconds each role spent per 1,000 output tokens, summed over rounds."""
+    roles = before[0].keys()
+    spent = {role: sum(a[role] - b[role] for b, a in zip(before, after, strict=True)) for role in roles}
+    return {role: round(1000 * seconds / tokens, 3) for role, seconds in spent.items()}
+
+
 async def measure(url: str, llm, workloads: list[list[list[int]]], warmup, max_tokens, concurrency) -> dict:
     """Alternate offline and served rounds (each round its own prompts, the same in both phases), so
-    that load from elsewhere on the machine falls on both phases rather than on one of them."""
+    that load from elsewhere on the machine falls on both phases rather than on one of them. CPU
+    seconds per process are counted per phase: offline, this process is the engine (nothing else
+    runs in it then); served, the engine replica, the ingress, the proxy and this process (the client)."""
     import httpx
 
     offline, served = [], []
+    cpu = {"offline": ([], []), "served": ([], [])}
+    processes = serve_processes()
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await one_request(client, url, MODEL, warmup, WARMUP_TOKENS)  # connections, first step
         for prompts in workloads:
+            cpu["offline"][0].append(cpu_seconds({"engine": processes["client"]}))
             offline.append(await asyncio.to_thread(run_offline, llm, prompts, max_tokens))
+            cpu["offline"][1].append(cpu_seconds({"engine": processes["client"]}))
+            cpu["served"][0].append(cpu_seconds(processes))
             served.append(await run_clients(client, url, prompts, max_tokens, concurrency))
+            cpu["served"][1].append(cpu_seconds(processes))
     errors = [e for r in served for e in r["errors"]]
     ratios = [
         (s["output_tokens"] / s["wall_s"]) / (o["output_tokens"] / o["wall_s"])
@@ -191,6 +237,10 @@ async def measure(url: str, llm, workloads: list[list[list[int]]], warmup, max_t
             "error_examples": sorted(set(errors))[:3],
         },
         "offline": throughput(offline),
+        "cpu_s_per_1k_tokens": {
+            phase: cpu_per_1k_tokens(*cpu[phase], sum(r["output_tokens"] for r in rounds))
+            for phase, rounds in (("offline", offline), ("served", served))
+        },
         "round_ratios": [round(r, 3) for r in ratios],
         "served_over_offline_throughput": round(statistics.median(ratios), 3),
     }
