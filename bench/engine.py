@@ -21,7 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clusterft.runtime import apply_runtime_defaults
+from bench.common import result_stream
+
+RESULT = result_stream(sys.argv)  # before torch, DeepSpeed and Ray log anything
+
+from clusterft.runtime import apply_runtime_defaults  # noqa: E402
 
 apply_runtime_defaults()
 
@@ -237,7 +241,7 @@ def main() -> None:
         "threads": args.threads,
         "int8": int8,
     }
-    print(json.dumps(result, indent=None if args.json else 2))
+    print(json.dumps(result, indent=None if args.json else 2), file=RESULT, flush=True)
 
 
 if __name__ == "__main__":

@@ -34,7 +34,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from clusterft.runtime import apply_runtime_defaults
+from bench.common import result_stream
+
+RESULT = result_stream(sys.argv)  # before torch, DeepSpeed and Ray log anything
+
+from clusterft.runtime import apply_runtime_defaults  # noqa: E402
 
 apply_runtime_defaults()
 
@@ -313,7 +317,7 @@ def main() -> int:
         **measured,
         "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
     }
-    print(json.dumps(result, indent=None if args.json else 2))
+    print(json.dumps(result, indent=None if args.json else 2), file=RESULT, flush=True)
     return 0 if measured["served"]["errors"] == 0 else 1
 
 

@@ -30,6 +30,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import result_stream  # noqa: E402
+
 STRATEGIES: dict[str, dict[str, Any]] = {
     "ddp": {"strategy": "ddp"},
     "zero1": {"strategy": "zero1"},
@@ -142,9 +144,7 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(STRATEGIES), help="comma-separated subset")
     parser.add_argument("--no-kill", action="store_true", help="skip the kill → resume measurement")
     args = parser.parse_args()
-    # DeepSpeed and Ray log to stdout; keep stdout for the JSON alone (fd level: catches everything).
-    json_out = os.fdopen(os.dup(1), "w")
-    os.dup2(2, 1)
+    json_out = result_stream(sys.argv)
 
     from clusterft.runtime import apply_runtime_defaults
 
