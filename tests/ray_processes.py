@@ -10,6 +10,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,3 +94,26 @@ def stop_and_check(process: subprocess.Popen[bytes], sig: int, temp_dir: str) ->
     left = wait_for_exit(temp_dir, 30)
     assert not left, f"{signal.Signals(sig).name} left processes of its Ray cluster running: {left}"
     return code
+
+
+@contextlib.contextmanager
+def ray_head(temp_dir: str, num_cpus: int = 2, timeout_s: float = 60, **run: Any) -> Iterator[str]:
+    """`ray start --head` with the dashboard on 127.0.0.1, every fixed default port (GCS 6379,
+    dashboard 8265, its agent 52365, Ray Client 10001) replaced by a free one and its processes in
+    `temp_dir`; yields the dashboard's address (what `serve deploy --address` takes). `run` goes to
+    subprocess.run (env, cwd: the Ray workers inherit both). Afterwards the cluster is stopped by its
+    temp dir and `temp_dir` deleted."""
+    dashboard = free_port()
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", f"--num-cpus={num_cpus}"]
+    command += [f"--temp-dir={temp_dir}", f"--port={free_port()}", f"--ray-client-server-port={free_port()}"]
+    command += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"]
+    command += [f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+    try:
+        started = subprocess.run(command, capture_output=True, text=True, timeout=timeout_s, **run)
+        assert started.returncode == 0, (
+            f"ray start --head failed:\n{started.stdout[-3000:]}{started.stderr[-3000:]}"
+        )
+        yield f"http://127.0.0.1:{dashboard}"
+    finally:
+        stop_cluster(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
