@@ -63,6 +63,13 @@ def stop_cluster(temp_dir: str) -> None:
         wait_for_exit(temp_dir, 10)
 
 
+def sigint_default() -> None:
+    """In the child: Ctrl-C's default action even when pytest runs with SIGINT ignored (started in the
+    background by a shell without job control, as CI may be), so that Python turns it into a
+    KeyboardInterrupt as it does in a reader's terminal."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @contextlib.contextmanager
 def started(
     command: list[str], temp_dir: str, ready_url: str, timeout_s: float = 180, **popen: Any
@@ -71,6 +78,7 @@ def started(
     process. Afterwards whatever is left of it and its cluster is killed and `temp_dir` deleted."""
     log = Path(temp_dir) / "command.log"
     with open(log, "wb") as out:
+        popen.setdefault("preexec_fn", sigint_default)
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, **popen)
     try:
         deadline = time.monotonic() + timeout_s

@@ -66,12 +66,6 @@ def cli_env(registry: Path, **extra: str) -> dict[str, str]:
     return {**env, "CLUSTERFT_REGISTRY": str(registry), **extra}
 
 
-def sigint_default() -> None:
-    """In the child: Ctrl-C's default action even when this pytest runs with SIGINT ignored (started
-    in the background by a shell without job control), so that `serve run` gets a KeyboardInterrupt."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
 def check_serving(url: str, timeout_s: float = 120) -> None:
     """Wait until /v1/models lists quickstart v0001, then ask for a completion."""
     deadline = time.monotonic() + timeout_s
@@ -107,9 +101,7 @@ def test_serve_run_serves_the_config_and_ctrl_c_stops_its_cluster(registry: Path
     ray_tmp = tempfile.mkdtemp(prefix="cftserverun", dir="/tmp")
     env = cli_env(registry, RAY_TMPDIR=ray_tmp)
     command = [SERVE, "run", str(config)]
-    with started(
-        command, ray_tmp, f"{url}/health", 120, cwd=ROOT, env=env, preexec_fn=sigint_default
-    ) as server:
+    with started(command, ray_tmp, f"{url}/health", 120, cwd=ROOT, env=env) as server:
         check_serving(url)
         assert stop_and_check(server, signal.SIGINT, ray_tmp) == 0  # Ctrl-C
 
