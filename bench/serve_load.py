@@ -268,7 +268,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from clusterft.hf.tiny import make_tiny_model
-    from clusterft.serve.commands import start_app, stop_app
+    from clusterft.serve.launch import start_app, stop_app
     from clusterft.serve.spec import EngineSettings, ServeSpec
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -273,7 +273,7 @@ def _serve_and_ask(spec: Any, work: Path, facts: dict[str, Any]) -> str:
         return "skipped: nothing was promoted"
     from openai import OpenAI
 
-    from clusterft.serve.commands import start_app
+    from clusterft.serve.launch import start_app
     from clusterft.serve.spec import ServeSpec
 
     # Serve the registry's `production` alias, not a directory: the app follows later promotions.

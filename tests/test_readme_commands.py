@@ -25,7 +25,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from clusterft.controller.registry import Registry
+from clusterft.registry.registry import Registry
 from tests.ray_processes import free_port, started, stop_and_check
 from tests.test_readme import README, ROOT, shell_lines
 

@@ -143,7 +143,7 @@ def serve_api(
 
     controller = None
     if start_controller:
-        from clusterft.controller.jobs_commands import connect_controller
+        from clusterft.controller.controller import connect_controller
 
         controller = connect_controller(root, registry_root)
     jobs = Jobs(root, registry_root, controller=controller)

@@ -38,9 +38,7 @@ from clusterft.controller.policy import (
     decide_serving,
     parse_gates,
 )
-from clusterft.controller.registry import AliasChange, Registry
 from clusterft.controller.runs import Phase, RunFiles, describe_exit, kill, launch, pid_runs_job
-from clusterft.controller.serving import live_versions, read_records
 from clusterft.controller.state import (
     HOLDS_VERSION,
     Errored,
@@ -54,6 +52,8 @@ from clusterft.controller.state import (
 )
 from clusterft.controller.store import JobStore, StaleState
 from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, SpecSchemaError, job_spec
+from clusterft.registry.registry import AliasChange, Registry
+from clusterft.registry.serving import live_versions, read_records
 
 logger = logging.getLogger(__name__)
 CONTROLLER_NAME = "clusterft-controller"
@@ -397,3 +397,22 @@ def get_or_start_controller(root: str | Path, registry_root: str | Path, *, poll
             f"ray.kill(ray.get_actor({CONTROLLER_NAME!r}, namespace={NAMESPACE!r}))"
         )
     return actor
+
+
+def connect_controller(root: str | Path, registry_root: str | Path) -> object:
+    """Join the running Ray cluster and return its controller actor (started if absent)."""
+    import ray
+
+    from clusterft.errors import UserError
+
+    if not ray.is_initialized():
+        try:
+            ray.init(
+                address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False, namespace="clusterft"
+            )
+        except ConnectionError as err:
+            raise UserError(
+                f"no Ray cluster to run the controller on ({err}); start one with "
+                "`RAY_AUTH_MODE=disabled ray start --head --num-cpus=N` or set RAY_ADDRESS"
+            ) from None
+    return get_or_start_controller(root, registry_root)

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 from typing import get_args
 
 from clusterft.config.spec import EvalSpec, JobSpec
-from clusterft.controller.registry import AliasChange
 from clusterft.controller.state import Job, Promoted, Registered, Serving
 from clusterft.errors import UserError
+from clusterft.registry.registry import AliasChange
 
 MAX_BACKOFF_S = 600.0
 """Doubling stops here: with many restarts allowed, an uncapped delay would reach days."""

@@ -67,7 +67,7 @@ def evaluate_job(spec: JobSpec, run_dir: Path) -> dict[str, Any]:
         )
         result["metrics"] = {k: v for k, v in metrics.items() if k != "samples"}
     if spec.promote.merge:  # the spec allows it only with LoRA, so `base` is set
-        from clusterft.controller.merged import stage_merged
+        from clusterft.registry.merged import stage_merged
 
         merged_dir, report = stage_merged(output, spec.model.model_name_or_path, run_dir)
         result["merged"] = {"dir": str(merged_dir), "merge_check": report.to_dict()}

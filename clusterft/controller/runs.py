@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from clusterft.controller.manifest import atomic_write_text
+from clusterft.storage.fs import atomic_write_text
 
 Phase = Literal["train", "eval"]
 

@@ -1,5 +1,5 @@
 """clusterft's paged-KV inference engine (no Ray here): block pool, prefix cache, continuous batching,
-preemption, sampling, multi-LoRA, int8 weights. `LLM` for offline batches, `AsyncLLM` for serving.
+preemption, sampling, multi-LoRA, int8 weights. `LLM` for offline batches, `EngineLoop` for serving.
 
 Names are imported on first use: `clusterft.engine.config` (which the CLI and specs need) must not
 pull in torch and the model code just to build an argument parser.
@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "AsyncLLM": "clusterft.engine.async_llm",
+    "EngineLoop": "clusterft.engine.async_llm",
     "EngineConfig": "clusterft.engine.config",
     "LLM": "clusterft.engine.llm_engine",
     "LLMEngine": "clusterft.engine.llm_engine",
@@ -22,9 +22,9 @@ _EXPORTS = {
 }
 __all__ = [
     "LLM",
-    "AsyncLLM",
     "CompletionOutput",
     "EngineConfig",
+    "EngineLoop",
     "EngineStats",
     "LLMEngine",
     "RequestOutput",
@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from clusterft.engine.async_llm import AsyncLLM
+    from clusterft.engine.async_llm import EngineLoop
     from clusterft.engine.config import EngineConfig
     from clusterft.engine.llm_engine import LLM, LLMEngine
     from clusterft.engine.outputs import CompletionOutput, EngineStats, RequestOutput

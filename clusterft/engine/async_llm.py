@@ -1,85 +1,285 @@
-"""AsyncLLM: the engine behind an asyncio front end (what the serving deployment wraps).
+"""The engine's asyncio front end (no Ray): admission, the step loop, and a stream per request.
 
-Steps run in a worker thread (`asyncio.to_thread`) so the event loop stays responsive; a lock keeps
-add/abort and step from touching the engine at once. Each request's outputs flow into its own queue;
-`add_request` returns an async iterator over them. Closing that iterator early (client disconnect)
-aborts the request, which frees its KV blocks.
+    caller --generate(ids, params)--> EngineLoop.generate ---add_request---> engine (scheduler)
+       ^                                   |  queue per request                    | step() in a thread
+       +------ {"outputs": [delta...]} ----+<------------- RequestOutput ----------+
+
+Engine outputs are cumulative, so a stream may skip any of them: the step loop hands a request's
+output to its stream only every `stream_interval` tokens (the first token and the finished output at
+once), and a consumer that falls behind takes only the newest one from its queue. Either way one
+message carries several tokens: per-token message hops are what a small model's serving pays for.
+A step that raises (a tensor-parallel worker died) fails exactly the requests in flight, with the
+reason, and the engine is rebuilt before the next request is stepped. Closing a stream early (the
+client went away) aborts its request, which frees its KV blocks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
-from clusterft.engine.config import EngineConfig
 from clusterft.engine.llm_engine import LLMEngine
-from clusterft.engine.outputs import EngineStats, RequestOutput
+from clusterft.engine.outputs import RequestOutput
 from clusterft.engine.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
 
-class AsyncLLM:
-    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, **config_overrides) -> None:
-        self.engine = LLMEngine(model_dir, config, **config_overrides)
-        self._lock = threading.Lock()
-        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
-        self._loop_task: asyncio.Task | None = None
 
-    async def add_request(
+@dataclass
+class _Stream:
+    """One request's channel from the step loop to its generate() consumer."""
+
+    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
+    num_tokens_sent: int = 0  # tokens of the longest sequence when an output was last queued
+
+    def offer(self, out: RequestOutput, stream_interval: int) -> None:
+        """Queue `out` if it finishes the request, carries the first tokens, or `stream_interval` new
+        ones (n > 1: the longest sequence's; every sequence gains one per step)."""
+        num_tokens = max((len(o.token_ids) for o in out.outputs), default=0)
+        new = num_tokens - self.num_tokens_sent
+        if out.finished or (new > 0 and (self.num_tokens_sent == 0 or new >= stream_interval)):
+            self.num_tokens_sent = num_tokens
+            self.queue.put_nowait(out)
+
+
+def request_error(status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
+    """A request's failure as its stream carries it: an HTTP status and OpenAI's error fields."""
+    return {"error": {"status": status, "message": message, "type": type_, "param": param}}
+
+
+def adapter_conflict(name: str, base_model: str, adapters: Iterable[str]) -> dict[str, Any] | None:
+    """The 409 for an adapter name already taken (by the base model or a served adapter), else None:
+    the one rule every place that adds an adapter applies."""
+    if name == base_model or name in adapters:
+        return request_error(409, f"model `{name}` already exists; remove it first", "ConflictError", "name")
+    return None
+
+
+class EngineLoop:
+    """Plain asyncio object (no Ray): admission, the step loop, streaming deltas, adapters."""
+
+    def __init__(
+        self,
+        engine_factory: Callable[[], LLMEngine],
+        *,
+        base_model: str,
+        adapters: Mapping[str, str] | None = None,
+        base_lora: str | None = None,
+        max_queued_requests: int = 256,
+        stream_interval: int = 1,
+    ) -> None:
+        """`engine_factory` builds the engine (again after a failed step); `base_model` is the name
+        requests use for the base weights, `adapters` the LoRA names the factory's engine already
+        serves, and `base_lora` a registered adapter version applied to base-model requests."""
+        self._factory = engine_factory
+        self.engine = engine_factory()
+        self.base_model = base_model
+        self.base_lora = base_lora
+        self.max_queued_requests = max_queued_requests
+        self.stream_interval = stream_interval
+        self.adapters: dict[str, str] = dict(adapters or {})  # served now
+        self._retiring: set[str] = set()  # removed from service, still used by requests in flight
+        self._request_loras: dict[str, str | None] = {}
+        self._lock = threading.Lock()  # engine calls happen on the loop thread and the step thread
+        self._streams: dict[str, _Stream] = {}
+        self._task: asyncio.Task | None = None
+        self._ready = asyncio.Event()  # cleared while a failed engine is being rebuilt
+        self._ready.set()
+        self.num_engine_failures = 0
+
+    # ---- requests --------------------------------------------------------------------------------
+    async def generate(
         self,
         request_id: str,
-        prompt: str | Sequence[int],
-        params: SamplingParams | None = None,
-        *,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        model: str,
         priority: int = 0,
-        lora_name: str | None = None,
-    ) -> AsyncIterator[RequestOutput]:
-        """Queue a request (ValueError for a bad one, raised here) and return its output stream."""
-        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+    ) -> AsyncIterator[dict[str, Any]]:
+        """Admit a request and stream {"outputs": [delta, ...], ...} dicts; an error is one {"error"} dict."""
+        await self._ready.wait()
+        lora_name = self.base_lora
+        if model != self.base_model:
+            if model not in self.adapters:
+                yield request_error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+                return
+            lora_name = model
         with self._lock:
-            self.engine.add_request(request_id, prompt, params, priority=priority, lora_name=lora_name)
-        self._queues[request_id] = queue
-        if self._loop_task is None or self._loop_task.done():
-            self._loop_task = asyncio.get_running_loop().create_task(self._run_loop())
-        return self._stream(request_id, queue)
-
-    async def generate(self, request_id: str, prompt, params: SamplingParams | None = None, **kwargs):
-        """`async for out in llm.generate(...)`: add_request and iterate in one call."""
-        async for out in await self.add_request(request_id, prompt, params, **kwargs):
-            yield out
-
-    async def _stream(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+            num_waiting = self.engine.get_stats().num_waiting
+            if num_waiting >= self.max_queued_requests:
+                yield request_error(
+                    503,
+                    f"server overloaded: {num_waiting} requests waiting (max_queued_requests="
+                    f"{self.max_queued_requests}); retry later",
+                    "ServiceUnavailableError",
+                )
+                return
+            try:
+                self.engine.add_request(
+                    request_id, prompt_token_ids, params, priority=priority, lora_name=lora_name
+                )
+            except ValueError as exc:
+                yield request_error(400, str(exc), "BadRequestError")
+                return
+        queue = (stream := _Stream()).queue
+        self._streams[request_id] = stream
+        self._request_loras[request_id] = lora_name
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+        sent: dict[int, tuple[int, int]] = {}
         finished = False
         try:
             while not finished:
-                out = await queue.get()
-                finished = out.finished
-                yield out
+                item = await queue.get()
+                while not queue.empty():  # cumulative outputs: the newest one says it all
+                    item = queue.get_nowait()
+                if isinstance(item, dict):  # the engine failed under this request
+                    finished = True
+                    yield item
+                    return
+                finished = item.finished
+                yield self._delta(item, sent, params)
         finally:
-            if not finished:
-                await self.abort(request_id)
+            self._request_loras.pop(request_id, None)
+            self._streams.pop(request_id, None)
+            if not finished:  # the client went away: free its blocks now
+                with self._lock:
+                    self.engine.abort_request(request_id)
 
-    async def abort(self, request_id: str) -> None:
-        """Abort a request; its blocks return to the pool before this returns."""
-        await asyncio.to_thread(self._locked, self.engine.abort_request, request_id)
-        self._queues.pop(request_id, None)
+    @staticmethod
+    def _delta(
+        out: RequestOutput, sent: dict[int, tuple[int, int]], params: SamplingParams
+    ) -> dict[str, Any]:
+        deltas = []
+        for o in out.outputs:
+            num_text, num_tokens = sent.get(o.index, (0, 0))
+            token_ids = list(o.token_ids[num_tokens:])  # one slice: the step thread may be appending
+            logprobs = None
+            if params.logprobs is not None and o.logprobs is not None:
+                logprobs = list(o.logprobs[num_tokens : num_tokens + len(token_ids)])
+                token_ids = token_ids[: len(logprobs)]
+            finish = o.finish_reason if out.finished else None
+            if not token_ids and len(o.text) == num_text and finish is None:
+                continue
+            sent[o.index] = (len(o.text), num_tokens + len(token_ids))
+            deltas.append(
+                {
+                    "index": o.index,
+                    "text": o.text[num_text:],
+                    "token_ids": token_ids,
+                    "logprobs": logprobs,
+                    "finish_reason": finish,
+                }
+            )
+        return {
+            "outputs": deltas,
+            "finished": out.finished,
+            "prompt_tokens": len(out.prompt_token_ids),
+            "cached_tokens": out.num_cached_tokens,
+            "finish_message": out.finish_message,
+        }
 
-    def _locked(self, fn, *args):
+    # ---- the step loop ---------------------------------------------------------------------------
+    def _step(self) -> list[RequestOutput]:
         with self._lock:
-            return fn(*args)
+            return self.engine.step()
 
-    async def _run_loop(self) -> None:
-        while self._queues:
-            outputs = await asyncio.to_thread(self._locked, self.engine.step)
+    async def _run(self) -> None:
+        while self._streams:
+            try:
+                outputs = await asyncio.to_thread(self._step)
+            except Exception as exc:
+                await self._recover(exc)
+                continue
             for out in outputs:
-                queue = self._queues.get(out.request_id)
-                if queue is not None:
-                    queue.put_nowait(out)
-                    if out.finished:
-                        del self._queues[out.request_id]
+                stream = self._streams.get(out.request_id)
+                if stream is not None:
+                    stream.offer(out, self.stream_interval)
+            if self._retiring:
+                self._retire_adapters()
             await asyncio.sleep(0)
 
-    def get_stats(self) -> EngineStats:
+    async def _recover(self, exc: Exception) -> None:
+        """Fail every request in flight with the reason, then rebuild the engine (new workers); new
+        requests wait for the rebuild instead of landing in the broken engine."""
+        self.num_engine_failures += 1
+        logger.error(
+            "engine step failed; failing %d requests in flight, rebuilding: %s", len(self._streams), exc
+        )
+        message = f"the engine failed while running this request ({exc}); it was aborted, retry it"
+        for stream in self._streams.values():
+            stream.queue.put_nowait(request_error(503, message, "ServiceUnavailableError"))
+        self._streams.clear()
+        self._ready.clear()
+        try:
+            self.engine.shutdown()
+            self.engine = await asyncio.to_thread(self._factory)
+            for name, path in self.adapters.items():
+                if name not in self.engine.lora_manager.paths:
+                    self.engine.add_lora(name, path)
+        finally:
+            self._ready.set()
+
+    # ---- adapters --------------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str) -> dict[str, Any] | None:
+        """Serve adapter `name` from `path`; an error chunk when that can't be done."""
+        conflict = adapter_conflict(name, self.base_model, [*self.adapters, *self._retiring])
+        if conflict is not None:
+            return conflict
         with self._lock:
-            return self.engine.get_stats()
+            try:
+                self.engine.add_lora(name, path)
+            except (FileNotFoundError, ValueError) as exc:
+                return request_error(400, str(exc), "BadRequestError", "path")
+        self.adapters[name] = path
+        return None
+
+    def remove_adapter(self, name: str) -> dict[str, Any] | None:
+        """Stop serving `name` now; it is unloaded once no request in flight uses it."""
+        if name not in self.adapters:
+            return request_error(404, f"adapter `{name}` does not exist", "NotFoundError", "name")
+        del self.adapters[name]
+        self._retiring.add(name)
+        self._retire_adapters()
+        return None
+
+    def _retire_adapters(self) -> None:
+        in_use = set(self._request_loras.values())
+        with self._lock:
+            for name in [n for n in self._retiring if n not in in_use]:
+                self.engine.remove_lora(name)  # a sharded engine tells its workers
+                # Block hashes carry the adapter's name: a later adapter of that name must not hit them.
+                self.engine.reset_prefix_cache()
+                self._retiring.discard(name)
+
+    # ---- introspection ---------------------------------------------------------------------------
+    def model_info(self) -> dict[str, Any]:
+        return {
+            "base_model": self.base_model,
+            "adapters": dict(self.adapters),
+            "max_model_len": self.engine.max_model_len,
+        }
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            stats = asdict(self.engine.get_stats())
+            kv = self.engine.kv_cache_manager
+            stats["prefix_cache_queries"] = kv.prefix_cache_queries
+            stats["prefix_cache_hits"] = kv.prefix_cache_hits
+        stats["num_engine_failures"] = self.num_engine_failures
+        stats["num_streams"] = len(self._streams)
+        return stats
+
+    def shutdown(self) -> None:
+        """Stop the engine (a sharded one stops its workers); call once no request uses it."""
+        self.engine.shutdown()
+
+    def check_health(self) -> None:
+        """Raise when the replica can't serve; Serve then replaces it."""
+        if not self._streams:  # busy engines prove their health by stepping
+            with self._lock:
+                self.engine.check_health()

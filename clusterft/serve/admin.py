@@ -29,6 +29,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from clusterft.engine.async_llm import adapter_conflict
 from clusterft.serve.errors import APIError
 
 if TYPE_CHECKING:
@@ -66,8 +67,9 @@ class AdminState:
 
     # ---- changes (each one a new generation) ----------------------------------------------------
     def add_adapter(self, name: str, path: str) -> int:
-        if name == self.base_model or name in self.adapters:
-            raise APIError(409, f"model `{name}` already exists; remove it first", "ConflictError", "name")
+        conflict = adapter_conflict(name, self.base_model, self.adapters)
+        if conflict is not None:
+            raise APIError.from_chunk(conflict)
         self.adapters[name] = path
         return self._bump()
 
@@ -186,21 +188,19 @@ class Reconciler:
         errors: list[str] = []
         if self._reload_seen is None:  # a new replica resolved the alias at start: old reloads are moot
             self._reload_seen = desired["reload_generation"]
-            version = self.follower.version
-            self.reload_result = self.follower._result(version, version, False, None, 0.0)
+            self.reload_result = self.follower.unchanged()
         elif desired["reload_generation"] > self._reload_seen:
             self.reload_result = await self.follower.reload(desired["reload_ref"])
             self._reload_seen = desired["reload_generation"]
             if self.reload_result["error"]:
                 errors.append(f"could not load {self.reload_result['error']}")
-        loop = self.follower.current.loop
-        wanted = desired["adapters"]
-        for name in [n for n in loop.adapters if wanted.get(n) != loop.adapters[n]]:
-            loop.remove_adapter(name)
+        served, wanted = self.follower.adapters, desired["adapters"]
+        for name in [n for n in served if wanted.get(n) != served[n]]:
+            self.follower.remove_adapter(name)
         for name, path in wanted.items():
-            if name in loop.adapters:
+            if name in served and served[name] == path:
                 continue
-            error = loop.add_adapter(name, path)
+            error = self.follower.add_adapter(name, path)
             if error is not None:
                 if error["error"]["status"] == 409:  # still unloading the old one: next sync
                     return

@@ -1,58 +1,23 @@
-"""The engine deployment: one replica owns one engine (scheduler, KV cache manager, output processor)
-and runs its step loop; requests stream their outputs back to the ingress as small delta dicts.
-
-    ingress --generate(ids, params)--> EngineLoop.generate ---add_request---> engine (scheduler)
-       ^                                   |  queue per request                    | step() in a thread
-       +------ {"outputs": [delta...]} ----+<------------- RequestOutput ----------+
-
-Engine outputs are cumulative, so a stream may skip any of them: the step loop hands a request's
-output to its stream only every `stream_interval` tokens (the first token and the finished output at
-once), and a consumer that falls behind takes only the newest one from its queue. Either way one
-message carries several tokens: per-token message hops are what a small model's serving pays for.
-A step that raises (a tensor-parallel worker died) fails exactly the requests in flight, with the
-reason, and the engine is rebuilt before the next request is stepped.
+"""The engine deployment: a thin Serve shell. One replica runs one `EngineLoop`
+(clusterft/engine/async_llm.py) per model version, through a `ModelFollower` that switches versions
+when the followed registry alias moves; admin changes reach it through `clusterft.serve.admin`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import threading
-from collections.abc import AsyncIterator, Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 from ray import serve
 
-from clusterft.engine import LLMEngine, RequestOutput, SamplingParams
+from clusterft.engine import LLMEngine, SamplingParams
+from clusterft.engine.async_llm import EngineLoop
 from clusterft.serve.admin import Reconciler, sync_forever
 from clusterft.serve.follower import ModelFollower
 from clusterft.serve.model_source import ModelVersion, resolve_version
 from clusterft.serve.model_source import resolve as resolve_spec
 from clusterft.serve.spec import ServeSpec
-
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class _Stream:
-    """One request's channel from the step loop to its generate() consumer."""
-
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    num_tokens_sent: int = 0  # tokens of the longest sequence when an output was last queued
-
-    def offer(self, out: RequestOutput, stream_interval: int) -> None:
-        """Queue `out` if it finishes the request, carries the first tokens, or `stream_interval` new
-        ones (n > 1: the longest sequence's; every sequence gains one per step)."""
-        num_tokens = max((len(o.token_ids) for o in out.outputs), default=0)
-        new = num_tokens - self.num_tokens_sent
-        if out.finished or (new > 0 and (self.num_tokens_sent == 0 or new >= stream_interval)):
-            self.num_tokens_sent = num_tokens
-            self.queue.put_nowait(out)
-
-
-def error_chunk(status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"status": status, "message": message, "type": type_, "param": param}}
 
 
 def version_adapter_name(spec: ServeSpec, model: ModelVersion) -> str | None:
@@ -80,217 +45,16 @@ def build_engine(spec: ServeSpec, model: ModelVersion) -> LLMEngine:
     return engine
 
 
-class EngineLoop:
-    """Plain asyncio object (no Serve): admission, the step loop, streaming deltas, adapters."""
-
-    def __init__(
-        self, spec: ServeSpec, engine_factory: Callable[[], LLMEngine], base_lora: str | None = None
-    ) -> None:
-        self._factory = engine_factory
-        self.engine = engine_factory()
-        self.base_model = spec.model_name
-        self.base_lora = base_lora  # a registered adapter version: requests for the base model use it
-        self.max_queued_requests = spec.max_queued_requests
-        self.stream_interval = spec.stream_interval
-        self.adapters: dict[str, str] = dict(spec.adapters)  # served now
-        self._retiring: set[str] = set()  # removed from service, still used by requests in flight
-        self._request_loras: dict[str, str | None] = {}
-        self._lock = threading.Lock()  # engine calls happen on the loop thread and the step thread
-        self._streams: dict[str, _Stream] = {}
-        self._task: asyncio.Task | None = None
-        self._ready = asyncio.Event()  # cleared while a failed engine is being rebuilt
-        self._ready.set()
-        self.num_engine_failures = 0
-
-    # ---- requests --------------------------------------------------------------------------------
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        params: SamplingParams,
-        model: str,
-        priority: int = 0,
-    ) -> AsyncIterator[dict[str, Any]]:
-        """Admit a request and stream {"outputs": [delta, ...], ...} dicts; an error is one {"error"} dict."""
-        await self._ready.wait()
-        lora_name = self.base_lora
-        if model != self.base_model:
-            if model not in self.adapters:
-                yield error_chunk(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
-                return
-            lora_name = model
-        with self._lock:
-            num_waiting = self.engine.get_stats().num_waiting
-            if num_waiting >= self.max_queued_requests:
-                yield error_chunk(
-                    503,
-                    f"server overloaded: {num_waiting} requests waiting (max_queued_requests="
-                    f"{self.max_queued_requests}); retry later",
-                    "ServiceUnavailableError",
-                )
-                return
-            try:
-                self.engine.add_request(
-                    request_id, prompt_token_ids, params, priority=priority, lora_name=lora_name
-                )
-            except ValueError as exc:
-                yield error_chunk(400, str(exc), "BadRequestError")
-                return
-        queue = (stream := _Stream()).queue
-        self._streams[request_id] = stream
-        self._request_loras[request_id] = lora_name
-        if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
-        sent: dict[int, tuple[int, int]] = {}
-        finished = False
-        try:
-            while not finished:
-                item = await queue.get()
-                while not queue.empty():  # cumulative outputs: the newest one says it all
-                    item = queue.get_nowait()
-                if isinstance(item, dict):  # the engine failed under this request
-                    finished = True
-                    yield item
-                    return
-                finished = item.finished
-                yield self._delta(item, sent, params)
-        finally:
-            self._request_loras.pop(request_id, None)
-            self._streams.pop(request_id, None)
-            if not finished:  # the client went away: free its blocks now
-                with self._lock:
-                    self.engine.abort_request(request_id)
-
-    @staticmethod
-    def _delta(
-        out: RequestOutput, sent: dict[int, tuple[int, int]], params: SamplingParams
-    ) -> dict[str, Any]:
-        deltas = []
-        for o in out.outputs:
-            num_text, num_tokens = sent.get(o.index, (0, 0))
-            token_ids = list(o.token_ids[num_tokens:])  # one slice: the step thread may be appending
-            logprobs = None
-            if params.logprobs is not None and o.logprobs is not None:
-                logprobs = list(o.logprobs[num_tokens : num_tokens + len(token_ids)])
-                token_ids = token_ids[: len(logprobs)]
-            finish = o.finish_reason if out.finished else None
-            if not token_ids and len(o.text) == num_text and finish is None:
-                continue
-            sent[o.index] = (len(o.text), num_tokens + len(token_ids))
-            deltas.append(
-                {
-                    "index": o.index,
-                    "text": o.text[num_text:],
-                    "token_ids": token_ids,
-                    "logprobs": logprobs,
-                    "finish_reason": finish,
-                }
-            )
-        return {
-            "outputs": deltas,
-            "finished": out.finished,
-            "prompt_tokens": len(out.prompt_token_ids),
-            "cached_tokens": out.num_cached_tokens,
-            "finish_message": out.finish_message,
-        }
-
-    # ---- the step loop ---------------------------------------------------------------------------
-    def _step(self) -> list[RequestOutput]:
-        with self._lock:
-            return self.engine.step()
-
-    async def _run(self) -> None:
-        while self._streams:
-            try:
-                outputs = await asyncio.to_thread(self._step)
-            except Exception as exc:
-                await self._recover(exc)
-                continue
-            for out in outputs:
-                stream = self._streams.get(out.request_id)
-                if stream is not None:
-                    stream.offer(out, self.stream_interval)
-            if self._retiring:
-                self._retire_adapters()
-            await asyncio.sleep(0)
-
-    async def _recover(self, exc: Exception) -> None:
-        """Fail every request in flight with the reason, then rebuild the engine (new workers); new
-        requests wait for the rebuild instead of landing in the broken engine."""
-        self.num_engine_failures += 1
-        logger.error(
-            "engine step failed; failing %d requests in flight, rebuilding: %s", len(self._streams), exc
-        )
-        message = f"the engine failed while running this request ({exc}); it was aborted, retry it"
-        for stream in self._streams.values():
-            stream.queue.put_nowait(error_chunk(503, message, "ServiceUnavailableError"))
-        self._streams.clear()
-        self._ready.clear()
-        try:
-            self.engine.shutdown()
-            self.engine = await asyncio.to_thread(self._factory)
-            for name, path in self.adapters.items():
-                if name not in self.engine.lora_manager.paths:
-                    self.engine.add_lora(name, path)
-        finally:
-            self._ready.set()
-
-    # ---- adapters --------------------------------------------------------------------------------
-    def add_adapter(self, name: str, path: str) -> dict[str, Any] | None:
-        """Serve adapter `name` from `path`; an error chunk when that can't be done."""
-        if name == self.base_model or name in self.adapters or name in self._retiring:
-            return error_chunk(
-                409, f"model `{name}` already exists; remove it first", "ConflictError", "name"
-            )
-        with self._lock:
-            try:
-                self.engine.add_lora(name, path)
-            except (FileNotFoundError, ValueError) as exc:
-                return error_chunk(400, str(exc), "BadRequestError", "path")
-        self.adapters[name] = path
-        return None
-
-    def remove_adapter(self, name: str) -> dict[str, Any] | None:
-        """Stop serving `name` now; it is unloaded once no request in flight uses it."""
-        if name not in self.adapters:
-            return error_chunk(404, f"adapter `{name}` does not exist", "NotFoundError", "name")
-        del self.adapters[name]
-        self._retiring.add(name)
-        self._retire_adapters()
-        return None
-
-    def _retire_adapters(self) -> None:
-        in_use = set(self._request_loras.values())
-        with self._lock:
-            for name in [n for n in self._retiring if n not in in_use]:
-                self.engine.remove_lora(name)  # a sharded engine tells its workers
-                # Block hashes carry the adapter's name: a later adapter of that name must not hit them.
-                self.engine.reset_prefix_cache()
-                self._retiring.discard(name)
-
-    # ---- introspection ---------------------------------------------------------------------------
-    def model_info(self) -> dict[str, Any]:
-        return {
-            "base_model": self.base_model,
-            "adapters": dict(self.adapters),
-            "max_model_len": self.engine.max_model_len,
-        }
-
-    def stats(self) -> dict[str, Any]:
-        with self._lock:
-            stats = asdict(self.engine.get_stats())
-            kv = self.engine.kv_cache_manager
-            stats["prefix_cache_queries"] = kv.prefix_cache_queries
-            stats["prefix_cache_hits"] = kv.prefix_cache_hits
-        stats["num_engine_failures"] = self.num_engine_failures
-        stats["num_streams"] = len(self._streams)
-        return stats
-
-    def check_health(self) -> None:
-        """Raise when the replica can't serve; Serve then replaces it."""
-        if not self._streams:  # busy engines prove their health by stepping
-            with self._lock:
-                self.engine.check_health()
+def engine_loop(spec: ServeSpec, model: ModelVersion) -> EngineLoop:
+    """The step loop of one replica for one model version, set up as the spec says."""
+    return EngineLoop(
+        lambda: build_engine(spec, model),
+        base_model=spec.model_name,
+        adapters=spec.adapters,
+        base_lora=version_adapter_name(spec, model),
+        max_queued_requests=spec.max_queued_requests,
+        stream_interval=spec.stream_interval,
+    )
 
 
 @serve.deployment(name="engine", max_ongoing_requests=1024)
@@ -302,15 +66,12 @@ class EngineDeployment:
 
         apply_runtime_defaults()
 
-        def make_loop(model: ModelVersion) -> EngineLoop:
-            return EngineLoop(spec, lambda: build_engine(spec, model), version_adapter_name(spec, model))
-
         def resolve(ref: str | None) -> ModelVersion:
             if ref is None or spec.registry is None:
                 return resolve_spec(spec)
             return resolve_version(spec.registry, ref)
 
-        self.follower = ModelFollower(spec, resolve, make_loop)
+        self.follower = ModelFollower(spec, resolve, lambda model: engine_loop(spec, model))
         loop = asyncio.get_running_loop()  # Serve runs __init__ on the replica's event loop
         if spec.registry is not None:
             self._watch_task = loop.create_task(self.follower.watch())
@@ -337,14 +98,10 @@ class EngineDeployment:
         return self.follower.status()
 
     def stats(self) -> dict[str, Any]:
-        stats = self.follower.current.loop.stats()
-        stats["model_weight_version"] = self.follower.current.model.weight_version
-        stats["num_model_switches"] = self.follower.num_switches
-        stats["num_model_load_failures"] = self.follower.num_load_failures
-        return stats
+        return self.follower.stats()
 
     def check_health(self) -> None:
-        self.follower.current.loop.check_health()
+        self.follower.check_health()
 
     def __del__(self) -> None:
         # Serve calls this on a graceful replica shutdown: the serving record goes at once rather

@@ -10,7 +10,7 @@ weights. Each version has its own engine, hence its own prefix cache, and its bl
 the version number as weight version: KV of one version is never reused by another. A version that
 fails to load leaves the old one serving; the error is logged, counted and shown by /health.
 
-A follower of a registry alias also keeps a serving record (clusterft/controller/serving.py) next to
+A follower of a registry alias also keeps a serving record (clusterft/registry/serving.py) next to
 the registry's versions: written at start, after every switch and at every poll (the heartbeat),
 removed by `close()`. The job controller reads it to move the version's job to `serving`.
 """
@@ -25,21 +25,19 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from clusterft.controller.serving import (
+from clusterft.engine import SamplingParams
+from clusterft.engine.async_llm import EngineLoop
+from clusterft.registry.serving import (
     ServingRecord,
     remove_record,
     replica_identity,
     stale_after_s,
     write_record,
 )
-from clusterft.engine import SamplingParams
 from clusterft.serve.model_source import AliasWatch, ModelVersion
 from clusterft.serve.spec import ServeSpec
-
-if TYPE_CHECKING:  # engine_deployment builds the follower; the follower only holds its loops
-    from clusterft.serve.engine_deployment import EngineLoop
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +143,7 @@ class ModelFollower:
             try:
                 model = await asyncio.to_thread(self._resolve, ref)
                 if model.version == previous:
-                    return self._result(previous, previous, False, None, 0.0)
+                    return self.unchanged()
                 logger.info("loading %s %s while %s serves", self.spec.model_name, model.version, previous)
                 new = _Serving(model, await asyncio.to_thread(self._make_loop, model))
             except Exception as exc:
@@ -153,7 +151,7 @@ class ModelFollower:
                 self.last_error = f"{ref or 'alias target'}: {type(exc).__name__}: {exc}"
                 self._failed_target = model.version if model is not None else ref
                 logger.error("could not load %s; still serving %s", self.last_error, previous)
-                return self._result(previous, previous, False, self.last_error, time.monotonic() - started)
+                return reload_result(previous, previous, False, self.last_error, time.monotonic() - started)
             for name, path in self.current.loop.adapters.items():  # runtime adapters stay served
                 if name not in new.loop.adapters:
                     new.loop.add_adapter(name, path)
@@ -162,7 +160,7 @@ class ModelFollower:
             self.num_switches += 1
             self.last_error = self._failed_target = None
             load_s = time.monotonic() - started
-            self.last_switch = self._result(model.version, previous, True, None, load_s)
+            self.last_switch = reload_result(model.version, previous, True, None, load_s)
             logger.info("now serving %s %s (loaded in %.2fs)", self.spec.model_name, model.version, load_s)
             self._retiring.append(old)
             asyncio.get_running_loop().create_task(self._release(old))
@@ -173,7 +171,7 @@ class ModelFollower:
         """Free the old engine once its last request has finished on it."""
         if old.num_in_flight:
             await old.idle.wait()
-        await asyncio.to_thread(old.loop.engine.shutdown)  # a sharded engine stops its workers
+        await asyncio.to_thread(old.loop.shutdown)  # a sharded engine stops its workers
         self._retiring.remove(old)
         logger.info("released %s %s", self.spec.model_name, old.model.version)
 
@@ -220,17 +218,21 @@ class ModelFollower:
             except OSError as exc:
                 logger.warning("could not remove the serving record: %s", exc)
 
-    @staticmethod
-    def _result(
-        version: str | None, previous: str | None, switched: bool, error: str | None, load_s: float
-    ) -> dict[str, Any]:
-        return {
-            "version": version,
-            "previous": previous,
-            "switched": switched,
-            "error": error,
-            "load_s": round(load_s, 3),
-        }
+    def unchanged(self) -> dict[str, Any]:
+        """A reload's result when nothing was switched: the current version stays."""
+        return reload_result(self.version, self.version, False, None, 0.0)
+
+    # ---- adapters (runtime LoRA, on the current version's loop) -----------------------------------
+    @property
+    def adapters(self) -> dict[str, str]:
+        """Runtime adapters served now, name -> path."""
+        return dict(self.current.loop.adapters)
+
+    def add_adapter(self, name: str, path: str) -> dict[str, Any] | None:
+        return self.current.loop.add_adapter(name, path)
+
+    def remove_adapter(self, name: str) -> dict[str, Any] | None:
+        return self.current.loop.remove_adapter(name)
 
     # ---- introspection ---------------------------------------------------------------------------
     def model_info(self) -> dict[str, Any]:
@@ -251,3 +253,27 @@ class ModelFollower:
             "last_error": self.last_error,
             "last_switch": self.last_switch,
         }
+
+    def stats(self) -> dict[str, Any]:
+        """The current engine's stats, with the version story's counters."""
+        stats = self.current.loop.stats()
+        stats["model_weight_version"] = self.current.model.weight_version
+        stats["num_model_switches"] = self.num_switches
+        stats["num_model_load_failures"] = self.num_load_failures
+        return stats
+
+    def check_health(self) -> None:
+        self.current.loop.check_health()
+
+
+def reload_result(
+    version: str | None, previous: str | None, switched: bool, error: str | None, load_s: float
+) -> dict[str, Any]:
+    """What a reload (or an alias switch) did, as admin calls and /health report it."""
+    return {
+        "version": version,
+        "previous": previous,
+        "switched": switched,
+        "error": error,
+        "load_s": round(load_s, 3),
+    }

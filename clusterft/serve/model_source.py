@@ -6,7 +6,7 @@ points at (and whether that alias has moved since).
                        kind full | merged ─────────────► ModelVersion("vNNNN", <version dir>)
                        kind adapter ───────────────────► ModelVersion("vNNNN", base_model, <version dir>)
 
-The registry's own reader (clusterft.controller.registry, no Ray, no controller state) parses the
+The registry's own reader (clusterft.registry.registry, no Ray, no controller state) parses the
 files, so the on-disk format has one owner.
 """
 
@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from clusterft.controller.registry import ALIASES, Registry
+from clusterft.registry.registry import ALIASES, Registry
 from clusterft.serve.spec import RegistrySource, ServeSpec
 
 

@@ -12,8 +12,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from clusterft.config.spec import Section, known_template
-from clusterft.controller.commands import DEFAULT_REGISTRY, REGISTRY_ENV
 from clusterft.engine.config import EngineConfig
+from clusterft.registry import DEFAULT_REGISTRY, REGISTRY_ENV
 
 API_KEY_ENV = "CLUSTERFT_API_KEY"
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from clusterft.cli.jobs import add_eval_command, add_jobs_commands
 from clusterft.controller.api import create_app
 from clusterft.controller.jobs import Jobs, absolute_spec
-from clusterft.controller.jobs_commands import add_eval_command, add_jobs_commands
 from tests.controller.conftest import make_spec
 
 SPEC = {

@@ -12,10 +12,10 @@ import yaml
 
 from clusterft.cli import main as cli
 from clusterft.controller.controller import Controller
-from clusterft.controller.registry import Registry
-from clusterft.controller.serving import ServingRecord, remove_record, write_record
 from clusterft.controller.state import Evaluating, Failed, JobState, Registered, Training
 from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, job_spec
+from clusterft.registry.registry import Registry
+from clusterft.registry.serving import ServingRecord, remove_record, write_record
 from tests.controller.conftest import make_spec
 
 S = JobState

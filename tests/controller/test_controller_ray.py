@@ -22,10 +22,10 @@ import torch
 from clusterft.cli import main as cli
 from clusterft.controller.controller import CONTROLLER_NAME, NAMESPACE, get_or_start_controller
 from clusterft.controller.jobs import Jobs
-from clusterft.controller.registry import Registry
 from clusterft.controller.runs import RunFiles, kill, pid_runs_job
-from clusterft.controller.serving import read_records
 from clusterft.controller.state import JobState
+from clusterft.registry.registry import Registry
+from clusterft.registry.serving import read_records
 from clusterft.serve.spec import RegistrySource, ServeSpec
 from clusterft.train.export import read_metrics
 from tests.serve.conftest import ENGINE, free_port

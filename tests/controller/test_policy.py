@@ -26,9 +26,9 @@ from clusterft.controller.policy import (
     parse_gate,
     parse_gates,
 )
-from clusterft.controller.registry import AliasChange
 from clusterft.controller.state import Promoted, Registered, Serving
 from clusterft.errors import UserError
+from clusterft.registry.registry import AliasChange
 from tests.controller.conftest import make_job, make_spec
 
 TRANSIENT = Failure("RuntimeError: NCCL watchdog timeout")

@@ -9,7 +9,7 @@ import asyncio
 import pytest
 
 from clusterft.serve.admin import STALE_AFTER_S, AdminState, Reconciler
-from clusterft.serve.engine_deployment import EngineLoop, build_engine
+from clusterft.serve.engine_deployment import engine_loop
 from clusterft.serve.errors import APIError
 from clusterft.serve.follower import ModelFollower
 from clusterft.serve.model_source import resolve
@@ -17,9 +17,7 @@ from tests.serve.conftest import make_spec
 
 
 def replica(spec) -> Reconciler:
-    follower = ModelFollower(
-        spec, lambda ref: resolve(spec), lambda model: EngineLoop(spec, lambda: build_engine(spec, model))
-    )
+    follower = ModelFollower(spec, lambda ref: resolve(spec), lambda model: engine_loop(spec, model))
     return Reconciler(follower)
 
 
@@ -32,7 +30,7 @@ async def sync(state: AdminState, name: str, r: Reconciler, now: float) -> None:
 
 
 def served(r: Reconciler) -> dict[str, str]:
-    return r.follower.current.loop.adapters
+    return r.follower.adapters
 
 
 def test_replicas_converge_on_the_record(tiny_llama, tiny_adapter):

@@ -10,8 +10,8 @@ import yaml
 from pydantic import ValidationError
 from ray import serve
 
+from clusterft.cli.serve import add_serve_command, parse_adapters
 from clusterft.errors import UserError
-from clusterft.serve.commands import add_serve_command, parse_adapters
 from clusterft.serve.spec import ServeSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -73,7 +73,7 @@ def test_cli_serve_arguments():
 
 def test_serve_config_yaml_builds_the_app(tiny_llama, tmp_path, monkeypatch):
     """The shipped config serves the registry's production alias, found through $CLUSTERFT_REGISTRY."""
-    from clusterft.controller.registry import Registry
+    from clusterft.registry.registry import Registry
     from deployments.app import app_builder
 
     config = yaml.safe_load((ROOT / "deployments" / "serve_config.yaml").read_text())

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from clusterft.controller.registry import Registry, RegistryError
+from clusterft.registry.registry import Registry, RegistryError
 from clusterft.serve.follower import ModelFollower
 from clusterft.serve.model_source import AliasWatch, ModelVersion, resolve, resolve_version
 from clusterft.serve.spec import RegistrySource, ServeSpec
@@ -133,7 +133,7 @@ def test_switch_keeps_old_requests_on_old_engine_and_survives_a_bad_version(regi
 
 
 def test_follower_keeps_a_serving_record_beats_while_polling_and_removes_it_when_stopped(registry):
-    from clusterft.controller.serving import read_records
+    from clusterft.registry.serving import read_records
 
     reg, source = registry
     reg.promote("quick", "v1")

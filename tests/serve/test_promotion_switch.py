@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from clusterft.controller.registry import Registry
-from clusterft.controller.serving import read_records
+from clusterft.registry.registry import Registry
+from clusterft.registry.serving import read_records
 from clusterft.serve.spec import RegistrySource, ServeSpec
 from clusterft.serve.version_routes import MODEL_VERSION_HEADER
 from tests.serve.conftest import ENGINE, free_port, offline_texts, running_app

@@ -23,7 +23,7 @@ import httpx
 import pytest
 import yaml
 
-from clusterft.controller.registry import Registry
+from clusterft.registry.registry import Registry
 from tests.ray_processes import free_port, http_ok, ray_head, started, stop_and_check, wait_for_exit
 
 pytestmark = pytest.mark.slow

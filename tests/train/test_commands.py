@@ -6,10 +6,10 @@ from typing import ClassVar
 
 import pytest
 
+from clusterft.cli.train import checkpoints_command
 from clusterft.errors import UserError
 from clusterft.storage import BundleStore
 from clusterft.train.callbacks import CallbackRunner, load_callback
-from clusterft.train.commands import checkpoints_command
 
 
 def make_bundles(root, steps):

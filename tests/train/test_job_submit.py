@@ -138,7 +138,7 @@ def test_ray_job_submit_runs_the_controller_to_promotion_and_eval(head_cluster, 
     submit += ["--runtime-env-json", json.dumps({"env_vars": stores}), "--"]
     result = submit_when_ready([*submit, CLUSTERFT, "jobs", "submit", "job.yaml", "--wait", "--no-progress"])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    from clusterft.controller.registry import Registry
+    from clusterft.registry.registry import Registry
 
     assert Registry(shared / "registry").aliases("quickstart")["production"] == "v0001"
 

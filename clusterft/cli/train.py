@@ -1,6 +1,6 @@
 """`clusterft train | checkpoints | merge`: argparse-ready functions that return the exit code.
 
-Wiring (clusterft/cli.py):
+Wiring (clusterft/cli/main.py):
     train JOB.yaml [--no-progress]            → train_command(args.job, progress=not args.no_progress)
     checkpoints {list,verify,prune} PATH [--keep K]
                                               → checkpoints_command(args.action, args.path, args.keep)

@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from clusterft.controller.manifest import atomic_write_text
+from clusterft.storage.fs import atomic_write_text
 
 logger = logging.getLogger(__name__)
 

@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 
 from clusterft.cli import main as cli
-from clusterft.controller.manifest import MANIFEST, sha256_file, tree_sha256
-from clusterft.controller.merged import stage_merged
-from clusterft.controller.registry import IntegrityError, Registry, RegistryError, Version
 from clusterft.errors import UserError
 from clusterft.hf.lora import merge_adapter
 from clusterft.hf.merge_check import MergeCheckReport
 from clusterft.hf.tiny import make_tiny_model
+from clusterft.registry.manifest import MANIFEST, sha256_file, tree_sha256
+from clusterft.registry.merged import stage_merged
+from clusterft.registry.registry import IntegrityError, Registry, RegistryError, Version
 from tests.hf.helpers import make_trained_adapter
 
 
@@ -389,7 +389,7 @@ def test_delete_refuses_an_aliased_version_and_says_how_to_move_it(
 def test_delete_refuses_a_version_a_live_replica_serves(
     registry: Registry, tmp_path: Path, base: Path
 ) -> None:
-    from clusterft.controller.serving import ServingRecord, write_record
+    from clusterft.registry.serving import ServingRecord, write_record
 
     def serving_since(at: float) -> None:
         record = ServingRecord("demo", "v0001", "production", "app", "r1", "node-1", 1, at, at, 5.0)

@@ -12,7 +12,7 @@ import traceback
 from collections.abc import Sequence
 from functools import partial
 
-from clusterft.cli_helpers import add_command, add_group
+from clusterft.cli.helpers import add_command, add_group
 from clusterft.errors import UserError
 from clusterft.runtime import apply_runtime_defaults
 
@@ -58,19 +58,19 @@ def _data_preview(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from clusterft.train.commands import train_command
+    from clusterft.cli.train import train_command
 
     return train_command(args.job, progress=not args.no_progress)
 
 
 def _checkpoints(args: argparse.Namespace) -> int:
-    from clusterft.train.commands import checkpoints_command
+    from clusterft.cli.train import checkpoints_command
 
     return checkpoints_command(args.action, args.path, args.keep)
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from clusterft.train.commands import merge_command
+    from clusterft.cli.train import merge_command
 
     return merge_command(args.base, args.adapter, args.out)
 
@@ -128,9 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_argument("adapter", help="peft adapter dir")
     sub.add_argument("out", help="output HF model dir")
 
-    from clusterft.controller.commands import add_registry_commands
-    from clusterft.controller.jobs_commands import add_eval_command, add_jobs_commands
-    from clusterft.serve.commands import add_serve_command
+    from clusterft.cli.jobs import add_eval_command, add_jobs_commands
+    from clusterft.cli.registry import add_registry_commands
+    from clusterft.cli.serve import add_serve_command
 
     add_jobs_commands(commands)
     add_eval_command(commands)

@@ -9,13 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import secrets
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-
-from clusterft.storage.fs import fsync_dir
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -81,18 +78,6 @@ def tree_sha256(path: Path) -> str:
         return sha256_file(path)
     lines = [f"{rel} {sha256_file(path / rel)}\n" for rel in files_under(path)]
     return hashlib.sha256("".join(lines).encode()).hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temp file in the same directory, fsync, rename over `path`, fsync the directory:
-    a reader sees the old content or the new, and a crash leaves one of them."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def files_under(root: Path) -> list[str]:

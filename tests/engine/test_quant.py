@@ -1,12 +1,9 @@
-"""int8 weight-only quantization, engine config errors, and the async engine (streaming, abort)."""
-
-import asyncio
-import contextlib
+"""int8 weight-only quantization and engine config errors (the async front end: test_async_llm.py)."""
 
 import pytest
 import torch
 
-from clusterft.engine import LLM, AsyncLLM, EngineConfig, SamplingParams
+from clusterft.engine import LLM, EngineConfig, SamplingParams
 from clusterft.hf.quant import dequantize_int8, quantize_int8
 from tests.engine.helpers import random_prompts
 
@@ -52,50 +49,3 @@ def test_config_and_request_errors_name_the_field_and_fix(llama_dir):
     llm = LLM(llama_dir, num_gpu_blocks=16, max_model_len=64)
     with pytest.raises(ValueError, match="prompt has 80 tokens but max_model_len is 64"):
         llm.generate(list(range(7, 87)))
-
-
-def test_async_stream_and_abort_frees_blocks(llama_dir):
-    async def main():
-        llm = AsyncLLM(llama_dir, num_gpu_blocks=32)
-        free = llm.engine.kv_cache_manager.block_pool.num_free_blocks
-        prompt = random_prompts([40], seed=41)[0]
-        long_params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
-        stream = await llm.add_request("long", prompt, long_params)
-        short = [
-            o async for o in llm.generate("short", prompt[:10], SamplingParams(temperature=0, max_tokens=5))
-        ]
-        first = await stream.__anext__()
-        assert not first.finished
-        assert llm.engine.kv_cache_manager.block_pool.num_free_blocks < free
-        await llm.abort("long")
-        await stream.aclose()
-        assert llm.engine.kv_cache_manager.block_pool.num_free_blocks == free
-        assert short[-1].finished and len(short[-1].outputs[0].token_ids) <= 5
-        stats = llm.get_stats()
-        assert stats.num_running == 0 and stats.num_waiting == 0
-
-    asyncio.run(main())
-
-
-def test_cancelled_consumer_aborts_request(llama_dir):
-    """A client disconnect cancels the task reading the stream; the request is aborted, blocks freed."""
-
-    async def main():
-        llm = AsyncLLM(llama_dir, num_gpu_blocks=32)
-        params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
-        seen = []
-
-        async def consume():
-            async for out in llm.generate("x", random_prompts([20], seed=42)[0], params):
-                seen.append(out)
-
-        task = asyncio.create_task(consume())
-        while not seen:
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        assert not seen[-1].finished and not llm.engine.scheduler.requests
-        assert llm.engine.kv_cache_manager.block_pool.num_free_blocks == 32
-
-    asyncio.run(main())

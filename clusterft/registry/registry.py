@@ -26,22 +26,21 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, get_args
 
-from clusterft.controller.manifest import (
+from clusterft.errors import UserError
+from clusterft.hf.loading import model_fingerprint
+from clusterft.hf.merge_check import DEFAULT_TOLERANCE
+from clusterft.registry.manifest import (
     FORMAT,
     MANIFEST,
     Kind,
     Manifest,
-    atomic_write_text,
     copy_hashed,
     files_under,
     sha256_file,
     tree_sha256,
 )
-from clusterft.controller.serving import read_records
-from clusterft.errors import UserError
-from clusterft.hf.loading import model_fingerprint
-from clusterft.hf.merge_check import DEFAULT_TOLERANCE
-from clusterft.storage.fs import fsync_dir
+from clusterft.registry.serving import read_records
+from clusterft.storage.fs import atomic_write_text, fsync_dir
 
 ALIASES = "aliases.json"
 Alias = Literal["production", "canary"]
@@ -395,7 +394,7 @@ def _check_merge_report(report: Mapping[str, Any] | None, base_model: str | Path
     """The base model of a merged version whose merge check passed; a RegistryError saying why not."""
     how = (
         "merge with `clusterft merge BASE ADAPTER OUT` (it checks, and writes OUT/merge_check.json) "
-        "or clusterft.controller.merged.stage_merged, and register with merge_check=<its report>"
+        "or clusterft.registry.merged.stage_merged, and register with merge_check=<its report>"
     )
     if report is None:
         raise RegistryError(

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from clusterft.controller.commands import add_registry_commands, format_table
-from clusterft.controller.registry import IntegrityError, Registry, RegistryError
-from tests.controller.test_registry import make_adapter
+from clusterft.cli.registry import add_registry_commands, format_table
+from clusterft.registry.registry import IntegrityError, Registry, RegistryError
+from tests.registry.test_registry import make_adapter
 
 
 def run(root: Path, *argv: str) -> int:

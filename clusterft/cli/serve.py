@@ -1,20 +1,20 @@
 """`clusterft serve MODEL_DIR ...` (or `--registry DIR --model-name NAME [--alias production]`, which
 follows the alias across promotions): the OpenAI server on a local Ray cluster (or --address).
 
-The CLI adds it in one call: `add_serve_command(commands)`; `serve_command(...)` is the same thing for
-Python callers (the benchmark, notebooks).
+The CLI adds it in one call: `add_serve_command(commands)`; `serve_command(...)` is the handler with
+plain arguments. Python callers that deploy a `ServeSpec` use `clusterft.serve.launch` directly.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from collections.abc import Sequence
 
-from clusterft.cli_helpers import Subcommands, add_command
+from clusterft.cli.helpers import Subcommands, add_command
 from clusterft.errors import UserError
+from clusterft.serve.launch import start_app, stop_app
 from clusterft.serve.spec import EngineSettings, RegistrySource, ServeSpec
 
 
@@ -29,30 +29,6 @@ def parse_adapters(items: Sequence[str]) -> dict[str, str]:
             raise UserError(f"--adapters: {name!r} is given twice")
         adapters[name] = path
     return adapters
-
-
-def start_app(spec: ServeSpec, address: str | None = None, log_to_driver: bool = True) -> str:
-    """Connect to (or start) Ray, start Serve on spec.host:spec.port and deploy; returns the base URL."""
-    import ray
-    from ray import serve
-
-    from clusterft.serve.app import build_app
-
-    address = address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():
-        # No address: a new local cluster ("local", never someone's `ray start` cluster on this host).
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=log_to_driver)
-    serve.start(http_options={"host": spec.host, "port": spec.port})
-    serve.run(build_app(spec), name="clusterft", route_prefix="/")
-    return f"http://{spec.host}:{spec.port}"
-
-
-def stop_app() -> None:
-    import ray
-    from ray import serve
-
-    serve.shutdown()
-    ray.shutdown()
 
 
 def serve_command(

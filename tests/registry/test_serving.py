@@ -6,7 +6,7 @@ import os
 import socket
 from pathlib import Path
 
-from clusterft.controller.serving import (
+from clusterft.registry.serving import (
     MIN_STALE_S,
     ServingRecord,
     live_versions,

@@ -1,8 +1,8 @@
 """`clusterft jobs submit|list|status|logs|cancel|resume|api` and `clusterft eval`: argparse wiring.
 
-The CLI adds them in two calls (clusterft/cli.py):
+The CLI adds them in two calls (clusterft/cli/main.py):
 
-    from clusterft.controller.jobs_commands import add_eval_command, add_jobs_commands
+    from clusterft.cli.jobs import add_eval_command, add_jobs_commands
     add_jobs_commands(commands)
     add_eval_command(commands)
 
@@ -19,29 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-from clusterft.cli_helpers import Subcommands, add_command, add_dir_option, add_group
-from clusterft.controller.commands import add_registry_option, format_table
+from clusterft.cli.helpers import Subcommands, add_command, add_dir_option, add_group
+from clusterft.cli.registry import add_registry_option, format_table
 from clusterft.controller.jobs import DEFAULT_ROOT, ROOT_ENV, Jobs, job_record, progress
-from clusterft.errors import UserError
 
 
-def connect_controller(root: str | Path, registry_root: str | Path) -> object:
-    """Join the running Ray cluster and return its controller actor (started if absent)."""
-    import ray
+def _connect(args: argparse.Namespace) -> object:
+    from clusterft.controller.controller import connect_controller  # imports Ray: only when needed
 
-    from clusterft.controller.controller import get_or_start_controller
-
-    if not ray.is_initialized():
-        try:
-            ray.init(
-                address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False, namespace="clusterft"
-            )
-        except ConnectionError as err:
-            raise UserError(
-                f"no Ray cluster to run the controller on ({err}); start one with "
-                "`RAY_AUTH_MODE=disabled ray start --head --num-cpus=N` or set RAY_ADDRESS"
-            ) from None
-    return get_or_start_controller(root, registry_root)
+    return connect_controller(args.root, args.registry)
 
 
 def _jobs(args: argparse.Namespace, controller: object = None) -> Jobs:
@@ -52,7 +38,7 @@ def jobs_submit(args: argparse.Namespace) -> int:
     from clusterft.config import load_job_spec
 
     spec = load_job_spec(args.job)
-    jobs = _jobs(args, connect_controller(args.root, args.registry))
+    jobs = _jobs(args, _connect(args))
     job = jobs.submit(spec, base_dir=os.getcwd(), name=args.name)
     print(job.id)
     if not args.wait:
@@ -132,7 +118,7 @@ def jobs_cancel(args: argparse.Namespace) -> int:
 
 
 def jobs_resume(args: argparse.Namespace) -> int:
-    jobs = _jobs(args, connect_controller(args.root, args.registry))
+    jobs = _jobs(args, _connect(args))
     job = jobs.resume(args.id)
     print(f"{job.id}: {job.status}")
     return 0

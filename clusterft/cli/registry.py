@@ -13,11 +13,9 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from clusterft.cli_helpers import Subcommands, add_dir_option, add_group
-from clusterft.controller.registry import ALIAS_NAMES, Registry, Version
-
-REGISTRY_ENV = "CLUSTERFT_REGISTRY"
-DEFAULT_REGISTRY = "registry"
+from clusterft.cli.helpers import Subcommands, add_dir_option, add_group
+from clusterft.registry import DEFAULT_REGISTRY, REGISTRY_ENV
+from clusterft.registry.registry import ALIAS_NAMES, Registry, Version
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

@@ -1,0 +1,33 @@
+"""Deploy the OpenAI app on Ray Serve and take it down: what `clusterft serve`, the demo and the
+serving benchmark share. Connects to the cluster at `address` / $RAY_ADDRESS, or starts a local one."""
+
+from __future__ import annotations
+
+import os
+
+from clusterft.serve.spec import ServeSpec
+
+
+def start_app(spec: ServeSpec, address: str | None = None, log_to_driver: bool = True) -> str:
+    """Connect to (or start) Ray, start Serve on spec.host:spec.port and deploy; returns the base URL."""
+    import ray
+    from ray import serve
+
+    from clusterft.serve.app import build_app
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():
+        # No address: a new local cluster ("local", never someone's `ray start` cluster on this host).
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=log_to_driver)
+    serve.start(http_options={"host": spec.host, "port": spec.port})
+    serve.run(build_app(spec), name="clusterft", route_prefix="/")
+    return f"http://{spec.host}:{spec.port}"
+
+
+def stop_app() -> None:
+    """Shut Serve down, then this process's Ray connection (a local cluster stops with it)."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,126 @@
+"""EngineLoop (the engine's asyncio front end) without Serve or Ray over the real engine: streams and
+their batching (`stream_interval`), and aborts. A batched stream must carry exactly what a per-token
+stream carries: the same tokens, text, logprobs and finish reasons, stop strings cut the same way,
+for n > 1 too; only the message count differs. A stream closed early frees its request's blocks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import defaultdict
+
+import pytest
+
+from clusterft.engine import LLMEngine, SamplingParams
+from clusterft.engine.async_llm import EngineLoop
+from tests.engine.helpers import random_prompts
+
+PROMPT = [5, 17, 42, 9, 33, 8]
+
+
+@pytest.fixture(scope="module")
+def engine(llama_dir) -> LLMEngine:
+    return LLMEngine(
+        llama_dir, num_gpu_blocks=512, max_model_len=256, max_num_seqs=64, max_num_batched_tokens=1024
+    )
+
+
+def collect(engine: LLMEngine, stream_interval: int, params: SamplingParams) -> list[dict]:
+    """Every chunk EngineLoop.generate yields for PROMPT."""
+    loop = EngineLoop(lambda: engine, base_model="tiny", stream_interval=stream_interval)
+
+    async def run() -> list[dict]:
+        return [c async for c in loop.generate(f"r{stream_interval}", PROMPT, params, "tiny")]
+
+    return asyncio.run(run())
+
+
+def joined(chunks: list[dict]) -> dict[int, dict]:
+    """Per choice index: all text, token ids and logprobs, and its finish reason (sent once, last)."""
+    out: dict[int, dict] = defaultdict(lambda: {"text": "", "token_ids": [], "logprobs": [], "finish": None})
+    for chunk in chunks:
+        for o in chunk["outputs"]:
+            choice = out[o["index"]]
+            choice["text"] += o["text"]
+            choice["token_ids"] += o["token_ids"]
+            choice["logprobs"] += o["logprobs"] or []
+            assert choice["finish"] is None, "a delta after the finish reason"
+            choice["finish"] = o["finish_reason"]
+    return dict(out)
+
+
+def test_interval_4_sends_first_token_then_every_4_then_the_rest(engine):
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=2)
+    every = collect(engine, 1, params)
+    batched = collect(engine, 4, params)
+    assert [len(c["outputs"][0]["token_ids"]) for c in every] == [1] * 10
+    assert [len(c["outputs"][0]["token_ids"]) for c in batched] == [1, 4, 4, 1]
+    assert joined(batched) == joined(every)
+    assert [c["outputs"][0]["finish_reason"] for c in batched] == [None, None, None, "length"]
+    assert [c["finished"] for c in batched] == [False, False, False, True]
+    assert len(joined(batched)[0]["logprobs"]) == 10
+
+
+def test_stop_string_is_cut_the_same_when_batched(engine):
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    text = joined(collect(engine, 1, greedy))[0]["text"]
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    assert stop.strip(), f"pick another prompt: no usable stop string in {text!r}"
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, stop=[stop])
+    every, batched = (joined(collect(engine, k, params))[0] for k in (1, 5))
+    assert batched == every
+    assert batched["text"] == text[: text.index(stop)] and batched["finish"] == "stop"
+
+
+def test_n2_seeded_sampling_batched_equals_per_token(engine):
+    params = SamplingParams(n=2, temperature=1.0, seed=7, max_tokens=9, ignore_eos=True, logprobs=1)
+    every = collect(engine, 1, params)
+    batched = collect(engine, 3, params)
+    assert joined(batched) == joined(every) and set(joined(batched)) == {0, 1}
+    assert len(batched) < len(every)
+    assert all(choice["finish"] == "length" for choice in joined(batched).values())
+
+
+def test_closing_a_stream_aborts_its_request_and_frees_its_blocks(llama_dir):
+    async def main():
+        loop = EngineLoop(lambda: LLMEngine(llama_dir, num_gpu_blocks=32), base_model="tiny")
+        pool = loop.engine.kv_cache_manager.block_pool
+        free = pool.num_free_blocks
+        prompt = random_prompts([40], seed=41)[0]
+        long_params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+        stream = loop.generate("long", prompt, long_params, "tiny")
+        first = await stream.__anext__()
+        short_params = SamplingParams(temperature=0, max_tokens=5)
+        short = [c async for c in loop.generate("short", prompt[:10], short_params, "tiny")]
+        assert not first["finished"] and pool.num_free_blocks < free
+        await stream.aclose()
+        assert pool.num_free_blocks == free
+        assert short[-1]["finished"] and sum(len(c["outputs"][0]["token_ids"]) for c in short) <= 5
+        stats = loop.engine.get_stats()
+        assert stats.num_running == 0 and stats.num_waiting == 0
+
+    asyncio.run(main())
+
+
+def test_cancelled_consumer_aborts_request(llama_dir):
+    """A client disconnect cancels the task reading the stream; the request is aborted, blocks freed."""
+
+    async def main():
+        loop = EngineLoop(lambda: LLMEngine(llama_dir, num_gpu_blocks=32), base_model="tiny")
+        params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+        seen = []
+
+        async def consume():
+            async for chunk in loop.generate("x", random_prompts([20], seed=42)[0], params, "tiny"):
+                seen.append(chunk)
+
+        task = asyncio.create_task(consume())
+        while not seen:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        assert not seen[-1]["finished"] and not loop.engine.scheduler.requests
+        assert loop.engine.kv_cache_manager.block_pool.num_free_blocks == 32
+
+    asyncio.run(main())
