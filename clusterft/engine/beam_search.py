@@ -1,8 +1,9 @@
 """Beam search decisions, step for step the same arithmetic as HF `generate(num_beams=k)`.
 
-A BeamSearchGroup only decides; the scheduler owns the beams as requests. Each step it hands over
-the log-softmax rows of the live beams and gets back which (parent beam, token) pairs continue; the
-scheduler then forks parents picked more than once (sharing their KV blocks, copy-on-write) and
+A BeamSearchGroup only decides; the scheduler owns the beams as requests. It hands over each beam's
+log-softmax row as the model runner returns it (the group holds them: the scheduler holds no tensors);
+once every live beam has its row, the group steps and says which (parent beam, token) pairs continue.
+The scheduler then forks parents picked more than once (sharing their KV blocks, copy-on-write) and
 frees parents picked by none. All scores are float32 tensors, as in HF, so ties break the same way.
 """
 
@@ -44,6 +45,21 @@ class BeamSearchGroup:
         self.finished_scores = torch.full((beam_width,), -1.0e9)
         self.is_sent_finished = torch.zeros(beam_width, dtype=torch.bool)
         self.heuristic_unsatisfied = True
+        self.rows: dict[str, torch.Tensor] = {}  # beam request id -> its (V,) log-softmax row this step
+
+    def add_row(self, beam_id: str, log_probs: torch.Tensor) -> None:
+        self.rows[beam_id] = log_probs
+
+    def drop_row(self, beam_id: str) -> None:
+        """Forget a finished or preempted beam's row (a recomputed beam sends it again)."""
+        self.rows.pop(beam_id, None)
+
+    def step_when_ready(self, beam_ids: list[str], beam_token_ids: list[list[int]]) -> BeamStep | None:
+        """Step with the rows of `beam_ids` (the live beams, in order) once all have arrived; None while
+        one is missing (its beam was preempted or not scheduled yet)."""
+        if not all(beam_id in self.rows for beam_id in beam_ids):
+            return None
+        return self.step(torch.stack([self.rows.pop(beam_id) for beam_id in beam_ids]), beam_token_ids)
 
     def step(self, log_probs: torch.Tensor, beam_token_ids: list[list[int]]) -> BeamStep:
         """log_probs: (num_running, V) log-softmax rows; beam_token_ids: each beam's generated tokens."""

@@ -27,8 +27,8 @@ class KVCacheManager:
         self.num_cached_block: dict[str, int] = {}  # leading blocks of a request already registered
         self.weight_version = 0  # part of every block hash: new weights never hit old KV
         self.blocks_to_copy: list[tuple[int, int]] = []  # (src, dst) copy-on-write, drained each step
-        self.prefix_cache_queries = 0  # tokens of admitted requests looked up (counted by the scheduler)
-        self.prefix_cache_hits = 0  # of which found in the cache
+        self.prefix_cache_queries = 0  # tokens of admitted requests looked up in the prefix cache
+        self.prefix_cache_hits = 0  # of which found there
 
     # ---- hashing -------------------------------------------------------------------------------
     def _hash_key(self, request: Request, i: int) -> tuple:
@@ -91,6 +91,11 @@ class KVCacheManager:
         num_evictable = sum(1 for b in new_computed_blocks if b.ref_cnt == 0)
         if num_new_blocks + cow > self.block_pool.num_free_blocks - num_evictable:
             return None
+        if not req_blocks and request.num_computed_tokens == 0:
+            # The request's first blocks: it is admitted, so its prefix lookup counts, once. A lookup
+            # that did not fit is repeated next step and must not count again (vLLM #43736).
+            self.prefix_cache_queries += request.num_tokens
+            self.prefix_cache_hits += len(new_computed_blocks) * self.block_size
 
         self.block_pool.touch(new_computed_blocks)
         req_blocks.extend(new_computed_blocks)

@@ -108,6 +108,10 @@ class LLMEngine:
     def add_lora(self, name: str, path: str | Path) -> None:
         self.lora_manager.add_lora(name, path)
 
+    def list_loras(self) -> list[str]:
+        """The registered adapters' names, in registration order (vLLM's `list_loras`)."""
+        return list(self.lora_manager.paths)
+
     def remove_lora(self, name: str) -> None:
         """Forget adapter `name`; call reset_prefix_cache() before a new adapter takes its name."""
         self.lora_manager.remove_lora(name)
@@ -143,7 +147,7 @@ class LLMEngine:
             raise ValueError(
                 f"prompt token ids must be in [0, {self.model_args.vocab_size}), the model's vocab"
             )
-        if lora_name is not None and lora_name not in self.lora_manager.paths:
+        if lora_name is not None and lora_name not in self.list_loras():
             raise ValueError(f"unknown lora_name {lora_name!r}: register it with add_lora(name, path) first")
         multi = params.num_sequences > 1 or params.use_beam_search
         request = Request(
@@ -208,13 +212,15 @@ class LLMEngine:
             self._kv_utilization_at_peak = tokens / (used * self.config.block_size)
 
     def get_stats(self) -> EngineStats:
-        s = self.scheduler
+        s, kv = self.scheduler, self.kv_cache_manager
         return EngineStats(
             num_running=len(s.running),
             num_waiting=sum(1 for _, r in s.waiting if not r.is_finished and r.request_id in s.requests),
             num_swapped=len(s.swapped),
-            kv_usage=self.kv_cache_manager.usage(),
-            prefix_cache_hit_rate=self.kv_cache_manager.prefix_cache_hit_rate(),
+            kv_usage=kv.usage(),
+            prefix_cache_hit_rate=kv.prefix_cache_hit_rate(),
+            prefix_cache_queries=kv.prefix_cache_queries,
+            prefix_cache_hits=kv.prefix_cache_hits,
             num_preemptions_recompute=s.num_preemptions["recompute"],
             num_preemptions_swap=s.num_preemptions["swap"],
             kv_utilization_at_peak=self._kv_utilization_at_peak,

@@ -88,7 +88,9 @@ class EngineStats:
     num_waiting: int
     num_swapped: int
     kv_usage: float  # device blocks in use / all device blocks
-    prefix_cache_hit_rate: float  # prompt tokens found in the cache / tokens looked up
+    prefix_cache_hit_rate: float  # prefix_cache_hits / prefix_cache_queries
+    prefix_cache_queries: int  # tokens of admitted requests looked up in the prefix cache
+    prefix_cache_hits: int  # of which found there
     num_preemptions_recompute: int
     num_preemptions_swap: int
     kv_utilization_at_peak: float  # tokens held / slots of the blocks held, when the most blocks were used

@@ -16,8 +16,6 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
-import torch
-
 from clusterft.engine.beam_search import BeamSearchGroup
 from clusterft.engine.kv_cache_manager import KVCacheManager, cdiv
 from clusterft.engine.outputs import (
@@ -63,7 +61,6 @@ class Scheduler:
         self.group_members: dict[str, list[str]] = {}  # root request id -> its sequences' ids
         self.num_to_fork: dict[str, int] = {}  # first sequence of a parallel-sampling group -> group size
         self.beam_groups: dict[str, BeamSearchGroup] = {}
-        self.beam_rows: dict[str, torch.Tensor] = {}
         self._runner_has: set[str] = set()  # requests whose state the model runner holds
         self._pending_token_ids: dict[str, list[int]] = {}  # tokens appended here, not yet sent
         self._finished_req_ids: set[str] = set()
@@ -139,7 +136,7 @@ class Scheduler:
             self.swapped.remove(request)
         self.requests.pop(request.request_id, None)  # a waiting one is skipped when popped
         self.num_to_fork.pop(request.request_id, None)
-        self.beam_rows.pop(request.request_id, None)
+        self._drop_beam_row(request)
         self._pending_token_ids.pop(request.request_id, None)
         if request.request_id in self._runner_has:
             self._runner_has.discard(request.request_id)
@@ -148,6 +145,11 @@ class Scheduler:
         if not any(seq_id in self.requests for seq_id in self.group_members.get(root, ())):
             self.group_members.pop(root, None)
             self.beam_groups.pop(root, None)
+
+    def _drop_beam_row(self, request: Request) -> None:
+        group = self.beam_groups.get(request.parent_id or request.request_id)
+        if group is not None:
+            group.drop_row(request.request_id)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self.requests)
@@ -258,8 +260,6 @@ class Scheduler:
             heapq.heappop(self.waiting)
             if request.lora_name:
                 active_loras.add(request.lora_name)
-            self.kv.prefix_cache_queries += request.num_tokens
-            self.kv.prefix_cache_hits += num_cached
             request.num_computed_tokens = num_cached
             if request.num_cached_tokens < 0:
                 request.num_cached_tokens = num_cached
@@ -319,7 +319,7 @@ class Scheduler:
         self.kv.free(request)  # no room in the CPU pool (or recompute chosen): recompute later
         request.num_computed_tokens = 0
         request.status = RequestStatus.PREEMPTED
-        self.beam_rows.pop(request.request_id, None)
+        self._drop_beam_row(request)
         self._push_waiting(request)
         self.num_preemptions["recompute"] += 1
 
@@ -335,7 +335,7 @@ class Scheduler:
                 continue  # finished or preempted meanwhile
             root = request.parent_id or req_id
             if root in self.beam_groups:
-                self.beam_rows[req_id] = runner_out.beam_logprobs[req_id]
+                self.beam_groups[root].add_row(req_id, runner_out.beam_logprobs[req_id])
                 beam_roots.add(root)
                 continue
             request.append_output_token(runner_out.sampled_token_ids[idx], runner_out.sampled_logprobs[idx])
@@ -369,10 +369,9 @@ class Scheduler:
     def _maybe_step_beams(self, root: str, update: SchedulerUpdate) -> None:
         group = self.beam_groups[root]
         beams = [self.requests[i] for i in self.group_members[root] if i in self.requests]
-        if not all(b.request_id in self.beam_rows for b in beams):
+        step = group.step_when_ready([b.request_id for b in beams], [b.output_token_ids for b in beams])
+        if step is None:
             return  # a beam was preempted or not scheduled yet: wait for its row
-        rows = torch.stack([self.beam_rows.pop(b.request_id) for b in beams])
-        step = group.step(rows, [b.output_token_ids for b in beams])
         if step.done:
             update.finished_beam_groups[root] = group.best(beams[0].sampling_params.n)
             self.finish_requests(root, RequestStatus.FINISHED_STOPPED)

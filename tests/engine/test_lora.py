@@ -69,6 +69,17 @@ def test_lru_bound_on_resident_adapters(llama_dir, adapters):
         assert tokens == peft_greedy(adapters[name][1], prompt, 8)
 
 
+def test_list_loras_follows_add_and_remove(llama_dir, adapters):
+    llm = LLM(llama_dir, num_gpu_blocks=16, lora_modules=[("a", str(adapters["a"][0]))])
+    assert llm.engine.list_loras() == ["a"]
+    llm.engine.add_lora("b", adapters["b"][0])
+    assert llm.engine.list_loras() == ["a", "b"]
+    llm.engine.remove_lora("a")
+    assert llm.engine.list_loras() == ["b"]
+    with pytest.raises(ValueError, match=r"unknown lora_name 'a'"):
+        llm.generate([1, 2, 3], SamplingParams(max_tokens=2), lora_name="a")
+
+
 def test_unknown_adapter_is_a_clear_error(llama_dir):
     llm = LLM(llama_dir, num_gpu_blocks=16)
     with pytest.raises(ValueError, match=r"unknown lora_name 'nope'.*add_lora"):

@@ -62,7 +62,9 @@ def test_prefix_cache_hits_match_hf(model_dirs, arch):
     assert first[0].num_cached_tokens == 0
     assert [o.num_cached_tokens for o in rest] == [32, 32]  # two full blocks of the 40-token prefix
     assert_matches_hf(model_dirs[arch], prompts, first + rest)
-    assert llm.engine.get_stats().prefix_cache_hit_rate > 0
+    stats = llm.engine.get_stats()
+    assert (stats.prefix_cache_queries, stats.prefix_cache_hits) == (43 + 49 + 60, 32 + 32)
+    assert stats.prefix_cache_hit_rate == 64 / 152
 
 
 def test_n_greedy_copies_match_hf(model_dirs):

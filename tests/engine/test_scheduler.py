@@ -126,3 +126,17 @@ def test_abort_frees_blocks_of_waiting_and_running_requests():
     assert not sched.requests and not sched.group_members  # nothing kept for finished requests
     out = sched.schedule()
     assert out.num_scheduled_tokens == {} and out.finished_req_ids == {"a"}  # the runner drops its state
+
+
+def test_prefix_lookup_counts_once_when_admission_waits_for_blocks():
+    sched = make_scheduler(num_blocks=4)
+    a = make_request("a", 12, params=SamplingParams(temperature=0, max_tokens=1))  # 3 blocks
+    b = make_request("b", token_ids=[0, 1, 2, 3, *range(100, 108)])  # a's first block, then 2 more
+    sched.add_request(a)
+    sched.add_request(b)
+    out = run_step(sched)  # b hits a's block 0 but needs 2 new blocks, 1 is free: it waits
+    assert out.num_scheduled_tokens == {"a": 12} and b.status == RequestStatus.WAITING
+    assert (sched.kv.prefix_cache_queries, sched.kv.prefix_cache_hits) == (12, 0)
+    out = run_step(sched)  # a finished (max_tokens=1): b is admitted, its lookup counted once
+    assert out.num_scheduled_tokens == {"b": 8} and b.num_cached_tokens == 4
+    assert (sched.kv.prefix_cache_queries, sched.kv.prefix_cache_hits) == (24, 4)
