@@ -22,6 +22,7 @@ from typing import Any
 
 from clusterft.config.spec import JobSpec
 from clusterft.errors import UserError
+from clusterft.train.plan import RunPlan
 
 ZERO_STAGE = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3, "tensor": 0}
 # DeepSpeed's defaults for the bucket sizes when the model's hidden size is unknown.
@@ -36,34 +37,25 @@ def zero_stage(spec: JobSpec) -> int:
     return ZERO_STAGE[spec.parallel.strategy]
 
 
-def data_parallel_size(spec: JobSpec, world_size: int) -> int:
-    """Workers that hold different data: the world divided by the model-parallel degree."""
-    if spec.parallel.strategy == "pipeline":
-        return world_size // spec.parallel.pipeline_stages
-    if spec.parallel.strategy == "tensor":
-        return world_size // spec.parallel.tensor_parallel_size
-    return world_size
-
-
 def uses_bf16(spec: JobSpec) -> bool:
     """bf16 only when asked and on GPU: on CPU DeepSpeed's bf16 optimizer is slow and we promise fp32."""
     return spec.train.bf16 and spec.cluster.use_gpu
 
 
-def build_deepspeed_config(
-    spec: JobSpec, world_size: int, *, hidden_size: int | None = None
-) -> dict[str, Any]:
-    """The DeepSpeed config for `spec` on `world_size` workers.
+def build_deepspeed_config(spec: JobSpec, plan: RunPlan, *, hidden_size: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config for `spec` run as `plan` says.
 
+    The batch sizes are the plan's, not the spec's: a run resumed on another number of workers
+    keeps its global batch, so its micro-batch per worker differs from per_device_train_batch_size.
     `hidden_size` (the model's) sizes the communication buckets the way the HF integration's "auto"
     does; without it DeepSpeed's defaults are used. A raw `parallel.deepspeed` JSON, if given, is
     used instead, with its "auto" values resolved from the spec.
     """
     if spec.parallel.deepspeed:
-        return resolve_raw_config(spec, world_size, load_raw_config(spec.parallel.deepspeed), hidden_size)
+        return resolve_raw_config(spec, plan, load_raw_config(spec.parallel.deepspeed), hidden_size)
     train, parallel = spec.train, spec.parallel
     config: dict[str, Any] = {
-        **_batch_keys(spec, world_size),
+        **_batch_keys(spec, plan),
         "gradient_clipping": train.max_grad_norm,
         "optimizer": _optimizer(spec),
         "zero_optimization": _zero_section(spec, hidden_size),
@@ -81,11 +73,11 @@ def build_deepspeed_config(
     return config
 
 
-def _batch_keys(spec: JobSpec, world_size: int) -> dict[str, int]:
-    micro, accumulation = spec.train.per_device_train_batch_size, spec.train.gradient_accumulation_steps
+def _batch_keys(spec: JobSpec, plan: RunPlan) -> dict[str, int]:
+    micro, accumulation = plan.micro_batch_size, plan.gradient_accumulation_steps
     # DeepSpeed checks train_batch_size against its own idea of the data-parallel size, which under
     # AutoTP is the whole world (tensor-parallel ranks are fed the same batch).
-    ranks = world_size if spec.parallel.strategy == "tensor" else data_parallel_size(spec, world_size)
+    ranks = plan.world_size if spec.parallel.strategy == "tensor" else plan.data_parallel_size
     return {
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": accumulation,
@@ -157,12 +149,13 @@ def load_raw_config(path: str) -> dict[str, Any]:
 
 
 def resolve_raw_config(
-    spec: JobSpec, world_size: int, raw: dict[str, Any], hidden_size: int | None = None
+    spec: JobSpec, plan: RunPlan, raw: dict[str, Any], hidden_size: int | None = None
 ) -> dict[str, Any]:
     """Replace the "auto" values of a raw DeepSpeed config with the spec's, as the HF Trainer does.
 
-    The learning-rate schedule is the spec's (`lr_scheduler_type`, warmup): a "scheduler" section
-    would silently override it, so it is refused.
+    The batch sizes are always the plan's: the workers are fed the plan's batches whatever the JSON
+    says. The learning-rate schedule is the spec's (`lr_scheduler_type`, warmup): a "scheduler"
+    section would silently override it, so it is refused.
     """
     config = copy.deepcopy(raw)
     if "scheduler" in config:
@@ -170,8 +163,7 @@ def resolve_raw_config(
             "parallel.deepspeed: remove the JSON's 'scheduler' section; the schedule comes from "
             "lr_scheduler_type / warmup_steps / warmup_ratio"
         )
-    for key, value in _batch_keys(spec, world_size).items():
-        _fill(config, key, value)
+    config.update(_batch_keys(spec, plan))
     _fill(config, "gradient_clipping", spec.train.max_grad_norm)
     config.setdefault("steps_per_print", NO_PRINT)
     optimizer = config.setdefault("optimizer", _optimizer(spec))

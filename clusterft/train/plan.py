@@ -14,7 +14,6 @@ from typing import Any
 from clusterft.config.spec import JobSpec
 from clusterft.errors import UserError
 from clusterft.hf.loading import model_fingerprint
-from clusterft.train.deepspeed_config import data_parallel_size
 
 
 @dataclass(frozen=True)
@@ -32,6 +31,15 @@ class RunPlan:
     def position(self, global_step: int, micro: int = 0) -> tuple[int, int]:
         """(epoch, micro-step within epoch) of micro-batch `micro` of optimizer step `global_step`."""
         return divmod(global_step * self.gradient_accumulation_steps + micro, self.micro_steps_per_epoch)
+
+
+def data_parallel_size(spec: JobSpec, world_size: int) -> int:
+    """Workers that hold different data: the world divided by the model-parallel degree."""
+    if spec.parallel.strategy == "pipeline":
+        return world_size // spec.parallel.pipeline_stages
+    if spec.parallel.strategy == "tensor":
+        return world_size // spec.parallel.tensor_parallel_size
+    return world_size
 
 
 def plan_run(

@@ -190,15 +190,7 @@ class Recipe:
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             hidden_size = model.config.hidden_size
         compat = compat_record(spec, self.model_dir, self.train_data, targets)
-        config = build_deepspeed_config(spec, self.world_size, hidden_size=hidden_size)
-        # The run's micro-batch may differ from the spec's after a resume on another worker count.
-        ranks = config["train_batch_size"] // (
-            config["train_micro_batch_size_per_gpu"] * self.plan.gradient_accumulation_steps
-        )
-        config["train_micro_batch_size_per_gpu"] = self.plan.micro_batch_size
-        config["train_batch_size"] = (
-            self.plan.micro_batch_size * self.plan.gradient_accumulation_steps * ranks
-        )
+        config = build_deepspeed_config(spec, self.plan, hidden_size=hidden_size)
         total = self.plan.total_steps
 
         def schedule(optimizer):

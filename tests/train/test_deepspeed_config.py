@@ -9,6 +9,7 @@ import pytest
 from clusterft.config import parse_job_dict
 from clusterft.errors import UserError
 from clusterft.train.deepspeed_config import build_deepspeed_config
+from clusterft.train.plan import plan_run
 
 
 def make_spec(**extra):
@@ -26,6 +27,11 @@ def make_spec(**extra):
     return parse_job_dict(raw, "test")
 
 
+def config_for(spec, world_size, **kwargs):
+    """The config of a fresh run of `spec` on `world_size` workers (data enough for any batch)."""
+    return build_deepspeed_config(spec, plan_run(spec, world_size, num_train_examples=1024), **kwargs)
+
+
 CPU_OPTIMIZER = {
     "type": "AdamW",
     "params": {"lr": 1e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01, "torch_adam": True},
@@ -33,7 +39,7 @@ CPU_OPTIMIZER = {
 
 
 def test_ddp_on_cpu():
-    assert build_deepspeed_config(make_spec(), world_size=2) == {
+    assert config_for(make_spec(), world_size=2) == {
         "train_micro_batch_size_per_gpu": 2,
         "gradient_accumulation_steps": 3,
         "train_batch_size": 12,
@@ -47,7 +53,7 @@ def test_ddp_on_cpu():
 
 @pytest.mark.parametrize("stage", [1, 2])
 def test_zero12_buckets_follow_hidden_size(stage):
-    config = build_deepspeed_config(make_spec(parallel={"strategy": f"zero{stage}"}), 2, hidden_size=64)
+    config = config_for(make_spec(parallel={"strategy": f"zero{stage}"}), 2, hidden_size=64)
     assert config["zero_optimization"] == {
         "stage": stage,
         "overlap_comm": False,
@@ -61,7 +67,7 @@ def test_zero12_buckets_follow_hidden_size(stage):
 
 def test_zero3_offload_params():
     spec = make_spec(parallel={"strategy": "zero3", "offload": "optimizer+params"})
-    zero = build_deepspeed_config(spec, 4, hidden_size=100)["zero_optimization"]
+    zero = config_for(spec, 4, hidden_size=100)["zero_optimization"]
     assert zero["stage"] == 3
     assert zero["stage3_prefetch_bucket_size"] == 9000
     assert zero["stage3_param_persistence_threshold"] == 1000
@@ -70,7 +76,7 @@ def test_zero3_offload_params():
 
 
 def test_zero2_offload_optimizer_only():
-    zero = build_deepspeed_config(make_spec(parallel={"strategy": "zero2", "offload": "optimizer"}), 2)[
+    zero = config_for(make_spec(parallel={"strategy": "zero2", "offload": "optimizer"}), 2)[
         "zero_optimization"
     ]
     assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False}
@@ -79,28 +85,52 @@ def test_zero2_offload_optimizer_only():
 
 
 def test_pipeline_batch_is_per_data_parallel_group():
-    spec = make_spec(cluster={"num_workers": 4}, parallel={"strategy": "pipeline", "pipeline_zero_stage": 1})
-    config = build_deepspeed_config(spec, 4)
+    spec = make_spec(
+        finetuning_type="full",
+        cluster={"num_workers": 4},
+        parallel={"strategy": "pipeline", "pipeline_zero_stage": 1},
+    )
+    config = config_for(spec, 4)
     assert config["train_batch_size"] == 2 * 3 * 2  # 4 workers / 2 stages = 2 data-parallel groups
     assert config["zero_optimization"]["stage"] == 1
     assert config["pipeline"] == {"pipe_partitioned": False, "grad_partitioned": False}
 
 
 def test_tensor_parallel_autotp():
-    config = build_deepspeed_config(make_spec(parallel={"strategy": "tensor", "tensor_parallel_size": 2}), 2)
+    spec = make_spec(finetuning_type="full", parallel={"strategy": "tensor", "tensor_parallel_size": 2})
+    config = config_for(spec, 2)
     assert config["tensor_parallel"] == {"autotp_size": 2}
     assert config["train_batch_size"] == 12  # DeepSpeed counts tensor-parallel ranks in the batch
 
 
+def test_batch_sizes_are_the_plans_after_a_resume_on_fewer_workers():
+    """A 2-worker run (global micro-batch 4) resumed on 1 worker: that worker takes micro-batches
+    of 4, not the spec's 2, and DeepSpeed's batch sizes must say so."""
+    spec = make_spec(cluster={"num_workers": 1}, parallel={"strategy": "zero2"})
+    config = build_deepspeed_config(spec, plan_run(spec, 1, num_train_examples=64, global_micro_batch=4))
+    assert config["train_micro_batch_size_per_gpu"] == 4
+    assert config["gradient_accumulation_steps"] == 3
+    assert config["train_batch_size"] == 4 * 3 * 1
+
+
+def test_raw_json_batch_sizes_are_the_plans(tmp_path):
+    """Workers are fed the plan's batches, so a raw JSON's explicit batch sizes give way to it."""
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2, "train_batch_size": 12}))
+    spec = make_spec(deepspeed=str(path), cluster={"num_workers": 1})
+    config = build_deepspeed_config(spec, plan_run(spec, 1, num_train_examples=64, global_micro_batch=4))
+    assert (config["train_micro_batch_size_per_gpu"], config["train_batch_size"]) == (4, 12)
+
+
 def test_gpu_uses_fused_optimizer_and_bf16():
     spec = make_spec(cluster={"gpus_per_worker": 1}, bf16=True)
-    config = build_deepspeed_config(spec, 2)
+    config = config_for(spec, 2)
     assert "torch_adam" not in config["optimizer"]["params"]
     assert config["bf16"] == {"enabled": True}
 
 
 def test_bf16_on_cpu_stays_fp32():
-    assert "bf16" not in build_deepspeed_config(make_spec(bf16=True), 2)
+    assert "bf16" not in config_for(make_spec(bf16=True), 2)
 
 
 def test_raw_json_auto_values_resolved(tmp_path):
@@ -114,7 +144,7 @@ def test_raw_json_auto_values_resolved(tmp_path):
     }
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(raw))
-    config = build_deepspeed_config(make_spec(deepspeed=str(path)), 2, hidden_size=8)
+    config = config_for(make_spec(deepspeed=str(path)), 2, hidden_size=8)
     assert config["train_batch_size"] == 12
     assert config["gradient_accumulation_steps"] == 3
     assert config["gradient_clipping"] == 0.5
@@ -127,9 +157,9 @@ def test_raw_json_scheduler_refused(tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"scheduler": {"type": "WarmupLR"}}))
     with pytest.raises(UserError, match="scheduler"):
-        build_deepspeed_config(make_spec(deepspeed=str(path)), 2)
+        config_for(make_spec(deepspeed=str(path)), 2)
 
 
 def test_raw_json_missing_file_names_it():
     with pytest.raises(UserError, match=r"nope\.json not found"):
-        build_deepspeed_config(make_spec(deepspeed="nope.json"), 2)
+        config_for(make_spec(deepspeed="nope.json"), 2)

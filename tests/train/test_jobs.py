@@ -9,6 +9,7 @@ import pytest
 
 from clusterft.config import load_job_spec
 from clusterft.train.deepspeed_config import build_deepspeed_config
+from clusterft.train.plan import plan_run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,7 +20,8 @@ def test_example_job_compiles(name, monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # LLaMA-Factory keys accepted but ignored
         spec = load_job_spec(ROOT / "jobs" / f"{name}.yaml")
-    config = build_deepspeed_config(spec, spec.cluster.num_workers, hidden_size=128)
+    plan = plan_run(spec, spec.cluster.num_workers, num_train_examples=1024)
+    config = build_deepspeed_config(spec, plan, hidden_size=128)
     assert config["train_micro_batch_size_per_gpu"] == 4
     assert "auto" not in repr(config)
     if name == "llamafactory-compatible":
