@@ -228,6 +228,18 @@ class ResumeSpec(Section):
         default=None, description="Resume from this checkpoint bundle instead."
     )
 
+    @field_validator("from_checkpoint")
+    @classmethod
+    def _bundle_path(cls, value: str | None) -> str | None:
+        # Whether the bundle exists and verifies is known only where the job runs (the driver
+        # checks it before any worker starts); what the path's form rules out is known here.
+        if value is not None and "://" in value:
+            raise ValueError(
+                f"{value} is a URI, but a bundle to resume from is read as a filesystem path; give "
+                "its directory on a local or shared filesystem (e.g. /mnt/ckpt/run/bundles/step_000000004)"
+            )
+        return value
+
 
 class EvalSpec(Section):
     enabled: bool = Field(default=True, description="Evaluate the trained model before registering it.")
@@ -291,6 +303,12 @@ class JobSpec(Section):
             raise ValueError(
                 f"parallel.tensor_parallel_size={parallel.tensor_parallel_size} must divide "
                 f"cluster.num_workers={workers}"
+            )
+        if parallel.strategy in ("pipeline", "tensor") and self.method.finetuning_type != "full":
+            raise ValueError(
+                f"parallel.strategy {parallel.strategy} trains finetuning_type full only (its layers are "
+                "rebuilt or split, which peft adapters do not survive); set finetuning_type: full, or use "
+                f"ddp/zero* for {self.method.finetuning_type}"
             )
         if self.train.fp16 and not self.cluster.use_gpu:
             raise ValueError("fp16 needs GPUs (cluster.gpus_per_worker > 0); on CPU train in fp32 or bf16")

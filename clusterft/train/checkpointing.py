@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -110,3 +111,23 @@ def load_bundle(store: BundleStore, name: str, rank: int) -> LoadedBundle:
     local_file = f"local/rank-{rank}.pt"
     local = _loads(store.read_bytes(name, local_file)) if local_file in files else None
     return LoadedBundle(name, trainer, state, rng, local)
+
+
+def from_checkpoint_bundle(source: Path) -> tuple[BundleStore, BundleInfo]:
+    """The bundle `resume.from_checkpoint` names (`source`, resolved), verified where the job runs.
+
+    The spec checks the path's form; whether a bundle is there and verifies is known only here.
+    """
+    store = BundleStore(source.parent)
+    if not store.storage.exists(source.name):
+        raise UserError(
+            f"resume.from_checkpoint: {source} does not exist; give the path of a checkpoint bundle "
+            "(a step_NNNNNNNNN directory under a run's bundles/)"
+        )
+    info = store.inspect(source.name)
+    if not info.valid:
+        raise UserError(
+            f"resume.from_checkpoint: {source} is not valid: {info.problem}; give a complete bundle "
+            f"(`clusterft checkpoints list {source.parent}` shows which are valid)"
+        )
+    return store, info

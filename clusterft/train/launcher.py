@@ -103,14 +103,9 @@ def preflight(spec: JobSpec, where: RunLocation) -> None:
     """Fail fast, before any worker starts, on what would fail in every worker (and every restart)."""
     from clusterft.data import build_datasets
     from clusterft.hf.loading import check_model_dir, load_tokenizer
-    from clusterft.train.checkpointing import load_bundle
+    from clusterft.train.checkpointing import from_checkpoint_bundle, load_bundle
 
     model_dir = check_model_dir(resolve(where.base_dir, spec.model.model_name_or_path))
-    if spec.parallel.strategy in ("pipeline", "tensor") and spec.method.finetuning_type != "full":
-        raise UserError(
-            f"parallel.strategy {spec.parallel.strategy} trains finetuning_type full only "
-            "(its layers are rebuilt or split, which peft adapters do not survive); use ddp/zero* for lora"
-        )
     tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
     train = build_datasets(spec.data, tokenizer, seed=spec.train.seed, base_dir=where.base_dir).train
     store = BundleStore(where.bundle_root)
@@ -124,10 +119,7 @@ def preflight(spec: JobSpec, where: RunLocation) -> None:
         store.storage.delete_dir("")
         latest = None
     if latest is None and spec.resume.from_checkpoint:
-        source = resolve(where.base_dir, spec.resume.from_checkpoint)
-        store, latest = BundleStore(source.parent), BundleStore(source.parent).inspect(source.name)
-        if not latest.valid:
-            raise UserError(f"resume.from_checkpoint: {source} is not valid: {latest.problem}")
+        store, latest = from_checkpoint_bundle(resolve(where.base_dir, spec.resume.from_checkpoint))
     if latest is None:
         return
     from clusterft.hf.loading import load_model

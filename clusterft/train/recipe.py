@@ -34,7 +34,13 @@ from clusterft.errors import UserError
 from clusterft.hf.loading import load_model, load_tokenizer
 from clusterft.hf.lora import apply_method, load_trainable_state, lora_target_modules
 from clusterft.storage import BundleStore
-from clusterft.train.checkpointing import LoadedBundle, broadcast_object, load_bundle, save_bundle
+from clusterft.train.checkpointing import (
+    LoadedBundle,
+    broadcast_object,
+    from_checkpoint_bundle,
+    load_bundle,
+    save_bundle,
+)
 from clusterft.train.deepspeed_config import build_deepspeed_config
 from clusterft.train.plan import check_resumable, compat_record, plan_run, warmup_steps
 from clusterft.train.state import (
@@ -148,10 +154,8 @@ class Recipe:
                 location = (str(self.store.storage.uri), info.name)
             elif self.spec.resume.from_checkpoint:
                 source = resolve(self.run.base_dir, self.spec.resume.from_checkpoint)
-                checked = BundleStore(source.parent).inspect(source.name)
-                if not checked.valid:
-                    raise UserError(f"resume.from_checkpoint: {source} is not valid: {checked.problem}")
-                location = (str(source.parent), source.name)
+                store, checked = from_checkpoint_bundle(source)
+                location = (str(store.storage.uri), checked.name)
         location = broadcast_object(location)
         return load_bundle(BundleStore(location[0]), location[1], self.rank) if location else None
 

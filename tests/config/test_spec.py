@@ -172,6 +172,36 @@ def test_promote_merge_needs_a_lora_adapter(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize("strategy", ["pipeline", "tensor"])
+@pytest.mark.parametrize("finetuning_type", ["lora", "freeze"])
+def test_model_parallel_trains_full_models_only(tmp_path: Path, strategy: str, finetuning_type: str) -> None:
+    text = LLAMAFACTORY_YAML.replace("finetuning_type: lora", f"finetuning_type: {finetuning_type}")
+    text += f"parallel:\n  strategy: {strategy}\n"
+    path = write(tmp_path, text)
+    assert errors_of(path) == [
+        f"None:(spec): parallel.strategy {strategy} trains finetuning_type full only (its layers are "
+        "rebuilt or split, which peft adapters do not survive); set finetuning_type: full, or use "
+        f"ddp/zero* for {finetuning_type}"
+    ]
+    full = write(
+        tmp_path, text.replace(f"finetuning_type: {finetuning_type}", "finetuning_type: full"), "f.yaml"
+    )
+    spec = load_job_spec(full)
+    assert (spec.parallel.strategy, spec.method.finetuning_type) == (strategy, "full")
+
+
+def test_from_checkpoint_is_a_filesystem_path(tmp_path: Path) -> None:
+    bundle = "saves/storage/demo/bundles/step_000000004"
+    spec = load_job_spec(write(tmp_path, LLAMAFACTORY_YAML + f"resume:\n  from_checkpoint: {bundle}\n"))
+    assert spec.resume.from_checkpoint == bundle
+    uri = write(tmp_path, LLAMAFACTORY_YAML + f"resume_from_checkpoint: s3://ckpt/{bundle}\n", "u.yaml")
+    assert errors_of(uri) == [
+        f"None:resume.from_checkpoint: s3://ckpt/{bundle} is a URI, but a bundle to resume from is read "
+        "as a filesystem path; give its directory on a local or shared filesystem "
+        "(e.g. /mnt/ckpt/run/bundles/step_000000004)"
+    ]
+
+
 def test_malformed_yaml_and_missing_file(tmp_path: Path) -> None:
     bad = write(tmp_path, "model_name_or_path: [unclosed\n")
     [error] = errors_of(bad)

@@ -77,6 +77,23 @@ def test_bad_requests_are_400_and_unknown_jobs_404(client: TestClient) -> None:
     assert client.post("/v1/jobs", json={"spec_yaml": "- a list"}).status_code == 400
 
 
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (
+            {"parallel": {"strategy": "pipeline"}},
+            "parallel.strategy pipeline trains finetuning_type full only",
+        ),
+        ({"resume": {"from_checkpoint": "s3://ckpt/step_000000004"}}, "resume.from_checkpoint: s3://ckpt/"),
+    ],
+)
+def test_a_job_the_spec_refuses_is_never_stored(client: TestClient, change: dict, expected: str) -> None:
+    """Refused at submit, with the field and the fix, rather than by a driver the controller starts."""
+    response = client.post("/v1/jobs", json={"spec": {**SPEC, **change}})
+    assert response.status_code == 400 and expected in response.json()["error"]["message"]
+    assert client.get("/v1/jobs").json()["data"] == []
+
+
 def test_openapi_schema_documents_every_route(client: TestClient) -> None:
     paths = client.get("/openapi.json").json()["paths"]
     assert {"/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/logs"} <= set(paths)

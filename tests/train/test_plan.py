@@ -72,13 +72,6 @@ def test_fewer_steps_than_planned_is_a_failure():
     assert run_status(RuntimeError("worker died"), 8, 8) == ("failed", "RuntimeError: worker died")
 
 
-@pytest.mark.parametrize("strategy", ["pipeline", "tensor"])
-def test_preflight_refuses_lora_with_model_parallel(tiny_llama, tmp_path, strategy):
-    job = make_job(tiny_llama, tmp_path / "out", parallel={"strategy": strategy})
-    with pytest.raises(UserError, match="finetuning_type full only"):
-        preflight(job, locate(job))
-
-
 def test_preflight_refuses_stale_checkpoints_when_resume_is_off(tiny_llama, tmp_path):
     job = make_job(tiny_llama, tmp_path / "out", resume={"enabled": False})
     store = BundleStore(locate(job).bundle_root)
@@ -88,3 +81,27 @@ def test_preflight_refuses_stale_checkpoints_when_resume_is_off(tiny_llama, tmp_
     overwrite = make_job(tiny_llama, tmp_path / "out", resume={"enabled": False}, overwrite_output_dir=True)
     preflight(overwrite, locate(overwrite))
     assert store.find_latest_valid() is None
+
+
+def test_preflight_refuses_a_from_checkpoint_that_is_missing_or_invalid(tiny_llama, tmp_path):
+    missing = tmp_path / "other" / "bundles" / "step_000000004"
+    job = make_job(tiny_llama, tmp_path / "out", resume={"from_checkpoint": str(missing)})
+    with pytest.raises(UserError, match=rf"resume.from_checkpoint: {missing} does not exist"):
+        preflight(job, locate(job))
+    store = BundleStore(missing.parent)
+    store.publish(store.begin(4), 4, {})
+    (missing / "stray.pt").write_bytes(b"x")  # a file the manifest does not vouch for
+    with pytest.raises(UserError, match=r"is not valid: stray\.pt: not in the manifest; give a complete"):
+        preflight(job, locate(job))
+
+
+def test_preflight_reads_from_checkpoint_only_without_a_bundle_of_its_own(tiny_llama, tmp_path):
+    """The run's own newest bundle wins: after a restart the run continues from its own progress,
+    and the bundle it started from is not looked at again."""
+    job = make_job(
+        tiny_llama, tmp_path / "out", resume={"from_checkpoint": str(tmp_path / "gone" / "step_000000004")}
+    )
+    own = BundleStore(locate(job).bundle_root)
+    own.publish(own.begin(2), 2, {})
+    with pytest.raises(UserError, match="not a clusterft training checkpoint"):
+        preflight(job, locate(job))  # it went on to load its own (empty) bundle, not the missing one
