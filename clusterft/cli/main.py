@@ -57,6 +57,13 @@ def _data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+def _write_demo_data(args: argparse.Namespace) -> int:
+    from clusterft.data.demo_data import write_demo_datasets
+
+    print(f"wrote {write_demo_datasets(args.out_dir)}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from clusterft.cli.train import train_command
 
@@ -111,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub.add_argument("job", help="job spec YAML")
     sub.add_argument("-n", type=int, default=3, help="number of examples")
+    sub = data_action(
+        "write-demo", _write_demo_data, "write the bundled demo datasets and their dataset_info.json"
+    )
+    sub.add_argument("out_dir", nargs="?", default="examples/data", help="where (default examples/data)")
 
     sub = command(
         "train", _train, "run a job spec on Ray Train with DeepSpeed (local cluster unless RAY_ADDRESS)"

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
+from pydantic.fields import PydanticUndefined
 
 from clusterft.config.loader import IGNORED_KEYS, RENAMED_KEYS
 from clusterft.config.spec import FLAT_GROUPS, SECTIONS

@@ -1,4 +1,5 @@
-"""One phase of a job in its own process: `python -m clusterft.controller.run_job {train,eval} --job ID`.
+"""One phase of a job in its own process: `run_phase`, started as
+`python -m clusterft.cli.run_job {train,eval} --job ID --store DB --out DIR`.
 
 The controller starts this (see `runs.py`); it reads the job's spec from the store, runs the phase
 and writes `<phase>.result.json`. A crash, a SIGKILL or a lost node leaves no result file, which the
@@ -13,11 +14,9 @@ controller reads as a failure of the attempt.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 import traceback
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,6 @@ from clusterft.config.spec import JobSpec
 from clusterft.controller.policy import Failure
 from clusterft.controller.runs import RunFiles
 from clusterft.controller.stored_spec import job_spec
-from clusterft.errors import UserError
 
 
 def train(spec: JobSpec) -> dict[str, Any]:
@@ -74,36 +72,23 @@ def evaluate_job(spec: JobSpec, run_dir: Path) -> dict[str, Any]:
     return result
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def run_phase(phase: str, job_id: str, store_path: Path, out: Path) -> int:
+    """Run `phase` ("train" or "eval") of job `job_id` and write its result file in `out`; the
+    process's exit code (0 when the phase succeeded)."""
+    from clusterft.controller.store import JobStore
     from clusterft.runtime import apply_runtime_defaults
 
     apply_runtime_defaults()
-    parser = argparse.ArgumentParser(prog="python -m clusterft.controller.run_job")
-    parser.add_argument("phase", choices=["train", "eval"])
-    parser.add_argument("--job", required=True)
-    parser.add_argument("--store", required=True, help="the job store (jobs.db)")
-    parser.add_argument("--out", required=True, help="this attempt's run directory")
-    args = parser.parse_args(argv)
-    from clusterft.controller.store import JobStore
-
-    with JobStore(args.store) as store:
-        job = store.get(args.job)
-    files = RunFiles(Path(args.out), args.phase)
+    with JobStore(store_path) as store:
+        job = store.get(job_id)
+    files = RunFiles(out, phase)
     try:
         spec = job_spec(job)
-        result = train(spec) if args.phase == "train" else evaluate_job(spec, Path(args.out))
+        result = train(spec) if phase == "train" else evaluate_job(spec, out)
     except Exception as err:  # reported to the controller, which decides (UserError: not retryable)
         traceback.print_exc()
         failure = Failure.from_exception(err)
         result = {"ok": False, "error": failure.reason, "retryable": failure.retryable}
     files.write_result(result)
-    print(f"{args.phase} result: ok={result['ok']}", file=sys.stderr)
+    print(f"{phase} result: ok={result['ok']}", file=sys.stderr)
     return 0 if result["ok"] else 1
-
-
-if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)

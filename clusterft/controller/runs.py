@@ -1,6 +1,6 @@
 """The processes the controller starts for a job: one training driver per attempt, one evaluation.
 
-Each runs `python -m clusterft.controller.run_job PHASE --job ID ...` in its own session, with its
+Each runs `python -m clusterft.cli.run_job PHASE --job ID ...` in its own session, with its
 output, pid and result in files under the controller's root on shared storage:
 
     <root>/runs/<job_id>/attempt-<n>/train.log    train.pid    train.result.json
@@ -84,7 +84,7 @@ def launch(files: RunFiles, job_id: str, store_path: Path, env: dict[str, str]) 
     command = [
         sys.executable,
         "-m",
-        "clusterft.controller.run_job",
+        "clusterft.cli.run_job",
         files.phase,
         "--job",
         job_id,

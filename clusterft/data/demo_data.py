@@ -1,4 +1,4 @@
-"""Generate the bundled demo datasets: `python -m clusterft.data.demo_data examples/data`.
+"""Generate the bundled demo datasets: `clusterft data write-demo examples/data`.
 
 demo_tasks / demo_tasks_eval: reverse or sort a short digit string (alpaca). A randomly initialised
 ~0.9M-parameter Llama learns both from scratch in a few CPU minutes (digits are single tokens), so
@@ -11,7 +11,6 @@ Deterministic: the same seed writes byte-identical files (they are committed).
 
 from __future__ import annotations
 
-import argparse
 import json
 import random
 from pathlib import Path
@@ -118,14 +117,3 @@ def write_demo_datasets(out_dir: str | Path, seed: int = SEED) -> Path:
         (out / file_name).write_text(_dump(file_name, records), encoding="utf-8")
     (out / "dataset_info.json").write_text(json.dumps(DATASET_INFO, indent=2) + "\n", encoding="utf-8")
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("out_dir", nargs="?", default="examples/data", help="where to write the files")
-    args = parser.parse_args(argv)
-    print(f"wrote {write_demo_datasets(args.out_dir)}")
-
-
-if __name__ == "__main__":
-    main()

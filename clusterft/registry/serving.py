@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import socket
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,14 +102,3 @@ def read_records(registry_root: str | Path, model_name: str) -> list[ServingReco
 def live_versions(records: Iterable[ServingRecord], now: float) -> frozenset[str]:
     """The versions some live replica serves."""
     return frozenset(record.version for record in records if record.live(now))
-
-
-def replica_identity() -> tuple[str, str]:
-    """(app, replica id) of the calling Serve replica; outside Serve, ("local", host-pid)."""
-    try:
-        from ray import serve
-
-        context = serve.get_replica_context()
-    except Exception:  # not in a replica (or no Ray at all): a plain process
-        return "local", f"{socket.gethostname()}-{os.getpid()}"
-    return context.app_name, f"{context.app_name}#{context.deployment}#{context.replica_id.unique_id}"

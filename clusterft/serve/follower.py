@@ -32,7 +32,6 @@ from clusterft.engine.async_llm import EngineLoop
 from clusterft.registry.serving import (
     ServingRecord,
     remove_record,
-    replica_identity,
     stale_after_s,
     write_record,
 )
@@ -277,3 +276,14 @@ def reload_result(
         "error": error,
         "load_s": round(load_s, 3),
     }
+
+
+def replica_identity() -> tuple[str, str]:
+    """(app, replica id) of the calling Serve replica; outside Serve, ("local", host-pid)."""
+    try:
+        from ray import serve
+
+        context = serve.get_replica_context()
+    except Exception:  # not in a replica (or no Ray at all): a plain process
+        return "local", f"{socket.gethostname()}-{os.getpid()}"
+    return context.app_name, f"{context.app_name}#{context.deployment}#{context.replica_id.unique_id}"

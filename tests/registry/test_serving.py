@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 from pathlib import Path
 
 from clusterft.registry.serving import (
@@ -13,7 +12,6 @@ from clusterft.registry.serving import (
     read_records,
     record_path,
     remove_record,
-    replica_identity,
     stale_after_s,
     write_record,
 )
@@ -77,7 +75,3 @@ def test_temp_files_and_damaged_records_are_skipped(tmp_path: Path) -> None:
     (directory / "r3.json").write_text("{not json")
     (directory / "r4.json").write_text('{"version": "v0001"}')  # fields missing
     assert read_records(tmp_path, "quick") == [good]
-
-
-def test_outside_a_serve_replica_the_identity_is_the_process() -> None:
-    assert replica_identity() == ("local", f"{socket.gethostname()}-{os.getpid()}")

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
 
 from clusterft.registry.registry import Registry, RegistryError
-from clusterft.serve.follower import ModelFollower
+from clusterft.serve.follower import ModelFollower, replica_identity
 from clusterft.serve.model_source import AliasWatch, ModelVersion, resolve, resolve_version
 from clusterft.serve.spec import RegistrySource, ServeSpec
 
@@ -183,3 +185,7 @@ def test_a_follower_of_a_fixed_model_dir_writes_no_record(tmp_path):
     assert follower.record() is None
     follower.close()
     assert not any(tmp_path.rglob("*.json"))
+
+
+def test_outside_a_serve_replica_the_identity_is_the_process() -> None:
+    assert replica_identity() == ("local", f"{socket.gethostname()}-{os.getpid()}")

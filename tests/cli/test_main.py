@@ -75,3 +75,12 @@ def test_make_tiny_model_command(tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert cli.main(["make-tiny-model", str(tmp_path / "m"), "--arch", "qwen2"]) == 0
     assert "wrote qwen2/tiny model (690,048 parameters)" in capsys.readouterr().out
     assert (tmp_path / "m" / "model.safetensors").is_file()
+
+
+def test_write_demo_data_reproduces_the_committed_files(tmp_path: Path) -> None:
+    assert cli.main(["data", "write-demo", str(tmp_path)]) == 0
+    shipped = Path(__file__).parents[2] / "examples" / "data"
+    written = sorted(p.name for p in tmp_path.iterdir())
+    assert written == sorted(p.name for p in shipped.iterdir())
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (shipped / name).read_bytes(), name
