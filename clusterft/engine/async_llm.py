@@ -218,8 +218,9 @@ class EngineLoop:
         try:
             self.engine.shutdown()
             self.engine = await asyncio.to_thread(self._factory)
+            served = set(self.engine.list_loras())
             for name, path in self.adapters.items():
-                if name not in self.engine.lora_manager.paths:
+                if name not in served:
                     self.engine.add_lora(name, path)
         finally:
             self._ready.set()
@@ -267,9 +268,6 @@ class EngineLoop:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             stats = asdict(self.engine.get_stats())
-            kv = self.engine.kv_cache_manager
-            stats["prefix_cache_queries"] = kv.prefix_cache_queries
-            stats["prefix_cache_hits"] = kv.prefix_cache_hits
         stats["num_engine_failures"] = self.num_engine_failures
         stats["num_streams"] = len(self._streams)
         return stats

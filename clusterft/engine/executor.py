@@ -21,14 +21,16 @@ from clusterft.engine.cache_engine import CacheEngine
 from clusterft.engine.config import EngineConfig
 from clusterft.engine.lora import LoRAManager
 from clusterft.engine.model_runner import ModelRunner
-from clusterft.engine.models import LlamaForCausalLM, ModelArgs, ParallelContext, load_model
+from clusterft.engine.models import LlamaForCausalLM, ModelConfig, ParallelContext, load_model
 from clusterft.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from clusterft.engine.sampler import Sampler
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def kv_cache_blocks(config: EngineConfig, args: ModelArgs, tensor_parallel_size: int = 1) -> tuple[int, int]:
+def kv_cache_blocks(
+    config: EngineConfig, args: ModelConfig, tensor_parallel_size: int = 1
+) -> tuple[int, int]:
     """(device, CPU) KV blocks for the config's budgets, which are per worker: a worker holds 1/tp of
     every block, so tp workers hold tp times the blocks of one."""
     block_bytes = CacheEngine.block_bytes(
@@ -108,7 +110,7 @@ class Executor(ABC):
 class LocalExecutor(Executor):
     """The whole model and KV cache in this process."""
 
-    def __init__(self, model_dir: Path, config: EngineConfig, model_args: ModelArgs) -> None:
+    def __init__(self, model_dir: Path, config: EngineConfig, model_args: ModelConfig) -> None:
         if config.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
         self.num_gpu_blocks, self.num_cpu_blocks = kv_cache_blocks(config, model_args)

@@ -16,7 +16,7 @@ from pathlib import Path
 from clusterft.engine.config import EngineConfig
 from clusterft.engine.executor import Executor, LocalExecutor
 from clusterft.engine.kv_cache_manager import KVCacheManager
-from clusterft.engine.models import LlamaForCausalLM, ModelArgs
+from clusterft.engine.models import LlamaForCausalLM, ModelConfig
 from clusterft.engine.output_processor import OutputProcessor, RequestState
 from clusterft.engine.outputs import EngineStats, RequestOutput
 from clusterft.engine.request import Request, RequestStatus
@@ -46,7 +46,7 @@ class LLMEngine:
         model_dir: str | Path,
         config: EngineConfig | None = None,
         *,
-        executor_factory: Callable[[Path, EngineConfig, ModelArgs], Executor] = LocalExecutor,
+        executor_factory: Callable[[Path, EngineConfig, ModelConfig], Executor] = LocalExecutor,
         **config_overrides,
     ) -> None:
         from transformers import AutoConfig, AutoTokenizer
@@ -55,7 +55,7 @@ class LLMEngine:
         self.model_dir = Path(model_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         hf_config = AutoConfig.from_pretrained(self.model_dir)
-        self.model_args = ModelArgs.from_hf_config(hf_config)
+        self.model_args = ModelConfig.from_hf_config(hf_config)
         self.max_model_len = config.max_model_len or self.model_args.max_position_embeddings
         self.eos_token_ids = _eos_token_ids(self.model_dir, hf_config, self.tokenizer)
         self.executor = executor_factory(self.model_dir, config, self.model_args)

@@ -28,7 +28,7 @@ from clusterft.engine import EngineConfig
 from clusterft.engine.executor import Executor, kv_cache_blocks, load_model_runner
 from clusterft.engine.lora import adapter_dir
 from clusterft.engine.model_runner import ModelRunner
-from clusterft.engine.models import ModelArgs, ParallelContext
+from clusterft.engine.models import ModelConfig, ParallelContext
 from clusterft.engine.outputs import ModelRunnerOutput, SchedulerOutput
 from clusterft.errors import UserError
 
@@ -118,7 +118,7 @@ class WorkerGroup(Executor):
         self,
         model_dir: Path,
         config: EngineConfig,
-        model_args: ModelArgs,
+        model_args: ModelConfig,
         *,
         tensor_parallel_size: int,
         num_cpus: float,

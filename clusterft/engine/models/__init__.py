@@ -1,7 +1,7 @@
 """Paged decoder models (Llama, Mistral, Qwen2) and their HF safetensors loader."""
 
 from clusterft.engine.models.layers import LoRAMapping, ParallelContext
-from clusterft.engine.models.llama import LlamaForCausalLM, ModelArgs
+from clusterft.engine.models.llama import LlamaForCausalLM, ModelConfig
 from clusterft.engine.models.loader import load_model
 
-__all__ = ["LlamaForCausalLM", "LoRAMapping", "ModelArgs", "ParallelContext", "load_model"]
+__all__ = ["LlamaForCausalLM", "LoRAMapping", "ModelConfig", "ParallelContext", "load_model"]

@@ -26,7 +26,9 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
 
 @dataclass(frozen=True)
-class ModelArgs:
+class ModelConfig:
+    """The paged model's architecture, read from an HF config (not the job spec's `model` section)."""
+
     model_type: str
     vocab_size: int
     hidden_size: int
@@ -43,7 +45,7 @@ class ModelArgs:
     max_position_embeddings: int
 
     @classmethod
-    def from_hf_config(cls, config) -> ModelArgs:
+    def from_hf_config(cls, config) -> ModelConfig:
         if config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"model_type {config.model_type!r} is not supported by the engine; "
@@ -72,7 +74,7 @@ class ModelArgs:
 
 
 class Attention(nn.Module):
-    def __init__(self, args: ModelArgs, pc: ParallelContext, dtype: torch.dtype) -> None:
+    def __init__(self, args: ModelConfig, pc: ParallelContext, dtype: torch.dtype) -> None:
         super().__init__()
         if args.num_heads % pc.tp_size or args.num_kv_heads % pc.tp_size:
             raise ValueError(
@@ -109,7 +111,7 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, args: ModelArgs, pc: ParallelContext, dtype: torch.dtype) -> None:
+    def __init__(self, args: ModelConfig, pc: ParallelContext, dtype: torch.dtype) -> None:
         super().__init__()
         if args.intermediate_size % pc.tp_size:
             raise ValueError(f"tensor_parallel_size {pc.tp_size} must divide intermediate_size")
@@ -129,7 +131,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, args: ModelArgs, pc: ParallelContext, dtype: torch.dtype) -> None:
+    def __init__(self, args: ModelConfig, pc: ParallelContext, dtype: torch.dtype) -> None:
         super().__init__()
         self.self_attn = Attention(args, pc, dtype)
         self.mlp = MLP(args, pc, dtype)
@@ -147,7 +149,11 @@ class DecoderLayer(nn.Module):
 
 class LlamaForCausalLM(nn.Module):
     def __init__(
-        self, args: ModelArgs, rotary: RotaryEmbedding, pc: ParallelContext | None = None, dtype=torch.float32
+        self,
+        args: ModelConfig,
+        rotary: RotaryEmbedding,
+        pc: ParallelContext | None = None,
+        dtype=torch.float32,
     ) -> None:
         super().__init__()
         pc = pc or ParallelContext()

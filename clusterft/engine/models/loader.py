@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 
 from clusterft.engine.models.layers import ParallelContext, RotaryEmbedding
-from clusterft.engine.models.llama import LlamaForCausalLM, ModelArgs
+from clusterft.engine.models.llama import LlamaForCausalLM, ModelConfig
 
 _LAYER_RE = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+_proj)\.(weight|bias)")
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -51,7 +51,7 @@ def _safetensors_files(model_dir: Path) -> list[Path]:
     return [single]
 
 
-def _shard(name: str, tensor: torch.Tensor, args: ModelArgs, pc: ParallelContext) -> torch.Tensor:
+def _shard(name: str, tensor: torch.Tensor, args: ModelConfig, pc: ParallelContext) -> torch.Tensor:
     """This rank's slice of one HF tensor."""
     if pc.tp_size == 1:
         return tensor
@@ -74,13 +74,13 @@ def load_model(
     quant_group_size: int | None = None,
     quant_exclude_modules: tuple[str, ...] = ("lm_head",),
 ):
-    """Build the paged model from `model_dir`; returns (model, ModelArgs, HF config)."""
+    """Build the paged model from `model_dir`; returns (model, ModelConfig, HF config)."""
     from transformers import AutoConfig
 
     model_dir = Path(model_dir)
     pc = pc or ParallelContext()
     hf_config = AutoConfig.from_pretrained(model_dir)
-    args = ModelArgs.from_hf_config(hf_config)
+    args = ModelConfig.from_hf_config(hf_config)
     inv_freq, scaling = rope_parameters(hf_config, args.head_dim)
     rotary = RotaryEmbedding(inv_freq, scaling, max(args.max_position_embeddings, max_model_len or 0))
     model = LlamaForCausalLM(args, rotary, pc, dtype)
