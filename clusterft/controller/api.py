@@ -8,12 +8,12 @@
     POST /v1/jobs/{id}/resume       → the job (resuming)
 
 Bound to 127.0.0.1 unless told otherwise. With an API key every request needs
-`Authorization: Bearer KEY` (compared in constant time); errors use OpenAI's error schema.
+`Authorization: Bearer KEY` (compared in constant time); errors use OpenAI's error schema
+(clusterft/http.py, shared with the serving ingress).
 """
 
 from __future__ import annotations
 
-import hmac
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from clusterft.controller.jobs import Jobs, job_record
 from clusterft.controller.state import IllegalTransition
 from clusterft.controller.store import StaleState, UnknownJob
 from clusterft.errors import UserError
+from clusterft.http import APIError, add_error_handlers, check_bearer
 
 
 class SubmitRequest(BaseModel):
@@ -41,16 +42,6 @@ class SubmitRequest(BaseModel):
     )
 
 
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, type: str, code: str | None = None):
-        self.status, self.message, self.type, self.code = status, message, type, code
-
-
-def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> dict[str, Any]:
-    """OpenAI's error schema."""
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
-
-
 def create_app(jobs: Jobs, api_key: str | None = None) -> FastAPI:
     app = FastAPI(
         title="clusterft jobs API",
@@ -58,46 +49,28 @@ def create_app(jobs: Jobs, api_key: str | None = None) -> FastAPI:
         description="Submit, follow, cancel and resume fine-tuning jobs run by the clusterft controller.",
     )
 
-    @app.exception_handler(ApiError)
-    async def _api_error(_request: Request, err: ApiError) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
-        return JSONResponse(
-            error_body(err.message, err.type, err.code), status_code=err.status, headers=headers
-        )
+    add_error_handlers(app)
 
     @app.exception_handler(UserError)
     async def _user_error(_request: Request, err: UserError) -> JSONResponse:
         if isinstance(err, UnknownJob):
-            return JSONResponse(
-                error_body(str(err), "invalid_request_error", "job_not_found"), status_code=404
-            )
+            return APIError(404, str(err), code="job_not_found").response()
         if isinstance(err, IllegalTransition | StaleState):
-            return JSONResponse(error_body(str(err), "invalid_request_error", "conflict"), status_code=409)
-        return JSONResponse(error_body(str(err), "invalid_request_error"), status_code=400)
+            return APIError(409, str(err), code="conflict").response()
+        return APIError(400, str(err)).response()
 
     def authorize(request: Request) -> None:
-        if api_key is None:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-            raise ApiError(
-                401,
-                "Incorrect API key provided; send `Authorization: Bearer <key>`",
-                "invalid_request_error",
-                "invalid_api_key",
-            )
+        check_bearer(request, api_key)
 
     auth = [Depends(authorize)]
 
     @app.post("/v1/jobs", status_code=201, dependencies=auth)
     def submit(body: SubmitRequest) -> dict[str, Any]:
         if (body.spec is None) == (body.spec_yaml is None):
-            raise ApiError(
-                400, "give exactly one of `spec` (object) or `spec_yaml` (text)", "invalid_request_error"
-            )
+            raise APIError(400, "give exactly one of `spec` (object) or `spec_yaml` (text)", "spec")
         raw = body.spec if body.spec is not None else yaml.safe_load(body.spec_yaml or "")
         if not isinstance(raw, dict):
-            raise ApiError(400, "the job spec must be a mapping of keys", "invalid_request_error")
+            raise APIError(400, "the job spec must be a mapping of keys", "spec")
         job = jobs.submit(parse_job_dict(raw, "request"), base_dir=body.base_dir, name=body.name)
         return job_record(job)
 

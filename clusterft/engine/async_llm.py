@@ -46,16 +46,17 @@ class _Stream:
             self.queue.put_nowait(out)
 
 
-def request_error(status: int, message: str, type_: str, param: str | None = None) -> dict[str, Any]:
-    """A request's failure as its stream carries it: an HTTP status and OpenAI's error fields."""
-    return {"error": {"status": status, "message": message, "type": type_, "param": param}}
+def request_error(status: int, message: str, param: str | None = None) -> dict[str, Any]:
+    """A request's failure as its stream carries it: the HTTP status it means, a message naming the
+    problem, and the request field concerned (the HTTP edge turns it into OpenAI's error body)."""
+    return {"error": {"status": status, "message": message, "param": param}}
 
 
 def adapter_conflict(name: str, base_model: str, adapters: Iterable[str]) -> dict[str, Any] | None:
     """The 409 for an adapter name already taken (by the base model or a served adapter), else None:
     the one rule every place that adds an adapter applies."""
     if name == base_model or name in adapters:
-        return request_error(409, f"model `{name}` already exists; remove it first", "ConflictError", "name")
+        return request_error(409, f"model `{name}` already exists; remove it first", "name")
     return None
 
 
@@ -105,7 +106,7 @@ class EngineLoop:
         lora_name = self.base_lora
         if model != self.base_model:
             if model not in self.adapters:
-                yield request_error(404, f"The model `{model}` does not exist.", "NotFoundError", "model")
+                yield request_error(404, f"The model `{model}` does not exist.", "model")
                 return
             lora_name = model
         with self._lock:
@@ -115,7 +116,6 @@ class EngineLoop:
                     503,
                     f"server overloaded: {num_waiting} requests waiting (max_queued_requests="
                     f"{self.max_queued_requests}); retry later",
-                    "ServiceUnavailableError",
                 )
                 return
             try:
@@ -123,7 +123,7 @@ class EngineLoop:
                     request_id, prompt_token_ids, params, priority=priority, lora_name=lora_name
                 )
             except ValueError as exc:
-                yield request_error(400, str(exc), "BadRequestError")
+                yield request_error(400, str(exc))
                 return
         queue = (stream := _Stream()).queue
         self._streams[request_id] = stream
@@ -212,7 +212,7 @@ class EngineLoop:
         )
         message = f"the engine failed while running this request ({exc}); it was aborted, retry it"
         for stream in self._streams.values():
-            stream.queue.put_nowait(request_error(503, message, "ServiceUnavailableError"))
+            stream.queue.put_nowait(request_error(503, message))
         self._streams.clear()
         self._ready.clear()
         try:
@@ -235,14 +235,14 @@ class EngineLoop:
             try:
                 self.engine.add_lora(name, path)
             except (FileNotFoundError, ValueError) as exc:
-                return request_error(400, str(exc), "BadRequestError", "path")
+                return request_error(400, str(exc), "path")
         self.adapters[name] = path
         return None
 
     def remove_adapter(self, name: str) -> dict[str, Any] | None:
         """Stop serving `name` now; it is unloaded once no request in flight uses it."""
         if name not in self.adapters:
-            return request_error(404, f"adapter `{name}` does not exist", "NotFoundError", "name")
+            return request_error(404, f"adapter `{name}` does not exist", "name")
         del self.adapters[name]
         self._retiring.add(name)
         self._retire_adapters()

@@ -75,7 +75,7 @@ class AdminState:
 
     def remove_adapter(self, name: str) -> int:
         if self.adapters.pop(name, None) is None:
-            raise APIError(404, f"adapter `{name}` does not exist", "NotFoundError", "name")
+            raise APIError(404, f"adapter `{name}` does not exist", "name")
         return self._bump()
 
     def reload(self, ref: str | None) -> int:
@@ -247,13 +247,11 @@ async def change_everywhere(record, op: str, *args: Any) -> dict[str, Any]:
             raise APIError(
                 503,
                 "no engine replica is running; the change applies when one starts",
-                "ServiceUnavailableError",
             )
         if waited > APPLY_TIMEOUT_S:
             raise APIError(
                 504,
                 f"engine replicas {progress['pending']} did not apply the change within "
                 f"{APPLY_TIMEOUT_S:.0f}s; it is recorded and they apply it when they can",
-                "TimeoutError",
             )
         await asyncio.sleep(SYNC_INTERVAL_S / 2)

@@ -1,4 +1,4 @@
-"""Errors of the HTTP edge, in OpenAI's schema, and what the ingress makes of a failed engine call.
+"""What the ingress makes of a failed engine call (errors in OpenAI's schema: clusterft/http.py).
 
 An engine replica that dies (a crash, an OOM kill, a node gone) shows up at the ingress as a Ray
 actor error on the deployment handle, at the first chunk or in the middle of a stream. The client
@@ -8,31 +8,9 @@ replica died and to retry: Serve replaces the replica, and a retry lands on a li
 
 from __future__ import annotations
 
-from typing import Any
-
 from ray.exceptions import RayActorError, RayError
 
-RETRY_AFTER_S = 1
-
-
-class APIError(Exception):
-    """An error response: HTTP status, OpenAI error type, and the field it concerns."""
-
-    def __init__(self, status: int, message: str, type_: str, param: str | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.type, self.param = status, message, type_, param
-
-    @classmethod
-    def from_chunk(cls, chunk: dict[str, Any]) -> APIError:
-        """The error of an engine `{"error": {...}}` chunk."""
-        e = chunk["error"]
-        return cls(e["status"], e["message"], e["type"], e.get("param"))
-
-    def chunk(self) -> dict[str, Any]:
-        """This error as an engine chunk, for a stream whose response has started."""
-        return {
-            "error": {"status": self.status, "message": self.message, "type": self.type, "param": self.param}
-        }
+from clusterft.http import APIError
 
 
 def engine_error(exc: RayError) -> APIError:
@@ -44,4 +22,4 @@ def engine_error(exc: RayError) -> APIError:
         )
     else:
         message = f"the engine could not handle this request ({type(exc).__name__}: {exc}); retry it"
-    return APIError(503, message, "ServiceUnavailableError")
+    return APIError(503, message)

@@ -9,22 +9,20 @@ No `from __future__ import annotations` here: FastAPI must see real types in rou
 (strings in methods wrapped by `serve.ingress` are not resolved and `Request` becomes a query field).
 """
 
-import hmac
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from clusterft.engine import SamplingParams
+from clusterft.http import APIError, add_error_handlers, check_bearer
 from clusterft.serve.admin import change_everywhere, record_handle
-from clusterft.serve.errors import RETRY_AFTER_S, APIError, engine_error
+from clusterft.serve.errors import engine_error
 from clusterft.serve.metrics import ServeMetrics
 from clusterft.serve.model_source import resolve
 from clusterft.serve.protocol import (
@@ -38,7 +36,6 @@ from clusterft.serve.protocol import (
     CompletionResponse,
     ModelCard,
     ModelList,
-    error_body,
     new_id,
     now,
 )
@@ -59,36 +56,7 @@ from clusterft.serve.version_routes import ModelVersionHeader, VersionRoutes, no
 app = FastAPI(title="clusterft OpenAI-compatible server")
 app.add_middleware(ModelVersionHeader)
 app.include_router(router)
-
-
-def _error_response(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if status == 503 else None
-    return JSONResponse(error_body(message, type_, param, status), status_code=status, headers=headers)
-
-
-@app.exception_handler(APIError)
-async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-    return _error_response(exc.status, exc.message, exc.type, exc.param)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    param = ".".join(loc) or None
-    return _error_response(400, f"{param or 'request'}: {first.get('msg')}", "BadRequestError", param)
-
-
-@app.exception_handler(Exception)
-async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
-    return _error_response(500, f"internal error: {type(exc).__name__}: {exc}", "InternalServerError")
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error_response(
-        exc.status_code, str(exc.detail), "NotFoundError" if exc.status_code == 404 else "Error"
-    )
+add_error_handlers(app)
 
 
 def _raise_if_error(chunk: dict[str, Any]) -> None:
@@ -116,17 +84,7 @@ class OpenAIIngress(VersionRoutes):
 
     # ---- plumbing --------------------------------------------------------------------------------
     def _authorize(self, request: Request) -> None:
-        if self.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        # Constant-time: the comparison's duration must not tell how much of a guess was right.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), self.api_key.encode()
-        ):
-            raise APIError(
-                401, "missing or invalid API key: send 'Authorization: Bearer <key>'", "AuthenticationError"
-            )
+        check_bearer(request, self.api_key)
 
     async def _model_info(self) -> dict[str, Any]:
         return await self._engine_call("model_info")
@@ -143,7 +101,7 @@ class OpenAIIngress(VersionRoutes):
         max_len = await self._max_len()
         for ids in prompts:
             if not ids:
-                raise APIError(400, "prompt is empty: give at least one token", "BadRequestError", "prompt")
+                raise APIError(400, "prompt is empty: give at least one token", "prompt")
             wanted = len(ids) + (max_tokens or 1)
             if len(ids) >= max_len or wanted > max_len:
                 raise APIError(
@@ -151,7 +109,6 @@ class OpenAIIngress(VersionRoutes):
                     f"This model's maximum context length is {max_len} tokens. However, you requested "
                     f"{wanted} tokens ({len(ids)} in the prompt, {max_tokens or 1} in `{field}`). "
                     f"Shorten the prompt or lower `{field}`.",
-                    "BadRequestError",
                     field,
                 )
 
@@ -177,7 +134,7 @@ class OpenAIIngress(VersionRoutes):
                 logprobs=logprobs,
             )
         except ValueError as exc:
-            raise APIError(400, str(exc), "BadRequestError") from exc
+            raise APIError(400, str(exc)) from exc
 
     async def _start(
         self, prompts: list[list[int]], params: SamplingParams, model: str, priority: int
@@ -231,7 +188,7 @@ class OpenAIIngress(VersionRoutes):
     @app.get("/metrics")
     async def metrics(self) -> Response:
         if not self.spec.enable_metrics:
-            raise APIError(404, "metrics are disabled (enable_metrics: false)", "NotFoundError")
+            raise APIError(404, "metrics are disabled (enable_metrics: false)")
         stats = await self.engine.stats.remote()
         return Response(self.metrics.render(stats), media_type="text/plain; version=0.0.4")
 
@@ -267,7 +224,7 @@ class OpenAIIngress(VersionRoutes):
         progress = await change_everywhere(self.admin, "add_adapter", body.name, body.path)
         if progress["errors"]:  # the path is no adapter (every replica says why): take it back
             await change_everywhere(self.admin, "remove_adapter", body.name)
-            raise APIError(400, progress["errors"][0], "BadRequestError", "path")
+            raise APIError(400, progress["errors"][0], "path")
         return {"id": body.name, "object": "model", "root": body.path, "num_replicas": progress["num_live"]}
 
     @app.delete("/v1/admin/adapters/{name}")
@@ -284,7 +241,6 @@ class OpenAIIngress(VersionRoutes):
             raise APIError(
                 400,
                 "echo with logprobs needs prompt logprobs, which are not computed; drop one",
-                "BadRequestError",
                 "echo",
             )
         raw = body.prompt
@@ -335,9 +291,7 @@ class OpenAIIngress(VersionRoutes):
         try:
             text = render_prompt(messages, self.spec.chat_template, self.tokenizer)
         except Exception as exc:
-            raise APIError(
-                400, f"messages: cannot apply the chat template: {exc}", "BadRequestError", "messages"
-            ) from exc
+            raise APIError(400, f"messages: cannot apply the chat template: {exc}", "messages") from exc
         prompts = [self._encode(text)]
         max_tokens = body.max_completion_tokens or body.max_tokens
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"

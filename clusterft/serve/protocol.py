@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -194,19 +194,3 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
-
-class ErrorInfo(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | int | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorInfo
-
-
-def error_body(message: str, type_: str, param: str | None = None, code: Any = None) -> dict[str, Any]:
-    """OpenAI's error schema: {"error": {"message", "type", "param", "code"}}."""
-    return ErrorResponse(error=ErrorInfo(message=message, type=type_, param=param, code=code)).model_dump()

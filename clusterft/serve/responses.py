@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from clusterft.http import APIError
 from clusterft.serve.protocol import (
     ChatChunkChoice,
     ChatLogprobs,
@@ -21,7 +22,6 @@ from clusterft.serve.protocol import (
     TokenLogprob,
     TopLogprob,
     Usage,
-    error_body,
 )
 
 
@@ -204,8 +204,7 @@ async def sse_events(
     stream with an event in OpenAI's error schema (the status is sent already)."""
     async for prompt_index, chunk in stream:
         if "error" in chunk:
-            e = chunk["error"]
-            yield sse(error_body(e["message"], e["type"], e.get("param"), e["status"]))
+            yield sse(APIError.from_chunk(chunk).body())
             break
         choices = choices_of(prompt_index, chunk)
         if choices:

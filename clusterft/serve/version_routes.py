@@ -93,7 +93,5 @@ class VersionRoutes:
         failed = [r for r in results if r["error"]]
         result = failed[0] if failed else results[0]
         if result["error"]:
-            raise APIError(
-                500, f"could not load {result['error']}; still serving {result['version']}", "ModelLoadError"
-            )
+            raise APIError(500, f"could not load {result['error']}; still serving {result['version']}")
         return {**result, "num_replicas": progress["num_live"]}

@@ -43,7 +43,7 @@ def test_missing_or_wrong_key_is_401_in_openai_error_schema(jobs: Jobs) -> None:
         assert response.status_code == 401
         assert response.headers["www-authenticate"] == "Bearer"
         error = response.json()["error"]
-        assert (error["type"], error["code"]) == ("invalid_request_error", "invalid_api_key")
+        assert (error["type"], error["code"]) == ("AuthenticationError", "invalid_api_key")
         assert KEY not in json.dumps(response.json())
 
 
