@@ -127,8 +127,10 @@ class LLMEngine:
         lora_name: str | None = None,
         arrival_time: float | None = None,
     ) -> str:
-        """Queue a request; returns its id. Raises ValueError for prompts that can never be served."""
+        """Queue a request; returns its id. Raises ValueError for prompts and params the model can
+        never serve, so that no request fails inside a step."""
         params = params or SamplingParams()
+        params.check_model_limits(self.model_args.vocab_size, len(self.eos_token_ids))
         request_id = request_id if request_id is not None else str(next(self._request_counter))
         if request_id in self.output_processor.states:
             raise ValueError(f"request_id {request_id!r} is already in use; pass a unique request_id")
