@@ -21,7 +21,7 @@ from clusterft.engine.output_processor import OutputProcessor, RequestState
 from clusterft.engine.outputs import EngineStats, RequestOutput
 from clusterft.engine.request import Request, RequestStatus
 from clusterft.engine.sampling_params import SamplingParams
-from clusterft.engine.scheduler import Scheduler
+from clusterft.engine.scheduler import Scheduler, SchedulerUpdate
 
 
 def _eos_token_ids(model_dir: Path, hf_config, tokenizer) -> frozenset[int]:
@@ -187,18 +187,24 @@ class LLMEngine:
 
     # ---- step ------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        """Run one step; the outputs of the requests it changed. A request whose sampling fails is
+        aborted (finish_reason "abort", the error in finish_message); the others run on."""
         sched_out = self.scheduler.schedule()
         self._track_utilization()
         runner_out = self.executor.execute_model(sched_out)
         update = self.scheduler.update_from_output(sched_out, runner_out)
         self.num_steps += 1
+        return self._make_outputs(update)
+
+    def _make_outputs(self, update: SchedulerUpdate) -> list[RequestOutput]:
         touched, stopped = self.output_processor.process(update.updated)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
         for root, best in update.finished_beam_groups.items():
             self.output_processor.finish_beams(root, best, self.eos_token_ids)
-            touched.add(root)
-        touched.update(self._pending_outputs)
+        for root, message in update.failed.items():
+            self.output_processor.fail(root, message)
+        touched.update(update.finished_beam_groups, update.failed, self._pending_outputs)
         self._pending_outputs = []
         outputs = []
         for root in sorted(touched):

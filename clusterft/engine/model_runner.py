@@ -112,38 +112,36 @@ class ModelRunner:
         return self._sample(logits, sample_states)
 
     def _sample(self, logits: torch.Tensor, states: list[CachedRequestState]) -> ModelRunnerOutput:
-        beam_logprobs = {}
-        rows, row_states = [], []
+        n = len(states)
+        out = ModelRunnerOutput([s.req_id for s in states], [None] * n, [0.0] * n, [None] * n)
+        sampling = []  # (index in states, state) of the rows the sampler draws; beam rows go whole
         for i, state in enumerate(states):
             if state.sampling_params.use_beam_search:
-                beam_logprobs[state.req_id] = torch.log_softmax(logits[i], dim=-1)
+                out.beam_logprobs[state.req_id] = torch.log_softmax(logits[i], dim=-1)
             else:
-                rows.append(i)
-                row_states.append(state)
-        token_ids, sampled, top = [], [], []
-        if rows:
-            sampling_rows = [
-                SamplingRow(
-                    s.sampling_params,
-                    s.generator,
-                    s.token_ids[: s.num_prompt_tokens],
-                    s.token_ids[s.num_prompt_tokens :],
-                )
-                for s in row_states
-            ]
-            token_ids, sampled, top = self.sampler(
-                logits[rows] if len(rows) < len(states) else logits, sampling_rows
+                sampling.append((i, state))
+        if not sampling:
+            return out
+        rows = [
+            SamplingRow(
+                s.sampling_params,
+                s.generator,
+                s.token_ids[: s.num_prompt_tokens],
+                s.token_ids[s.num_prompt_tokens :],
             )
-        for state, token_id in zip(row_states, token_ids, strict=True):
-            state.token_ids.append(token_id)
-        by_id = {s.req_id: k for k, s in enumerate(row_states)}
-        return ModelRunnerOutput(
-            req_ids=[s.req_id for s in states],
-            sampled_token_ids=[token_ids[by_id[s.req_id]] if s.req_id in by_id else None for s in states],
-            sampled_logprobs=[sampled[by_id[s.req_id]] if s.req_id in by_id else 0.0 for s in states],
-            top_logprobs=[top[by_id[s.req_id]] if s.req_id in by_id else None for s in states],
-            beam_logprobs=beam_logprobs,
-        )
+            for _, s in sampling
+        ]
+        indices = [i for i, _ in sampling]
+        sampled = self.sampler(logits[indices] if len(indices) < n else logits, rows)
+        for row, (i, state) in enumerate(sampling):
+            if row in sampled.errors:
+                out.errors[state.req_id] = sampled.errors[row]
+                continue
+            state.token_ids.append(sampled.token_ids[row])
+            out.sampled_token_ids[i] = sampled.token_ids[row]
+            out.sampled_logprobs[i] = sampled.logprobs[row]
+            out.top_logprobs[i] = sampled.top_logprobs[row]
+        return out
 
     def _prepare_inputs(
         self, ordered: list[CachedRequestState], num_scheduled: dict[str, int], num_decodes: int

@@ -110,6 +110,14 @@ class OutputProcessor:
             for i, (tokens, score) in enumerate(best)
         ]
 
+    def fail(self, root: str, message: str) -> None:
+        """The request was aborted by an error: every sequence ends with "abort"; `message` says why."""
+        state = self.states[root]
+        state.finish_message = message
+        for index in range(state.params.num_sequences):
+            state.sequences.setdefault(index, SequenceState(IncrementalDetokenizer(self.tokenizer)))
+        self.abort(root)
+
     def abort(self, root: str) -> None:
         state = self.states.get(root)
         if state is not None:

@@ -50,10 +50,11 @@ class SchedulerOutput:
 @dataclass
 class ModelRunnerOutput:
     req_ids: list[str]  # requests that reached the end of their tokens this step (logits computed)
-    sampled_token_ids: list[int | None]  # None for beam search rows (the scheduler picks beams)
+    sampled_token_ids: list[int | None]  # None for beam search rows (the scheduler picks beams), errors
     sampled_logprobs: list[float]  # log-softmax of the raw logits at the sampled token
     top_logprobs: list[dict[int, float] | None]  # for requests asking for logprobs
     beam_logprobs: dict[str, torch.Tensor] = field(default_factory=dict)  # req_id -> (V,) log-softmax
+    errors: dict[str, str] = field(default_factory=dict)  # req_id -> why sampling it failed
 
 
 @dataclass

@@ -3,16 +3,20 @@
 Order (as vLLM): penalties on the raw logits; greedy rows take the argmax; random rows divide by
 temperature, mask by top-k, top-p, min-p, then draw with the exponential race argmax(p / q),
 q ~ Exp(1). A seeded request draws q from its own generator, so its tokens depend only on its seed.
-Logprobs are of the raw logits (the model's distribution), as vLLM returns them.
+Logprobs are of the raw logits (the model's distribution), as vLLM returns them. A row that fails
+(params the engine's checks missed) is reported as an error; the other rows are still sampled.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 
 import torch
 
 from clusterft.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -23,12 +27,45 @@ class SamplingRow:
     output_token_ids: list[int]
 
 
+@dataclass
+class SamplerOutput:
+    token_ids: list[int | None]  # None where the row failed
+    logprobs: list[float | None]  # log-softmax of the raw logits at the sampled token
+    top_logprobs: list[dict[int, float] | None]  # for rows asking for logprobs
+    errors: dict[int, str] = field(default_factory=dict)  # row -> why sampling it failed
+
+
 class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)  # for rows without their own seed
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]):
-        """logits: (B, V) float32. Returns (token_ids, sampled logprobs, top logprobs per row or None)."""
+    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """logits: (B, V) float32. A row whose params make sampling fail gets an error, not a token;
+        the others are sampled one by one then, from the random state the batch started with, so that
+        greedy and seeded rows get the tokens they get in any batch."""
+        generators = [self.generator, *(r.generator for r in rows if r.generator is not None)]
+        states = [g.get_state() for g in generators]
+        try:
+            return self._sample(logits, rows)
+        except Exception:
+            logger.warning(
+                "sampling a batch of %d rows failed; sampling them one by one", len(rows), exc_info=True
+            )
+        for generator, state in zip(generators, states, strict=True):
+            generator.set_state(state)
+        out = SamplerOutput([], [], [])
+        for i, row in enumerate(rows):
+            try:
+                one = self._sample(logits[i : i + 1], [row])
+            except Exception as exc:
+                one = SamplerOutput([None], [None], [None])
+                out.errors[i] = f"{type(exc).__name__}: {exc}"
+            out.token_ids += one.token_ids
+            out.logprobs += one.logprobs
+            out.top_logprobs += one.top_logprobs
+        return out
+
+    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         logprobs = torch.log_softmax(logits, dim=-1)
         if any(r.params.uses_penalties for r in rows):
             logits = apply_penalties(logits, rows)
@@ -48,7 +85,7 @@ class Sampler:
                 values, ids = logprobs[i].topk(k)
                 entry.update(zip(ids.tolist(), values.tolist(), strict=True))
             top.append(entry)
-        return token_ids.tolist(), sampled, top
+        return SamplerOutput(token_ids.tolist(), sampled, top)
 
     def _sample_random(
         self, logits: torch.Tensor, rows: list[SamplingRow], greedy: torch.Tensor

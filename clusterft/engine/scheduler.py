@@ -33,6 +33,7 @@ class SchedulerUpdate:
 
     updated: list[Request] = field(default_factory=list)  # got a token or finished
     finished_beam_groups: dict[str, list[tuple[list[int], float]]] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # root id -> why it was aborted
 
 
 class Scheduler:
@@ -328,6 +329,11 @@ class Scheduler:
         self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput
     ) -> SchedulerUpdate:
         update = SchedulerUpdate()
+        for req_id, error in runner_out.errors.items():
+            if (request := self.requests.get(req_id)) is not None:  # else a sibling's failure aborted it
+                root = request.parent_id or req_id
+                update.failed[root] = f"sampling failed for this request ({error}); it was aborted"
+                self.finish_requests(root, RequestStatus.FINISHED_ABORTED)  # its siblings share its params
         beam_roots = set()
         for idx, req_id in enumerate(runner_out.req_ids):
             request = self.requests.get(req_id)

@@ -54,8 +54,9 @@ def test_penalties_follow_hf_and_openai_semantics():
 def test_sampler_greedy_rows_and_logprobs():
     logits = torch.tensor([[0.0, 3.0, 1.0], [2.0, 0.0, 1.0]])
     rows = [SamplingRow(SamplingParams(temperature=0, logprobs=2), None, [], []) for _ in range(2)]
-    token_ids, sampled, top = Sampler()(logits, rows)
-    assert token_ids == [1, 0]
+    out = Sampler()(logits, rows)
+    token_ids, sampled, top = out.token_ids, out.logprobs, out.top_logprobs
+    assert token_ids == [1, 0] and not out.errors
     expected = torch.log_softmax(logits, -1)
     assert sampled == pytest.approx([expected[0, 1].item(), expected[1, 0].item()])
     assert list(top[0]) == [1, 2] and top[0][2] == pytest.approx(expected[0, 2].item())
@@ -68,7 +69,7 @@ def test_seeded_rows_are_reproducible_and_independent_of_batch():
     def draw(batch_rows):
         rows = [SamplingRow(p, torch.Generator().manual_seed(p.seed) if p.seed is not None else None, [], [])
                 for p in batch_rows]  # fmt: skip
-        return Sampler(seed=0)(logits[: len(rows)], rows)[0][0]
+        return Sampler(seed=0)(logits[: len(rows)], rows).token_ids[0]
 
     first = draw([params])
     assert draw([params, SamplingParams(temperature=1.0), SamplingParams(temperature=0.5)]) == first
@@ -78,11 +79,11 @@ def test_seeded_rows_are_reproducible_and_independent_of_batch():
 def test_top_k_one_sampling_is_greedy_and_distribution_roughly_follows_probs():
     logits = torch.log(torch.tensor([[0.7, 0.2, 0.1]])).repeat(4000, 1)
     rows = [SamplingRow(SamplingParams(temperature=1.0), None, [], [])] * 4000
-    token_ids, _, _ = Sampler(seed=0)(logits, rows)
+    token_ids = Sampler(seed=0)(logits, rows).token_ids
     freq = torch.bincount(torch.tensor(token_ids), minlength=3).float() / 4000
     assert torch.allclose(freq, torch.tensor([0.7, 0.2, 0.1]), atol=0.03)
     rows = [SamplingRow(SamplingParams(temperature=1.0, top_k=1), None, [], [])] * 4000
-    assert set(Sampler(seed=0)(logits, rows)[0]) == {0}
+    assert set(Sampler(seed=0)(logits, rows).token_ids) == {0}
 
 
 def test_engine_seeded_sampling_reproducible_across_runs_and_batches(llama_dir):
@@ -114,3 +115,26 @@ def test_best_of_returns_n_best_by_cumulative_logprob(llama_dir):
         prompt, SamplingParams(temperature=1.0, n=2, best_of=4, seed=1, max_tokens=8)
     )[0]
     assert len(out.outputs) == 2 and out.outputs[0].cumulative_logprob >= out.outputs[1].cumulative_logprob
+
+
+def test_row_whose_sampling_fails_gets_an_error_and_the_others_their_tokens_alone():
+    logits = torch.randn(3, 20, generator=torch.Generator().manual_seed(0))
+    bad = SamplingParams(temperature=1.0)
+    object.__setattr__(bad, "logprobs", 21)  # more than the vocab: fails after the batch's random draw
+    params = [
+        bad,
+        SamplingParams(temperature=0, logprobs=2),
+        SamplingParams(temperature=1.0, seed=7, logprobs=1),
+    ]
+
+    def rows(batch):
+        return [SamplingRow(p, torch.Generator().manual_seed(p.seed) if p.seed is not None else None, [], [])
+                for p in batch]  # fmt: skip
+
+    out = Sampler(seed=0)(logits, rows(params))
+    assert list(out.errors) == [0] and out.errors[0].startswith("RuntimeError: ")
+    assert (out.token_ids[0], out.logprobs[0], out.top_logprobs[0]) == (None, None, None)
+    for i in (1, 2):
+        alone = Sampler(seed=0)(logits[i : i + 1], rows(params[i : i + 1]))
+        assert out.token_ids[i] == alone.token_ids[0] and out.logprobs[i] == alone.logprobs[0]
+        assert out.top_logprobs[i] == alone.top_logprobs[0]
