@@ -84,15 +84,35 @@ def data_fingerprint(train: list[Any]) -> str:
     return digest.hexdigest()[:16]
 
 
+# Train settings an exact resume takes from the checkpoint (optimizer state, LR schedule, batch
+# geometry): a changed value would be silently ignored, so resuming refuses it instead.
+RESUMED_SETTINGS = (
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_ratio",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+)
+
+
+def resumed_settings(spec: JobSpec) -> dict[str, Any]:
+    return {key: getattr(spec.train, key) for key in RESUMED_SETTINGS}
+
+
 def compat_record(
     spec: JobSpec, model_dir: Path, train: list[Any], lora_targets: list[str]
 ) -> dict[str, Any]:
-    """What a checkpoint must agree on to be resumed: the model, the method's shapes, the data."""
+    """What a checkpoint must agree on to be resumed: the model, the method's shapes, the data, and
+    the optimisation settings an exact resume restores from it."""
     method = spec.method
     record: dict[str, Any] = {
         "model": model_fingerprint(model_dir),
         "finetuning_type": method.finetuning_type,
         "data": data_fingerprint(train),
+        "train": resumed_settings(spec),
     }
     if method.finetuning_type == "lora":
         record.update(lora_rank=method.lora_rank, lora_target=sorted(lora_targets))
@@ -111,11 +131,21 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any], weights_only
         for key in keys
         if saved.get(key) != current.get(key)
     ]
+    if not weights_only:  # checkpoints written before the record had "train" resume as before
+        saved_train, current_train = saved.get("train", {}), current.get("train", {})
+        problems += [
+            f"{key}: checkpoint has {saved_train[key]!r}, this run {current_train.get(key)!r} "
+            "(an exact resume restores the checkpoint's optimizer and schedule, so the new value "
+            "would be ignored)"
+            for key in RESUMED_SETTINGS
+            if key in saved_train and saved_train[key] != current_train.get(key)
+        ]
     if problems:
         hint = (
             "start a new run (another output_dir or checkpoint.name)"
             if weights_only
-            else "set resume: {weights_only: true} to keep only the weights, or start a new run"
+            else "set the value back, set resume: {weights_only: true} to keep only the weights and "
+            "start a new schedule, or start a new run"
         )
         raise UserError(
             f"checkpoint {bundle} does not fit this job:\n  " + "\n  ".join(problems) + f"\n{hint}"

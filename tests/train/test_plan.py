@@ -66,6 +66,23 @@ def test_weights_only_allows_new_data_and_model_but_not_new_shapes():
         check_resumable(SAVED, {**SAVED, "lora_rank": 8}, weights_only=True, bundle="b")
 
 
+def test_resuming_refuses_edited_optimisation_settings_but_weights_only_applies_them(tmp_path):
+    from clusterft.train.plan import resumed_settings
+
+    old = spec(tmp_path)
+    new = spec(tmp_path, learning_rate=old.train.learning_rate * 2, gradient_accumulation_steps=3)
+    saved = {**SAVED, "train": resumed_settings(old)}
+    current = {**SAVED, "train": resumed_settings(new)}
+    with pytest.raises(UserError) as refused:
+        check_resumable(saved, current, weights_only=False, bundle="step_000000004")
+    message = str(refused.value)
+    assert "learning_rate: checkpoint has" in message and "gradient_accumulation_steps" in message
+    assert "weight_decay" not in message and "weights_only: true" in message
+    check_resumable(saved, current, weights_only=True, bundle="b")  # a new schedule from the weights
+    check_resumable(saved, saved, weights_only=False, bundle="b")
+    check_resumable(SAVED, current, weights_only=False, bundle="b")  # an older checkpoint: no record
+
+
 def test_fewer_steps_than_planned_is_a_failure():
     assert run_status(None, planned=8, completed=8) == ("succeeded", None)
     assert run_status(None, planned=8, completed=6) == ("failed", "completed 6 of 8 planned steps")
