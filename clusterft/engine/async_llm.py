@@ -53,8 +53,20 @@ def request_error(status: int, message: str, param: str | None = None) -> dict[s
 
 
 def adapter_conflict(name: str, base_model: str, adapters: Iterable[str]) -> dict[str, Any] | None:
-    """The 409 for an adapter name already taken (by the base model or a served adapter), else None:
-    the one rule every place that adds an adapter applies."""
+    """Why adapter `name` can't be added, else None: the one name rule every place that adds an
+    adapter applies (the engine loop, the admin record, the serve spec). 400 for an empty name or one
+    with '@', which is reserved: `<model>@<version>` is the internal adapter of a registered adapter
+    version, the one base-model requests use, and taking its name would hijack them; 409 for a name
+    the base model or a served adapter already has."""
+    if not name.strip():
+        return request_error(400, "the adapter name is empty: give a model id such as 'sql-lora'", "name")
+    if "@" in name:
+        return request_error(
+            400,
+            f"adapter name `{name}`: '@' is reserved (`<model>@<version>` names registered adapter "
+            "versions); choose a name without '@'",
+            "name",
+        )
     if name == base_model or name in adapters:
         return request_error(409, f"model `{name}` already exists; remove it first", "name")
     return None

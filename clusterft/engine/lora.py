@@ -4,6 +4,10 @@ A resident adapter's A/B matrices hang on the packed linear layers under its slo
 each token of a batch to its request's slot, so base-model requests and requests for different
 adapters share one forward pass (multi-LoRA). Output: base(x) + B(A(x)) * scale, as peft computes it.
 On a tensor-parallel shard each adapter is sliced like the weights it adapts (see `_shard`).
+
+An adapter is read and checked against the base model when it is registered (`read_adapter`: rank,
+target modules, every weight's key, shape and values), so a broken one is refused with the reason
+instead of crashing the first step that uses it.
 """
 
 from __future__ import annotations
@@ -12,9 +16,11 @@ import json
 import math
 import re
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from clusterft.engine.models.layers import ParallelContext
@@ -26,15 +32,145 @@ _PACKED_INTO = {
     "q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj", "o_proj": "o_proj",
     "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj", "down_proj": "down_proj",
 }  # fmt: skip
+_BLOCK_OF = {
+    proj: "mlp" if proj in ("gate_proj", "up_proj", "down_proj") else "self_attn" for proj in _PACKED_INTO
+}
 _ROW_PARALLEL = ("o_proj", "down_proj")  # their input dim is split; the all-reduce sums the parts
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def adapter_dir(name: str, path: str | Path) -> Path:
     """`path` as a Path once it is a peft adapter dir; FileNotFoundError saying so otherwise."""
     path = Path(path)
-    if not (path / "adapter_config.json").exists():
-        raise FileNotFoundError(f"LoRA {name!r}: {path} has no adapter_config.json (save it with peft)")
+    if not (path / ADAPTER_CONFIG).exists():
+        raise FileNotFoundError(f"LoRA {name!r}: {path} has no {ADAPTER_CONFIG} (save it with peft)")
     return path
+
+
+@dataclass
+class AdapterWeights:
+    """A peft adapter read and checked against a base model: per adapted projection, its A (r, in) and
+    B (out, r) at the base model's full (unsharded) sizes, and peft's scale alpha/r (or /sqrt(r))."""
+
+    scale: float
+    pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, proj) -> (A, B)
+
+
+def read_adapter(name: str, path: str | Path, model, pc: ParallelContext | None = None) -> AdapterWeights:
+    """Read the peft adapter dir `path` and check it fits `model` (a paged model, possibly a tensor-
+    parallel shard described by `pc`): a plain LoRA of positive rank on decoder projections, every
+    weight present, finite, and of the shape the base model's projection needs. A ValueError (a
+    FileNotFoundError for missing files) names the problem and the fix."""
+    path = adapter_dir(name, path)
+    where = f"LoRA {name!r} ({path})"
+    try:
+        config = json.loads((path / ADAPTER_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(
+            f"{where}: {ADAPTER_CONFIG} is unreadable ({exc}); save the adapter again with peft"
+        ) from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: {ADAPTER_CONFIG} is not a JSON object; save the adapter again with peft")
+    base = config.get("base_model_name_or_path") or "unknown"
+    if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
+        raise ValueError(f"{where}: only plain LoRA adapters are supported (peft_type LORA, use_dora false)")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise ValueError(f"{where}: rank_pattern / alpha_pattern adapters are not supported")
+    r, alpha = config.get("r"), config.get("lora_alpha")
+    if type(r) is not int or r < 1:
+        raise ValueError(f"{where}: {ADAPTER_CONFIG} has r={r!r}; the LoRA rank must be an integer >= 1")
+    if type(alpha) not in (int, float):
+        raise ValueError(f"{where}: {ADAPTER_CONFIG} has lora_alpha={alpha!r}; it must be a number")
+    targets = config.get("target_modules")
+    if isinstance(targets, list) and (unknown := sorted(set(targets) - set(_PACKED_INTO))):
+        raise ValueError(
+            f"{where}: target_modules {unknown} are not served; the engine applies LoRA to "
+            f"{list(_PACKED_INTO)} only: train the adapter with target_modules among those"
+        )
+    if config.get("modules_to_save"):
+        raise ValueError(
+            f"{where}: modules_to_save {config['modules_to_save']} (fully trained modules) are not "
+            "served; merge the adapter into the model and serve the merged model instead"
+        )
+    weights = _load_weights(where, path)
+
+    halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+    for key, tensor in weights.items():
+        m = _KEY_RE.fullmatch(key)
+        if m is None or _BLOCK_OF.get(m[3]) != m[2]:
+            raise ValueError(
+                f"{where}: unsupported adapter weight {key!r}; the engine serves LoRA on the decoder "
+                f"projections {list(_PACKED_INTO)} only"
+            )
+        layer = int(m[1])
+        if layer >= len(model.layers):
+            raise ValueError(
+                f"{where}: {key!r} adapts layer {layer}, but the base model has {len(model.layers)} "
+                f"layers: the adapter was trained for another base model ({base}); serve it with that one"
+            )
+        if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
+            raise ValueError(
+                f"{where}: {key!r} holds non-finite or non-float values (a diverged or broken run); "
+                "use an adapter from an earlier checkpoint"
+            )
+        halves.setdefault((layer, m[3]), {})[m[4]] = tensor
+    if not halves:
+        raise ValueError(f"{where}: {ADAPTER_WEIGHTS} holds no LoRA weights; save the adapter again")
+
+    pairs = {}
+    for (layer, proj), ab in sorted(halves.items()):
+        prefix = f"base_model.model.model.layers.{layer}.{_BLOCK_OF[proj]}.{proj}"
+        if set(ab) != {"A", "B"}:
+            missing = "B" if "A" in ab else "A"
+            raise ValueError(f"{where}: {prefix}.lora_{missing}.weight is missing; save the adapter again")
+        in_features, out_features = _full_sizes(model, layer, proj, pc or ParallelContext())
+        for half, expected in (("A", (r, in_features)), ("B", (out_features, r))):
+            shape = tuple(ab[half].shape)
+            if shape == expected:
+                continue
+            rank = shape[0 if half == "A" else 1] if len(shape) == 2 else None
+            if rank != r:
+                raise ValueError(
+                    f"{where}: {prefix}.lora_{half}.weight has shape {list(shape)} (rank {rank}), but "
+                    f"{ADAPTER_CONFIG} says r={r}; the files are from different adapters, save it again"
+                )
+            raise ValueError(
+                f"{where}: {prefix}.lora_{half}.weight has shape {list(shape)}, but the base model's "
+                f"{proj} needs {list(expected)}: the adapter was trained for another base model "
+                f"({base}); serve it with that one"
+            )
+        pairs[(layer, proj)] = (ab["A"], ab["B"])
+    scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
+    return AdapterWeights(scale, pairs)
+
+
+def _load_weights(where: str, path: Path) -> dict[str, torch.Tensor]:
+    file = path / ADAPTER_WEIGHTS
+    if not file.is_file():
+        hint = (
+            "only safetensors is read: save it with save_pretrained(..., safe_serialization=True)"
+            if (path / "adapter_model.bin").exists()
+            else "save the adapter with peft's save_pretrained"
+        )
+        raise FileNotFoundError(f"{where}: no {ADAPTER_WEIGHTS}; {hint}")
+    try:
+        return load_file(str(file))
+    except (OSError, SafetensorError) as exc:
+        raise ValueError(
+            f"{where}: {ADAPTER_WEIGHTS} is unreadable ({exc}): a truncated copy or not safetensors; "
+            "copy or save the adapter again"
+        ) from exc
+
+
+def _full_sizes(model, layer: int, proj: str, pc: ParallelContext) -> tuple[int, int]:
+    """(in, out) of projection `proj` in the unsharded base model: a shard holds 1/tp_size of the
+    input dim of row-parallel projections and of the output dim of the others."""
+    packed = getattr(getattr(model.layers[layer], _BLOCK_OF[proj]), _PACKED_INTO[proj])
+    start, end = packed.offsets[proj]
+    if proj in _ROW_PARALLEL:
+        return packed.in_features * pc.tp_size, end - start
+    return packed.in_features, (end - start) * pc.tp_size
 
 
 class LoRAManager:
@@ -57,8 +193,10 @@ class LoRAManager:
         self.num_loads = 0
 
     def add_lora(self, name: str, path: str | Path) -> None:
-        """Register a peft adapter dir under `name` (loaded on first use)."""
-        self.paths[name] = adapter_dir(name, path)
+        """Register a peft adapter dir under `name` once it is read and checked against the model
+        (`read_adapter`: ValueError / FileNotFoundError naming the problem); loaded on first use."""
+        read_adapter(name, path, self.model, self.pc)
+        self.paths[name] = Path(path)
 
     def remove_lora(self, name: str) -> None:
         """Forget adapter `name` and free its slot if it is resident."""
@@ -80,7 +218,7 @@ class LoRAManager:
         else:
             _, slot = self.resident.popitem(last=False)
             self._unload(slot)
-        self._load(self.paths[name], slot)
+        self._load(name, slot)
         self.resident[name] = slot
         self.num_loads += 1
         return slot
@@ -92,30 +230,14 @@ class LoRAManager:
         for module in self._modules():
             module.loras.pop(slot, None)
 
-    def _load(self, path: Path, slot: int) -> None:
-        config = json.loads((path / "adapter_config.json").read_text())
-        if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora"):
-            raise ValueError(
-                f"{path}: only plain LoRA adapters are supported (peft_type LORA, use_dora false)"
-            )
-        if config.get("rank_pattern") or config.get("alpha_pattern"):
-            raise ValueError(f"{path}: rank_pattern / alpha_pattern adapters are not supported")
-        r, alpha = config["r"], config["lora_alpha"]
-        scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-        weights = load_file(str(path / "adapter_model.safetensors"))
-        pairs: dict[tuple[int, str, str], dict[str, torch.Tensor]] = {}
-        for key, tensor in weights.items():
-            m = _KEY_RE.fullmatch(key)
-            if m is None:
-                raise ValueError(
-                    f"{path}: unsupported adapter weight {key!r} (LoRA on decoder projections only)"
-                )
-            pairs.setdefault((int(m[1]), m[2], m[3]), {})[m[4]] = tensor.to(self.device, self.dtype)
-        for (layer, block, proj), ab in pairs.items():
-            packed = getattr(getattr(self.model.layers[layer], block), _PACKED_INTO[proj])
+    def _load(self, name: str, slot: int) -> None:
+        adapter = read_adapter(name, self.paths[name], self.model, self.pc)
+        for (layer, proj), (a, b) in adapter.pairs.items():
+            packed = getattr(getattr(self.model.layers[layer], _BLOCK_OF[proj]), _PACKED_INTO[proj])
             start, end = packed.offsets[proj]
-            a, b = self._shard(proj, ab["A"], ab["B"])
-            packed.loras.setdefault(slot, []).append((a, b, scale, start, end))
+            a, b = self._shard(proj, a, b)
+            lora = (a.to(self.device, self.dtype), b.to(self.device, self.dtype), adapter.scale, start, end)
+            packed.loras.setdefault(slot, []).append(lora)
 
     def _shard(self, proj: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's part of A (r, in) and B (out, r): the B rows of its output slice for

@@ -1,9 +1,16 @@
 """Multi-LoRA: peft adapters served by name, mixed with the base model in one batch, LRU-bounded."""
 
+import json
+import re
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
-from clusterft.engine import LLM, SamplingParams
+from clusterft.engine import LLM, LLMEngine, SamplingParams
+from clusterft.engine.async_llm import EngineLoop
 from tests.engine.helpers import hf_greedy, random_prompts
 
 
@@ -84,3 +91,162 @@ def test_unknown_adapter_is_a_clear_error(llama_dir):
     llm = LLM(llama_dir, num_gpu_blocks=16)
     with pytest.raises(ValueError, match=r"unknown lora_name 'nope'.*add_lora"):
         llm.generate([1, 2, 3], SamplingParams(max_tokens=2), lora_name="nope")
+
+
+# ---- adapters are checked against the base model when they are added -----------------------------
+
+
+def broken_copy(adapter_dir, tmp_path, name: str):
+    """A copy of a good adapter dir, to break one thing in."""
+    return Path(shutil.copytree(adapter_dir, tmp_path / name))
+
+
+def rewrite_config(path, **changes) -> None:
+    config = json.loads((path / "adapter_config.json").read_text())
+    (path / "adapter_config.json").write_text(json.dumps({**config, **changes}))
+
+
+def rewrite_weights(path, change) -> None:
+    file = path / "adapter_model.safetensors"
+    weights = load_file(str(file))
+    change(weights)
+    save_file(weights, str(file))
+
+
+def _missing_weights(path):
+    (path / "adapter_model.safetensors").unlink()
+
+
+def _truncated_weights(path):
+    file = path / "adapter_model.safetensors"
+    file.write_bytes(file.read_bytes()[:-100])
+
+
+def _rank_zero(path):
+    rewrite_config(path, r=0)
+
+
+def _rank_differs_from_weights(path):
+    rewrite_config(path, r=8)
+
+
+def _embedding_target(path):
+    rewrite_config(path, target_modules=["q_proj", "embed_tokens"])
+
+
+def _nan_weight(path):
+    def change(weights):
+        key = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+        weights[key] = torch.full_like(weights[key], float("nan"))
+
+    rewrite_weights(path, change)
+
+
+def _missing_half(path):
+    rewrite_weights(path, lambda w: w.pop("base_model.model.model.layers.1.mlp.up_proj.lora_A.weight"))
+
+
+def _layer_beyond_model(path):
+    def change(weights):
+        for half in "AB":
+            key = f"base_model.model.model.layers.0.self_attn.q_proj.lora_{half}.weight"
+            weights[key.replace("layers.0", "layers.7")] = weights[key].clone()
+
+    rewrite_weights(path, change)
+
+
+BROKEN = {
+    "missing weights file": (_missing_weights, FileNotFoundError, r"no adapter_model\.safetensors"),
+    "truncated weights file": (
+        _truncated_weights,
+        ValueError,
+        r"unreadable .*copy or save the adapter again",
+    ),
+    "rank 0": (_rank_zero, ValueError, r"r=0; the LoRA rank must be an integer >= 1"),
+    "rank unlike the weights": (_rank_differs_from_weights, ValueError, r"r=8.*from different adapters"),
+    "unserved target module": (_embedding_target, ValueError, r"target_modules \['embed_tokens'\]"),
+    "NaN weights": (_nan_weight, ValueError, r"layers\.0\.self_attn\.q_proj\.lora_B\.weight.*non-finite"),
+    "half of a pair": (_missing_half, ValueError, r"layers\.1\.mlp\.up_proj\.lora_A\.weight is missing"),
+    "layer the model lacks": (_layer_beyond_model, ValueError, r"adapts layer 7, but the base model has 4"),
+}
+
+
+@pytest.fixture(scope="module")
+def base_engine(llama_dir):
+    return LLM(llama_dir, num_gpu_blocks=32).engine
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_a_broken_adapter_is_refused_when_added(base_engine, adapters, tmp_path, kind):
+    """Registration reads the adapter and checks it, so a broken one never reaches a step (where its
+    first request used to crash the step, and with it every request in the batch)."""
+    breaks, error, message = BROKEN[kind]
+    path = broken_copy(adapters["a"][0], tmp_path, "broken")
+    breaks(path)
+    with pytest.raises(error, match=message):
+        base_engine.add_lora("broken", path)
+    assert "broken" not in base_engine.list_loras()
+    assert len(generate_all(base_engine, [1, 2, 3], None)) == 4  # the engine serves on, untouched
+
+
+def test_another_base_models_adapter_is_refused_naming_the_shape(base_engine, qwen2_dir, tmp_path):
+    """A real peft adapter of the tiny Qwen2 (2 KV heads: k_proj/v_proj are 32 wide, not 128)."""
+    from tests.engine.helpers import make_adapter
+
+    path, _ = make_adapter(qwen2_dir, tmp_path / "qwen2-lora", seed=3)
+    expected = (
+        r"k_proj\.lora_B\.weight has shape \[32, 4\], but the base model's k_proj needs \[128, 4\]: "
+        rf"the adapter was trained for another base model \({re.escape(str(qwen2_dir))}\)"
+    )
+    with pytest.raises(ValueError, match=expected):
+        base_engine.add_lora("qwen2-lora", path)
+    assert "qwen2-lora" not in base_engine.list_loras()
+
+
+def test_an_adapter_on_an_unserved_module_is_refused(base_engine, llama_dir, tmp_path):
+    """A real peft adapter that also trains lm_head, which the engine has no LoRA slot for."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(llama_dir, dtype=torch.float32)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "lm_head"])
+    get_peft_model(model, config).save_pretrained(tmp_path / "head-lora")
+    with pytest.raises(ValueError, match=r"target_modules \['lm_head'\] are not served"):
+        base_engine.add_lora("head-lora", tmp_path / "head-lora")
+
+
+def test_a_broken_adapter_given_at_start_fails_the_engine_build(llama_dir, adapters, tmp_path):
+    path = broken_copy(adapters["a"][0], tmp_path, "broken")
+    _rank_zero(path)
+    with pytest.raises(ValueError, match=r"LoRA 'sql'.*r=0"):
+        LLM(llama_dir, num_gpu_blocks=16, lora_modules=[("sql", str(path))])
+
+
+def generate_all(engine, prompt, lora_name) -> list[int]:
+    engine.add_request(
+        "probe", prompt, SamplingParams(temperature=0, max_tokens=4, ignore_eos=True), lora_name=lora_name
+    )
+    tokens = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                tokens = out.outputs[0].token_ids
+    return tokens
+
+
+# ---- the adapter-name rule of the asyncio front end ---------------------------------------------
+
+
+def test_engine_loop_answers_400_for_a_broken_adapter_and_a_reserved_name(llama_dir, adapters, tmp_path):
+    loop = EngineLoop(lambda: LLMEngine(llama_dir, num_gpu_blocks=16), base_model="tiny")
+    path = broken_copy(adapters["a"][0], tmp_path, "broken")
+    _rank_zero(path)
+    error = loop.add_adapter("broken", str(path))["error"]
+    assert (error["status"], error["param"]) == (400, "path") and "r=0" in error["message"]
+    # `<model>@<version>` names the registered adapter version that base-model requests use: an
+    # adapter added under such a name would replace it for every production request.
+    error = loop.add_adapter("tiny@v0002", str(adapters["a"][0]))["error"]
+    assert (error["status"], error["param"]) == (400, "name") and "'@' is reserved" in error["message"]
+    assert loop.adapters == {} and loop.engine.list_loras() == []
+    assert loop.add_adapter("good", str(adapters["a"][0])) is None
+    assert loop.engine.list_loras() == ["good"]
