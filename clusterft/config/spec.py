@@ -134,7 +134,7 @@ class TrainArgs(Section):
     warmup_steps: int = Field(default=0, ge=0, description="Warmup steps (wins over warmup_ratio when > 0).")
     weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float = Field(default=1.0, ge=0, description="Gradient clipping norm; 0 disables.")
-    bf16: bool = Field(default=False, description="Train in bfloat16 where the hardware has it.")
+    bf16: bool = Field(default=False, description="Train in bfloat16 (GPU only).")
     fp16: bool = Field(default=False, description="Train in float16 (GPU only).")
     seed: int = Field(default=42, description="Seed of model init, data order and dropout.")
     save_steps: int = Field(default=500, gt=0, description="Write a checkpoint every N optimizer steps.")
@@ -310,8 +310,13 @@ class JobSpec(Section):
                 "rebuilt or split, which peft adapters do not survive); set finetuning_type: full, or use "
                 f"ddp/zero* for {self.method.finetuning_type}"
             )
-        if self.train.fp16 and not self.cluster.use_gpu:
-            raise ValueError("fp16 needs GPUs (cluster.gpus_per_worker > 0); on CPU train in fp32 or bf16")
+        for precision in ("bf16", "fp16"):
+            if getattr(self.train, precision) and not self.cluster.use_gpu:
+                # Refused rather than silently trained in fp32: DeepSpeed's CPU path trains fp32 here.
+                raise ValueError(
+                    f"{precision}: true trains on GPUs only (cluster.gpus_per_worker > 0); on CPU set "
+                    f"{precision}: false to train in fp32"
+                )
         if self.promote.merge and self.method.finetuning_type != "lora":
             raise ValueError(
                 f"promote.merge: true merges a LoRA adapter into its base, but finetuning_type is "

@@ -37,9 +37,8 @@ def zero_stage(spec: JobSpec) -> int:
     return ZERO_STAGE[spec.parallel.strategy]
 
 
-def uses_bf16(spec: JobSpec) -> bool:
-    """bf16 only when asked and on GPU: on CPU DeepSpeed's bf16 optimizer is slow and we promise fp32."""
-    return spec.train.bf16 and spec.cluster.use_gpu
+FP16_LOSS_SCALING = {"loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2}
+"""Dynamic loss scaling (loss_scale 0), DeepSpeed's defaults written out."""
 
 
 def build_deepspeed_config(spec: JobSpec, plan: RunPlan, *, hidden_size: int | None = None) -> dict[str, Any]:
@@ -62,8 +61,10 @@ def build_deepspeed_config(spec: JobSpec, plan: RunPlan, *, hidden_size: int | N
         "steps_per_print": NO_PRINT,
         "wall_clock_breakdown": False,
     }
-    if uses_bf16(spec):
+    if train.bf16:  # the spec allows bf16/fp16 on GPUs only
         config["bf16"] = {"enabled": True}
+    if train.fp16:
+        config["fp16"] = {"enabled": True, **FP16_LOSS_SCALING}
     if parallel.strategy == "pipeline":
         # Activation checkpointing inside the pipe is set on the PipelineModule; these partition the
         # activations/gradients sent between stages across the tensor-parallel group (size 1 here).
@@ -171,7 +172,7 @@ def resolve_raw_config(
         _fill(optimizer.setdefault("params", {}), key, value)
     for precision in ("bf16", "fp16"):
         if precision in config:
-            wanted = uses_bf16(spec) if precision == "bf16" else spec.train.fp16
+            wanted = spec.train.bf16 if precision == "bf16" else spec.train.fp16
             _fill(config[precision], "enabled", wanted)
     zero = config.setdefault("zero_optimization", {"stage": zero_stage(spec)})
     defaults = _zero_section(spec, hidden_size, stage=int(zero.get("stage", zero_stage(spec))))

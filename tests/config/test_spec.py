@@ -156,8 +156,14 @@ def test_cross_section_rules(tmp_path: Path) -> None:
         tmp_path, LLAMAFACTORY_YAML + "parallel:\n  strategy: pipeline\n  pipeline_zero_stage: 2\n", "z.yaml"
     )
     assert "pipeline_zero_stage: Input should be 0 or 1" in errors_of(zero_pipe)[0]
-    fp16 = write(tmp_path, LLAMAFACTORY_YAML.replace("bf16: false", "fp16: true"), "f.yaml")
-    assert "fp16 needs GPUs" in errors_of(fp16)[0]
+    for precision in ("bf16", "fp16"):  # neither may silently train in fp32 on CPU
+        cpu = write(tmp_path, LLAMAFACTORY_YAML.replace("bf16: false", f"{precision}: true"), "f.yaml")
+        assert f"{precision}: true trains on GPUs only" in errors_of(cpu)[0]
+        gpu = (
+            LLAMAFACTORY_YAML.replace("bf16: false", f"{precision}: true")
+            + "cluster:\n  gpus_per_worker: 1\n"
+        )
+        assert getattr(load_job_spec(write(tmp_path, gpu, "g.yaml")).train, precision) is True
 
 
 def test_promote_merge_needs_a_lora_adapter(tmp_path: Path) -> None:

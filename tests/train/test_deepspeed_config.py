@@ -129,8 +129,17 @@ def test_gpu_uses_fused_optimizer_and_bf16():
     assert config["bf16"] == {"enabled": True}
 
 
-def test_bf16_on_cpu_stays_fp32():
-    assert "bf16" not in config_for(make_spec(bf16=True), 2)
+def test_fp16_on_gpu_trains_in_fp16_with_dynamic_loss_scaling():
+    config = config_for(make_spec(cluster={"gpus_per_worker": 1}, fp16=True), 2)
+    assert config["fp16"] == {
+        "enabled": True,
+        "loss_scale": 0,
+        "initial_scale_power": 16,
+        "loss_scale_window": 1000,
+        "hysteresis": 2,
+    }
+    assert "bf16" not in config
+    assert "fp16" not in config_for(make_spec(cluster={"gpus_per_worker": 1}), 2)  # fp32 by default
 
 
 def test_raw_json_auto_values_resolved(tmp_path):
