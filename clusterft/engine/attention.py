@@ -55,6 +55,7 @@ class AttentionMetadata:
     num_decodes: int
     decode_blocks: list[DecodeBlocks]
     prefills: list[PrefillChunk]
+    sliding_window: int | None = None  # key j is visible to query i only if i - W < j <= i
 
 
 def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slots) -> None:
@@ -83,19 +84,26 @@ def paged_attention(
     for chunk in meta.prefills:
         s, n = chunk.query_start, chunk.query_len
         qp = q[s : s + n].transpose(0, 1).unsqueeze(0)  # (1, h, n, hd)
-        if chunk.context_block_ids is None:  # no cached prefix: plain causal attention over the chunk
+        window = meta.sliding_window
+        if chunk.context_block_ids is None and (window is None or n <= window):
+            # No cached prefix and nothing out of the window: plain causal attention over the chunk.
             kp = k[s : s + n].transpose(0, 1).unsqueeze(0)  # (1, kvh, n, hd)
             vp = v[s : s + n].transpose(0, 1).unsqueeze(0)
             op = F.scaled_dot_product_attention(qp, kp, vp, is_causal=True, scale=scale, enable_gqa=True)
         else:
             ctx = chunk.num_computed + n
-            kp = k_cache[chunk.context_block_ids].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)
-            vp = v_cache[chunk.context_block_ids].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)
-            kp, vp = kp[None, :, :ctx], vp[None, :, :ctx]  # (1, kvh, ctx, hd)
-            q_pos = torch.arange(chunk.num_computed, ctx, device=q.device)
-            mask = (
-                torch.arange(ctx, device=q.device)[None, :] <= q_pos[:, None]
-            )  # (n, ctx): key j visible to i
+            if chunk.context_block_ids is None:
+                kp = k[s : s + n].transpose(0, 1).unsqueeze(0)  # (1, kvh, n, hd)
+                vp = v[s : s + n].transpose(0, 1).unsqueeze(0)
+            else:
+                kp = k_cache[chunk.context_block_ids].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)
+                vp = v_cache[chunk.context_block_ids].transpose(0, 1).reshape(num_kv_heads, -1, head_dim)
+                kp, vp = kp[None, :, :ctx], vp[None, :, :ctx]  # (1, kvh, ctx, hd)
+            q_pos = torch.arange(chunk.num_computed, ctx, device=q.device)[:, None]
+            k_pos = torch.arange(ctx, device=q.device)[None, :]
+            mask = k_pos <= q_pos  # (n, ctx): key j visible to query i
+            if window is not None:
+                mask &= k_pos > q_pos - window
             op = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=mask, scale=scale, enable_gqa=True)
         out[s : s + n] = op[0].transpose(0, 1)
     return out

@@ -183,6 +183,7 @@ class ModelRunner:
             num_decodes=num_decodes,
             decode_blocks=decode_blocks,
             prefills=prefills,
+            sliding_window=self.model.args.sliding_window,
         )
         return torch.tensor(input_ids, dtype=torch.long, device=dev), pos.to(dev), meta
 
@@ -195,7 +196,11 @@ class ModelRunner:
         owner = torch.repeat_interleave(torch.arange(d), counts)  # (TB,)
         # Each block's first position within its request, against the request's context length.
         block_index = torch.arange(len(table)) - (torch.cumsum(counts, 0) - counts)[owner]
-        valid = block_index[:, None] * bs + torch.arange(bs) < context_lens[owner][:, None]
+        slot_pos = block_index[:, None] * bs + torch.arange(bs)  # (TB, bs) position held by each slot
+        valid = slot_pos < context_lens[owner][:, None]
+        window = self.model.args.sliding_window
+        if window is not None:  # the decode token sits at context_len - 1
+            valid &= slot_pos >= context_lens[owner][:, None] - window
         seen: set[int] = set()
         first = torch.tensor([not (b in seen or seen.add(b)) for b in table])  # first reader of each block
         lo, hi = min(seen), max(seen) + 1

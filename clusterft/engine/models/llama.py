@@ -43,6 +43,7 @@ class ModelConfig:
     o_bias: bool
     mlp_bias: bool
     max_position_embeddings: int
+    sliding_window: int | None = None  # each token attends to the last W positions only (Mistral)
 
     @classmethod
     def from_hf_config(cls, config) -> ModelConfig:
@@ -70,7 +71,26 @@ class ModelConfig:
             o_bias=attention_bias and not qwen2,
             mlp_bias=bool(getattr(config, "mlp_bias", False)),
             max_position_embeddings=config.max_position_embeddings,
+            sliding_window=_sliding_window(config),
         )
+
+
+def _sliding_window(config) -> int | None:
+    """The window every layer uses, or None for full attention; a model mixing windowed and full
+    layers (Qwen2 with max_window_layers, Gemma-style alternation) is refused, not run wrongly."""
+    window = getattr(config, "sliding_window", None)
+    if config.model_type == "qwen2" and not getattr(config, "use_sliding_window", False):
+        window = None
+    layer_types = set(getattr(config, "layer_types", None) or [])
+    if window is not None and len(layer_types) > 1:
+        raise ValueError(
+            f"this {config.model_type} model mixes sliding-window and full-attention layers "
+            f"({sorted(layer_types)}), which the engine does not implement; serve it with full "
+            "attention everywhere only if it was trained that way (use_sliding_window: false)"
+        )
+    if layer_types == {"full_attention"} or window is None or window >= config.max_position_embeddings:
+        return None
+    return int(window)
 
 
 class Attention(nn.Module):
