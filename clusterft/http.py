@@ -12,6 +12,7 @@ WWW-Authenticate.
 from __future__ import annotations
 
 import hmac
+import ipaddress
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -20,6 +21,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 RETRY_AFTER_S = 1
+API_KEY_ENV = "CLUSTERFT_API_KEY"  # the bearer key of inference and reads
+ADMIN_API_KEY_ENV = "CLUSTERFT_ADMIN_API_KEY"  # the bearer key of admin routes
 ERROR_TYPES = {
     400: "BadRequestError",
     401: "AuthenticationError",
@@ -95,6 +98,30 @@ def check_bearer(request: Request, api_key: str | None) -> None:
         raise APIError(
             401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
         )
+
+
+def check_admin_bearer(request: Request, admin_api_key: str | None, api_key: str | None) -> None:
+    """The check of an admin route (adapters, reload, job submit/cancel/resume): check_bearer with the
+    admin key. Without an admin key, a 403 when the server has an API key (its holders are clients,
+    not admins); open only when it has no key at all, which only a loopback bind (or --insecure) allows."""
+    if admin_api_key is None and api_key is not None:
+        raise APIError(
+            403,
+            f"admin routes are off: this server has an API key but no admin key; start it with "
+            f"--admin-api-key KEY or ${ADMIN_API_KEY_ENV} and send 'Authorization: Bearer <admin key>'",
+            code="admin_disabled",
+        )
+    check_bearer(request, admin_api_key)
+
+
+def is_loopback(host: str) -> bool:
+    """True when only this machine can reach a server bound to `host` (127.0.0.0/8, ::1, localhost)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a hostname: only localhost is known to name this machine
+        return False
 
 
 def add_error_handlers(app: FastAPI) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from clusterft.cli.helpers import Subcommands, add_command, add_dir_option, add_group
 from clusterft.cli.registry import add_registry_option, format_table
 from clusterft.controller.jobs import DEFAULT_ROOT, ROOT_ENV, Jobs, job_record, progress
+from clusterft.http import ADMIN_API_KEY_ENV, API_KEY_ENV
 
 
 def _connect(args: argparse.Namespace) -> object:
@@ -128,7 +129,14 @@ def jobs_api(args: argparse.Namespace) -> int:
     from clusterft.controller.api import serve_api
 
     serve_api(
-        args.root, args.registry, host=args.host, port=args.port, api_key=args.api_key, start_controller=True
+        args.root,
+        args.registry,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key or None,
+        admin_api_key=args.admin_api_key or None,
+        insecure=args.insecure,
+        start_controller=True,
     )
     return 0
 
@@ -181,12 +189,27 @@ def add_jobs_commands(commands: Subcommands) -> None:
     sub.add_argument("id", help="job id")
 
     sub = action("api", jobs_api, "serve the jobs REST API (OpenAPI at /docs, /openapi.json)")
-    sub.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this host only)")
+    sub.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default 127.0.0.1: this host only; any other needs --api-key or --insecure)",
+    )
     sub.add_argument("--port", type=int, default=8266, help="port (default 8266)")
     sub.add_argument(
         "--api-key",
-        default=os.environ.get("CLUSTERFT_API_KEY"),
-        help="require `Authorization: Bearer KEY` (default: $CLUSTERFT_API_KEY; unset: no auth)",
+        default=os.environ.get(API_KEY_ENV),
+        help=f"the Bearer KEY of reads (default: ${API_KEY_ENV}; unset: reads are open)",
+    )
+    sub.add_argument(
+        "--admin-api-key",
+        default=os.environ.get(ADMIN_API_KEY_ENV),
+        help=f"the Bearer KEY of submit/cancel/resume (default: ${ADMIN_API_KEY_ENV}; unset: those are "
+        "refused when --api-key is set, open when no key is)",
+    )
+    sub.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --host without an API key (anyone who reaches it can submit jobs)",
     )
 
 

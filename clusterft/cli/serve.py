@@ -47,6 +47,9 @@ def serve_command(
     model_name: str | None = None,
     alias: str = "production",
     stream_interval: int = 4,
+    admin_api_key: str | None = None,
+    adapter_roots: Sequence[str] = (),
+    insecure: bool = False,
     blocking: bool = True,
 ) -> int:
     """Serve `model_dir`, or the registry version `alias` of `model_name` points at (following it),
@@ -76,6 +79,9 @@ def serve_command(
             served_model_name=served_model_name,
             engine=EngineSettings(max_model_len=max_model_len, device=device),
             stream_interval=stream_interval,
+            admin_api_key=admin_api_key,
+            adapter_roots=list(adapter_roots),
+            insecure=insecure,
         )
     except ValidationError as err:
         raise UserError(f"serve: {err}") from err
@@ -111,6 +117,9 @@ def _handler(args: argparse.Namespace) -> int:
         model_name=args.model_name,
         alias=args.alias,
         stream_interval=args.stream_interval,
+        admin_api_key=args.admin_api_key,
+        adapter_roots=args.adapter_root,
+        insecure=args.insecure,
     )
 
 
@@ -128,7 +137,9 @@ def add_serve_command(commands: Subcommands) -> None:
     sub.add_argument("--alias", default="production", help="alias to serve and follow (default production)")
     sub.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     sub.add_argument(
-        "--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 exposes it)"
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default 127.0.0.1; 0.0.0.0 exposes it, which needs --api-key or --insecure)",
     )
     sub.add_argument("--tensor-parallel-size", type=int, default=1, help="worker shards per replica")
     sub.add_argument(
@@ -137,8 +148,20 @@ def add_serve_command(commands: Subcommands) -> None:
     )  # fmt: skip
     sub.add_argument("--adapters", nargs="+", metavar="NAME=PATH", help="LoRA adapters served by name")
     sub.add_argument(
-        "--api-key", default=None, help="require this Bearer token (default: $CLUSTERFT_API_KEY)"
+        "--api-key", default=None, help="Bearer token of /v1 and /metrics (default: $CLUSTERFT_API_KEY)"
     )
+    sub.add_argument(
+        "--admin-api-key",
+        default=None,
+        help="Bearer token of /v1/admin/* (default: $CLUSTERFT_ADMIN_API_KEY; unset with an API key: "
+        "admin routes are refused)",
+    )
+    sub.add_argument(
+        "--adapter-root", action="append", default=[], metavar="DIR",
+        help="a directory runtime adapters (POST /v1/admin/adapters) may come from; repeatable "
+        "(default: none, runtime adapters are refused)",
+    )  # fmt: skip
+    sub.add_argument("--insecure", action="store_true", help="allow a non-loopback --host without an API key")
     sub.add_argument("--served-model-name", default=None, help="model id of the base (default: dir name)")
     sub.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     sub.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where workers run the model")

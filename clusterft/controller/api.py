@@ -7,9 +7,12 @@
     POST /v1/jobs/{id}/cancel       → the job (cancelled; its run is killed)
     POST /v1/jobs/{id}/resume       → the job (resuming)
 
-Bound to 127.0.0.1 unless told otherwise. With an API key every request needs
-`Authorization: Bearer KEY` (compared in constant time); errors use OpenAI's error schema
-(clusterft/http.py, shared with the serving ingress).
+Bound to 127.0.0.1 unless told otherwise; `serve_api` refuses any other address without an API key
+(a submitted job runs its spec's code on the cluster) unless told `insecure`. Reads (GET) need
+`Authorization: Bearer <api key>` (or the admin key); writes (submit, cancel, resume) need the admin
+key, and are refused (403) when there is an API key but no admin key; with no key at all everything is
+open. Keys are compared in constant time; errors use OpenAI's error schema (clusterft/http.py, shared
+with the serving ingress).
 """
 
 from __future__ import annotations
@@ -27,7 +30,14 @@ from clusterft.controller.jobs import Jobs, job_record
 from clusterft.controller.state import IllegalTransition
 from clusterft.controller.store import StaleState, UnknownJob
 from clusterft.errors import UserError
-from clusterft.http import APIError, add_error_handlers, check_bearer
+from clusterft.http import (
+    API_KEY_ENV,
+    APIError,
+    add_error_handlers,
+    check_admin_bearer,
+    check_bearer,
+    is_loopback,
+)
 
 
 class SubmitRequest(BaseModel):
@@ -42,7 +52,7 @@ class SubmitRequest(BaseModel):
     )
 
 
-def create_app(jobs: Jobs, api_key: str | None = None) -> FastAPI:
+def create_app(jobs: Jobs, api_key: str | None = None, admin_api_key: str | None = None) -> FastAPI:
     app = FastAPI(
         title="clusterft jobs API",
         version="1",
@@ -60,11 +70,21 @@ def create_app(jobs: Jobs, api_key: str | None = None) -> FastAPI:
         return APIError(400, str(err)).response()
 
     def authorize(request: Request) -> None:
-        check_bearer(request, api_key)
+        """Reads: the API key, or the admin key."""
+        try:
+            check_bearer(request, api_key)
+        except APIError:
+            if admin_api_key is None:
+                raise
+            check_bearer(request, admin_api_key)
 
-    auth = [Depends(authorize)]
+    def authorize_admin(request: Request) -> None:
+        """Writes: a job runs code on the cluster, so only the admin key submits, cancels, resumes."""
+        check_admin_bearer(request, admin_api_key, api_key)
 
-    @app.post("/v1/jobs", status_code=201, dependencies=auth)
+    auth, admin = [Depends(authorize)], [Depends(authorize_admin)]
+
+    @app.post("/v1/jobs", status_code=201, dependencies=admin)
     def submit(body: SubmitRequest) -> dict[str, Any]:
         if (body.spec is None) == (body.spec_yaml is None):
             raise APIError(400, "give exactly one of `spec` (object) or `spec_yaml` (text)", "spec")
@@ -91,11 +111,11 @@ def create_app(jobs: Jobs, api_key: str | None = None) -> FastAPI:
         ]
         return "".join(parts)
 
-    @app.post("/v1/jobs/{job_id}/cancel", dependencies=auth)
+    @app.post("/v1/jobs/{job_id}/cancel", dependencies=admin)
     def cancel(job_id: str) -> dict[str, Any]:
         return job_record(jobs.cancel(job_id))
 
-    @app.post("/v1/jobs/{job_id}/resume", dependencies=auth)
+    @app.post("/v1/jobs/{job_id}/resume", dependencies=admin)
     def resume(job_id: str) -> dict[str, Any]:
         return job_record(jobs.resume(job_id))
 
@@ -109,11 +129,21 @@ def serve_api(
     host: str = "127.0.0.1",
     port: int = 8266,
     api_key: str | None = None,
+    admin_api_key: str | None = None,
+    insecure: bool = False,
     start_controller: bool = True,
 ) -> None:
-    """Run the API with uvicorn until interrupted (starting the controller on the Ray cluster)."""
+    """Run the API with uvicorn until interrupted (starting the controller on the Ray cluster). A
+    UserError for a non-loopback `host` without an `api_key`, unless `insecure`."""
     import uvicorn
 
+    if not (insecure or is_loopback(host) or api_key):
+        raise UserError(
+            f"jobs api: --host {host} exposes the jobs API beyond this machine (a submitted job runs "
+            f"code on the cluster), but no API key is set: give --api-key KEY or ${API_KEY_ENV} (and "
+            "--admin-api-key for submit/cancel/resume), bind 127.0.0.1, or pass --insecure to serve it "
+            "open anyway"
+        )
     controller = None
     if start_controller:
         from clusterft.controller.controller import connect_controller
@@ -121,6 +151,6 @@ def serve_api(
         controller = connect_controller(root, registry_root)
     jobs = Jobs(root, registry_root, controller=controller)
     try:
-        uvicorn.run(create_app(jobs, api_key), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(jobs, api_key, admin_api_key), host=host, port=port, log_level="info")
     finally:
         jobs.close()

@@ -13,6 +13,11 @@ and has no public way to address them all, and a broadcast would miss replicas t
 replacement of a crashed replica, a scale-up), which the record reaches at their first sync. A
 replica is live while it syncs (within STALE_AFTER_S); a dead one stops being waited for.
 
+A runtime adapter is read only from under the spec's `adapter_roots` (symlinks resolved; none: runtime
+adapters are refused, 403), so an admin call can't make replicas read arbitrary files; the record
+refuses others before any replica sees them, and each replica's engine checks the adapter against its
+base model before the call answers (a broken one: 400, taken back from the record).
+
 Adapters are state: a replica's served set is made equal to the record's, whenever it started. A
 reload is a command: replicas live when it was issued run it once; a replica starting later has just
 resolved the alias itself and skips it. The record is detached (it must outlive every replica); it
@@ -25,7 +30,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -59,6 +66,7 @@ class AdminState:
 
     base_model: str
     adapters: dict[str, str]
+    adapter_roots: tuple[str, ...] = ()  # where runtime adapters may come from (ServeSpec.adapter_roots)
     generation: int = 0
     reload_generation: int = 0  # the generation that issued the newest reload; 0: none
     reload_ref: str | None = None
@@ -70,6 +78,7 @@ class AdminState:
         conflict = adapter_conflict(name, self.base_model, self.adapters)
         if conflict is not None:
             raise APIError.from_chunk(conflict)
+        check_adapter_root(path, self.adapter_roots)
         self.adapters[name] = path
         return self._bump()
 
@@ -124,11 +133,37 @@ class AdminState:
         return now - last > IDLE_EXIT_S
 
 
+def check_adapter_root(path: str, roots: Sequence[str]) -> None:
+    """The APIError for a runtime adapter `path` outside every root in `roots` (symlinks resolved, so
+    a link under a root can't point elsewhere): 403 when there are no roots or it is outside them, 400
+    for a relative path (replicas would each resolve it against their own working directory)."""
+    if not roots:
+        raise APIError(
+            403,
+            "runtime adapters are off: this server has no adapter roots; start it with --adapter-root DIR "
+            "(adapter_roots: [DIR] in a serve config) and put adapters under DIR",
+            "path",
+        )
+    if not os.path.isabs(path):
+        raise APIError(400, f"path `{path}` is relative: give the adapter dir's absolute path", "path")
+    real = os.path.realpath(path)
+    for root in roots:
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real, real_root]) == real_root:
+            return
+    raise APIError(
+        403,
+        f"path `{path}` is outside the adapter roots {list(roots)}: put the adapter under one of them, or "
+        "start the server with --adapter-root for its directory (adapter_roots in a serve config)",
+        "path",
+    )
+
+
 class AdminRecord:
     """Ray actor shell around AdminState (see `record_handle`)."""
 
-    def __init__(self, base_model: str, adapters: dict[str, str]) -> None:
-        self.state = AdminState(base_model, dict(adapters))
+    def __init__(self, base_model: str, adapters: dict[str, str], adapter_roots: Sequence[str] = ()) -> None:
+        self.state = AdminState(base_model, dict(adapters), tuple(adapter_roots))
         self._reaper: asyncio.Task | None = None
 
     async def _exit_when_idle(self) -> None:
@@ -171,7 +206,7 @@ def record_handle(spec: ServeSpec):
         namespace="serve",
         lifetime="detached",
         get_if_exists=True,
-    ).remote(spec.model_name, dict(spec.adapters))
+    ).remote(spec.model_name, dict(spec.adapters), list(spec.adapter_roots))
 
 
 class Reconciler:

@@ -12,10 +12,10 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from clusterft.config.spec import Section, known_template
+from clusterft.engine.async_llm import adapter_conflict
 from clusterft.engine.config import EngineConfig
+from clusterft.http import ADMIN_API_KEY_ENV, API_KEY_ENV, is_loopback
 from clusterft.registry import DEFAULT_REGISTRY, REGISTRY_ENV
-
-API_KEY_ENV = "CLUSTERFT_API_KEY"
 
 
 class EngineSettings(Section):
@@ -79,15 +79,35 @@ class ServeSpec(Section):
     adapters: dict[str, str] = Field(
         default_factory=dict, description="LoRA adapters served next to the base: name -> peft adapter dir."
     )
+    adapter_roots: list[str] = Field(
+        default_factory=list,
+        description="Directories that adapters added at run time (POST /v1/admin/adapters) may come "
+        "from, symlinks resolved; none (the default): runtime adapters are refused (403). `adapters` "
+        "given here are not limited by them.",
+    )
     tensor_parallel_size: int = Field(
         default=1, ge=1, description="Worker actors per engine replica, each holding a shard of the model."
     )
     engine: EngineSettings = Field(default_factory=EngineSettings, description="Engine settings.")
-    host: str = Field(default="127.0.0.1", description="Address the HTTP proxy binds; 0.0.0.0 exposes it.")
+    host: str = Field(
+        default="127.0.0.1",
+        description="Address the HTTP proxy binds; 0.0.0.0 exposes it, which needs an API key "
+        "(or insecure: true).",
+    )
     port: int = Field(default=8000, ge=0, le=65535, description="HTTP port.")
     api_key: str | None = Field(
         default=None,
-        description=f"Bearer token every /v1 route requires; default: ${API_KEY_ENV}; none: open.",
+        description=f"Bearer token of /v1 inference and /metrics; default: ${API_KEY_ENV}; none: open "
+        "(only on a loopback host unless insecure).",
+    )
+    admin_api_key: str | None = Field(
+        default=None,
+        description=f"Bearer token of /v1/admin/* (adapters, reload); default: ${ADMIN_API_KEY_ENV}; none: "
+        "admin routes are refused (403) when there is an api_key, open when there is no key at all.",
+    )
+    insecure: bool = Field(
+        default=False,
+        description="Serve a non-loopback host without an API key (anyone reaching it can use it).",
     )
     enable_metrics: bool = Field(default=True, description="Serve Prometheus text on GET /metrics.")
     max_queued_requests: int = Field(
@@ -114,13 +134,11 @@ class ServeSpec(Section):
 
     _known_template = field_validator("chat_template")(known_template)
 
-    @field_validator("adapters")
+    @field_validator("adapter_roots")
     @classmethod
-    def _adapter_names(cls, value: dict[str, str]) -> dict[str, str]:
-        for name in value:
-            if not name.strip():
-                raise ValueError("adapter names must be non-empty model ids (e.g. 'sql-lora')")
-        return value
+    def _absolute_roots(cls, value: list[str]) -> list[str]:
+        """Relative roots are taken from where the spec is built, not wherever a replica runs."""
+        return [os.path.abspath(root) for root in value]
 
     @model_validator(mode="after")
     def _one_model_source(self) -> ServeSpec:
@@ -128,6 +146,24 @@ class ServeSpec(Section):
             raise ValueError(
                 "give exactly one of model_dir (a fixed HF model directory) or registry "
                 "({root, model_name, alias}: follow a registry alias)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _adapter_names(self) -> ServeSpec:
+        for name in self.adapters:
+            error = adapter_conflict(name, self.model_name, [])
+            if error is not None:
+                raise ValueError(f"adapters: {error['error']['message']}")
+        return self
+
+    @model_validator(mode="after")
+    def _no_open_exposed_bind(self) -> ServeSpec:
+        if not (self.insecure or is_loopback(self.host) or self.resolved_api_key()):
+            raise ValueError(
+                f"host {self.host} exposes the server beyond this machine, but no API key is set: "
+                f"give one (api_key, ${API_KEY_ENV}, `clusterft serve --api-key KEY`), bind "
+                "127.0.0.1, or set insecure: true (`--insecure`) to serve it open anyway"
             )
         return self
 
@@ -144,3 +180,7 @@ class ServeSpec(Section):
     def resolved_api_key(self) -> str | None:
         """The key to require: the spec's, else $CLUSTERFT_API_KEY, else None (open)."""
         return self.api_key or os.environ.get(API_KEY_ENV) or None
+
+    def resolved_admin_api_key(self) -> str | None:
+        """The admin routes' key: the spec's, else $CLUSTERFT_ADMIN_API_KEY, else None."""
+        return self.admin_api_key or os.environ.get(ADMIN_API_KEY_ENV) or None

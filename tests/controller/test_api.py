@@ -33,7 +33,9 @@ def jobs(tmp_path: Path):
 
 @pytest.fixture
 def client(jobs: Jobs) -> TestClient:
-    return TestClient(create_app(jobs, api_key=KEY), headers={"Authorization": f"Bearer {KEY}"})
+    # One key as both: writes need the admin key (tests/controller/test_api_auth.py tells them apart).
+    app = create_app(jobs, api_key=KEY, admin_api_key=KEY)
+    return TestClient(app, headers={"Authorization": f"Bearer {KEY}"})
 
 
 def test_missing_or_wrong_key_is_401_in_openai_error_schema(jobs: Jobs) -> None:

@@ -1,7 +1,8 @@
 """The KubeRay manifests in k8s/: each ray.io/v1 resource validates against its CRD's OpenAPI v3 schema
 as strictly as the API server would (unknown fields are errors), and the manifests agree with each other
 and with the project: one shared PVC mounted at one path everywhere, GPU groups that ask for GPUs, a
-job spec that clusterft's own loader accepts, and a RayService that serves deployments/serve_config.yaml.
+job spec that clusterft's own loader accepts, a RayService that serves deployments/serve_config.yaml,
+and API keys that come from a Secret (never written in a manifest).
 
 The CRDs come from ../shared/kuberay-crds/ (beside the repository), as published by KubeRay.
 """
@@ -30,7 +31,7 @@ CRD_FILES = {
     "RayJob": "ray.io_rayjobs.yaml",
     "RayService": "ray.io_rayservices.yaml",
 }
-CORE_KINDS = {"PersistentVolumeClaim", "ConfigMap", "Pod"}
+CORE_KINDS = {"PersistentVolumeClaim", "ConfigMap", "Pod", "Secret"}
 SHARED_CLAIM = "clusterft-shared"
 SHARED_PATH = "/shared"
 RAY_VERSION = "2.60.0"
@@ -249,7 +250,7 @@ def test_converter_mimics_the_api_server() -> None:
 def test_k8s_holds_the_cluster_the_job_the_service_and_their_storage() -> None:
     kinds = sorted(doc.get("kind", "?") for _, doc in documents())
     assert kinds == sorted(
-        ["PersistentVolumeClaim", "Pod", "RayCluster", "ConfigMap", "RayJob", "RayService"]
+        ["PersistentVolumeClaim", "Pod", "RayCluster", "ConfigMap", "RayJob", "RayService", "Secret"]
     ), kinds
 
 
@@ -267,7 +268,8 @@ def test_every_document_is_a_named_kubernetes_object(index: int) -> None:
     assert DNS_1123.match(name) and len(name) <= 63, f"{where}: metadata.name must be a DNS-1123 label"
     for key in ("labels", "annotations"):
         assert all(isinstance(v, str) for v in doc["metadata"].get(key, {}).values()), where
-    assert isinstance(doc.get("data" if kind == "ConfigMap" else "spec"), dict), f"{where}: no body"
+    body = {"ConfigMap": "data", "Secret": "stringData"}.get(kind, "spec")
+    assert isinstance(doc.get(body), dict), f"{where}: no body"
 
 
 @pytest.mark.parametrize("kind", sorted(CRD_FILES))
@@ -464,3 +466,36 @@ def test_the_serve_config_listens_where_the_serve_service_looks() -> None:
     for name, group in groups(ray_cluster_specs()["RayService"]).items():
         ports = {p["name"]: p["containerPort"] for p in ray_container(group["template"]["spec"])["ports"]}
         assert ports.get("serve") == port, f"RayService/{name}: Serve listens on {port}"
+
+
+# ---------------------------------------------------------------- API keys
+
+KEY_VARS = {"CLUSTERFT_API_KEY": "api-key", "CLUSTERFT_ADMIN_API_KEY": "admin-api-key"}
+
+
+def test_the_api_key_secret_ships_empty() -> None:
+    """Applied unchanged it exposes nothing: the app refuses to start without a key."""
+    secret = the("Secret")
+    assert secret["type"] == "Opaque" and "data" not in secret
+    assert secret["stringData"] == {key: "" for key in KEY_VARS.values()}
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayService"])
+def test_http_serving_pods_read_the_api_keys_from_the_secret(kind: str) -> None:
+    secret = the("Secret")
+    for name, group in groups(ray_cluster_specs()[kind]).items():
+        env = {e["name"]: e for e in ray_container(group["template"]["spec"]).get("env", [])}
+        for var, key in KEY_VARS.items():
+            assert var in env, f"{kind}/{name}: no {var}"
+            assert "value" not in env[var], f"{kind}/{name}: {var} is written in the manifest"
+            ref = env[var]["valueFrom"]["secretKeyRef"]
+            assert (ref["name"], ref["key"]) == (secret["metadata"]["name"], key), f"{kind}/{name}: {var}"
+            assert key in secret["stringData"]
+
+
+def test_no_manifest_writes_a_key() -> None:
+    for file, doc in documents():
+        text = yaml.safe_dump(doc)
+        assert "api_key:" not in text and "admin_api_key:" not in text, f"{file}: a key in the manifest"
+    args = serve_config()["applications"][0]["args"]
+    assert not {"api_key", "admin_api_key", "insecure"} & set(args), "keys come from the environment"

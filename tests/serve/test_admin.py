@@ -1,10 +1,12 @@
 """The admin record's logic with real engines and followers, without Serve or Ray: two replicas
 converge on the record's adapters, a replica starting later gets them too but skips earlier reloads,
-bad paths are reported, conflicts refused, and a replica that stops syncing is no longer waited for."""
+bad paths are reported, conflicts, reserved names and paths outside the adapter roots refused, and a
+replica that stops syncing is no longer waited for."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 
 import pytest
 
@@ -35,7 +37,8 @@ def served(r: Reconciler) -> dict[str, str]:
 
 def test_replicas_converge_on_the_record(tiny_llama, tiny_adapter):
     spec = make_spec(tiny_llama)
-    state = AdminState("tiny", {})
+    root = str(tiny_adapter.parent)
+    state = AdminState("tiny", {}, adapter_roots=(root,))
     a, b = replica(spec), replica(spec)
 
     async def main() -> None:
@@ -65,7 +68,7 @@ def test_replicas_converge_on_the_record(tiny_llama, tiny_adapter):
         assert served(c) == {"ada": str(tiny_adapter)} and c.applied == reloaded
         assert c.reload_result["version"] == c.follower.version  # skipped, not run
 
-        bad = state.add_adapter("bad", "/no/such/adapter")
+        bad = state.add_adapter("bad", os.path.join(root, "no-such-adapter"))
         await sync(state, "a", a, now=3)
         assert "adapter_config.json" in state.progress(bad, now=3)["errors"][0]
         assert "bad" not in served(a)
@@ -100,3 +103,41 @@ def test_record_is_idle_once_no_replica_syncs():
     state.sync("a", -1, [], None, now=state.created + 10)
     assert not state.idle(state.created + 10 + IDLE_EXIT_S)
     assert state.idle(state.created + 11 + IDLE_EXIT_S)
+
+
+def test_record_refuses_reserved_names():
+    """`tiny@v0002` is the internal adapter of a registered adapter version: base-model requests use
+    it, so an admin call must not be able to replace it."""
+    state = AdminState("tiny", {}, adapter_roots=("/adapters",))
+    for name in ("tiny@v0002", "x@y", " "):
+        with pytest.raises(APIError) as refused:
+            state.add_adapter(name, "/adapters/a")
+        assert (refused.value.status, refused.value.param) == (400, "name")
+    assert state.adapters == {} and state.generation == 0
+
+
+def test_record_reads_runtime_adapters_only_from_under_the_adapter_roots(tmp_path):
+    root, outside = tmp_path / "adapters", tmp_path / "elsewhere"
+    (root / "team").mkdir(parents=True)
+    outside.mkdir()
+    (root / "team" / "link").symlink_to(outside)  # inside by name, outside once resolved
+
+    closed = AdminState("tiny", {})  # no roots (the default): no runtime adapters at all
+    with pytest.raises(APIError, match=r"runtime adapters are off.*--adapter-root DIR") as off:
+        closed.add_adapter("a", str(root / "team"))
+    assert off.value.status == 403
+
+    state = AdminState("tiny", {}, adapter_roots=(str(root),))
+    for path, status, message in [
+        (str(outside), 403, "outside the adapter roots"),
+        (f"{root}/../elsewhere", 403, "outside the adapter roots"),
+        (str(root / "team" / "link"), 403, "outside the adapter roots"),
+        (f"{root}-sibling/a", 403, "outside the adapter roots"),  # a shared prefix is not a parent
+        ("adapters/team", 400, "is relative"),
+    ]:
+        with pytest.raises(APIError, match=message) as refused:
+            state.add_adapter("a", path)
+        assert (refused.value.status, refused.value.param) == (status, "path"), path
+    assert state.generation == 0
+    assert state.add_adapter("a", str(root / "team")) == 1
+    assert state.add_adapter("b", str(root)) == 2  # the root itself

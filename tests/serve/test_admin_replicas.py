@@ -26,7 +26,9 @@ async def completions(url: str, model: str) -> list[httpx.Response]:
 
 
 def test_adapter_changes_and_reload_reach_every_replica(tiny_llama, tiny_adapter):
-    spec = make_spec(tiny_llama, num_replicas=2, engine_num_cpus=0.25)
+    spec = make_spec(
+        tiny_llama, num_replicas=2, engine_num_cpus=0.25, adapter_roots=[str(tiny_adapter.parent)]
+    )
     [expected] = offline_texts(tiny_llama, [PROMPT], 4, lora=("ada", tiny_adapter))
     with running_app(spec) as url:
         added = httpx.post(
@@ -38,7 +40,8 @@ def test_adapter_changes_and_reload_reach_every_replica(tiny_llama, tiny_adapter
         assert [r.status_code for r in responses] == [200] * NUM_REQUESTS
         assert {r.json()["choices"][0]["text"] for r in responses} == {expected}
 
-        bad = httpx.post(f"{url}/v1/admin/adapters", json={"name": "bad", "path": "/no/such/dir"}, timeout=60)
+        missing = str(tiny_adapter.parent / "no-such-adapter")
+        bad = httpx.post(f"{url}/v1/admin/adapters", json={"name": "bad", "path": missing}, timeout=60)
         assert bad.status_code == 400 and "adapter_config.json" in bad.json()["error"]["message"]
         assert {m["id"] for m in httpx.get(f"{url}/v1/models").json()["data"]} == {"tiny", "ada"}
 

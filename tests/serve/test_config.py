@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 from ray import serve
 
-from clusterft.cli.serve import add_serve_command, parse_adapters
+from clusterft.cli.serve import add_serve_command, parse_adapters, serve_command
 from clusterft.errors import UserError
 from clusterft.serve.spec import ServeSpec
 
@@ -85,4 +85,66 @@ def test_serve_config_yaml_builds_the_app(tiny_llama, tmp_path, monkeypatch):
     monkeypatch.setenv("CLUSTERFT_REGISTRY", str(tmp_path / "registry"))
     spec = ServeSpec(**app["args"])  # the shipped args are a valid spec
     assert spec.registry is not None and spec.registry.root == str(tmp_path / "registry")
+    # A config file's proxies bind 0.0.0.0: no key where the app is built, no app.
+    monkeypatch.delenv("CLUSTERFT_API_KEY", raising=False)
+    with pytest.raises(ValidationError, match=r"host 0\.0\.0\.0 exposes the server.*CLUSTERFT_API_KEY"):
+        app_builder(app["args"])
+    monkeypatch.setenv("CLUSTERFT_API_KEY", "from-a-secret")  # as the k8s manifests give it
     assert isinstance(app_builder(app["args"]), serve.Application)
+
+
+@pytest.fixture
+def no_keys(monkeypatch):
+    monkeypatch.delenv("CLUSTERFT_API_KEY", raising=False)
+    monkeypatch.delenv("CLUSTERFT_ADMIN_API_KEY", raising=False)
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "10.1.2.3", "serve.example.com"])
+def test_an_exposed_host_needs_an_api_key_or_insecure(host, no_keys, monkeypatch):
+    with pytest.raises(ValidationError, match=r"no API key is set: give one \(api_key, \$CLUSTERFT_API_KEY"):
+        ServeSpec(model_dir="m", host=host)
+    assert ServeSpec(model_dir="m", host=host, api_key="k").resolved_api_key() == "k"
+    assert ServeSpec(model_dir="m", host=host, insecure=True).resolved_api_key() is None
+    monkeypatch.setenv("CLUSTERFT_API_KEY", "from-env")
+    assert ServeSpec(model_dir="m", host=host).resolved_api_key() == "from-env"
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
+def test_a_loopback_host_may_run_without_keys(host, no_keys):
+    spec = ServeSpec(model_dir="m", host=host)
+    assert (spec.resolved_api_key(), spec.resolved_admin_api_key()) == (None, None)
+
+
+def test_the_admin_key_comes_from_the_spec_or_the_environment(no_keys, monkeypatch):
+    assert ServeSpec(model_dir="m", admin_api_key="adm").resolved_admin_api_key() == "adm"
+    monkeypatch.setenv("CLUSTERFT_ADMIN_API_KEY", "adm-env")
+    assert ServeSpec(model_dir="m").resolved_admin_api_key() == "adm-env"
+
+
+def test_spec_adapter_names_follow_the_one_adapter_rule():
+    with pytest.raises(ValidationError, match=r"adapters: adapter name `m@v0002`: '@' is reserved"):
+        ServeSpec(model_dir="m", adapters={"m@v0002": "/a"})
+    with pytest.raises(ValidationError, match=r"adapters: model `m` already exists"):
+        ServeSpec(model_dir="m", adapters={"m": "/a"})
+    with pytest.raises(ValidationError, match=r"adapter name is empty"):
+        ServeSpec(model_dir="m", adapters={" ": "/a"})
+
+
+def test_adapter_roots_are_absolute_from_where_the_spec_is_built(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert ServeSpec(model_dir="m").adapter_roots == []  # runtime adapters are off by default
+    spec = ServeSpec(model_dir="m", adapter_roots=["saves/adapters", "/srv/adapters"])
+    assert spec.adapter_roots == [str(tmp_path / "saves" / "adapters"), "/srv/adapters"]
+
+
+def test_cli_serve_security_options(tiny_llama, no_keys):
+    parser = argparse.ArgumentParser()
+    add_serve_command(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        ["serve", "m", "--admin-api-key", "adm", "--adapter-root", "/a", "--adapter-root", "/b", "--insecure"]
+    )
+    assert (args.admin_api_key, args.adapter_root, args.insecure) == ("adm", ["/a", "/b"], True)
+    args = parser.parse_args(["serve", "m"])
+    assert (args.admin_api_key, args.adapter_root, args.insecure) == (None, [], False)
+    with pytest.raises(UserError, match=r"host 0\.0\.0\.0 exposes the server.*`--insecure`"):
+        serve_command(str(tiny_llama), host="0.0.0.0", blocking=False)

@@ -4,7 +4,8 @@ it: `serve run` (a local cluster it starts; Ctrl-C stops it and leaves none of i
 registry's `production` version of `quickstart`.
 
 The config runs as shipped but for what a shared test machine needs: a free port instead of 8000 and
-127.0.0.1 instead of Serve's 0.0.0.0; the test asserts that nothing else differs. Each Ray cluster
+127.0.0.1 instead of Serve's 0.0.0.0; the test asserts that nothing else differs. The API key comes
+from $CLUSTERFT_API_KEY, as the k8s manifests give it (the app refuses to build without one). Each Ray cluster
 lives in a private temp dir, and is found and stopped by it (tests/ray_processes.py), never `ray stop`.
 """
 
@@ -58,12 +59,16 @@ def config_copy(directory: Path, port: int) -> Path:
     return path
 
 
+API_KEY = "sk-serve-config-test"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
 def cli_env(registry: Path, **extra: str) -> dict[str, str]:
     """This process's env (RAY_AUTH_MODE=disabled & co., see clusterft.runtime) with the registry,
     and no inherited cluster address that would send the CLI to someone else's cluster."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_DASHBOARD_ADDRESS")}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    return {**env, "CLUSTERFT_REGISTRY": str(registry), **extra}
+    return {**env, "CLUSTERFT_REGISTRY": str(registry), "CLUSTERFT_API_KEY": API_KEY, **extra}
 
 
 def check_serving(url: str, timeout_s: float = 120) -> None:
@@ -72,7 +77,7 @@ def check_serving(url: str, timeout_s: float = 120) -> None:
     models = None
     while True:
         try:
-            reply = httpx.get(f"{url}/v1/models", timeout=10)
+            reply = httpx.get(f"{url}/v1/models", headers=AUTH, timeout=10)
             models = (
                 [(m["id"], m["version"]) for m in reply.json()["data"]]
                 if reply.status_code == 200
@@ -85,7 +90,8 @@ def check_serving(url: str, timeout_s: float = 120) -> None:
         assert time.monotonic() < deadline, f"{url}/v1/models after {timeout_s} s: {models}"
         time.sleep(0.5)
     body = {"model": "quickstart", "prompt": "hello there", "max_tokens": 4, "temperature": 0}
-    reply = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
+    assert httpx.post(f"{url}/v1/completions", json=body, timeout=60).status_code == 401
+    reply = httpx.post(f"{url}/v1/completions", json=body, headers=AUTH, timeout=60)
     assert reply.status_code == 200, reply.text
     completion = reply.json()
     assert completion["model"] == "quickstart" and completion["choices"][0]["text"], completion
