@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from clusterft.errors import UserError
+
+if TYPE_CHECKING:
+    from clusterft.storage import BundleStore
 
 
 def train_command(job_path: str, progress: bool = True) -> int:
@@ -37,26 +41,38 @@ def train_command(job_path: str, progress: bool = True) -> int:
 
 def checkpoints_command(action: str, path: str, keep: int | None = None) -> int:
     """list: step, size, validity of each bundle; verify: check every sum (exit 1 if any is invalid);
-    prune: keep the newest `keep` valid bundles (default: 1)."""
+    prune: keep the newest `keep` bundles that verify (default: 1). Later runs kept in `run-XXXXXXXX`
+    folders inside `path` are listed with their folder's name and pruned each on its own."""
     from clusterft.storage import BundleStore, Storage
 
     storage = Storage(path)
     if not storage.is_dir(""):
         raise UserError(f"{path}: no such checkpoint directory (give a run's bundles dir)")
-    store = BundleStore(storage)
+    root = BundleStore(storage)
+    runs = {_run_prefix(root, store): store for store in root.runs()}
     if action == "prune":
-        deleted = store.prune(keep if keep is not None else 1)
+        deleted = [
+            prefix + name
+            for prefix, store in runs.items()
+            for name in store.prune(keep if keep is not None else 1)
+        ]
         print(json.dumps({"deleted": deleted}))
         return 0
     if action not in ("list", "verify"):
         raise UserError(f"checkpoints: unknown action {action!r}; use list, verify or prune")
-    infos = store.list(verify=action == "verify")
-    for info in infos:
+    infos = [
+        (prefix, info) for prefix, store in runs.items() for info in store.list(verify=action == "verify")
+    ]
+    for prefix, info in infos:
         state = "valid" if info.valid else f"INVALID ({info.problem})"
-        print(f"{info.name}  step {info.step:>7}  {info.size_bytes / 2**20:9.2f} MiB  {state}")
+        print(f"{prefix}{info.name}  step {info.step:>7}  {info.size_bytes / 2**20:9.2f} MiB  {state}")
     if not infos:
         print(f"{path}: no checkpoints")
-    return 0 if action == "list" or all(info.valid for info in infos) else 1
+    return 0 if action == "list" or all(info.valid for _, info in infos) else 1
+
+
+def _run_prefix(root: BundleStore, store: BundleStore) -> str:
+    return "" if store is root else store.storage.uri.rsplit("/", 1)[1] + "/"
 
 
 def merge_command(base: str, adapter: str, out: str) -> int:

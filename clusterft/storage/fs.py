@@ -1,12 +1,14 @@
 """Shared storage: a local directory (standing in for NFS) or any URI pyarrow's filesystems accept.
 
 Only the few operations checkpoint bundles need. On a local filesystem writes are fsynced and
-renames are atomic (POSIX `rename`); on object stores a rename is a copy, which is why a bundle is
-only trusted once its manifest, written last, verifies.
+renames are atomic (POSIX `rename`). Object stores (S3, GCS through pyarrow) have no directory rename
+at all, so nothing there is renamed: a bundle is written in place and committed by its manifest,
+written last (see checkpoint.py).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import secrets
 import shutil
@@ -19,13 +21,19 @@ CHUNK = 1 << 20
 
 
 class Storage:
-    """Files under one root; every path argument is relative to it ("a/b.pt")."""
+    """Files under one root; every path argument is relative to it ("a/b.pt").
 
-    def __init__(self, root: str | os.PathLike[str]):
+    `root` is a local path, a `file://` URI, or any URI pyarrow's filesystems accept; or, with
+    `filesystem`, a path inside that pyarrow filesystem (which is then treated as remote).
+    """
+
+    def __init__(self, root: str | os.PathLike[str], filesystem: pafs.FileSystem | None = None):
         root = str(root)
-        if "://" in root and not root.startswith("file://"):
+        self.local_root: Path | None = None
+        if filesystem is not None:
+            self.fs, self.root = filesystem, root.rstrip("/")
+        elif "://" in root and not root.startswith("file://"):
             self.fs, self.root = pafs.FileSystem.from_uri(root)
-            self.local_root: Path | None = None
         else:
             self.local_root = Path(root.removeprefix("file://")).resolve()
             self.fs, self.root = pafs.LocalFileSystem(), str(self.local_root)
@@ -40,6 +48,18 @@ class Storage:
     def local_path(self, path: str = "") -> Path | None:
         """The local filesystem path of `path`, or None when the storage is remote."""
         return self.local_root / path if self.local_root is not None else None
+
+    @property
+    def renames_atomically(self) -> bool:
+        """Whether a directory can be renamed atomically (a local filesystem; not an object store)."""
+        return self.local_root is not None
+
+    def child(self, name: str) -> Storage:
+        """The storage rooted at `name` under this one, on the same filesystem."""
+        sub = copy.copy(self)
+        sub.root, sub.uri = self.full(name), f"{self.uri.rstrip('/')}/{name}"
+        sub.local_root = self.local_path(name)
+        return sub
 
     def makedirs(self, path: str) -> None:
         self.fs.create_dir(self.full(path), recursive=True)
@@ -57,15 +77,16 @@ class Storage:
         infos = self.fs.get_file_info(pafs.FileSelector(self.full(path), allow_not_found=True))
         return sorted(info.base_name for info in infos)
 
-    def walk_files(self, path: str) -> Iterator[tuple[str, int]]:
-        """(path relative to `path`, size) of every file below `path`."""
+    def walk_files(self, path: str) -> Iterator[tuple[str, int, int | None]]:
+        """(path relative to `path`, size, mtime in ns if the filesystem keeps one) of every file below
+        `path`, sorted by path."""
         base = self.full(path).rstrip("/") + "/"
         infos = self.fs.get_file_info(
             pafs.FileSelector(self.full(path), recursive=True, allow_not_found=True)
         )
         for info in sorted(infos, key=lambda i: i.path):
             if info.type == pafs.FileType.File:
-                yield info.path.removeprefix(base), info.size
+                yield info.path.removeprefix(base), info.size, info.mtime_ns
 
     def read_bytes(self, path: str) -> bytes:
         with self.fs.open_input_stream(self.full(path)) as stream:
@@ -114,11 +135,16 @@ class Storage:
                 dst.write(chunk)
 
     def rename(self, src: str, dst: str) -> None:
-        """Move `src` to `dst`; atomic on a local filesystem, and the parent dir is fsynced after."""
-        self.fs.move(self.full(src), self.full(dst))
+        """Move `src` to `dst` atomically, then fsync the parent dir. Local filesystems only: object
+        stores cannot rename a directory (a copy there would be visible half-done)."""
         parent = self.local_path(dst)
-        if parent is not None:
-            fsync_dir(parent.parent)
+        assert parent is not None, f"{self}: no atomic rename on a remote filesystem"
+        self.fs.move(self.full(src), self.full(dst))
+        fsync_dir(parent.parent)
+
+    def delete_file(self, path: str) -> None:
+        if self.exists(path):
+            self.fs.delete_file(self.full(path))
 
     def delete_dir(self, path: str) -> None:
         if self.exists(path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import ClassVar
 
 import pytest
@@ -31,9 +32,26 @@ def test_list_verify_prune(tmp_path, capsys):
     assert checkpoints_command("verify", str(root)) == 1
     verified = capsys.readouterr().out
     assert "step_000000006" in verified and "INVALID (state/part-0.pt: sha256 mismatch)" in verified
+    # Prune checks sums: step 4 is the newest bundle that verifies, so it stays; the damaged step 6
+    # is newer than it, so it stays too (it is skipped on resume); only step 2 goes.
     assert checkpoints_command("prune", str(root), keep=1) == 0
-    assert [i.name for i in BundleStore(root).list(verify=False)] == ["step_000000006"]
-    # Size-only listing still calls step 6 valid, so prune keeps it; verify says it is not.
+    assert json.loads(capsys.readouterr().out) == {"deleted": ["step_000000002"]}
+    assert [i.name for i in BundleStore(root).list(verify=False)] == ["step_000000004", "step_000000006"]
+    assert BundleStore(root).find_latest_valid().name == "step_000000004"
+
+
+def test_later_runs_in_run_folders_are_listed_and_pruned_each_on_its_own(tmp_path, capsys):
+    root = tmp_path / "bundles"
+    make_bundles(root, [2, 4, 6])
+    later = BundleStore(root).new_run()
+    make_bundles(later.storage.local_path(), [1, 2, 3])
+    run = later.storage.local_path().name
+    assert checkpoints_command("list", str(root)) == 0
+    names = [line.split()[0] for line in capsys.readouterr().out.splitlines()]
+    assert names == ["step_000000002", "step_000000004", "step_000000006", f"{run}/step_000000001",
+                     f"{run}/step_000000002", f"{run}/step_000000003"]  # fmt: skip
+    assert checkpoints_command("prune", str(root), keep=2) == 0
+    assert json.loads(capsys.readouterr().out) == {"deleted": ["step_000000002", f"{run}/step_000000001"]}
 
 
 def test_missing_dir_is_a_user_error(tmp_path):
