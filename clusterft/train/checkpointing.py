@@ -9,12 +9,22 @@
       manifest.json       written last by storage.BundleStore.publish
 
 Every rank writes its files into the bundle's temporary directory, a barrier waits for all of
-them, then rank 0 publishes (checksums, manifest, atomic rename) and prunes to `keep_last`.
+them, then rank 0 publishes (checksums, manifest written last) and prunes to `keep_last`.
+
+Every file holds tensors and plain data only (RNG states converted by state.rng_state) and is read
+with `torch.load(weights_only=True)`: a bundle on shared storage is data, and unpickling it must not
+run code, whoever wrote it. Bundles from before this (no `state_format` in their metadata; their RNG
+state was pickled numpy objects) are refused with a message that says what to do instead.
+
+Which bundle a run starts from, and which folder it writes to, is decided once, by the driver
+(`start_run`): a run only ever sees, prunes and exports its own bundles.
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +32,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from clusterft.config.spec import JobSpec
 from clusterft.errors import UserError
 from clusterft.storage import BundleInfo, BundleStore
 
+logger = logging.getLogger(__name__)
+
 TRAINER_FILE = "trainer.pt"
+# In every bundle's metadata: its files load with weights_only=True.
+STATE_FORMAT = "tensors/1"
 
 
 def _dumps(obj: Any) -> bytes:
@@ -34,9 +49,14 @@ def _dumps(obj: Any) -> bytes:
     return buffer.getvalue()
 
 
-def _loads(data: bytes) -> Any:
-    # Our own files, whose sha256 the manifest just vouched for; RNG states need full unpickling.
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+def _loads(store: BundleStore, name: str, relpath: str) -> Any:
+    try:
+        return torch.load(io.BytesIO(store.read_bytes(name, relpath)), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise UserError(
+            f"{store.location(name)}/{relpath} holds Python objects other than tensors and plain data; "
+            f"it is not unpickled (that would run code from shared storage): {err}"
+        ) from err
 
 
 def broadcast_object(value: Any, src: int = 0) -> Any:
@@ -79,7 +99,7 @@ def save_bundle(
         dist.barrier()  # every rank's files are durable before the manifest vouches for them
     if rank != 0:
         return None
-    info = store.publish(tmp, step, meta)
+    info = store.publish(tmp, step, {**meta, "state_format": STATE_FORMAT})
     store.prune(keep_last)
     return info
 
@@ -94,22 +114,30 @@ class LoadedBundle:
 
 
 def load_bundle(store: BundleStore, name: str, rank: int) -> LoadedBundle:
-    """Read a published bundle (already verified by the caller's `find_latest_valid`)."""
+    """Read a published bundle (already verified by the caller, e.g. by `find_latest_valid`)."""
     files = store.files(name)
     if TRAINER_FILE not in files:
         raise UserError(f"{name} is not a clusterft training checkpoint (no {TRAINER_FILE})")
-    trainer = _loads(store.read_bytes(name, TRAINER_FILE))
+    if store.inspect(name, verify=False).meta.get("state_format") != STATE_FORMAT:
+        raise UserError(
+            f"{store.location(name)} was written by an older clusterft, whose checkpoints hold pickled "
+            "Python objects; they are not loaded (unpickling a file from shared storage runs code), so "
+            "this run cannot resume from it. Start a new run: another checkpoint.name (or "
+            "resume.enabled: false with overwrite_output_dir: true); to keep the old weights, train "
+            "from the model that run exported to its output_dir"
+        )
+    trainer = _loads(store, name, TRAINER_FILE)
     state: dict[str, Any] = {"weights": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": None}
     for part_file in sorted(f for f in files if f.startswith("state/")):
-        part = _loads(store.read_bytes(name, part_file))
+        part = _loads(store, name, part_file)
         for key in ("weights", "exp_avg", "exp_avg_sq"):
             state[key].update(part[key])
         if part["step"] is not None:
             state["step"] = part["step"]
     rng_file = f"rng/rank-{rank}.pt"
-    rng = _loads(store.read_bytes(name, rng_file)) if rng_file in files else None
+    rng = _loads(store, name, rng_file) if rng_file in files else None
     local_file = f"local/rank-{rank}.pt"
-    local = _loads(store.read_bytes(name, local_file)) if local_file in files else None
+    local = _loads(store, name, local_file) if local_file in files else None
     return LoadedBundle(name, trainer, state, rng, local)
 
 
@@ -131,3 +159,85 @@ def from_checkpoint_bundle(source: Path) -> tuple[BundleStore, BundleInfo]:
             f"(`clusterft checkpoints list {source.parent}` shows which are valid)"
         )
     return store, info
+
+
+def bundle_at(location: str) -> tuple[BundleStore, str]:
+    """The store and name of the bundle at `location` (a `BundleStore.location`)."""
+    root, name = location.rstrip("/").rsplit("/", 1)
+    return BundleStore(root), name
+
+
+def verified_bundle(location: str) -> tuple[BundleStore, BundleInfo]:
+    """The bundle at `location`, verified again: a worker starting from the bundle its driver chose
+    checks it where it reads it."""
+    store, name = bundle_at(location)
+    info = store.inspect(name)
+    if not info.valid:
+        raise UserError(f"{location}: the checkpoint this run starts from is no longer valid: {info.problem}")
+    return store, info
+
+
+@dataclass(frozen=True)
+class RunStart:
+    """Where a run writes its bundles and which bundle its workers start from (None: from scratch)."""
+
+    bundle_root: str
+    bundle: str | None  # a BundleStore.location
+
+
+def start_run(spec: JobSpec, bundle_root: str, from_checkpoint: Path | None) -> RunStart:
+    """Decide, once per driver, which bundle a run starts from and which folder it writes to.
+
+    The bundle: (1) the newest valid bundle of a folder holding one written with this very spec (its
+    own progress: a relaunched driver continues it); else (2) `resume.from_checkpoint`; else (3) the
+    newest valid bundle of the run under `bundle_root` that saved last. The folder: the bundle's own,
+    when the run resumes it exactly (the same run, continued); otherwise (weights only, or a bundle
+    from elsewhere) `bundle_root` if it holds nothing yet, else a new `run-XXXXXXXX` folder inside
+    it, so an earlier run's bundles are neither pruned by this run nor taken for its own (its steps
+    start again from 0, and would otherwise sort below the earlier run's).
+    """
+    root = BundleStore(bundle_root)
+    runs = root.runs()
+    if not spec.resume.enabled and (stale := _newest_valid(runs)) is not None:
+        if not spec.train.overwrite_output_dir:
+            raise UserError(
+                f"resume.enabled is false but {bundle_root} holds checkpoints (newest "
+                f"{stale[0].location(stale[1].name)}); set overwrite_output_dir: true to delete them, "
+                "or use another checkpoint.name"
+            )
+        root.storage.delete_dir("")
+        runs = [root]
+    spec_hash = spec.spec_hash()
+    # Manifests only (no hashing) to order the runs, newest save first, and to find this spec's own.
+    listed = sorted(((run, run.list(verify=False)) for run in runs), key=_last_saved, reverse=True)
+    own = _newest_valid(
+        [run for run, infos in listed if any(i.meta.get("spec_hash") == spec_hash for i in infos)]
+    )
+    folder: BundleStore | None
+    if own is not None:
+        (store, info), folder = own, own[0]
+    elif from_checkpoint is not None:
+        (store, info), folder = from_checkpoint_bundle(from_checkpoint), None
+    elif (latest := _newest_valid([run for run, _ in listed])) is not None:
+        (store, info), folder = latest, latest[0]
+    else:
+        return RunStart(root.storage.uri, None)
+    if spec.resume.weights_only and info.meta.get("spec_hash") != spec_hash:
+        folder = None  # weights only: a new run
+    if folder is None:
+        folder = root if not root.holds_bundles() else root.new_run()
+        logger.info(
+            "this run starts from %s; its bundles go to %s", store.location(info.name), folder.storage.uri
+        )
+    return RunStart(folder.storage.uri, store.location(info.name))
+
+
+def _newest_valid(runs: list[BundleStore]) -> tuple[BundleStore, BundleInfo] | None:
+    for run in runs:
+        if (latest := run.find_latest_valid()) is not None:
+            return run, latest
+    return None
+
+
+def _last_saved(listed: tuple[BundleStore, list[BundleInfo]]) -> float:
+    return max((info.created for info in listed[1] if info.valid), default=0.0)

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from clusterft.config.spec import JobSpec
-from clusterft.errors import UserError
 from clusterft.storage import BundleStore
 from clusterft.train.callbacks import CallbackRunner
+from clusterft.train.checkpointing import RunStart
 from clusterft.train.export import evaluate_loss, export_bundle, plot_loss
 from clusterft.train.recipe import RunContext, resolve, train_loop_per_worker
 
@@ -89,48 +89,41 @@ def run_training(spec: JobSpec, *, base_dir: str | None = None, show_progress: b
 
     started = time.time()
     where = locate(spec, base_dir)
-    preflight(spec, where)
+    start = preflight(spec, where)
     where.output_dir.mkdir(parents=True, exist_ok=True)
     owns_ray = _connect(spec)
     try:
-        return _fit(spec, where, started, show_progress)
+        return _fit(spec, where, start, started, show_progress)
     finally:
         if owns_ray:
             ray.shutdown()
 
 
-def preflight(spec: JobSpec, where: RunLocation) -> None:
-    """Fail fast, before any worker starts, on what would fail in every worker (and every restart)."""
+def preflight(spec: JobSpec, where: RunLocation) -> RunStart:
+    """Fail fast, before any worker starts, on what would fail in every worker (and every restart);
+    return where the run writes its bundles and which bundle it starts from."""
     from clusterft.data import build_datasets
     from clusterft.hf.loading import check_model_dir, load_tokenizer
-    from clusterft.train.checkpointing import from_checkpoint_bundle, load_bundle
+    from clusterft.train.checkpointing import bundle_at, load_bundle, start_run
 
     model_dir = check_model_dir(resolve(where.base_dir, spec.model.model_name_or_path))
     tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
     train = build_datasets(spec.data, tokenizer, seed=spec.train.seed, base_dir=where.base_dir).train
-    store = BundleStore(where.bundle_root)
-    latest = store.find_latest_valid()
-    if latest is not None and not spec.resume.enabled:
-        if not spec.train.overwrite_output_dir:
-            raise UserError(
-                f"resume.enabled is false but {where.bundle_root} holds checkpoints (newest {latest.name}); "
-                "set overwrite_output_dir: true to delete them, or use another checkpoint.name"
-            )
-        store.storage.delete_dir("")
-        latest = None
-    if latest is None and spec.resume.from_checkpoint:
-        store, latest = from_checkpoint_bundle(resolve(where.base_dir, spec.resume.from_checkpoint))
-    if latest is None:
-        return
+    source = spec.resume.from_checkpoint
+    start = start_run(spec, where.bundle_root, resolve(where.base_dir, source) if source else None)
+    if start.bundle is None:
+        return start
+    store, name = bundle_at(start.bundle)  # start_run verified it
     from clusterft.hf.loading import load_model
     from clusterft.hf.lora import lora_target_modules
     from clusterft.train.plan import check_resumable, compat_record
 
     targets = lora_target_modules(load_model(model_dir), spec.method.lora_target)
-    trainer = load_bundle(store, latest.name, rank=0).trainer
+    trainer = load_bundle(store, name, rank=0).trainer
     weights_only = spec.resume.weights_only and trainer["spec_hash"] != spec.spec_hash()
     current = compat_record(spec, model_dir, train, targets)
-    check_resumable(trainer["compat"], current, weights_only, latest.name)
+    check_resumable(trainer["compat"], current, weights_only, name)
+    return start
 
 
 def _connect(spec: JobSpec) -> bool:
@@ -148,7 +141,9 @@ def _connect(spec: JobSpec) -> bool:
     return True
 
 
-def _fit(spec: JobSpec, where: RunLocation, started: float, show_progress: bool) -> RunSummary:
+def _fit(
+    spec: JobSpec, where: RunLocation, start: RunStart, started: float, show_progress: bool
+) -> RunSummary:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
@@ -158,7 +153,12 @@ def _fit(spec: JobSpec, where: RunLocation, started: float, show_progress: bool)
     resources = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = cluster.gpus_per_worker
-    context = RunContext(bundle_root=where.bundle_root, base_dir=where.base_dir, run_dir=str(where.run_dir))
+    context = RunContext(
+        bundle_root=start.bundle_root,
+        base_dir=where.base_dir,
+        run_dir=str(where.run_dir),
+        start_from=start.bundle,
+    )
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -192,21 +192,24 @@ def _fit(spec: JobSpec, where: RunLocation, started: float, show_progress: bool)
         tracker.drain(progress, timeout=0.2)
     tracker.drain(progress, timeout=0)
     tracker.close()
-    return _finish(spec, where, tracker, started, outcome.get("error"))
+    return _finish(spec, where, BundleStore(start.bundle_root), tracker, started, outcome.get("error"))
 
 
 def _finish(
-    spec: JobSpec, where: RunLocation, tracker: ProgressTracker, started: float, error: Exception | None
+    spec: JobSpec,
+    where: RunLocation,
+    store: BundleStore,
+    tracker: ProgressTracker,
+    started: float,
+    error: Exception | None,
 ) -> RunSummary:
-    """Export the newest valid bundle, plot, and write run_summary.json."""
-    latest = BundleStore(where.bundle_root).find_latest_valid()
+    """Export this run's newest valid bundle, plot, and write run_summary.json."""
+    latest = store.find_latest_valid()
     completed = int(latest.meta.get("global_step", 0)) if latest else 0
     planned = tracker.planned_steps
     output = None
     if latest is not None and error is None:
-        output = str(
-            export_bundle(spec, where.base_dir, BundleStore(where.bundle_root), latest.name, where.output_dir)
-        )
+        output = str(export_bundle(spec, where.base_dir, store, latest.name, where.output_dir))
     if spec.train.plot_loss:
         plot_loss(where.output_dir / "metrics.jsonl", where.output_dir / "loss.png")
     status, error_text = run_status(error, planned, completed)
@@ -224,7 +227,7 @@ def _finish(
         resumed_from=tracker.resumed_from,
         wall_time_s=round(time.time() - started, 3),
         output=output,
-        checkpoint=f"{where.bundle_root}/{latest.name}" if latest else None,
+        checkpoint=store.location(latest.name) if latest else None,
         error=error_text,
         eval_metrics=eval_metrics,
         checkpoints=tracker.checkpoints,

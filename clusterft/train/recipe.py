@@ -37,9 +37,9 @@ from clusterft.storage import BundleStore
 from clusterft.train.checkpointing import (
     LoadedBundle,
     broadcast_object,
-    from_checkpoint_bundle,
     load_bundle,
     save_bundle,
+    verified_bundle,
 )
 from clusterft.train.deepspeed_config import build_deepspeed_config
 from clusterft.train.plan import check_resumable, compat_record, plan_run, warmup_steps
@@ -61,6 +61,7 @@ class RunContext:
     bundle_root: str  # where this run's checkpoint bundles live (local dir or URI)
     base_dir: str  # relative paths in the spec are relative to the driver's working directory
     run_dir: str  # local dir for worker pid files (fault tests kill a worker by its pid)
+    start_from: str | None = None  # the bundle the driver chose to start from (checkpointing.start_run)
 
 
 def resolve(base_dir: str, path: str) -> Path:
@@ -144,17 +145,15 @@ class Recipe:
         """The bundle to resume from (rank 0 picks, every rank reads).
 
         This run's own newest valid bundle comes first: after a worker failure the run continues
-        from its own progress. Without one, `resume.from_checkpoint` (a bundle dir), if given; and
-        with `resume.enabled: false`, nothing else (preflight made sure no stale bundles exist).
+        from its own progress. Without one, the bundle the driver chose to start from, if any.
         """
         location = None
         if self.rank == 0:
             info = self.store.find_latest_valid()
             if info is not None:
                 location = (str(self.store.storage.uri), info.name)
-            elif self.spec.resume.from_checkpoint:
-                source = resolve(self.run.base_dir, self.spec.resume.from_checkpoint)
-                store, checked = from_checkpoint_bundle(source)
+            elif self.run.start_from is not None:
+                store, checked = verified_bundle(self.run.start_from)
                 location = (str(store.storage.uri), checked.name)
         location = broadcast_object(location)
         return load_bundle(BundleStore(location[0]), location[1], self.rank) if location else None

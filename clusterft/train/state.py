@@ -137,16 +137,39 @@ def model_state_bytes(engine) -> dict[str, int]:
 
 
 def rng_state() -> dict[str, Any]:
-    """Every generator a training step may draw from (dropout, LoRA dropout, data helpers)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator a training step may draw from (dropout, LoRA dropout, data helpers), as
+    tensors and plain numbers only, so a checkpoint loads with `torch.load(weights_only=True)`."""
+    version, mt, gauss_next = random.getstate()
+    kind, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "mt": torch.tensor(mt, dtype=torch.int64), "gauss_next": gauss_next},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(keys.astype(np.int64)),  # uint32 words, exact in int64
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    """Put back what `rng_state()` returned: every generator continues exactly where it was."""
+    python, numpy = state["python"], state["numpy"]
+    random.setstate((python["version"], tuple(python["mt"].tolist()), python["gauss_next"]))
+    np.random.set_state(
+        (
+            numpy["kind"],
+            numpy["keys"].numpy().astype(np.uint32),
+            numpy["pos"],
+            numpy["has_gauss"],
+            numpy["cached_gaussian"],
+        )
+    )
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

@@ -119,6 +119,6 @@ def test_preflight_reads_from_checkpoint_only_without_a_bundle_of_its_own(tiny_l
         tiny_llama, tmp_path / "out", resume={"from_checkpoint": str(tmp_path / "gone" / "step_000000004")}
     )
     own = BundleStore(locate(job).bundle_root)
-    own.publish(own.begin(2), 2, {})
+    own.publish(own.begin(2), 2, {"spec_hash": job.spec_hash()})  # written by this very spec
     with pytest.raises(UserError, match="not a clusterft training checkpoint"):
         preflight(job, locate(job))  # it went on to load its own (empty) bundle, not the missing one
