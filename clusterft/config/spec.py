@@ -266,6 +266,10 @@ class PromoteSpec(Section):
     alias: Literal["production", "canary"] = Field(
         default="production", description="Alias moved on success."
     )
+    auto: bool = Field(
+        default=False,
+        description="Without gates, move the alias anyway; off: the version is only registered.",
+    )
     merge: bool = Field(
         default=False,
         description="Register the LoRA adapter merged into its base, after the merge-equivalence check.",

@@ -1,6 +1,7 @@
 """The jobs REST API: the CLI's operations over HTTP, documented by FastAPI's OpenAPI schema.
 
-    POST /v1/jobs                   {"spec": {...} | "spec_yaml": "...", "name": ...} → 201 the job
+    POST /v1/jobs                   {"spec": {...} | "spec_yaml": "...", "name": ...} → 201 the job;
+                                    a retry with the same `Idempotency-Key` header → the same job
     GET  /v1/jobs                   jobs, newest first
     GET  /v1/jobs/{id}              state, progress, results, history, log files
     GET  /v1/jobs/{id}/logs         every attempt's log text (text/plain)
@@ -21,14 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Header, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
 from clusterft.config import parse_job_dict
 from clusterft.controller.jobs import Jobs, job_record
 from clusterft.controller.state import IllegalTransition
-from clusterft.controller.store import StaleState, UnknownJob
+from clusterft.controller.store import FolderInUse, IdempotencyKeyReused, StaleState, UnknownJob
 from clusterft.errors import UserError
 from clusterft.http import (
     API_KEY_ENV,
@@ -65,7 +66,7 @@ def create_app(jobs: Jobs, api_key: str | None = None, admin_api_key: str | None
     async def _user_error(_request: Request, err: UserError) -> JSONResponse:
         if isinstance(err, UnknownJob):
             return APIError(404, str(err), code="job_not_found").response()
-        if isinstance(err, IllegalTransition | StaleState):
+        if isinstance(err, IllegalTransition | StaleState | FolderInUse | IdempotencyKeyReused):
             return APIError(409, str(err), code="conflict").response()
         return APIError(400, str(err)).response()
 
@@ -85,13 +86,22 @@ def create_app(jobs: Jobs, api_key: str | None = None, admin_api_key: str | None
     auth, admin = [Depends(authorize)], [Depends(authorize_admin)]
 
     @app.post("/v1/jobs", status_code=201, dependencies=admin)
-    def submit(body: SubmitRequest) -> dict[str, Any]:
+    def submit(
+        body: SubmitRequest,
+        idempotency_key: str | None = Header(
+            default=None,
+            min_length=1,
+            max_length=255,
+            description="A unique string per job: a retry with the same key returns the first job.",
+        ),
+    ) -> dict[str, Any]:
         if (body.spec is None) == (body.spec_yaml is None):
             raise APIError(400, "give exactly one of `spec` (object) or `spec_yaml` (text)", "spec")
         raw = body.spec if body.spec is not None else yaml.safe_load(body.spec_yaml or "")
         if not isinstance(raw, dict):
             raise APIError(400, "the job spec must be a mapping of keys", "spec")
-        job = jobs.submit(parse_job_dict(raw, "request"), base_dir=body.base_dir, name=body.name)
+        spec = parse_job_dict(raw, "request")
+        job = jobs.submit(spec, base_dir=body.base_dir, name=body.name, idempotency_key=idempotency_key)
         return job_record(job)
 
     @app.get("/v1/jobs", dependencies=auth)

@@ -13,6 +13,12 @@ cluster's controller on the same storage. The store, the run files and the regis
 state, so a killed actor (Ray restarts it: `max_restarts=-1`) re-reads them and continues: a
 training driver that outlived it is re-attached, one that died is relaunched from its checkpoint.
 User commands (submit, cancel, resume) write the store directly; the controller reconciles.
+
+No job is lost to another one: a job whose step fails is logged and tried again next tick, a row
+the store cannot read is set aside (`_set_aside`), and a tick that fails as a whole (the store
+locked or unreadable) is retried after a backoff by `supervise`, which ends the actor's process
+after too many in a row so that Ray restarts it. Heavy I/O (hashing a checkpoint for `resumed_from`,
+copying a model into the registry) runs in a small thread pool, never in the tick.
 """
 
 from __future__ import annotations
@@ -22,25 +28,32 @@ import os
 import subprocess
 import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 from clusterft.controller.policy import (
+    TICK_FAILURES,
     Complete,
     Failure,
     GiveUp,
     Promote,
+    RestartController,
+    TickFailurePolicy,
     VersionState,
     check_completion,
     decide_after_failure,
+    decide_after_tick_failure,
     decide_promotion,
     decide_serving,
     parse_gates,
 )
-from clusterft.controller.runs import Phase, RunFiles, describe_exit, kill, launch, pid_runs_job
+from clusterft.controller.runs import Phase, RunFiles, describe_exit, kill, kill_drivers, launch, pid_runs_job
 from clusterft.controller.state import (
     HOLDS_VERSION,
+    SETTLED,
     Errored,
     Evaluating,
     Failed,
@@ -50,19 +63,23 @@ from clusterft.controller.state import (
     Resuming,
     Training,
 )
-from clusterft.controller.store import JobStore, StaleState
+from clusterft.controller.store import JobStore, StaleState, UnreadableJob, UnreadableRow
 from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, SpecSchemaError, job_spec
-from clusterft.registry.registry import AliasChange, Registry
+from clusterft.errors import UserError
+from clusterft.registry.registry import AliasChange, Registry, Version, check_model_name
 from clusterft.registry.serving import live_versions, read_records
 
 logger = logging.getLogger(__name__)
 CONTROLLER_NAME = "clusterft-controller"
 NAMESPACE = "clusterft"
+T = TypeVar("T")
 
 
 RUN_FILES = frozenset({"metrics.jsonl", "loss.png", "run_summary.json"})
 """Files of output_dir that describe the run rather than the model; not registered."""
 TRAIN_FACTS = ("planned_steps", "completed_steps", "final_loss", "checkpoint", "output", "wall_time_s")
+IO_THREADS = 2
+"""Heavy I/O steps running at once (each a checkpoint to hash or a model to copy)."""
 
 
 def store_path(root: str | Path) -> Path:
@@ -76,8 +93,18 @@ class _Run:
     pid: int
 
 
+@dataclass
+class _Work:
+    """Heavy I/O for one step of one job, running in the I/O pool."""
+
+    key: tuple[str, float]
+    """(step, the job's updated_at when it started): a job that moved since starts its step anew."""
+    future: Future[Any]
+
+
 class Controller:
-    """Every decision and effect of the controller, without Ray (the actor calls `tick` in a loop)."""
+    """Every decision and effect of the controller, without Ray (the actor calls `tick` in a loop).
+    `journal_mode` and `busy_timeout_s` are the job store's (see store.py)."""
 
     def __init__(
         self,
@@ -85,22 +112,37 @@ class Controller:
         registry_root: str | Path,
         *,
         env: dict[str, str] | None = None,
+        journal_mode: Literal["wal", "delete"] = "wal",
+        busy_timeout_s: float = 30.0,
     ):
         self.root = Path(root)
-        self.store = JobStore(store_path(root))
+        self.store = JobStore(store_path(root), journal_mode=journal_mode, busy_timeout_s=busy_timeout_s)
         self.registry = Registry(registry_root)
         self.env = env if env is not None else dict(os.environ)
         self.runs: dict[str, _Run] = {}
+        self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="clusterft-io")
+        self.work: dict[str, _Work] = {}
         self.unreadable: dict[str, str] = {}
         """Jobs whose stored spec this clusterft cannot read (newer schema, or invalid), and why."""
+        self.unreadable_rows: dict[str, str] = {}
+        """Jobs whose row the store cannot read and that are left alone, and why (said once)."""
 
     def tick(self) -> None:
-        """Move every unsettled job one step; stop runs of jobs that were cancelled meanwhile; then
-        reconcile the jobs holding registry versions."""
+        """Set aside rows the store cannot read; stop runs of jobs that were cancelled meanwhile;
+        move every unsettled job one step; then reconcile the jobs holding registry versions. A job
+        whose step fails is logged and tried again next tick; a failing read of the store raises
+        (`supervise` retries)."""
+        for row in self.store.unreadable():
+            self._set_aside(row)
         for job_id in list(self.runs):
-            if self.store.get(job_id).status is JobState.CANCELLED:
-                kill(self.runs.pop(job_id).pid)
-        for job in self.store.unsettled():
+            try:
+                cancelled = self.store.get(job_id).status is JobState.CANCELLED
+            except UnreadableJob:
+                continue
+            if cancelled:
+                _stop_soon(self.runs.pop(job_id).pid)
+        unsettled = self.store.unsettled()
+        for job in unsettled:
             try:
                 if job.spec_schema != SPEC_SCHEMA_VERSION:
                     job = self._upgrade_spec(job)
@@ -109,9 +151,20 @@ class Controller:
                 self.advance(job)
             except StaleState:
                 pass  # a user command moved it first; the next tick sees where it is now
+            except SpecSchemaError as err:  # of the current schema: damaged, it will not heal
+                try:
+                    self._give_up(job, f"its stored spec cannot be read: {err}")
+                except Exception:
+                    logger.exception("controller: giving up job %s in %s", job.id, job.status)
             except Exception:
                 logger.exception("controller: job %s in %s", job.id, job.status)
+        for job_id in self.work.keys() - {job.id for job in unsettled}:
+            self.work.pop(job_id).future.cancel()  # cancelled meanwhile: a running step's result is dropped
         self.reconcile()
+
+    def close(self) -> None:
+        self.io.shutdown(wait=False, cancel_futures=True)
+        self.store.close()
 
     def _upgrade_spec(self, job: Job) -> Job | None:
         """The job with its spec in the current schema (dropped keys go in its history), or None
@@ -124,6 +177,56 @@ class Controller:
             self.unreadable[job.id] = str(err)
             logger.error("controller: leaving job %s alone: %s", job.id, err)
             return None
+
+    def _set_aside(self, row: UnreadableRow) -> None:
+        """A row the store cannot read. A damaged one (`row.corrupt`) of an unsettled job goes to
+        `error`, its driver stopped, so it is readable again and `jobs resume` restarts it from its
+        checkpoint; any other (a newer clusterft's state or fields, a settled job) is left alone.
+        Said once in the log, not at every tick."""
+        if self.unreadable_rows.get(row.job_id) == row.error:
+            return
+        try:
+            unsettled = JobState(row.state) not in SETTLED
+        except ValueError:
+            unsettled = False  # a state this clusterft does not know
+        if row.corrupt and unsettled:
+            why = (
+                f"the job store's record of this job could not be read ({row.error}; the damaged text is "
+                f"in this event); `clusterft jobs resume {row.job_id}` starts it again from its newest "
+                "valid checkpoint"
+            )
+            run = self.runs.pop(row.job_id, None)
+            if run is not None:
+                _stop_soon(run.pid)
+            kill_drivers(self.root, row.job_id, row.attempt)
+            if self.store.set_aside(row, why):
+                logger.error("controller: job %s set aside in error: its row %s", row.job_id, row.error)
+            return  # or it changed meanwhile: the next tick reads it again
+        logger.error("controller: leaving job %s (%s) alone: its row %s", row.job_id, row.state, row.error)
+        self.unreadable_rows[row.job_id] = row.error
+
+    def _give_up(self, job: Job, why: str) -> None:
+        """Move a job the controller cannot carry on to `error` (a training one through `failed`:
+        the state machine records every training failure), stopping its driver if one runs."""
+        run = self.runs.pop(job.id, None)
+        if run is not None:
+            _stop_soon(run.pid)
+        if job.status in (JobState.TRAINING, JobState.RESUMING):
+            job = self.store.transition(job.id, job.status, Failed(why, retryable=False))
+        self.store.transition(job.id, job.status, Errored(why))
+
+    def _off_thread(self, job: Job, step: str, work: Callable[[], T]) -> Future[T] | None:
+        """Run `work` (heavy I/O of `step` for `job`) in the I/O pool: None while it runs, then its
+        finished future, once. The tick polls; it never waits for the work."""
+        key = (step, job.updated_at)
+        pending = self.work.get(job.id)
+        if pending is None or pending.key != key:
+            self.work[job.id] = _Work(key, self.io.submit(work))
+            return None
+        if not pending.future.done():
+            return None
+        del self.work[job.id]
+        return pending.future
 
     def reconcile(self, now: float | None = None) -> None:
         """Move each registered, promoted or serving job to where the registry's aliases and the
@@ -169,6 +272,7 @@ class Controller:
 
     def _start(self, job: Job) -> None:
         try:
+            check_model_name(job.name)  # submit checks it; a job stored before it did is told here
             parse_gates(job_spec(job))
         except Exception as err:
             self.store.transition(job.id, JobState.SUBMITTED, Errored(f"{type(err).__name__}: {err}"))
@@ -181,11 +285,16 @@ class Controller:
             self._launch_training(job, JobState.RESUMING)
 
     def _launch_training(self, job: Job, expected: JobState) -> None:
+        """Launch the training driver once the newest valid checkpoint (what the driver resumes
+        from, recorded as `resumed_from`) is found: every bundle's sha256 is checked, off the tick."""
         from clusterft.storage import BundleStore
         from clusterft.train.launcher import locate
 
         where = locate(job_spec(job))
-        latest = BundleStore(where.bundle_root).find_latest_valid()
+        found = self._off_thread(job, "resume point", BundleStore(where.bundle_root).find_latest_valid)
+        if found is None:
+            return
+        latest = found.result()
         resumed_from = f"{where.bundle_root}/{latest.name}" if latest else None
         job = self.store.transition(job.id, expected, Training(resumed_from=resumed_from))
         self._launch(job, "train")
@@ -249,7 +358,8 @@ class Controller:
     # ------------------------------------------------------------ evaluate, register, promote
 
     def _evaluate(self, job: Job) -> None:
-        """Evaluate and (promote.merge) merge in the eval driver, then register and decide."""
+        """Evaluate and (promote.merge) merge in the eval driver, register off the tick, then decide
+        and promote."""
         spec = job_spec(job)
         outcome: dict[str, Any] = {"metrics": {}}
         if spec.eval.enabled or spec.promote.merge:
@@ -268,48 +378,75 @@ class Controller:
                 self.store.transition(job.id, JobState.EVALUATING, Errored(f"{stage} failed: {why}"))
                 return
             outcome = polled
-        self._register_and_promote(job, spec, outcome["metrics"], outcome.get("merged"))
+        metrics, merged = outcome["metrics"], outcome.get("merged")
+        registered = self._off_thread(
+            job, "register", lambda: self._find_or_register(job, spec, metrics, merged)
+        )
+        if registered is None:
+            return
+        try:
+            version = registered.result()
+        except UserError as err:  # the registry refused it (its name, a missing base model): it stays so
+            self.store.transition(job.id, JobState.EVALUATING, Errored(f"registration failed: {err}"))
+            return
+        self._decide_promotion(job, spec, metrics, version)
 
-    def _register_and_promote(
-        self, job: Job, spec: Any, metrics: dict[str, Any], merged: dict[str, Any] | None = None
-    ) -> None:
-        """Register (once: a controller restarted mid-way finds its version by job id), decide,
-        move the alias, then record the outcome. Every effect is idempotent, so a crash between two
-        of them is repaired by doing all of them again. `merged` is the eval driver's staged merge
-        (promote.merge): registered as a `merged` version with its passing merge check."""
+    def _find_or_register(
+        self, job: Job, spec: Any, metrics: dict[str, Any], merged: dict[str, Any] | None
+    ) -> Version:
+        """The job's version: the one a controller restarted mid-way registered already (same job
+        and checkpoint; verified), or a new one. `merged` is the eval driver's staged merge
+        (promote.merge): registered as a `merged` version with its passing merge check. Runs in
+        the I/O pool: it reads and copies every file of the model."""
         name = job.name
-        version = next((v for v in self.registry.versions(name) if v.manifest.job_id == job.id), None)
-        if version is None:
-            lora = spec.method.finetuning_type == "lora"
-            kind = "merged" if merged else "adapter" if lora else "full"
-            version = self.registry.register(
-                name,
-                Path(merged["dir"]) if merged else self._model_files(job, spec),
-                kind=kind,
-                base_model=spec.model.model_name_or_path if lora else None,
-                job_id=job.id,
-                checkpoint=(job.result.get("train") or {}).get("checkpoint"),
-                eval_results=metrics,
-                merge_check=merged["merge_check"] if merged else None,
-            )
+        checkpoint = (job.result.get("train") or {}).get("checkpoint")
+        for version in self.registry.versions(name):
+            if version.manifest.job_id == job.id and version.manifest.checkpoint == checkpoint:
+                return self.registry.verify(name, version.version)
+        lora = spec.method.finetuning_type == "lora"
+        kind = "merged" if merged else "adapter" if lora else "full"
+        return self.registry.register(
+            name,
+            Path(merged["dir"]) if merged else self._model_files(job, spec),
+            kind=kind,
+            base_model=spec.model.model_name_or_path if lora else None,
+            job_id=job.id,
+            checkpoint=checkpoint,
+            eval_results=metrics,
+            merge_check=merged["merge_check"] if merged else None,
+        )
+
+    def _decide_promotion(self, job: Job, spec: Any, metrics: dict[str, Any], version: Version) -> None:
+        """Register the job and, when the gates (or promote.auto) say so, move the alias in the same
+        compare-and-set: a job cancelled meanwhile never has its version promoted. A crash between
+        the alias move and the commit leaves the job evaluating, and the next tick does both again
+        (the version is found, the move is a no-op)."""
+        name, alias = job.name, spec.promote.alias
         production = self.registry.aliases(name).get("production")
         production_eval = dict(self.registry.show(name, production).manifest.eval) if production else None
         decision = decide_promotion(
-            metrics, parse_gates(spec), production_eval, spec.promote.not_worse_than_production
+            metrics,
+            parse_gates(spec),
+            production_eval,
+            spec.promote.not_worse_than_production,
+            auto=spec.promote.auto,
         )
         result = {"eval": metrics, "model_name": name, "version": version.version}
         if not isinstance(decision, Promote):
+            why = (
+                f"{decision.reason}; to promote it anyway: "
+                f"`clusterft registry promote {name} {version.version} --alias {alias}`"
+            )
             self.store.transition(
-                job.id,
-                JobState.EVALUATING,
-                Registered(name, version.version, why=decision.reason),
-                result=result,
+                job.id, JobState.EVALUATING, Registered(name, version.version, why=why), result=result
             )
             return
         # The reconcile pass that follows moves the job to promoted (and serving), and the job that
-        # held the alias before back to registered: the same path as a `registry promote`.
-        self.registry.promote(name, version.version, spec.promote.alias)
-        self.store.transition(job.id, JobState.EVALUATING, Registered(name, version.version), result=result)
+        # held the alias before back to registered: the same path as a `registry promote`. The files
+        # were hashed as they were copied in (or verified when found): no second read here.
+        registered = Registered(name, version.version)
+        with self.store.moving(job.id, JobState.EVALUATING, registered, result=result):
+            self.registry.promote(name, version.version, alias, verify=False)
 
     def _model_files(self, job: Job, spec: Any) -> Path:
         """The exported adapter or model of output_dir, without the run's own files (metrics, plots,
@@ -335,6 +472,49 @@ def training_outcome(result: dict[str, Any]) -> Complete | Failure:
     return check_completion(result["planned_steps"], result["completed_steps"])
 
 
+def _stop_soon(pid: int) -> None:
+    """Stop a driver without holding up the tick (`kill` waits up to its grace period)."""
+    threading.Thread(target=kill, args=(pid,), name=f"clusterft-kill-{pid}", daemon=True).start()
+
+
+def supervise(
+    controller: Controller,
+    wake: threading.Event,
+    poll_s: float,
+    policy: TickFailurePolicy = TICK_FAILURES,
+    *,
+    stop: threading.Event | None = None,
+) -> RestartController | None:
+    """Tick `controller` every `poll_s` (at once when `wake` is set) until `stop` is set (None), or
+    until `policy` says the failed ticks in a row are enough (its decision). A tick that fails as a
+    whole (the store locked, unreadable, its disk full) is logged and retried after a doubling
+    backoff: it never ends the loop silently while the actor looks alive."""
+    stop = stop or threading.Event()
+    failures = 0
+    while not stop.is_set():
+        try:
+            controller.tick()
+            failures, wait_s = 0, poll_s
+        except Exception as err:
+            failures += 1
+            error = f"{type(err).__name__}: {err}"
+            decision = decide_after_tick_failure(failures, error, policy)
+            if isinstance(decision, RestartController):
+                logger.critical("controller: %s", decision.reason, exc_info=True)
+                return decision
+            logger.error(
+                "controller: tick failed (%d in a row): %s; next try in %gs",
+                failures,
+                error,
+                decision.after_s,
+                exc_info=True,
+            )
+            wait_s = decision.after_s
+        wake.wait(wait_s)
+        wake.clear()
+    return None
+
+
 # ---------------------------------------------------------------- the Ray actor
 
 
@@ -358,10 +538,10 @@ class JobControllerActor:
         threading.Thread(target=self._loop, name="clusterft-controller", daemon=True).start()
 
     def _loop(self) -> None:
-        while True:
-            self.controller.tick()
-            self._wake.wait(self.poll_s)
-            self._wake.clear()
+        supervise(self.controller, self._wake, self.poll_s)
+        # The store stayed unusable: end the process (sys.exit in a thread would end only this
+        # thread, leaving an actor that looks alive and moves no job); Ray restarts the actor.
+        os._exit(1)
 
     def wake(self) -> None:
         """Act now rather than at the next poll (after a submit, cancel or resume)."""

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterft.config.spec import JobSpec
-from clusterft.controller.runs import RunFiles, kill, pid_runs_job
+from clusterft.controller.runs import kill_drivers
 from clusterft.controller.state import Cancelled, Job, JobState, Resuming
 from clusterft.controller.store import JobStore, StaleState
 from clusterft.errors import UserError
@@ -90,7 +90,19 @@ def progress(job: Job) -> dict[str, Any]:
         spec.train.max_steps if spec.train.max_steps > 0 else None
     )
     last = max(steps) if steps else 0
-    return {"step": last, "planned_steps": planned, "loss": steps[last]["loss"] if steps else None}
+    return {"step": last, "planned_steps": planned, "loss": steps[last].get("loss") if steps else None}
+
+
+def run_folders(spec: JobSpec) -> dict[str, str]:
+    """The folders a job's run writes, by the spec keys that choose them: two unsettled jobs
+    writing one of them would overwrite each other's checkpoints, exports and metrics."""
+    from clusterft.train.launcher import locate
+
+    where = locate(spec)
+    return {
+        "train.output_dir": str(where.output_dir),
+        "checkpoint.storage_path/name": f"{where.storage_path}/{where.name}",
+    }
 
 
 class Jobs:
@@ -110,12 +122,22 @@ class Jobs:
         if self.controller is not None:
             self.controller.wake.remote()
 
-    def submit(self, spec: JobSpec, base_dir: str | Path | None = None, name: str | None = None) -> Job:
-        """Record the job (paths made absolute) and return it at once; the controller starts it."""
+    def submit(
+        self,
+        spec: JobSpec,
+        base_dir: str | Path | None = None,
+        name: str | None = None,
+        *,
+        idempotency_key: str | None = None,
+    ) -> Job:
+        """Record the job (paths made absolute) and return it at once; the controller starts it.
+        Refused (`FolderInUse`) while an unsettled job writes its output or checkpoint folder; with
+        `idempotency_key`, a retried submission returns the job the first one made."""
         from clusterft.controller.policy import parse_gates
 
         parse_gates(spec)  # a bad gate is the user's mistake: say so now, not after training
-        job = self.store.submit(absolute_spec(spec, base_dir or os.getcwd()), name=name)
+        spec = absolute_spec(spec, base_dir or os.getcwd())
+        job = self.store.submit(spec, name=name, idempotency_key=idempotency_key, folders=run_folders(spec))
         self._wake()
         return job
 
@@ -137,15 +159,13 @@ class Jobs:
         else:
             raise UserError(f"job {job_id} keeps changing state; try again")
         # Kill here too: the driver runs on this host when the controller does (or no controller runs).
-        for phase in ("train", "eval"):
-            pid = RunFiles.of(self.root, job_id, job.attempt, phase).read_pid()
-            if pid is not None and pid_runs_job(pid, job_id):
-                kill(pid)
+        kill_drivers(self.root, job_id, job.attempt)
         self._wake()
         return job
 
     def resume(self, job_id: str) -> Job:
-        """Relaunch a cancelled or failed (error) job from its newest valid checkpoint."""
+        """Relaunch a cancelled or failed (error) job from its newest valid checkpoint; refused
+        (`FolderInUse`) while another unsettled job writes its folders."""
         job = self.store.get(job_id)
         if job.status not in (JobState.CANCELLED, JobState.ERROR):
             raise UserError(f"job {job_id} is {job.status}; only cancelled or error jobs can be resumed")

@@ -1,5 +1,6 @@
-"""Pure decisions of the controller: resume or give up, did training finish, promote or hold, and
-where a job holding a registry version stands (registered, promoted, serving).
+"""Pure decisions of the controller: resume or give up, did training finish, promote or hold, where
+a job holding a registry version stands (registered, promoted, serving), and how to go on when a
+whole tick fails.
 
 Each function takes plain values and returns a small decision object; the controller actor only
 carries the decision out. Nothing here touches Ray, the store or the filesystem.
@@ -196,9 +197,16 @@ def decide_promotion(
     gates: Sequence[Gate | str],
     production_metrics: Mapping[str, float] | None,
     not_worse_than_production: bool,
+    *,
+    auto: bool = False,
 ) -> Promote | Hold:
     """Promote when every gate passes and, if asked, no gated metric is worse than production's.
-    With no production version yet (None) the comparison is vacuous. Holds name every reason."""
+    With no production version yet (None) the comparison is vacuous. Holds name every reason.
+    Without gates nothing was checked, so only `auto` (promote.auto) promotes."""
+    if not gates:
+        if auto:
+            return Promote(("no gates; promote.auto is true",))
+        return Hold("not promoted: no promote.gates, and promote.auto is false: a version nothing checked")
     parsed = [gate if isinstance(gate, Gate) else parse_gate(gate) for gate in gates]
     problems: list[str] = []
     notes: list[str] = []
@@ -278,3 +286,52 @@ def _moved(alias: str, aliases: Mapping[str, str | None], last_moves: Mapping[st
         return f"{alias} points at {target}"
     verb = "rolled back" if change.action == "rollback" else "promoted"
     return f"{alias} {verb} to {target} ({change.at})"
+
+
+# ---------------------------------------------------------------- a tick that fails
+
+
+@dataclass(frozen=True)
+class TickFailurePolicy:
+    """How the controller's loop answers ticks that fail as a whole (the store unreadable or locked):
+    it retries after a doubling backoff, and after `max_consecutive` failures in a row it ends its
+    process, so that Ray restarts the actor (`max_restarts=-1`) with fresh connections and state."""
+
+    max_consecutive: int = 10
+    first_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        if self.max_consecutive < 1:
+            raise ValueError(f"max_consecutive must be at least 1, got {self.max_consecutive}")
+        if not 0 < self.first_backoff_s <= self.max_backoff_s:
+            raise ValueError(
+                f"need 0 < first_backoff_s <= max_backoff_s, got {self.first_backoff_s}, {self.max_backoff_s}"
+            )
+
+
+TICK_FAILURES = TickFailurePolicy()
+"""The controller's: 10 failures in a row, 0.5 s doubling to 30 s between them (2 minutes of waits)."""
+
+
+@dataclass(frozen=True)
+class RetryTick:
+    after_s: float
+
+
+@dataclass(frozen=True)
+class RestartController:
+    reason: str
+
+
+def decide_after_tick_failure(
+    consecutive: int, error: str, policy: TickFailurePolicy = TICK_FAILURES
+) -> RetryTick | RestartController:
+    """After the `consecutive`-th failed tick in a row (1-based) that failed with `error`."""
+    assert consecutive >= 1, consecutive
+    if consecutive >= policy.max_consecutive:
+        return RestartController(
+            f"{consecutive} ticks in a row failed, the last with {error}; ending the controller process "
+            "so that Ray restarts it"
+        )
+    return RetryTick(min(policy.first_backoff_s * 2 ** (consecutive - 1), policy.max_backoff_s))

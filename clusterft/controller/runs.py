@@ -106,6 +106,15 @@ def launch(files: RunFiles, job_id: str, store_path: Path, env: dict[str, str]) 
     return process
 
 
+def kill_drivers(root: Path, job_id: str, attempt: int) -> None:
+    """Stop whichever driver of the job's attempt still runs (train or eval), found by its pid file."""
+    phases: tuple[Phase, ...] = ("train", "eval")
+    for phase in phases:
+        pid = RunFiles.of(root, job_id, attempt, phase).read_pid()
+        if pid is not None and pid_runs_job(pid, job_id):
+            kill(pid)
+
+
 def kill(pid: int, grace_s: float = 5.0) -> None:
     """SIGTERM the driver's process group, SIGKILL whatever is left after `grace_s`."""
     for sig, wait in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 0.0)):

@@ -3,7 +3,13 @@
 Every state change is one transaction that checks the job's current state first (compare-and-set),
 so two controllers (a restarted actor and its zombie predecessor, or a controller and a user's
 `jobs cancel`) can never both move a job: the second gets `StaleState`. Writes take SQLite's
-write lock at BEGIN (`BEGIN IMMEDIATE`) and wait up to `busy_timeout_s` for it.
+write lock at BEGIN (`BEGIN IMMEDIATE`) and wait up to `busy_timeout_s` for it; one that fails,
+its COMMIT included, is rolled back whole.
+
+A submission is one transaction too: a retried one with the same idempotency key finds the job the
+first made, and one whose run would write the folders of an unsettled job is refused (`FolderInUse`).
+A row that cannot be read (a torn or hand-edited JSON column, or a state a newer clusterft wrote) is
+left out of `list` and reported by `unreadable`, so one bad row hides one job, not all of them.
 
 WAL mode lets readers (`jobs list`, the REST API) run while the controller writes. WAL needs every
 process on one host (it shares memory through a -shm file); on a network filesystem reached from
@@ -26,6 +32,8 @@ from typing import Any, Literal
 
 from clusterft.config.spec import JobSpec
 from clusterft.controller.state import (
+    SETTLED,
+    Errored,
     Job,
     JobState,
     State,
@@ -37,8 +45,9 @@ from clusterft.controller.state import (
 )
 from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, dump_spec, load_spec
 from clusterft.errors import UserError
+from clusterft.registry.registry import RegistryError, check_model_name
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # Index i upgrades a database from schema version i to i + 1; never edit a released entry, append.
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -87,6 +96,12 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE jobs ADD COLUMN spec_schema INTEGER NOT NULL DEFAULT 0;
     """,
+    # 3: the submission's idempotency key, and the folders its run writes ({"train.output_dir": path}).
+    """
+    ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
+    CREATE UNIQUE INDEX jobs_by_idempotency_key ON jobs(idempotency_key);
+    ALTER TABLE jobs ADD COLUMN folders TEXT NOT NULL DEFAULT '{}';
+    """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -94,6 +109,34 @@ assert len(MIGRATIONS) == SCHEMA_VERSION
 class UnknownJob(UserError):
     def __init__(self, job_id: str):
         super().__init__(f"no job {job_id!r}; `clusterft jobs list` shows the job ids")
+
+
+class UnreadableJob(UserError):
+    def __init__(self, job_id: str, path: Path, error: str):
+        super().__init__(
+            f"job {job_id}'s record in {path} cannot be read: {error}; the controller moves a damaged "
+            f"job to error (then `clusterft jobs resume {job_id}`) and leaves one a newer clusterft wrote"
+        )
+
+
+class IdempotencyKeyReused(UserError):
+    def __init__(self, key: str, job_id: str):
+        super().__init__(
+            f"idempotency key {key!r} was used for job {job_id} with another spec or name; a retry must "
+            "send the same request, and a new job needs a new key"
+        )
+
+
+class FolderInUse(UserError):
+    """Another unsettled job's run writes a folder this job's run would write."""
+
+    def __init__(self, folder: str, path: str, job_id: str, state: str):
+        self.job_id = job_id
+        super().__init__(
+            f"{folder} {path} belongs to job {job_id} ({state}), which has not finished: two runs in one "
+            f"folder overwrite each other's checkpoints and exports. Wait for it, cancel it "
+            f"(`clusterft jobs cancel {job_id}`), or set another {folder} for this job"
+        )
 
 
 class StaleState(UserError):
@@ -124,6 +167,20 @@ class Event:
 
 
 @dataclass(frozen=True)
+class UnreadableRow:
+    """A row of the jobs table this clusterft cannot read as a `Job`."""
+
+    job_id: str
+    state: str
+    """The state column as stored (maybe a state a newer clusterft has)."""
+    attempt: int
+    error: str
+    corrupt: Mapping[str, str] = field(default_factory=dict)
+    """Column → stored text, for each JSON column that does not parse as an object: damage (a torn
+    write, an edit by hand). Empty for a row a newer clusterft wrote (an unknown state or field)."""
+
+
+@dataclass(frozen=True)
 class LogPointer:
     job_id: str
     attempt: int
@@ -142,6 +199,25 @@ def new_job_id(now: float) -> str:
 def default_job_name(spec: JobSpec) -> str:
     """The registry name if the spec sets one, else the output directory's last part."""
     return spec.promote.model_name or Path(spec.train.output_dir).name
+
+
+def check_job_name(name: str | None, spec: JobSpec) -> str:
+    """The job's name (`name`, else `default_job_name`), which is also its registry model name:
+    refused now, naming where it came from, rather than when the job registers after training."""
+    if name:
+        where, fix = "--name / the request's `name`", "another name"
+    elif spec.promote.model_name:
+        name, where, fix = spec.promote.model_name, "promote.model_name", "another promote.model_name"
+    else:
+        name, where = Path(spec.train.output_dir).name, "the last part of train.output_dir"
+        fix = "promote.model_name (or --name)"
+    try:
+        check_model_name(name)
+    except RegistryError as err:
+        raise UserError(
+            f"{err}; the job's name (from {where}) is its registry model name: set {fix}"
+        ) from None
+    return name
 
 
 class JobStore:
@@ -191,10 +267,13 @@ class JobStore:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # A COMMIT that failed (busy, I/O error) leaves the transaction open: its changes would
+                # read as written, and every later BEGIN would fail. SQLite may have ended it already.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
         with self._lock:
@@ -219,45 +298,77 @@ class JobStore:
 
     # ------------------------------------------------------------ jobs
 
-    def submit(self, spec: JobSpec, spec_yaml: str | None = None, *, name: str | None = None) -> Job:
+    def submit(
+        self,
+        spec: JobSpec,
+        spec_yaml: str | None = None,
+        *,
+        name: str | None = None,
+        idempotency_key: str | None = None,
+        folders: Mapping[str, str] | None = None,
+    ) -> Job:
         """Record a new job in `submitted` and return it. `spec_yaml` is kept as the user wrote it
-        (default: the resolved spec dumped to YAML)."""
+        (default: the resolved spec dumped to YAML).
+
+        `idempotency_key`: a submission retried with the same key returns the job the first one
+        made, never a second job (`IdempotencyKeyReused` if its spec or name differ). `folders`:
+        what the job's run writes (`{"train.output_dir": path, ...}`); `FolderInUse` while an
+        unsettled job's run writes one of them."""
         if spec_yaml is None:
             spec_yaml = dump_spec(spec)
-        name = name or default_job_name(spec)
+        name = check_job_name(name, spec)
         now = self._clock()
         state = Submitted()
         with self._write() as db:
-            job_id = new_job_id(now)
-            while db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
-                job_id = new_job_id(now)  # same second, same 4 hex digits: draw again
-            db.execute(
-                "INSERT INTO jobs (id, name, spec_yaml, spec_hash, state, state_data, attempt, restarts,"
-                " reason, result, resumed_from, created_at, updated_at, spec_schema)"
-                " VALUES (?, ?, ?, ?, ?, ?, 0, 0, NULL, '{}', NULL, ?, ?, ?)",
-                (
-                    job_id,
-                    name,
-                    spec_yaml,
-                    spec.spec_hash(),
-                    state.kind,
-                    json.dumps(state.data()),
-                    now,
-                    now,
-                    SPEC_SCHEMA_VERSION,
-                ),
-            )
-            _append_event(db, job_id, now, None, state, attempt=0)
+            first = None
+            if idempotency_key is not None:
+                first = db.execute(
+                    "SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,)
+                ).fetchone()
+                if first is not None and (first["spec_hash"], first["name"]) != (spec.spec_hash(), name):
+                    raise IdempotencyKeyReused(idempotency_key, first["id"])
+            if first is not None:
+                job_id = first["id"]  # a retry: the first submission's job, and nothing written
+            else:
+                folders = dict(folders or {})
+                _check_folders_free(db, folders)
+                job_id = new_job_id(now)
+                while db.execute("SELECT 1 FROM jobs WHERE id = ?", (job_id,)).fetchone():
+                    job_id = new_job_id(now)  # same second, same 4 hex digits: draw again
+                db.execute(
+                    "INSERT INTO jobs (id, name, spec_yaml, spec_hash, state, state_data, attempt, restarts,"
+                    " reason, result, resumed_from, created_at, updated_at, spec_schema, idempotency_key,"
+                    " folders) VALUES (?, ?, ?, ?, ?, ?, 0, 0, NULL, '{}', NULL, ?, ?, ?, ?, ?)",
+                    (
+                        job_id,
+                        name,
+                        spec_yaml,
+                        spec.spec_hash(),
+                        state.kind,
+                        json.dumps(state.data()),
+                        now,
+                        now,
+                        SPEC_SCHEMA_VERSION,
+                        idempotency_key,
+                        json.dumps(folders),
+                    ),
+                )
+                _append_event(db, job_id, now, None, state, attempt=0)
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job:
+        """The job; `UnknownJob` if there is none, `UnreadableJob` if its row cannot be read."""
         rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if not rows:
             raise UnknownJob(job_id)
-        return _job(rows[0])
+        job = _read_row(rows[0])
+        if isinstance(job, UnreadableRow):
+            raise UnreadableJob(job_id, self.path, job.error)
+        return job
 
-    def list(self, states: Iterable[JobState] | None = None, limit: int | None = None) -> list[Job]:
-        """Jobs, newest first; only those in `states` when given."""
+    def _rows(
+        self, states: Iterable[JobState] | None = None, limit: int | None = None
+    ) -> list[Job | UnreadableRow]:
         sql, params = "SELECT * FROM jobs", []
         if states is not None:
             states = list(states)
@@ -267,19 +378,41 @@ class JobStore:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        return [_job(row) for row in self._read(sql, params)]
+        return [_read_row(row) for row in self._read(sql, params)]
+
+    def list(self, states: Iterable[JobState] | None = None, limit: int | None = None) -> list[Job]:
+        """Jobs, newest first; only those in `states` when given. Rows that cannot be read are left
+        out (`unreadable` names them)."""
+        return [job for job in self._rows(states, limit) if isinstance(job, Job)]
+
+    def unreadable(self) -> list[UnreadableRow]:
+        """The rows `list` leaves out, and why, newest first."""
+        return [row for row in self._rows() if isinstance(row, UnreadableRow)]
 
     def unsettled(self) -> list[Job]:
         """Jobs the controller still owns (not settled), oldest first: what a restarted
         controller picks up."""
-        return [job for job in reversed(self.list()) if not job.settled]
+        return list(reversed(self.list(set(JobState) - SETTLED)))
 
     def transition(
         self, job_id: str, expected: JobState, new: State, *, result: Mapping[str, Any] | None = None
     ) -> Job:
         """Move a job from `expected` to `new` in one transaction, or raise: `StaleState` if it is no
-        longer in `expected`, `IllegalTransition` if the state machine forbids the move. `result`
+        longer in `expected`, `IllegalTransition` if the state machine forbids the move, and
+        `FolderInUse` if a settled job would run again in an unsettled job's folders. `result`
         keys are merged into the job's result JSON (eval metrics, registered version, ...)."""
+        with self.moving(job_id, expected, new, result=result):
+            pass
+        return self.get(job_id)
+
+    @contextmanager
+    def moving(
+        self, job_id: str, expected: JobState, new: State, *, result: Mapping[str, Any] | None = None
+    ) -> Iterator[None]:
+        """`transition` with the caller's effect inside it: the body runs while the job is in
+        `expected` (checked first) and nobody else can move it (the store's write lock is held), and
+        the move is written after it, or not at all if it raises. The controller moves an alias
+        this way, so a job cancelled meanwhile never has its version promoted."""
         check_transition(expected, new.kind)
         now = self._clock()
         with self._write() as db:
@@ -289,6 +422,9 @@ class JobStore:
             actual = JobState(row["state"])
             if actual is not expected:
                 raise StaleState(job_id, expected, actual)
+            if actual in SETTLED and new.kind not in SETTLED:  # a user's resume: the run starts again
+                _check_folders_free(db, json.loads(row["folders"]), but_job=job_id)
+            yield
             attempt, restarts = next_counters(actual, new.kind, row["attempt"], row["restarts"])
             merged = {**json.loads(row["result"]), **(result or {})}
             resumed_from = new.resumed_from if isinstance(new, Training) else row["resumed_from"]
@@ -310,11 +446,34 @@ class JobStore:
             )
             assert cursor.rowcount == 1, "the state was read under the write lock; it cannot have moved"
             _append_event(db, job_id, now, actual, new, attempt)
-        return self.get(job_id)
+
+    def set_aside(self, row: UnreadableRow, why: str) -> bool:
+        """Move a job whose row is damaged (`row.corrupt`) to `error` with `why`, the damaged text
+        kept in the event: readable again, and resumable from its checkpoint. The one move outside
+        `TRANSITIONS`: a record that cannot be read cannot take the state machine's steps. False
+        (nothing written) when the row changed since it was read."""
+        assert row.corrupt, "only damage is set aside; a newer clusterft's row is left alone"
+        new, now = Errored(why), self._clock()
+        with self._write() as db:
+            current = db.execute("SELECT * FROM jobs WHERE id = ?", (row.job_id,)).fetchone()
+            if current is None or current["state"] != row.state:
+                return False
+            if any(current[column] != text for column, text in row.corrupt.items()):
+                return False
+            result = current["result"] if "result" not in row.corrupt else "{}"
+            db.execute(
+                "UPDATE jobs SET state = ?, state_data = ?, reason = ?, result = ?, updated_at = ?"
+                " WHERE id = ?",
+                (new.kind, json.dumps(new.data()), why, result, now, row.job_id),
+            )
+            data = {**new.data(), "unreadable": dict(row.corrupt)}
+            _append_event(db, row.job_id, now, JobState(row.state), new, current["attempt"], data=data)
+        return True
 
     def upgrade_spec(self, job_id: str) -> Job:
         """Rewrite a job's spec stored under an older spec schema in the current one, and record the
-        keys that went away as a warning in its history (once: the job is current afterwards).
+        keys that went away or were set to keep its meaning as a warning in its history (once: the
+        job is current afterwards).
         Raises `SpecSchemaError` when the spec is of a newer schema or no longer validates."""
         now = self._clock()
         with self._write() as db:
@@ -328,13 +487,21 @@ class JobStore:
                     "UPDATE jobs SET spec_yaml = ?, spec_schema = ? WHERE id = ?",
                     (dump_spec(loaded.spec), SPEC_SCHEMA_VERSION, job_id),
                 )
-                if loaded.dropped:
+                if loaded.dropped or loaded.kept_meaning:
                     state = state_from_json(row["state"], row["state_data"])
-                    why = (
-                        f"spec stored by an older clusterft (spec schema {old}): dropped "
-                        f"{', '.join(loaded.dropped)}, which this one no longer has"
-                    )
-                    data = {"warning": "spec_schema", "from_schema": old, "dropped": dict(loaded.dropped)}
+                    changes = []
+                    if loaded.dropped:
+                        changes.append(f"dropped {', '.join(loaded.dropped)}, which this one no longer has")
+                    if loaded.kept_meaning:
+                        kept = ", ".join(f"{key}: {json.dumps(v)}" for key, v in loaded.kept_meaning.items())
+                        changes.append(f"set {kept}, which is what that clusterft did without it")
+                    why = f"spec stored by an older clusterft (spec schema {old}): {'; '.join(changes)}"
+                    data = {
+                        "warning": "spec_schema",
+                        "from_schema": old,
+                        "dropped": dict(loaded.dropped),
+                        "kept_meaning": dict(loaded.kept_meaning),
+                    }
                     _append_event(db, job_id, now, state.kind, state, row["attempt"], why, data)
         return self.get(job_id)
 
@@ -419,6 +586,47 @@ def _append_event(
             json.dumps(dict(data) if data is not None else new.data()),
         ),
     )
+
+
+def _check_folders_free(
+    db: sqlite3.Connection, folders: Mapping[str, str], but_job: str | None = None
+) -> None:
+    """`FolderInUse` if an unsettled job (other than `but_job`) holds one of `folders`."""
+    if not folders:
+        return
+    settled = [str(s) for s in SETTLED]
+    rows = db.execute(
+        f"SELECT id, state, folders FROM jobs WHERE state NOT IN ({', '.join('?' * len(settled))})", settled
+    ).fetchall()
+    for row in rows:
+        if row["id"] == but_job:
+            continue
+        try:
+            held = json.loads(row["folders"])
+        except ValueError:
+            continue  # a damaged row; the controller sets it aside
+        for folder, path in folders.items():
+            if isinstance(held, dict) and held.get(folder) == path:
+                raise FolderInUse(folder, path, row["id"], row["state"])
+
+
+def _read_row(row: sqlite3.Row) -> Job | UnreadableRow:
+    """The row as a Job, or as what is wrong with it."""
+    corrupt = {}
+    for column in ("state_data", "result"):
+        try:
+            ok = isinstance(json.loads(row[column]), dict)
+        except (ValueError, TypeError):
+            ok = False
+        if not ok:
+            corrupt[column] = row[column]
+    if corrupt:
+        error = f"{' and '.join(corrupt)} {'is' if len(corrupt) == 1 else 'are'} not a JSON object"
+        return UnreadableRow(row["id"], row["state"], row["attempt"], error, corrupt)
+    try:
+        return _job(row)
+    except (ValueError, TypeError, KeyError) as err:
+        return UnreadableRow(row["id"], row["state"], row["attempt"], f"{type(err).__name__}: {err}")
 
 
 def _job(row: sqlite3.Row) -> Job:

@@ -4,12 +4,15 @@ A job outlives the clusterft that submitted it: an unsettled job is picked up by
 controller. JobSpec forbids unknown keys, so a field removed (or renamed) since the dump would make
 the job unreadable. Each job therefore stores `SPEC_SCHEMA_VERSION` as it was when written, and a
 spec of an older schema is read tolerantly: keys this JobSpec no longer has are dropped, and the
-controller records them in the job's history once (`JobStore.upgrade_spec`). A spec of the current
-schema with an unknown key is still an error (it is a bug, not history), and one of a newer schema
-is refused with the fix.
+controller records them in the job's history once (`JobStore.upgrade_spec`). A key whose absence
+changed meaning is set to the old meaning on the way, and recorded the same way. A spec of the
+current schema with an unknown key is still an error (it is a bug, not history), and one of a newer
+schema is refused with the fix.
 
     0   jobs stored before the store kept a spec schema (job-store schema 1)
     1   the first versioned spec
+    2   promote.auto: a job without gates no longer promotes unless it says so; one stored before
+        (which that clusterft promoted) loads with promote.auto: true
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ from clusterft.config.spec import JobSpec
 from clusterft.controller.state import Job
 from clusterft.errors import UserError
 
-SPEC_SCHEMA_VERSION = 1
-"""Bump it whenever a JobSpec field is removed or renamed (adding a field with a default needs no
-bump); a spec stored under an older number then loads without the keys that went away."""
+SPEC_SCHEMA_VERSION = 2
+"""Bump it whenever a JobSpec field is removed or renamed, or a missing key comes to mean something
+else (adding a field whose default keeps the old behaviour needs no bump); a spec stored under an
+older number then loads without the keys that went away, and with the old meaning spelled out."""
 
 
 class SpecSchemaError(UserError):
@@ -39,6 +43,8 @@ class LoadedSpec:
     spec: JobSpec
     dropped: Mapping[str, Any] = field(default_factory=dict)
     """Dotted key → value of each stored key this JobSpec no longer has."""
+    kept_meaning: Mapping[str, Any] = field(default_factory=dict)
+    """Dotted key → value set so the spec means what it meant when stored (see the module docstring)."""
 
 
 def dump_spec(spec: JobSpec) -> str:
@@ -53,12 +59,26 @@ def load_spec(spec_yaml: str, schema: int) -> LoadedSpec:
             f"the job's spec was stored by a newer clusterft (spec schema {schema}; this one reads up to "
             f"{SPEC_SCHEMA_VERSION}); upgrade clusterft to run or inspect it"
         )
-    raw = yaml.safe_load(spec_yaml)
+    try:
+        raw = yaml.safe_load(spec_yaml)
+    except yaml.YAMLError as err:
+        raise SpecSchemaError(
+            f"the job's stored spec is not valid YAML ({err}); submit its YAML again"
+        ) from None
+    if not isinstance(raw, dict):
+        raise SpecSchemaError(
+            f"the job's stored spec is a {type(raw).__name__}, not a mapping of keys; submit its YAML again"
+        )
     dropped: dict[str, Any] = {}
+    kept_meaning: dict[str, Any] = {}
     if schema < SPEC_SCHEMA_VERSION:
         raw = _known_keys(raw, JobSpec, "", dropped)
+    if schema < 2:
+        promote = raw.setdefault("promote", {})
+        if isinstance(promote, dict) and "auto" not in promote and not promote.get("gates"):
+            promote["auto"] = kept_meaning["promote.auto"] = True
     try:
-        return LoadedSpec(JobSpec.model_validate(raw), dropped)
+        return LoadedSpec(JobSpec.model_validate(raw), dropped, kept_meaning)
     except ValidationError as err:
         raise SpecSchemaError(
             f"the job's stored spec (spec schema {schema}) does not validate against this clusterft's "

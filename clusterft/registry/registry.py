@@ -54,6 +54,15 @@ class RegistryError(UserError):
     """A registry operation the user asked for cannot be done; the message says what to do instead."""
 
 
+def check_model_name(name: str) -> None:
+    """Raise `RegistryError` unless `name` can name a model here (it is a directory name)."""
+    if not _NAME.match(name):
+        raise RegistryError(
+            f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 100), "
+            "starting with a letter or digit"
+        )
+
+
 class IntegrityError(RegistryError):
     """A registered version no longer matches its manifest."""
 
@@ -97,11 +106,7 @@ class Registry:
         return datetime.fromtimestamp(self._clock(), UTC).isoformat(timespec="seconds")
 
     def _model_dir(self, name: str) -> Path:
-        if not _NAME.match(name):
-            raise RegistryError(
-                f"invalid model name {name!r}: use letters, digits, '.', '_' or '-' (at most 100), "
-                "starting with a letter or digit"
-            )
+        check_model_name(name)
         return self.root / name
 
     @contextmanager

@@ -71,13 +71,37 @@ def evaluate_loss(spec: JobSpec, base_dir: str, output_dir: Path) -> dict[str, f
 
 
 def read_metrics(metrics_path: Path) -> dict[int, dict]:
-    """step → the last record of that step (steps re-run after a restart overwrite the earlier ones)."""
+    """step → the last record of that step (steps re-run after a restart overwrite the earlier ones).
+
+    A line that is not a record is skipped: lines are appended without fsync, so a killed driver
+    can leave half of one (and the next attempt appends to it). Said once per file and lines, as a
+    RuntimeWarning (Python shows each distinct warning once), not at every read of a poll."""
+    import warnings
+
     records: dict[int, dict] = {}
+    skipped: list[int] = []
     if metrics_path.is_file():
-        for line in metrics_path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
+        lines = metrics_path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
                 record = json.loads(line)
-                records[record["step"]] = record
+                step = record["step"]
+            except (ValueError, TypeError, KeyError):
+                skipped.append(number)
+                continue
+            if isinstance(step, int):
+                records[step] = record
+            else:
+                skipped.append(number)
+    if skipped:
+        warnings.warn(
+            f"{metrics_path}: skipped line(s) {', '.join(map(str, skipped))}, not a metrics record "
+            "(torn by a killed writer?)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
     return dict(sorted(records.items()))
 
 

@@ -234,3 +234,11 @@ def test_readme_reference_matches_models() -> None:
     assert block == render_reference().strip(), (
         "README is stale: run `python -m clusterft.config.reference --write`"
     )
+
+
+def test_promote_auto_is_off_unless_asked_for(tmp_path: Path) -> None:
+    assert load_job_spec(write(tmp_path, LLAMAFACTORY_YAML)).promote.auto is False
+    auto = write(tmp_path, LLAMAFACTORY_YAML + "promote:\n  auto: true\n", "auto.yaml")
+    assert load_job_spec(auto).promote.auto is True
+    typo = write(tmp_path, LLAMAFACTORY_YAML + "promote:\n  auto: sometimes\n", "typo.yaml")
+    assert "promote.auto" in errors_of(typo)[0]

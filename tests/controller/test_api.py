@@ -127,3 +127,45 @@ def test_cli_group_parses(tmp_path: Path, capsys: pytest.CaptureFixture[str], jo
     assert job.id in out and "cancelled" in out
     args = parser.parse_args(["eval", "m", "--dataset", "a,b", "--benchmark", "--max-samples", "3"])
     assert (args.dataset, args.benchmark, args.max_samples) == (["a", "b"], True, 3)
+
+
+def test_a_retried_submit_with_its_idempotency_key_gives_back_the_first_job(
+    client: TestClient, tmp_path: Path
+) -> None:
+    body = {"spec": SPEC, "base_dir": str(tmp_path)}
+    first = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "retry-me"})
+    again = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "retry-me"})
+    assert first.status_code == again.status_code == 201, again.text
+    assert again.json()["id"] == first.json()["id"]
+    assert len(client.get("/v1/jobs").json()["data"]) == 1
+    # Without the key, a second job in the same folders is refused while the first is unsettled.
+    second = client.post("/v1/jobs", json=body)
+    assert second.status_code == 409
+    message = second.json()["error"]["message"]
+    assert f"train.output_dir {tmp_path / 'saves' / 'x'} belongs to job {first.json()['id']}" in message
+    reused = client.post("/v1/jobs", json={**body, "name": "other"}, headers={"Idempotency-Key": "retry-me"})
+    assert reused.status_code == 409 and "another spec" in reused.json()["error"]["message"]
+
+
+def test_a_name_the_registry_refuses_is_refused_at_submit(client: TestClient, tmp_path: Path) -> None:
+    response = client.post("/v1/jobs", json={"spec": SPEC, "name": "my model", "base_dir": str(tmp_path)})
+    assert response.status_code == 400
+    assert "invalid model name 'my model'" in response.json()["error"]["message"]
+    assert client.get("/v1/jobs").json()["data"] == []
+
+
+def test_a_torn_metrics_line_is_skipped_and_the_jobs_list_still_answers(
+    client: TestClient, tmp_path: Path
+) -> None:
+    output = tmp_path / "saves" / "x"
+    output.mkdir(parents=True)
+    # A driver killed mid-append leaves half a line; the next attempt appends after it.
+    (output / "metrics.jsonl").write_text(
+        '{"step": 1, "loss": 2.5}\n{"step": 2, "lo{"step": 2, "loss": 2.25}\n{"step": 3, "loss": 2.0}\n{"st'
+    )
+    created = client.post("/v1/jobs", json={"spec": SPEC, "base_dir": str(tmp_path)})
+    assert created.status_code == 201
+    with pytest.warns(RuntimeWarning, match=r"metrics.jsonl: skipped line\(s\) 2, 4, not a metrics record"):
+        listed = client.get("/v1/jobs")
+    assert listed.status_code == 200
+    assert listed.json()["data"][0]["progress"] == {"step": 3, "planned_steps": 4, "loss": 2.0}

@@ -3,7 +3,9 @@ serving records, and the real `clusterft registry promote|rollback` commands mov
 
 from __future__ import annotations
 
+import itertools
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -25,7 +27,7 @@ S = JobState
 def controller(tmp_path: Path) -> Controller:
     made = Controller(tmp_path / "controller", tmp_path / "registry", env={})
     yield made
-    made.store.close()
+    made.close()
 
 
 def registered_job(controller: Controller, tmp_path: Path, weights: str) -> tuple[str, str]:
@@ -155,6 +157,7 @@ def test_an_old_spec_loses_removed_keys_once_with_a_warning_in_the_history(contr
         "warning": "spec_schema",
         "from_schema": 0,
         "dropped": {"train.logging_dir": "runs/", "legacy": {"enabled": True}},
+        "kept_meaning": {},
     }
     controller.tick()
     assert len([e for e in controller.store.events(job.id) if e.from_state == e.to_state]) == 1
@@ -201,7 +204,7 @@ def merging_controller(tmp_path: Path) -> Controller:
 
     made = Controller(tmp_path / "controller", tmp_path / "registry", env=dict(os.environ))
     yield made
-    made.store.close()
+    made.close()
 
 
 def test_promote_merge_registers_the_checked_merged_model_and_a_broken_adapter_errors(
@@ -236,3 +239,194 @@ def test_promote_merge_registers_the_checked_merged_model_and_a_broken_adapter_e
     job, why = status(controller, broken_id)
     assert job is S.ERROR and why.startswith("evaluation or merge check failed: ")
     assert "broken" not in controller.registry.models()  # nothing registered from a failed merge
+
+
+# ---------------------------------------------------------------- hardening: no job is ever lost
+
+
+def failed_job(controller: Controller) -> str:
+    """A job whose training failed: the next tick decides to resume it after a minute (nothing runs)."""
+    store = controller.store
+    job = store.submit(make_spec(failure={"max_job_restarts": 2, "backoff_s": 60}))
+    store.transition(job.id, S.SUBMITTED, Training())
+    store.transition(job.id, S.TRAINING, Failed("RuntimeError: worker died"))
+    return job.id
+
+
+def test_a_corrupt_row_is_set_aside_and_every_other_job_still_moves(controller, caplog) -> None:
+    first, corrupt, bad_spec, newer, last = (failed_job(controller) for _ in range(5))
+    with sqlite3.connect(controller.store.path) as db:
+        db.execute("UPDATE jobs SET state_data = '{\"why\": ' WHERE id = ?", (corrupt,))
+        db.execute("UPDATE jobs SET spec_yaml = 'model: [unclosed' WHERE id = ?", (bad_spec,))
+        db.execute("UPDATE jobs SET state = 'paused' WHERE id = ?", (newer,))  # a newer clusterft's state
+    controller.tick()
+    controller.tick()
+    assert controller.store.get(first).status is controller.store.get(last).status is S.RESUMING
+
+    job, why = status(controller, corrupt)  # readable again, and resumable from its checkpoint
+    assert job is S.ERROR and why.startswith("the job store's record of this job could not be read")
+    assert f"clusterft jobs resume {corrupt}" in why
+    [event] = [e for e in controller.store.events(corrupt) if e.to_state is S.ERROR]
+    assert event.from_state is S.FAILED and event.data["unreadable"] == {"state_data": '{"why": '}
+
+    job, why = status(controller, bad_spec)
+    assert job is S.ERROR and why.startswith("its stored spec cannot be read: ")
+
+    with sqlite3.connect(controller.store.path) as db:  # left as the newer clusterft wrote it
+        assert db.execute("SELECT state FROM jobs WHERE id = ?", (newer,)).fetchone() == ("paused",)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert len([m for m in said if corrupt in m]) == 1 and len([m for m in said if newer in m]) == 1
+
+
+def locked_controller(tmp_path: Path) -> Controller:
+    """A controller on a rollback-journal store that gives up on a lock after 50 ms."""
+    return Controller(
+        tmp_path / "controller", tmp_path / "registry", env={}, journal_mode="delete", busy_timeout_s=0.05
+    )
+
+
+def test_a_locked_store_fails_ticks_the_loop_backs_off_and_recovers(tmp_path, caplog) -> None:
+    from clusterft.controller.controller import supervise
+    from clusterft.controller.policy import TickFailurePolicy
+
+    controller = locked_controller(tmp_path)
+    job_id = failed_job(controller)
+    locker = sqlite3.connect(controller.store.path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")  # nobody reads or writes the store until it ends
+    stop, wake, outcome = threading.Event(), threading.Event(), []
+    policy = TickFailurePolicy(max_consecutive=1000, first_backoff_s=0.05, max_backoff_s=0.4)
+    loop = threading.Thread(
+        target=lambda: outcome.append(supervise(controller, wake, 0.02, policy, stop=stop))
+    )
+    loop.start()
+    try:
+        deadline = time.monotonic() + 30
+        while len(failures := [r for r in caplog.records if "tick failed" in r.getMessage()]) < 5:
+            assert loop.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+        assert all("database is locked" in r.getMessage() for r in failures)
+        waits = [r.args[-1] for r in failures[:5]]
+        assert waits == [0.05, 0.1, 0.2, 0.4, 0.4]
+        gaps = [b.created - a.created for a, b in itertools.pairwise(failures[:5])]
+        assert all(gap >= wait for gap, wait in zip(gaps, waits[:4], strict=True)), gaps
+        locker.execute("ROLLBACK")
+        while controller.store.get(job_id).status is not S.RESUMING:
+            assert loop.is_alive() and time.monotonic() < deadline
+            time.sleep(0.02)
+    finally:
+        locker.close()
+        stop.set()
+        wake.set()
+        loop.join(10)
+        controller.close()
+    assert outcome == [None]
+
+
+def test_a_store_that_stays_locked_ends_the_loop_so_ray_restarts_the_actor(tmp_path) -> None:
+    from clusterft.controller.controller import supervise
+    from clusterft.controller.policy import RestartController, TickFailurePolicy
+
+    controller = locked_controller(tmp_path)
+    locker = sqlite3.connect(controller.store.path, isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        policy = TickFailurePolicy(max_consecutive=3, first_backoff_s=0.01, max_backoff_s=0.01)
+        decision = supervise(controller, threading.Event(), 0.01, policy)
+    finally:
+        locker.close()
+        controller.close()
+    assert isinstance(decision, RestartController)
+    assert decision.reason.startswith("3 ticks in a row failed, the last with OperationalError: database is")
+
+
+def evaluated_job(
+    controller: Controller, tmp_path: Path, name: str = "demo", size_mb: int = 1, **sections: dict
+) -> str:
+    """A full fine-tune whose training is done and which has no eval driver to run (eval off): its
+    next tick registers `output_dir` (a weights file of `size_mb`, sparse) as a version of `name`."""
+    output = tmp_path / name
+    output.mkdir()
+    (output / "config.json").write_text("{}")
+    with open(output / "model.safetensors", "wb") as weights:
+        weights.truncate(size_mb << 20)
+    (output / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
+    spec = make_spec(output_dir=str(output), finetuning_type="full", eval={"enabled": False}, **sections)
+    job = controller.store.submit(spec)
+    controller.store.transition(job.id, S.SUBMITTED, Training())
+    controller.store.transition(job.id, S.TRAINING, Evaluating(completed_steps=10))
+    return job.id
+
+
+def tick_while_evaluating(controller: Controller, job_id: str, timeout_s: float = 60.0) -> list[float]:
+    """Tick until the job leaves `evaluating`; each tick's duration in seconds."""
+    durations, deadline = [], time.monotonic() + timeout_s
+    while controller.store.get(job_id).status is S.EVALUATING:
+        assert time.monotonic() < deadline, f"{job_id} still evaluating after {timeout_s}s"
+        started = time.perf_counter()
+        controller.tick()
+        durations.append(time.perf_counter() - started)
+        time.sleep(0.01)
+    return durations
+
+
+def test_a_job_without_gates_registers_and_promotes_only_with_promote_auto(controller, tmp_path) -> None:
+    held = evaluated_job(controller, tmp_path, "held")
+    auto = evaluated_job(controller, tmp_path, "auto", promote={"auto": True})
+    tick_while_evaluating(controller, held)
+    tick_while_evaluating(controller, auto)
+    controller.tick()
+    job, why = status(controller, held)
+    assert job is S.REGISTERED and why.startswith("not promoted: no promote.gates, and promote.auto is false")
+    assert "clusterft registry promote held v0001" in why
+    assert controller.registry.aliases("held")["production"] is None
+    assert controller.store.get(auto).status is S.PROMOTED
+    assert controller.registry.aliases("auto")["production"] == "v0001"
+
+
+def test_tick_stays_responsive_while_a_large_model_registers(controller, tmp_path) -> None:
+    job_id = evaluated_job(controller, tmp_path, size_mb=256, promote={"auto": True})
+    started = time.perf_counter()
+    durations = tick_while_evaluating(controller, job_id)
+    registered_s = time.perf_counter() - started
+    controller.tick()
+    assert controller.store.get(job_id).status is S.PROMOTED
+    print(
+        f"\nregistering 256 MiB took {registered_s:.2f}s over {len(durations)} ticks; "
+        f"longest tick {max(durations) * 1000:.0f} ms"
+    )
+    assert len(durations) > 2 and max(durations) < registered_s / 4
+
+
+def test_a_job_cancelled_while_it_registers_never_moves_an_alias(controller, tmp_path) -> None:
+    from clusterft.controller.jobs import Jobs
+
+    job_id = evaluated_job(controller, tmp_path, size_mb=256, promote={"auto": True})
+    ticking = threading.Thread(target=tick_while_evaluating, args=(controller, job_id))
+    ticking.start()
+    model_dir = controller.registry.root / "demo"
+    deadline = time.monotonic() + 60
+    while not list(model_dir.glob(".staging-*")):  # the copy into the registry is under way
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    jobs = Jobs(controller.root, controller.registry.root)
+    jobs.cancel(job_id)
+    jobs.close()
+    ticking.join(60)
+    while list(model_dir.glob(".staging-*")):  # let the copy finish, then look again
+        assert time.monotonic() < deadline
+        controller.tick()
+        time.sleep(0.05)
+    controller.tick()
+    assert controller.store.get(job_id).status is S.CANCELLED
+    assert controller.registry.aliases("demo")["production"] is None
+
+
+def test_a_stored_job_whose_name_the_registry_refuses_errors_instead_of_evaluating_forever(
+    controller, tmp_path
+) -> None:
+    job_id = evaluated_job(controller, tmp_path)
+    with sqlite3.connect(controller.store.path) as db:  # stored before submit checked names
+        db.execute("UPDATE jobs SET name = 'my model' WHERE id = ?", (job_id,))
+    tick_while_evaluating(controller, job_id, timeout_s=10)
+    job, why = status(controller, job_id)
+    assert job is S.ERROR and why.startswith("registration failed: invalid model name 'my model'")

@@ -67,7 +67,7 @@ def jobs(root):
 def job_spec(tiny_llama: Path, out: Path, **overrides):
     sections = {
         "eval": {"dataset": ["demo_tasks_eval"], "max_samples": 8, "max_new_tokens": 8},
-        "promote": {"model_name": "tiny"},
+        "promote": {"model_name": "tiny", "auto": True},
         "failure": {"max_failures": 0, "max_job_restarts": 2, "backoff_s": 0.2},
     }
     for key, value in overrides.items():

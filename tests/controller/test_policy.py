@@ -323,3 +323,40 @@ def test_reasons_without_a_matching_history_entry_say_where_the_alias_points() -
     assert decide_serving(promoted, unset, {}, set()) == Registered(
         "demo", "v0002", why="production points at no version"
     )
+
+
+def test_without_gates_only_promote_auto_promotes() -> None:
+    from clusterft.controller.policy import Hold
+
+    held = decide_promotion({"loss": 0.4}, [], None, True)
+    assert isinstance(held, Hold)
+    assert held.reason.startswith("not promoted: no promote.gates, and promote.auto is false")
+    assert isinstance(decide_promotion({"loss": 0.4}, [], None, True, auto=True), Promote)
+    # Gates decide when there are some; `auto` does not override a failing one.
+    assert isinstance(
+        decide_promotion({"exact_match": 0.5}, ["exact_match >= 0.8"], None, True, auto=True), Hold
+    )
+
+
+def test_failed_ticks_back_off_doubling_then_end_the_process_for_a_restart() -> None:
+    from clusterft.controller.policy import (
+        RestartController,
+        RetryTick,
+        TickFailurePolicy,
+        decide_after_tick_failure,
+    )
+
+    policy = TickFailurePolicy(max_consecutive=6, first_backoff_s=0.5, max_backoff_s=3.0)
+    decisions = [
+        decide_after_tick_failure(n, "OperationalError: disk I/O error", policy) for n in range(1, 7)
+    ]
+    assert decisions[:5] == [RetryTick(0.5), RetryTick(1.0), RetryTick(2.0), RetryTick(3.0), RetryTick(3.0)]
+    assert decisions[5] == RestartController(
+        "6 ticks in a row failed, the last with OperationalError: disk I/O error; "
+        "ending the controller process so that Ray restarts it"
+    )
+    default = TickFailurePolicy()
+    assert isinstance(decide_after_tick_failure(default.max_consecutive - 1, "x"), RetryTick)
+    assert isinstance(decide_after_tick_failure(default.max_consecutive, "x"), RestartController)
+    with pytest.raises(ValueError, match="max_consecutive must be at least 1"):
+        TickFailurePolicy(max_consecutive=0)

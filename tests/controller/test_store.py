@@ -253,6 +253,8 @@ def test_delete_journal_mode_for_network_filesystems(tmp_path: Path) -> None:
 
 
 def test_a_schema_1_store_is_migrated_and_its_jobs_specs_count_as_unversioned(tmp_path: Path) -> None:
+    import yaml
+
     from clusterft.controller.store import MIGRATIONS, _statements
     from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, dump_spec
 
@@ -261,19 +263,26 @@ def test_a_schema_1_store_is_migrated_and_its_jobs_specs_count_as_unversioned(tm
     for statement in _statements(MIGRATIONS[0]):
         raw.execute(statement)
     raw.execute("PRAGMA user_version = 1")
+    old_spec = yaml.safe_load(dump_spec(make_spec()))
+    del old_spec["promote"]["auto"]  # a field that clusterft did not have
     raw.execute(
         "INSERT INTO jobs VALUES"
         " ('job-old', 'demo', ?, 'h', 'submitted', '{}', 0, 0, NULL, '{}', NULL, 1.0, 1.0)",
-        (dump_spec(make_spec()),),
+        (yaml.safe_dump(old_spec),),
     )
     raw.close()
     with JobStore(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.schema_version == SCHEMA_VERSION == 3
         assert store.get("job-old").spec_schema == 0
         assert store.submit(make_spec()).spec_schema == SPEC_SCHEMA_VERSION
-        upgraded = store.upgrade_spec("job-old")  # nothing to drop: no warning in the history
-        assert upgraded.spec_schema == SPEC_SCHEMA_VERSION and upgraded.spec_yaml == dump_spec(make_spec())
-        assert store.events("job-old") == []
+        upgraded = store.upgrade_spec("job-old")  # nothing to drop; a gateless job keeps promoting
+        auto = make_spec(promote={"auto": True})
+        assert upgraded.spec_schema == SPEC_SCHEMA_VERSION and upgraded.spec_yaml == dump_spec(auto)
+        [warning] = store.events("job-old")
+        assert warning.reason == (
+            "spec stored by an older clusterft (spec schema 0): set promote.auto: true, which is what "
+            "that clusterft did without it"
+        )
 
 
 def test_stored_specs_load_tolerantly_only_when_older() -> None:
@@ -282,18 +291,153 @@ def test_stored_specs_load_tolerantly_only_when_older() -> None:
     from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, SpecSchemaError, dump_spec, load_spec
 
     raw = yaml.safe_load(dump_spec(make_spec()))
+    del raw["promote"]["auto"]  # schema 0 had no promote.auto
     raw["checkpoint"]["sync_to_s3"] = True
     old = yaml.safe_dump(raw)
     loaded = load_spec(old, 0)
     assert dict(loaded.dropped) == {"checkpoint.sync_to_s3": True}
-    assert loaded.spec == make_spec()
+    assert loaded.spec == make_spec(promote={"auto": True})
     # Written by this version, an unknown key is a bug to see, not history to forgive.
     with pytest.raises(SpecSchemaError, match=r"(?s)does not validate .*checkpoint\.sync_to_s3"):
         load_spec(old, SPEC_SCHEMA_VERSION)
     with pytest.raises(
-        SpecSchemaError, match=r"newer clusterft \(spec schema 2; this one reads up to 1\); upgrade"
+        SpecSchemaError, match=r"newer clusterft \(spec schema 3; this one reads up to 2\); upgrade"
     ):
         load_spec(dump_spec(make_spec()), SPEC_SCHEMA_VERSION + 1)
     del raw["checkpoint"]["sync_to_s3"], raw["train"]  # still invalid after dropping: say so
     with pytest.raises(SpecSchemaError, match=r"submit its YAML again"):
         load_spec(yaml.safe_dump(raw), 0)
+
+
+# ---------------------------------------------------------------- hardening: no job is ever lost
+
+
+def test_a_failed_commit_is_rolled_back_and_the_next_write_works(tmp_path: Path) -> None:
+    """A COMMIT that fails (here: a reader's lock in rollback-journal mode) must not leave the
+    transaction open: its changes would show as if written, and every later BEGIN would fail."""
+    path = tmp_path / "jobs.db"
+    with JobStore(path, journal_mode="delete", busy_timeout_s=0.1) as store:
+        job = store.submit(make_spec())
+        reader = sqlite3.connect(path, isolation_level=None)
+        reader.execute("BEGIN")
+        reader.execute("SELECT * FROM jobs").fetchall()  # a SHARED lock: COMMIT cannot take EXCLUSIVE
+        with pytest.raises(sqlite3.OperationalError, match="locked"):
+            store.transition(job.id, S.SUBMITTED, Training())
+        reader.execute("COMMIT")
+        reader.close()
+        assert store.get(job.id).status is S.SUBMITTED  # nothing of the failed write stayed
+        store.transition(job.id, S.SUBMITTED, Training())
+        assert [e.to_state for e in store.events(job.id)] == [S.SUBMITTED, S.TRAINING]
+
+
+def test_an_unreadable_row_is_left_out_of_lists_and_named_by_get(store: JobStore) -> None:
+    from clusterft.controller.store import UnreadableJob
+
+    good, bad, newer = (store.submit(make_spec()) for _ in range(3))
+    with sqlite3.connect(store.path) as db:
+        db.execute("UPDATE jobs SET state_data = '{\"why\": ' WHERE id = ?", (bad.id,))
+        db.execute("UPDATE jobs SET state = 'paused' WHERE id = ?", (newer.id,))
+    assert [j.id for j in store.list()] == [good.id]
+    assert [j.id for j in store.unsettled()] == [good.id]
+    rows = {row.job_id: row for row in store.unreadable()}
+    assert (rows[bad.id].state, rows[bad.id].corrupt) == ("submitted", {"state_data": '{"why": '})
+    assert "state_data" in rows[bad.id].error
+    assert (rows[newer.id].state, rows[newer.id].corrupt) == ("paused", {})
+    with pytest.raises(UnreadableJob, match=rf"job {bad.id}'s record in .* cannot be read: state_data"):
+        store.get(bad.id)
+
+
+def test_an_idempotency_key_gives_back_the_first_job_never_a_second(store: JobStore) -> None:
+    from clusterft.controller.store import IdempotencyKeyReused
+
+    first = store.submit(make_spec(), idempotency_key="req-1")
+    assert store.submit(make_spec(), idempotency_key="req-1") == first
+    assert [j.id for j in store.list()] == [first.id]
+    with pytest.raises(IdempotencyKeyReused, match=rf"'req-1' was used for job {first.id} with another spec"):
+        store.submit(make_spec(max_steps=5), idempotency_key="req-1")
+    assert store.submit(make_spec(), idempotency_key="req-2").id != first.id
+
+
+def _submit_keyed(path: str, barrier: multiprocessing.synchronize.Barrier, ids: object) -> None:
+    with JobStore(path, busy_timeout_s=20) as store:
+        barrier.wait()
+        ids.put(store.submit(make_spec(), idempotency_key="retried").id)  # type: ignore[attr-defined]
+
+
+def test_processes_retrying_one_submission_make_one_job(tmp_path: Path) -> None:
+    path = tmp_path / "jobs.db"
+    JobStore(path).close()
+    context = multiprocessing.get_context("fork")
+    barrier, ids = context.Barrier(4), context.Queue()
+    processes = [context.Process(target=_submit_keyed, args=(str(path), barrier, ids)) for _ in range(4)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=30)
+        assert process.exitcode == 0
+    assert len({ids.get(timeout=5) for _ in range(4)}) == 1
+    with JobStore(path) as store:
+        assert len(store.list()) == 1
+
+
+def test_an_unsettled_jobs_folders_are_refused_to_a_second_job(store: JobStore) -> None:
+    from clusterft.controller.store import FolderInUse
+
+    folders = {"train.output_dir": "/runs/a", "checkpoint.storage_path/name": "/ckpt/a"}
+    first = store.submit(make_spec(), folders=folders)
+    with pytest.raises(FolderInUse) as refused:
+        store.submit(make_spec(), folders={**folders, "train.output_dir": "/runs/b"})
+    message = str(refused.value)
+    assert f"checkpoint.storage_path/name /ckpt/a belongs to job {first.id} (submitted)" in message
+    assert f"`clusterft jobs cancel {first.id}`" in message and "set another checkpoint" in message
+    store.submit(make_spec(), folders={"train.output_dir": "/runs/b", "checkpoint.storage_path/name": "/b"})
+    store.transition(first.id, S.SUBMITTED, Cancelled())
+    second = store.submit(make_spec(), folders=folders)  # a settled job's folders are free again
+    with pytest.raises(FolderInUse, match=f"train.output_dir /runs/a belongs to job {second.id}"):
+        store.transition(first.id, S.CANCELLED, Resuming(0.0, "resumed by the user"))
+    assert store.get(first.id).status is S.CANCELLED
+
+
+@pytest.mark.parametrize(
+    ("spec", "name", "where"),
+    [
+        ({}, "my model", "--name / the request's `name`"),
+        ({"promote": {"model_name": "team/model"}}, None, "promote.model_name"),
+        ({"output_dir": "saves/.hidden"}, None, "the last part of train.output_dir"),
+    ],
+)
+def test_a_job_name_the_registry_would_refuse_is_refused_at_submit(
+    store: JobStore, spec: dict, name: str | None, where: str
+) -> None:
+    with pytest.raises(UserError, match=r"invalid model name") as refused:
+        store.submit(make_spec(**spec), name=name)
+    assert f"(from {where})" in str(refused.value)
+    assert store.list() == []
+
+
+def test_a_spec_stored_before_promote_auto_keeps_promoting_only_if_it_had_no_gates() -> None:
+    """Spec schema 2: a job without gates no longer promotes unless promote.auto says so; one stored
+    before (when it would have) keeps that meaning, one with gates keeps its gates' verdict."""
+    import yaml
+
+    from clusterft.controller.stored_spec import dump_spec, load_spec
+
+    def stored_by_schema_1(spec):
+        raw = yaml.safe_load(dump_spec(spec))
+        del raw["promote"]["auto"]
+        return yaml.safe_dump(raw)
+
+    gateless = load_spec(stored_by_schema_1(make_spec()), 1)
+    assert gateless.spec.promote.auto is True and dict(gateless.kept_meaning) == {"promote.auto": True}
+    gated = make_spec(promote={"gates": ["loss <= 1.0"]})
+    assert load_spec(stored_by_schema_1(gated), 1).spec.promote.auto is False
+    assert load_spec(dump_spec(make_spec()), 2).spec.promote.auto is False
+
+
+def test_a_stored_spec_that_is_not_yaml_is_a_spec_schema_error() -> None:
+    from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, SpecSchemaError, load_spec
+
+    with pytest.raises(SpecSchemaError, match="not valid YAML"):
+        load_spec("model: [unclosed", SPEC_SCHEMA_VERSION)
+    with pytest.raises(SpecSchemaError, match="a str, not a mapping"):
+        load_spec("just text", SPEC_SCHEMA_VERSION)

@@ -131,7 +131,7 @@ def test_ray_job_submit_runs_the_controller_to_promotion_and_eval(head_cluster, 
     them the README's `clusterft jobs list|status|logs` read the job store on the host."""
     shared = tmp_path / "shared"
     eval_section = {"dataset": ["demo_tasks_eval"], "max_samples": 4, "max_new_tokens": 8}
-    job = lora_job(tiny_llama, shared, eval=eval_section, promote={"model_name": "quickstart"})
+    job = lora_job(tiny_llama, shared, eval=eval_section, promote={"model_name": "quickstart", "auto": True})
     write_job(tmp_path / "job", job)
     stores = {"CLUSTERFT_HOME": str(shared / "controller"), "CLUSTERFT_REGISTRY": str(shared / "registry")}
     submit = [RAY, "job", "submit", "--address", head_cluster, "--working-dir", str(tmp_path / "job")]
