@@ -15,8 +15,10 @@ PreemptionMode = Literal["recompute", "swap", "auto"]
 @dataclass(frozen=True)
 class EngineConfig:
     block_size: int = 16  # tokens per KV block
-    num_gpu_blocks: int | None = None  # KV blocks on the device; None: sized from kv_cache_space
-    kv_cache_space: float = 1.0  # GiB for device KV blocks when num_gpu_blocks is None
+    num_gpu_blocks: int | None = None  # KV blocks on the device; None: sized from the memory budget
+    kv_cache_space: float | None = None  # GiB of device KV blocks; None: 1 GiB on CPU, on CUDA what
+    # gpu_memory_utilization leaves after the weights and the largest step's activations (memory.py)
+    gpu_memory_utilization: float = 0.9  # fraction of the GPU's memory this worker may use in all
     swap_space: float = 0.0  # GiB of CPU KV blocks that preempted requests can be swapped to
     num_cpu_blocks: int | None = None  # overrides swap_space (tests pin exact pool sizes)
     max_num_seqs: int = 128  # requests running at once
@@ -42,8 +44,12 @@ class EngineConfig:
                 f"num_gpu_blocks must be >= 1 (or None to size from kv_cache_space), "
                 f"got {self.num_gpu_blocks}"
             )
-        if self.kv_cache_space <= 0:
-            raise ValueError(f"kv_cache_space must be > 0 GiB, got {self.kv_cache_space}")
+        if self.kv_cache_space is not None and self.kv_cache_space <= 0:
+            raise ValueError(
+                f"kv_cache_space must be > 0 GiB (or None to size it), got {self.kv_cache_space}"
+            )
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.swap_space < 0 or (self.num_cpu_blocks is not None and self.num_cpu_blocks < 0):
             raise ValueError("swap_space (GiB) and num_cpu_blocks must be >= 0")
         if self.max_num_seqs < 1:

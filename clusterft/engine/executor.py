@@ -20,6 +20,7 @@ import torch
 from clusterft.engine.cache_engine import CacheEngine
 from clusterft.engine.config import EngineConfig
 from clusterft.engine.lora import LoRAManager
+from clusterft.engine.memory import kv_cache_budget
 from clusterft.engine.model_runner import ModelRunner
 from clusterft.engine.models import LlamaForCausalLM, ModelConfig, ParallelContext, load_model
 from clusterft.engine.outputs import ModelRunnerOutput, SchedulerOutput
@@ -29,10 +30,11 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 
 
 def kv_cache_blocks(
-    config: EngineConfig, args: ModelConfig, tensor_parallel_size: int = 1
+    config: EngineConfig, args: ModelConfig, tensor_parallel_size: int = 1, budget_bytes: int | None = None
 ) -> tuple[int, int]:
-    """(device, CPU) KV blocks for the config's budgets, which are per worker: a worker holds 1/tp of
-    every block, so tp workers hold tp times the blocks of one."""
+    """(device, CPU) KV blocks for the budgets, which are per worker: a worker holds 1/tp of every
+    block, so tp workers hold tp times the blocks of one. `budget_bytes` is a worker's device budget
+    (memory.kv_cache_budget, the smallest of all workers'); unused when config.num_gpu_blocks is set."""
     block_bytes = CacheEngine.block_bytes(
         args.num_layers,
         args.num_kv_heads // tensor_parallel_size,
@@ -40,7 +42,11 @@ def kv_cache_blocks(
         config.block_size,
         _DTYPES[config.dtype],
     )
-    num_gpu_blocks = config.num_gpu_blocks or max(int(config.kv_cache_space * 2**30) // block_bytes, 1)
+    if config.num_gpu_blocks is not None:
+        num_gpu_blocks = config.num_gpu_blocks
+    else:
+        assert budget_bytes is not None, "size the KV cache from a loaded model's budget"
+        num_gpu_blocks = max(budget_bytes // block_bytes, 1)
     num_cpu_blocks = (
         config.num_cpu_blocks
         if config.num_cpu_blocks is not None
@@ -49,26 +55,39 @@ def kv_cache_blocks(
     return num_gpu_blocks, num_cpu_blocks
 
 
-def load_model_runner(
-    model_dir: str | Path,
+def load_worker_model(
+    model_dir: str | Path, config: EngineConfig, pc: ParallelContext | None = None
+) -> LlamaForCausalLM:
+    """One worker's model (its shard under `pc`) on the config's device."""
+    model, _, _ = load_model(
+        model_dir,
+        dtype=_DTYPES[config.dtype],
+        max_model_len=config.max_model_len,
+        pc=pc or ParallelContext(),
+        quant_group_size=config.quant_group_size if config.quantization == "int8" else None,
+        quant_exclude_modules=config.quant_exclude_modules,
+    )
+    return model.to(config.device)
+
+
+def worker_kv_budget(config: EngineConfig, model: LlamaForCausalLM, pc: ParallelContext | None = None) -> int:
+    """The KV bytes this worker may allocate (0 when config.num_gpu_blocks fixes the count)."""
+    if config.num_gpu_blocks is not None:
+        return 0
+    return kv_cache_budget(config, model, model.args.num_kv_heads // (pc or ParallelContext()).tp_size)
+
+
+def build_model_runner(
+    model: LlamaForCausalLM,
     config: EngineConfig,
     num_gpu_blocks: int,
     num_cpu_blocks: int,
     pc: ParallelContext | None = None,
 ) -> ModelRunner:
-    """One worker's runner: the model (its shard under `pc`), its heads of every KV block, and the
-    config's LoRA adapters registered."""
+    """The runner around a loaded model: its heads of every KV block, and the config's LoRA
+    adapters registered."""
     pc = pc or ParallelContext()
-    dtype = _DTYPES[config.dtype]
-    model, args, _ = load_model(
-        model_dir,
-        dtype=dtype,
-        max_model_len=config.max_model_len,
-        pc=pc,
-        quant_group_size=config.quant_group_size if config.quantization == "int8" else None,
-        quant_exclude_modules=config.quant_exclude_modules,
-    )
-    model = model.to(config.device)
+    dtype, args = _DTYPES[config.dtype], model.args
     cache = CacheEngine(
         args.num_layers, args.num_kv_heads // pc.tp_size, args.head_dim, config.block_size,
         num_gpu_blocks, num_cpu_blocks, dtype, config.device,
@@ -113,8 +132,10 @@ class LocalExecutor(Executor):
     def __init__(self, model_dir: Path, config: EngineConfig, model_args: ModelConfig) -> None:
         if config.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but torch sees no CUDA device; use device='cpu'")
-        self.num_gpu_blocks, self.num_cpu_blocks = kv_cache_blocks(config, model_args)
-        self.runner = load_model_runner(model_dir, config, self.num_gpu_blocks, self.num_cpu_blocks)
+        model = load_worker_model(model_dir, config)
+        budget = worker_kv_budget(config, model)
+        self.num_gpu_blocks, self.num_cpu_blocks = kv_cache_blocks(config, model_args, 1, budget)
+        self.runner = build_model_runner(model, config, self.num_gpu_blocks, self.num_cpu_blocks)
         self.lora_manager = self.runner.lora_manager
 
     @property

@@ -23,9 +23,17 @@ class EngineSettings(Section):
 
     block_size: int = Field(default=16, description="Tokens per KV block (a power of two).")
     num_gpu_blocks: int | None = Field(
-        default=None, description="KV blocks per worker; None sizes them from kv_cache_space."
+        default=None, description="KV blocks per worker; None sizes them from the memory budget."
     )
-    kv_cache_space: float = Field(default=1.0, gt=0, description="GiB of KV cache per worker.")
+    kv_cache_space: float | None = Field(
+        default=None,
+        gt=0,
+        description="GiB of KV cache per worker; None: 1 GiB on CPU, on CUDA what gpu_memory_utilization "
+        "leaves after the weights and the largest step's activations.",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.9, gt=0, le=1, description="Fraction of each GPU's memory a worker may use in all."
+    )
     swap_space: float = Field(default=0.0, ge=0, description="GiB of CPU blocks for swapped-out requests.")
     max_num_seqs: int = Field(default=128, ge=1, description="Requests running at once.")
     max_num_batched_tokens: int = Field(default=2048, ge=1, description="Token budget of one engine step.")

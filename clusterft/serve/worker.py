@@ -25,7 +25,13 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from clusterft.engine import EngineConfig
-from clusterft.engine.executor import Executor, kv_cache_blocks, load_model_runner
+from clusterft.engine.executor import (
+    Executor,
+    build_model_runner,
+    kv_cache_blocks,
+    load_worker_model,
+    worker_kv_budget,
+)
 from clusterft.engine.lora import adapter_dir
 from clusterft.engine.model_runner import ModelRunner
 from clusterft.engine.models import ModelConfig, ParallelContext
@@ -60,16 +66,22 @@ class TPWorker:
             port = s.getsockname()[1]
         return f"tcp://{ip}:{port}"
 
-    def setup(
-        self, init_method: str, model_dir: str, config: EngineConfig, num_gpu_blocks: int, num_cpu_blocks: int
-    ) -> bool:
+    def load(self, init_method: str, model_dir: str, config: EngineConfig) -> int:
+        """Join the process group, load this rank's shard; the KV bytes this rank may allocate (every
+        rank profiles at once: the profile's forward pass runs the collectives)."""
         backend = "nccl" if config.device == "cuda" else "gloo"
         timeout = datetime.timedelta(seconds=120)
         dist.init_process_group(
             backend, init_method=init_method, rank=self.rank, world_size=self.world_size, timeout=timeout
         )
-        pc = ParallelContext(self.rank, self.world_size, _all_reduce)
-        self.runner = load_model_runner(model_dir, config, num_gpu_blocks, num_cpu_blocks, pc)
+        self.config = config
+        self.pc = ParallelContext(self.rank, self.world_size, _all_reduce)
+        self.model = load_worker_model(model_dir, config, self.pc)
+        return worker_kv_budget(config, self.model, self.pc)
+
+    def allocate(self, num_gpu_blocks: int, num_cpu_blocks: int) -> bool:
+        """Allocate this rank's heads of the blocks every rank agreed on."""
+        self.runner = build_model_runner(self.model, self.config, num_gpu_blocks, num_cpu_blocks, self.pc)
         return True
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
@@ -129,7 +141,6 @@ class WorkerGroup(Executor):
                 f"tensor_parallel_size {tp} must divide the model's attention heads ({args.num_heads}), "
                 f"KV heads ({args.num_kv_heads}) and intermediate_size ({args.intermediate_size})"
             )
-        self.num_gpu_blocks, self.num_cpu_blocks = kv_cache_blocks(config, args, tp)
         bundle: dict[str, float] = {"CPU": num_cpus or 0.01}
         if config.device == "cuda":
             bundle["GPU"] = 1
@@ -150,7 +161,9 @@ class WorkerGroup(Executor):
             for rank in range(tp)
         ]
         init_method = ray.get(self.workers[0].rendezvous_address.remote())
-        self.call("setup", init_method, str(model_dir), config, self.num_gpu_blocks, self.num_cpu_blocks)
+        budget = min(self.call("load", init_method, str(model_dir), config))  # every rank must fit
+        self.num_gpu_blocks, self.num_cpu_blocks = kv_cache_blocks(config, args, tp, budget)
+        self.call("allocate", self.num_gpu_blocks, self.num_cpu_blocks)
         self.lora_manager = WorkerLoRARegistry(self, config.lora_modules)
 
     def call(self, method: str, *args: Any) -> list[Any]:

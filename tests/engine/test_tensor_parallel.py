@@ -10,7 +10,7 @@ import threading
 import pytest
 
 from clusterft.engine import LLM, EngineConfig, SamplingParams
-from clusterft.engine.executor import Executor, kv_cache_blocks, load_model_runner
+from clusterft.engine.executor import Executor, build_model_runner, kv_cache_blocks, load_worker_model
 from clusterft.engine.kv_cache_manager import KVCacheManager
 from clusterft.engine.models import ParallelContext
 from clusterft.engine.request import Request
@@ -36,11 +36,12 @@ class ThreadAllReduce:
 
 def shard_runners(model_dir, config, num_gpu_blocks, num_cpu_blocks, tp):
     reduce = ThreadAllReduce(tp)
+    contexts = [ParallelContext(r, tp, reduce.for_rank(r)) for r in range(tp)]
     return [
-        load_model_runner(
-            model_dir, config, num_gpu_blocks, num_cpu_blocks, ParallelContext(r, tp, reduce.for_rank(r))
+        build_model_runner(
+            load_worker_model(model_dir, config, pc), config, num_gpu_blocks, num_cpu_blocks, pc
         )
-        for r in range(tp)
+        for pc in contexts
     ]
 
 
@@ -63,7 +64,7 @@ class ThreadExecutor(Executor):
     """The engine's executor seam without Ray: two shards in threads, rank 0's tokens returned."""
 
     def __init__(self, model_dir, config, model_args, tp=2):
-        self.num_gpu_blocks, self.num_cpu_blocks = kv_cache_blocks(config, model_args, tp)
+        self.num_gpu_blocks, self.num_cpu_blocks = kv_cache_blocks(config, model_args, tp, 2**30)
         self.runners = shard_runners(model_dir, config, self.num_gpu_blocks, self.num_cpu_blocks, tp)
         self.lora_manager = self.runners[0].lora_manager  # names only: every rank has config's adapters
 
