@@ -133,7 +133,10 @@ class Controller:
         whose step fails is logged and tried again next tick; a failing read of the store raises
         (`supervise` retries)."""
         for row in self.store.unreadable():
-            self._set_aside(row)
+            try:
+                self._set_aside(row)
+            except Exception:
+                logger.exception("controller: setting aside job %s", row.job_id)
         for job_id in list(self.runs):
             try:
                 cancelled = self.store.get(job_id).status is JobState.CANCELLED
