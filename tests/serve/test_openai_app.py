@@ -4,7 +4,9 @@ client (sync and async, streaming and not) and by raw httpx for the error cases.
 from __future__ import annotations
 
 import asyncio
+import json
 import re
+import shutil
 import time
 
 import httpx
@@ -17,11 +19,20 @@ pytestmark = pytest.mark.slow
 
 PROMPTS = [f"the number {i} is" for i in range(64)]
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+ADMIN_KEY = "test-admin-key-456"
+ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
 @pytest.fixture(scope="module")
-def url(tiny_llama):
-    with running_app(make_spec(tiny_llama, api_key=API_KEY, max_queued_requests=1000)) as base:
+def url(tiny_llama, tiny_adapter):
+    spec = make_spec(
+        tiny_llama,
+        api_key=API_KEY,
+        admin_api_key=ADMIN_KEY,
+        adapter_roots=[str(tiny_adapter.parent)],
+        max_queued_requests=1000,
+    )
+    with running_app(spec) as base:
         yield base
 
 
@@ -31,7 +42,7 @@ def reference(tiny_llama):
 
 
 def engine_gauge(url: str, name: str) -> float:
-    text = httpx.get(f"{url}/metrics", timeout=10).text
+    text = httpx.get(f"{url}/metrics", headers=AUTH, timeout=10).text
     return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
@@ -44,6 +55,8 @@ def test_models_auth_and_health(url):
     assert r.status_code == 401
     assert set(r.json()["error"]) == {"message", "type", "param", "code"}
     assert httpx.get(f"{url}/health").status_code == 200  # open without a key
+    assert httpx.get(f"{url}/metrics").status_code == 401  # what is served, and how much, is not
+    assert httpx.get(f"{url}/metrics", headers=AUTH).status_code == 200
 
 
 def test_sync_completion_and_chat_match_offline(url, reference, tiny_llama):
@@ -159,14 +172,11 @@ def test_disconnect_aborts_and_frees_blocks(url):
 
 def test_adapters_added_used_and_removed_at_runtime(url, tiny_llama, tiny_adapter):
     client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY)
-    r = httpx.post(f"{url}/v1/admin/adapters", json={"name": "ada", "path": str(tiny_adapter)}, headers=AUTH)
+    body = {"name": "ada", "path": str(tiny_adapter)}
+    assert httpx.post(f"{url}/v1/admin/adapters", json=body, headers=AUTH).status_code == 401  # not admin
+    r = httpx.post(f"{url}/v1/admin/adapters", json=body, headers=ADMIN)
     assert r.status_code == 201, r.text
-    assert (
-        httpx.post(
-            f"{url}/v1/admin/adapters", json={"name": "ada", "path": str(tiny_adapter)}, headers=AUTH
-        ).status_code
-        == 409
-    )
+    assert httpx.post(f"{url}/v1/admin/adapters", json=body, headers=ADMIN).status_code == 409
     assert {m.id for m in client.models.list().data} == {"tiny", "ada"}
     [expected] = offline_texts(tiny_llama, PROMPTS[:1], 6, lora=("ada", tiny_adapter))
     got = client.completions.create(model="ada", prompt=PROMPTS[0], max_tokens=6, temperature=0)
@@ -182,9 +192,28 @@ def test_adapters_added_used_and_removed_at_runtime(url, tiny_llama, tiny_adapte
         extra_body={"ignore_eos": True},
     )
     first = next(iter(stream))
-    assert httpx.delete(f"{url}/v1/admin/adapters/ada", headers=AUTH).status_code == 200
+    assert httpx.delete(f"{url}/v1/admin/adapters/ada", headers=ADMIN).status_code == 200
     rest = list(stream)
     assert rest[-1].choices[0].finish_reason == "length" and first.choices
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="ada", prompt="x", max_tokens=2)
     assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_admin_refuses_broken_adapters_reserved_names_and_paths_outside_the_roots(url, tiny_adapter):
+    """Each refusal comes before any replica serves the adapter; nothing is left registered."""
+    broken = tiny_adapter.parent / "broken-lora"
+    shutil.copytree(tiny_adapter, broken, dirs_exist_ok=True)
+    config = json.loads((broken / "adapter_config.json").read_text())
+    (broken / "adapter_config.json").write_text(json.dumps({**config, "r": 0}))
+    for name, path, status, needle in [
+        ("broken", str(broken), 400, "r=0; the LoRA rank must be an integer >= 1"),
+        ("tiny@v0002", str(tiny_adapter), 400, "'@' is reserved"),
+        ("elsewhere", "/etc", 403, "outside the adapter roots"),
+    ]:
+        r = httpx.post(
+            f"{url}/v1/admin/adapters", json={"name": name, "path": path}, headers=ADMIN, timeout=60
+        )
+        assert r.status_code == status and needle in r.json()["error"]["message"], r.text
+    models = httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]
+    assert [m["id"] for m in models] == ["tiny"]
