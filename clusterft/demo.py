@@ -27,6 +27,7 @@ from clusterft.runtime import PROJECT_ROOT
 
 QUICKSTART_JOB = PROJECT_ROOT / "jobs" / "quickstart.yaml"
 NUM_QUESTIONS = 6
+DEMO_JOB = "quickstart"  # the job and registry model name
 SERVING_TIMEOUT_S = 60.0
 """How long the demo waits for the controller to see the replica serve the job's version (it takes
 a poll of the replica and one of the controller: about a second)."""
@@ -190,9 +191,25 @@ def _submit(spec: Any, work: Path, facts: dict[str, Any]) -> str:
 
     root, registry = work / "saves" / "controller", work / "saves" / "registry"
     jobs = Jobs(root, registry, controller=get_or_start_controller(root, registry))
-    job = jobs.submit(spec, base_dir=work, name="quickstart")
+    job, note = submit_demo_job(jobs, spec, work)
     facts.update(jobs=jobs, job_id=job.id, registry=registry)
-    return f"job {job.id} submitted; controller state in {root / 'jobs.db'}"
+    return f"job {job.id} submitted{note}; controller state in {root / 'jobs.db'}"
+
+
+def submit_demo_job(jobs: Any, spec: Any, work: Path) -> tuple[Any, str]:
+    """Submit the demo's job; a demo job that an interrupted earlier demo left unsettled in this work
+    dir (the demo owns it) is cancelled first, and the note says so. Another job's folders are not
+    the demo's to take: that refusal stands."""
+    from clusterft.controller.store import FolderInUse
+
+    try:
+        return jobs.submit(spec, base_dir=work, name=DEMO_JOB), ""
+    except FolderInUse as busy:
+        if jobs.get(busy.job_id).name != DEMO_JOB:
+            raise
+        jobs.cancel(busy.job_id)
+        note = f" (cancelled {busy.job_id}, left unfinished by an interrupted earlier demo)"
+        return jobs.submit(spec, base_dir=work, name=DEMO_JOB), note
 
 
 def _train(spec: Any, facts: dict[str, Any]) -> str:

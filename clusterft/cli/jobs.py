@@ -40,7 +40,7 @@ def jobs_submit(args: argparse.Namespace) -> int:
 
     spec = load_job_spec(args.job)
     jobs = _jobs(args, _connect(args))
-    job = jobs.submit(spec, base_dir=os.getcwd(), name=args.name)
+    job = jobs.submit(spec, base_dir=os.getcwd(), name=args.name, idempotency_key=args.idempotency_key)
     print(job.id)
     if not args.wait:
         return 0
@@ -169,6 +169,11 @@ def add_jobs_commands(commands: Subcommands) -> None:
         help="follow the job until it settles (registered, promoted, serving, or error)",
     )
     sub.add_argument("--no-progress", action="store_true", help="with --wait: no progress bar")
+    sub.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="a retried submit with the same key returns the first job instead of starting another",
+    )
 
     sub = action("list", jobs_list, "list jobs, newest first")
     sub.add_argument("--limit", type=int, default=None, help="at most this many")

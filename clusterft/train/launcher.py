@@ -250,7 +250,12 @@ class ProgressTracker:
     """Consumes the workers' progress events: progress bar, metrics.jsonl, callbacks, summary facts."""
 
     def __init__(self, output_dir: Path, callbacks: CallbackRunner, show: bool):
-        self.metrics_file = open(output_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+        path = output_dir / "metrics.jsonl"
+        self.metrics_file = open(path, "a+b")  # noqa: SIM115
+        if self.metrics_file.tell():  # a killed attempt may have cut its last line: end it first
+            self.metrics_file.seek(-1, os.SEEK_END)
+            if self.metrics_file.read(1) != b"\n":
+                self.metrics_file.write(b"\n")
         self.callbacks, self.show = callbacks, show
         self.bar: Any = None
         self.planned_steps: int | None = None
@@ -284,7 +289,7 @@ class ProgressTracker:
 
     def _on_step(self, event: dict[str, Any]) -> None:
         record = {**event, "attempt": self.starts}
-        self.metrics_file.write(json.dumps(record) + "\n")
+        self.metrics_file.write((json.dumps(record) + "\n").encode())
         self.metrics_file.flush()
         if self.bar is not None:
             self.bar.n = event["step"]

@@ -79,3 +79,18 @@ def test_callbacks_by_dotted_path():
         load_callback("nowhere.Nothing")
     with pytest.raises(UserError, match="none of the hooks"):
         load_callback("pytest.approx")
+
+
+def test_a_record_after_a_torn_line_starts_on_its_own_line(tmp_path):
+    """A killed driver can cut metrics.jsonl mid-line; the next attempt's records must stay readable."""
+    from clusterft.train.export import read_metrics
+    from clusterft.train.launcher import ProgressTracker
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 2.5}\n{"step": 2, "lo')
+    tracker = ProgressTracker(tmp_path, CallbackRunner([]), show=False)
+    tracker._on_step({"step": 2, "loss": 2.25})
+    tracker.metrics_file.close()
+    assert {step: record["loss"] for step, record in read_metrics(tmp_path / "metrics.jsonl").items()} == {
+        1: 2.5,
+        2: 2.25,
+    }
