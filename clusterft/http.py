@@ -6,19 +6,32 @@ token check and errors in OpenAI's schema.
 `type` follows from the status, named as the official `openai` client names its exception for that
 status (BadRequestError, AuthenticationError, NotFoundError, ...); `code` is the status unless a
 more precise code is given (`invalid_api_key`, `job_not_found`). A 503 carries Retry-After, a 401
-WWW-Authenticate.
+WWW-Authenticate. A 500 never says what went wrong inside: it names a request id, under which the
+exception is logged.
+
+`RequestGuard` (ASGI middleware) answers 401 and 413 before any route reads the request, so that an
+unauthenticated caller learns nothing about the body's schema and no handler parses an oversized body.
 """
 
 from __future__ import annotations
 
 import hmac
 import ipaddress
+import logging
+import re
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+logger = logging.getLogger(__name__)
+REQUEST_ID_HEADER = "x-request-id"
 
 RETRY_AFTER_S = 1
 API_KEY_ENV = "CLUSTERFT_API_KEY"  # the bearer key of inference and reads
@@ -88,16 +101,100 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=headers or None)
 
 
-def check_bearer(request: Request, api_key: str | None) -> None:
-    """Raise the 401 unless `api_key` is None or the request sends `Authorization: Bearer <api_key>`.
-    Constant time: how long the comparison takes must not tell how much of a guess was right."""
-    if api_key is None:
-        return
+def bearer_matches(request: Request, key: str) -> bool:
+    """Whether the request sends `Authorization: Bearer <key>`. Constant time: how long the comparison
+    takes must not tell how much of a guess was right."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+
+
+def check_bearer(request: Request, api_key: str | None) -> None:
+    """Raise the 401 unless `api_key` is None or the request sends `Authorization: Bearer <api_key>`."""
+    if api_key is not None and not bearer_matches(request, api_key):
         raise APIError(
             401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
         )
+
+
+@dataclass(frozen=True)
+class EdgePolicy:
+    """Who may call what, and how big a request may be (`RequestGuard` applies it)."""
+
+    api_key: str | None  # every path under /v1, and /metrics, needs it (or the admin key); None: open
+    admin_api_key: str | None  # paths under /v1/admin need it (see check_admin_bearer)
+    max_request_bytes: int  # a larger body is a 413
+
+    def is_admin(self, request: Request) -> bool:
+        """Whether the request carries the admin key (False when there is none)."""
+        return self.admin_api_key is not None and bearer_matches(request, self.admin_api_key)
+
+    def is_authorized(self, request: Request) -> bool:
+        """Whether the request may use the /v1 routes that are not admin routes."""
+        return self.api_key is None or bearer_matches(request, self.api_key) or self.is_admin(request)
+
+    def check(self, request: Request) -> None:
+        """The 401 (or 403) for a request to a path under /v1 without the key that path needs."""
+        path = request.url.path
+        if path == "/v1/admin" or path.startswith("/v1/admin/"):
+            check_admin_bearer(request, self.admin_api_key, self.api_key)
+        elif (path in ("/v1", "/metrics") or path.startswith("/v1/")) and not self.is_authorized(request):
+            check_bearer(request, self.api_key)
+
+
+class RequestGuard:
+    """ASGI middleware: the bearer check (`EdgePolicy.check`), then the body, read whole here and at
+    most `max_request_bytes` of it (a Content-Length or a body over that is a 413), then the app, which
+    reads the body again from memory. `policy` is called per request (Serve's ingress knows its policy
+    only once its replica is built)."""
+
+    def __init__(self, app: ASGIApp, policy: Callable[[], EdgePolicy]) -> None:
+        self.app, self.policy = app, policy
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        policy = self.policy()
+        request = Request(scope)
+        try:
+            policy.check(request)
+            body = await _read_body(request, receive, policy.max_request_bytes)
+        except APIError as error:
+            await error.response()(scope, receive, send)
+            return
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()  # the disconnect a streaming response listens for
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+
+async def _read_body(request: Request, receive: Receive, max_bytes: int) -> bytes:
+    too_large = APIError(
+        413,
+        f"the request body is over {max_bytes} bytes (max_request_bytes): send less",
+        code="request_too_large",
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise too_large
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            break
+        chunks.append(message.get("body", b""))
+        size += len(chunks[-1])
+        if size > max_bytes:
+            raise too_large
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
 
 
 def check_admin_bearer(request: Request, admin_api_key: str | None, api_key: str | None) -> None:
@@ -134,14 +231,36 @@ def add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        return APIError(400, f"{param or 'request'}: {first.get('msg')}", param).response()
+        param, message = validation_message(exc.errors())
+        return APIError(400, f"{param or 'request'}: {message}", param).response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return APIError(exc.status_code, str(exc.detail)).response()
 
     @app.exception_handler(Exception)
-    async def _internal_error(_: Request, exc: Exception) -> JSONResponse:
-        return APIError(500, f"internal error: {type(exc).__name__}: {exc}").response()
+    async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+        request_id = uuid.uuid4().hex
+        logger.error("request %s (%s %s) failed", request_id, request.method, request.url.path, exc_info=exc)
+        response = APIError(
+            500, f"internal error; the server logged it as request {request_id}", code="internal_error"
+        ).response()
+        response.headers[REQUEST_ID_HEADER] = request_id
+        return response
+
+
+# A union member's tag in pydantic's error location (`str`, `list[int]`, `ChatMessage`), not a field.
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|.*\[.*|[A-Z].*)$")
+
+
+def validation_message(errors: Sequence[Any]) -> tuple[str | None, str]:
+    """The field and message of a request's validation errors: the first error that is not just a
+    union member the value did not match (`"stop": [17 strings]` is "too many", not "not a string"),
+    its location without its source (body, query, ...) and union tags, its message without
+    pydantic's "Value error, " prefix."""
+    if not errors:
+        return None, "invalid request"
+    first = next((e for e in errors if not str(e.get("type", "")).endswith("_type")), errors[0])
+    loc = list(first.get("loc", ()))[1:]  # [0] is body, query, path, header or cookie
+    param = ".".join(str(p) for p in loc if not _UNION_TAG.match(str(p))) or None
+    return param, str(first.get("msg", "invalid")).removeprefix("Value error, ")

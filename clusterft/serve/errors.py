@@ -8,9 +8,13 @@ replica died and to retry: Serve replaces the replica, and a retry lands on a li
 
 from __future__ import annotations
 
+import logging
+
 from ray.exceptions import RayActorError, RayError
 
 from clusterft.http import APIError
+
+logger = logging.getLogger(__name__)
 
 
 def engine_error(exc: RayError) -> APIError:
@@ -20,6 +24,7 @@ def engine_error(exc: RayError) -> APIError:
             f"the engine replica died while handling this request ({type(exc).__name__}); "
             "it was not completed: retry it (Serve is starting a replacement replica)"
         )
-    else:
-        message = f"the engine could not handle this request ({type(exc).__name__}: {exc}); retry it"
+    else:  # its text can carry a remote traceback: logged, never sent
+        logger.error("engine call failed: %s", exc)
+        message = f"the engine could not handle this request ({type(exc).__name__}); retry it"
     return APIError(503, message)

@@ -5,13 +5,21 @@ Every error leaves in OpenAI's schema. Bad input is a 400 (never a 500); a strea
 by its first engine message, which is awaited before the response starts, so overload (503) and
 unknown models (404) are real status codes even for `stream: true`.
 
+One request must never hurt another: `RequestGuard` answers 401/403 and 413 before a body is parsed;
+the schemas (protocol.py) bound every field, and the model's bounds (token ids, top_k, text that
+cannot fit the context) are checked here before anything is tokenized; tokenizing and chat templating
+run on one tokenizer thread, never on the event loop every stream of this replica shares. `priority`
+(a request that runs ahead of others and preempts them) is for callers with the admin key only: 403.
+
 No `from __future__ import annotations` here: FastAPI must see real types in route signatures
 (strings in methods wrapped by `serve.ingress` are not resolved and `Request` becomes a query field).
 """
 
+import asyncio
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -20,7 +28,7 @@ from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
 from clusterft.engine import SamplingParams
-from clusterft.http import APIError, add_error_handlers, check_bearer
+from clusterft.http import APIError, EdgePolicy, RequestGuard, add_error_handlers
 from clusterft.serve.admin import change_everywhere, record_handle
 from clusterft.serve.errors import engine_error
 from clusterft.serve.metrics import ServeMetrics
@@ -53,8 +61,17 @@ from clusterft.serve.spec import ServeSpec
 from clusterft.serve.streams import merge_streams, prepend
 from clusterft.serve.version_routes import ModelVersionHeader, VersionRoutes, note_model_version, router
 
+T = TypeVar("T")
+
+
+def _edge_policy() -> EdgePolicy:
+    """The policy of the ingress replica this request reached (set in its __init__)."""
+    return serve.get_replica_context().servable_object.edge_policy
+
+
 app = FastAPI(title="clusterft OpenAI-compatible server")
 app.add_middleware(ModelVersionHeader)
+app.add_middleware(RequestGuard, policy=_edge_policy)
 app.include_router(router)
 add_error_handlers(app)
 
@@ -71,20 +88,30 @@ class OpenAIIngress(VersionRoutes):
         from clusterft.runtime import apply_runtime_defaults
 
         apply_runtime_defaults()
-        from clusterft.hf.loading import load_tokenizer
+        from clusterft.hf.loading import load_tokenizer, model_config
 
         self.spec = spec
         self.engine = engine
         self.admin = record_handle(spec)  # admin changes reach every engine replica through it
-        self.tokenizer = load_tokenizer(resolve(spec).model_dir)  # registry versions share their tokenizer
+        model_dir = resolve(spec).model_dir  # registry versions share their tokenizer and vocab
+        self.tokenizer = load_tokenizer(model_dir)
+        self.vocab_size: int = model_config(model_dir).get("vocab_size") or len(self.tokenizer)
+        # A token stands for at most this many characters of text (byte-level BPE: bytes), so a text
+        # longer than max_model_len times it can never fit: refused without tokenizing it.
+        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()))
+        # One thread: tokenizing is CPU work that must not stall the event loop (every stream of this
+        # replica), and a fast tokenizer must not be used from two threads at once.
+        self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
         self.token_text = TokenText(self.tokenizer)
-        self.api_key = spec.resolved_api_key()
+        self.edge_policy = EdgePolicy(
+            spec.resolved_api_key(), spec.resolved_admin_api_key(), spec.max_request_bytes
+        )
         self.metrics = ServeMetrics()
         self._max_model_len: int | None = None
 
     # ---- plumbing --------------------------------------------------------------------------------
-    def _authorize(self, request: Request) -> None:
-        check_bearer(request, self.api_key)
+    async def _in_tokenizer_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
 
     async def _model_info(self) -> dict[str, Any]:
         return await self._engine_call("model_info")
@@ -96,6 +123,41 @@ class OpenAIIngress(VersionRoutes):
 
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
+
+    async def _check_text_fits(self, num_chars: int, field: str) -> None:
+        """The 400 for text too long for the context whatever it tokenizes to (before tokenizing it)."""
+        max_len = await self._max_len()
+        if num_chars > max_len * self.max_token_chars:
+            raise APIError(
+                400,
+                f"{field} has {num_chars} characters: more than this model's context of {max_len} tokens "
+                f"can hold ({max_len * self.max_token_chars}, a token being at most {self.max_token_chars} "
+                "characters). Shorten it.",
+                field,
+            )
+
+    async def _prompt_token_ids(self, prompt: str | list[int], index: int) -> list[int]:
+        """A prompt's token ids: text tokenized on the tokenizer thread, ids checked against the vocab."""
+        if isinstance(prompt, str):
+            await self._check_text_fits(len(prompt), "prompt")
+            return await self._in_tokenizer_thread(self._encode, prompt)
+        if max(prompt) >= self.vocab_size:
+            raise APIError(
+                400,
+                f"token ids must be in [0, {self.vocab_size}) (the model's vocab), got {max(prompt)} in "
+                f"prompt {index}",
+                "prompt",
+            )
+        return list(prompt)
+
+    def _check_priority(self, priority: int, request: Request) -> None:
+        if priority and not self.edge_policy.is_admin(request):
+            raise APIError(
+                403,
+                "priority: only callers with the admin key may set it (a request with priority runs "
+                "ahead of others' and preempts them); drop it or send the admin key",
+                "priority",
+            )
 
     async def _check_lengths(self, prompts: list[list[int]], max_tokens: int | None, field: str) -> None:
         max_len = await self._max_len()
@@ -112,9 +174,19 @@ class OpenAIIngress(VersionRoutes):
                     field,
                 )
 
-    @staticmethod
-    def _params(req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, logprobs: int | None):
+    def _params(
+        self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, logprobs: int | None
+    ) -> SamplingParams:
+        """The request's SamplingParams; a 400 naming the field for what the schema could not check
+        alone (best_of < n, top_k over the vocab)."""
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
+        if req.top_k > self.vocab_size:
+            raise APIError(
+                400,
+                f"top_k must be -1, 0 (off) or in [1, {self.vocab_size}] (the model's vocab size), "
+                f"got {req.top_k}",
+                "top_k",
+            )
         try:
             return SamplingParams(
                 n=req.n,
@@ -134,7 +206,8 @@ class OpenAIIngress(VersionRoutes):
                 logprobs=logprobs,
             )
         except ValueError as exc:
-            raise APIError(400, str(exc)) from exc
+            field = str(exc).split(" ", 1)[0]
+            raise APIError(400, str(exc), field if field in type(req).model_fields else None) from exc
 
     async def _start(
         self, prompts: list[list[int]], params: SamplingParams, model: str, priority: int
@@ -193,34 +266,28 @@ class OpenAIIngress(VersionRoutes):
         return Response(self.metrics.render(stats), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
-    async def models(self, request: Request) -> ModelList:
-        self._authorize(request)
+    async def models(self) -> ModelList:
+        """The base model and its adapters by name (never where they are on disk)."""
         info = await self._model_info()
         created = now()
         cards = [
             ModelCard(
                 id=info["base_model"],
                 created=created,
-                root=info["root"],
                 version=info["version"],
                 max_model_len=info["max_model_len"],
             )
         ]
-        for name, path in info["adapters"].items():
+        for name in info["adapters"]:
             cards.append(
                 ModelCard(
-                    id=name,
-                    created=created,
-                    root=path,
-                    parent=info["base_model"],
-                    max_model_len=info["max_model_len"],
+                    id=name, created=created, parent=info["base_model"], max_model_len=info["max_model_len"]
                 )
             )
         return ModelList(data=cards)
 
     @app.post("/v1/admin/adapters", status_code=201)
-    async def add_adapter(self, body: AdapterRequest, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    async def add_adapter(self, body: AdapterRequest) -> dict[str, Any]:
         progress = await change_everywhere(self.admin, "add_adapter", body.name, body.path)
         if progress["errors"]:  # the path is no adapter (every replica says why): take it back
             await change_everywhere(self.admin, "remove_adapter", body.name)
@@ -228,28 +295,26 @@ class OpenAIIngress(VersionRoutes):
         return {"id": body.name, "object": "model", "root": body.path, "num_replicas": progress["num_live"]}
 
     @app.delete("/v1/admin/adapters/{name}")
-    async def remove_adapter(self, name: str, request: Request) -> dict[str, Any]:
-        self._authorize(request)
+    async def remove_adapter(self, name: str) -> dict[str, Any]:
         progress = await change_everywhere(self.admin, "remove_adapter", name)
         return {"id": name, "object": "model", "deleted": True, "num_replicas": progress["num_live"]}
 
     @app.post("/v1/completions")
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         start = time.perf_counter()
-        self._authorize(request)
+        self._check_priority(body.priority, request)
         if body.echo and body.logprobs is not None:
             raise APIError(
                 400,
                 "echo with logprobs needs prompt logprobs, which are not computed; drop one",
                 "echo",
             )
-        raw = body.prompt
-        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
-            raw = [raw]
-        prompts = [self._encode(p) if isinstance(p, str) else list(p) for p in raw]
-        await self._check_lengths(prompts, body.max_tokens, "max_tokens")
         params = self._params(body, body.max_tokens, body.logprobs)
-        echo = [self.tokenizer.decode(ids) if body.echo else "" for ids in prompts]
+        prompts = [await self._prompt_token_ids(p, i) for i, p in enumerate(body.prompts())]
+        await self._check_lengths(prompts, body.max_tokens, "max_tokens")
+        echo = [""] * len(prompts)
+        if body.echo:
+            echo = await self._in_tokenizer_thread(self.tokenizer.batch_decode, prompts)
         counter = UsageCounter()
         stream = self._timed(await self._start(prompts, params, body.model, body.priority), counter, start)
         rid, created = new_id("cmpl"), now()
@@ -284,20 +349,25 @@ class OpenAIIngress(VersionRoutes):
     @app.post("/v1/chat/completions")
     async def chat_completions(self, body: ChatCompletionRequest, request: Request) -> Response:
         start = time.perf_counter()
-        self._authorize(request)
+        self._check_priority(body.priority, request)
         from clusterft.data import render_prompt
 
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        try:
-            text = render_prompt(messages, self.spec.chat_template, self.tokenizer)
-        except Exception as exc:
-            raise APIError(400, f"messages: cannot apply the chat template: {exc}", "messages") from exc
-        prompts = [self._encode(text)]
         max_tokens = body.max_completion_tokens or body.max_tokens
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
-        await self._check_lengths(prompts, max_tokens, field)
         k = body.top_logprobs or 0
         params = self._params(body, max_tokens, k if body.logprobs else None)
+        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        await self._check_text_fits(sum(len(m["content"]) for m in messages), "messages")
+
+        def render_and_encode() -> list[int]:
+            try:
+                text = render_prompt(messages, self.spec.chat_template, self.tokenizer)
+            except Exception as exc:
+                raise APIError(400, f"messages: cannot apply the chat template: {exc}", "messages") from exc
+            return self._encode(text)
+
+        prompts = [await self._in_tokenizer_thread(render_and_encode)]
+        await self._check_lengths(prompts, max_tokens, field)
         counter = UsageCounter()
         stream = self._timed(await self._start(prompts, params, body.model, body.priority), counter, start)
         rid, created = new_id("chatcmpl"), now()

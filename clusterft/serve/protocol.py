@@ -3,19 +3,59 @@
 Requests forbid unknown fields so that a typo or an unsupported OpenAI feature is a 400 naming the
 field, not silently ignored. `priority`, `top_k`, `min_p`, `repetition_penalty`, `ignore_eos` and
 `stop_token_ids` are extensions (vLLM's names).
+
+Every sampling field is checked against the engine's own bounds (SamplingParams' `_FIELD_BOUNDS`, one
+table for both), so a value the engine would refuse is a 400 naming the field when the body is parsed.
+The MAX_* limits below bound what one request may ask of the server; they are checked then too,
+before anything is tokenized. Bounds that depend on the model (token ids and top_k below the vocab
+size, the prompt's length in characters) are checked by the ingress, still before tokenizing.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from clusterft.engine.sampling_params import _FIELD_BOUNDS
+
+MAX_PROMPTS = 128  # prompts of one /v1/completions request (each is an engine request)
+MAX_STOP = 16  # stop strings (OpenAI allows 4)
+MAX_STOP_TOKEN_IDS = 64
+MAX_MESSAGES = 1024  # messages of one chat request
+MAX_PRIORITY = 1000  # |priority|; only callers with the admin key may set it (see the ingress)
+
+# SamplingParams field -> (its allowed values in words, the check)
+_ENGINE_BOUNDS = {name: (allowed, ok) for name, allowed, ok in _FIELD_BOUNDS}
+# HTTP field -> the SamplingParams field it becomes, where the names differ
+_ENGINE_NAME = {"top_logprobs": "logprobs", "max_completion_tokens": "max_tokens"}
+
+
+def _engine_field(default: Any, name: str, **constraints: Any) -> Any:
+    """A request field checked against the engine's bound for `name` (see `_check_engine_bounds`);
+    the allowed values, in the engine's words, document it in the OpenAPI schema."""
+    return Field(default=default, description=f"{_ENGINE_BOUNDS[name][0]}.", **constraints)
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    @field_validator("*")
+    @classmethod
+    def _check_engine_bounds(cls, value: Any, info: ValidationInfo) -> Any:
+        """The engine's bound for this field (if it has one): the same ValueError SamplingParams
+        raises, when the body is parsed rather than when the request reaches the engine."""
+        assert info.field_name is not None
+        name = _ENGINE_NAME.get(info.field_name, info.field_name)
+        if name not in _ENGINE_BOUNDS or value is None or (name == "logprobs" and isinstance(value, bool)):
+            return value
+        allowed, ok = _ENGINE_BOUNDS[name]
+        checked = (value,) if name == "stop" and isinstance(value, str) else value
+        if not ok(tuple(checked) if isinstance(checked, list) else checked):
+            raise ValueError(f"{info.field_name} must be {allowed}, got {value!r}")
+        return value
 
 
 class StreamOptions(_Request):
@@ -24,30 +64,61 @@ class StreamOptions(_Request):
 
 class _SamplingFields(_Request):
     model: str
-    n: int = Field(default=1, ge=1, le=64)
-    best_of: int | None = Field(default=None, ge=1, le=64)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=-1)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(default=1.0, gt=0.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    n: int = _engine_field(1, "n", le=64)
+    best_of: int | None = _engine_field(None, "best_of", le=64)
+    temperature: float = _engine_field(1.0, "temperature", le=2.0)
+    top_p: float = _engine_field(1.0, "top_p")
+    top_k: int = _engine_field(0, "top_k")
+    min_p: float = _engine_field(0.0, "min_p")
+    presence_penalty: float = _engine_field(0.0, "presence_penalty")
+    frequency_penalty: float = _engine_field(0.0, "frequency_penalty")
+    repetition_penalty: float = _engine_field(1.0, "repetition_penalty")
+    seed: int | None = _engine_field(None, "seed")
+    stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = _engine_field(None, "stop")
+    stop_token_ids: list[int] | None = _engine_field(None, "stop_token_ids", max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    priority: int = Field(default=0, description="Extension: higher runs first when the engine is busy.")
+    priority: int = Field(
+        default=0,
+        ge=-MAX_PRIORITY,
+        le=MAX_PRIORITY,
+        description="Extension: higher runs first when the engine is busy; only with the admin key.",
+    )
 
 
 class CompletionRequest(_SamplingFields):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=20)
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(
+        description=f"Text, texts, token ids or lists of token ids (at most {MAX_PROMPTS} prompts); "
+        "token ids in [0, vocab size)."
+    )
+    max_tokens: int | None = _engine_field(16, "max_tokens")
+    logprobs: int | None = _engine_field(None, "logprobs", le=20)
     echo: bool = False
+
+    @field_validator("prompt")
+    @classmethod
+    def _some_prompts(cls, value: str | list[str] | list[int] | list[list[int]]) -> Any:
+        if isinstance(value, str):
+            return value
+        if not value:
+            raise ValueError("give a prompt: a string, a list of strings, token ids or lists of token ids")
+        prompts = [value] if isinstance(value[0], int) else value
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request, got {len(prompts)}: send several")
+        for i, prompt in enumerate(prompts):
+            if not prompt:
+                raise ValueError(f"prompt {i} is empty: give at least one token")
+            if not isinstance(prompt, str) and min(prompt) < 0:
+                raise ValueError(f"token ids must be >= 0, got {min(prompt)} in prompt {i}")
+        return value
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompt(s), one entry per engine request: text or token ids."""
+        if isinstance(self.prompt, str) or isinstance(self.prompt[0], int):
+            return [self.prompt]  # type: ignore[list-item]
+        return list(self.prompt)  # type: ignore[arg-type]
 
 
 class ContentPart(_Request):
@@ -67,11 +138,11 @@ class ChatMessage(_Request):
 
 
 class ChatCompletionRequest(_SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = _engine_field(None, "max_tokens")
+    max_completion_tokens: int | None = _engine_field(None, "max_tokens")
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = _engine_field(None, "logprobs", le=20)
 
 
 class AdapterRequest(_Request):
@@ -185,7 +256,6 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "clusterft"
-    root: str | None = None
     parent: str | None = None
     max_model_len: int | None = None
     version: str | None = None  # the registry version a followed alias points at (clusterft extension)

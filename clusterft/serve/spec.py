@@ -121,6 +121,9 @@ class ServeSpec(Section):
     max_queued_requests: int = Field(
         default=256, ge=0, description="Waiting requests beyond which new ones get 503 + Retry-After."
     )
+    max_request_bytes: int = Field(
+        default=4 * 2**20, ge=1024, description="Largest request body; a larger one gets 413 unread."
+    )
     num_replicas: int = Field(default=1, ge=1, description="Engine replicas (each with its own workers).")
     stream_interval: int = Field(
         default=4,

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict
 from ray.exceptions import RayError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from clusterft.http import EdgePolicy
 from clusterft.serve.errors import APIError, engine_error
 
 MODEL_VERSION_HEADER = "x-clusterft-model-version"
@@ -63,10 +64,12 @@ class ReloadRequest(BaseModel):
 
 
 class VersionRoutes:
-    """Mixin of the ingress (which provides `engine`, `admin`, `_authorize` and `APIError`'s handlers)."""
+    """Mixin of the ingress (which provides `engine`, `admin`, `edge_policy` and `APIError`'s handlers;
+    its RequestGuard checks the admin key of /v1/admin/reload)."""
 
     engine: Any
     admin: Any  # the app's AdminRecord handle
+    edge_policy: EdgePolicy
 
     async def _engine_call(self, method: str, *args: Any) -> Any:
         try:
@@ -75,11 +78,15 @@ class VersionRoutes:
             raise engine_error(exc) from exc
 
     @router.get("/health")
-    async def health(self) -> JSONResponse:
+    async def health(self, request: Request) -> JSONResponse:
         """200 while an engine serves; `degraded` when the last version switch failed (the previous
-        version still serves), with the error."""
+        version still serves). Open: the model and its version to anyone, the rest of the version story
+        (the last error, drains, switches) only to callers with the API key."""
         status = await self._engine_call("status")
-        return JSONResponse({"status": "degraded" if status["last_error"] else "ok", **status})
+        health = {"status": "degraded" if status["last_error"] else "ok"}
+        if self.edge_policy.is_authorized(request):
+            return JSONResponse({**health, **status})
+        return JSONResponse({**health, "model": status["model"], "version": status["version"]})
 
     @router.post("/v1/admin/reload")
     async def reload(self, request: Request, body: ReloadRequest | None = None) -> dict[str, Any]:
@@ -87,7 +94,6 @@ class VersionRoutes:
         next alias poll; answers once all live replicas have run the reload."""
         from clusterft.serve.admin import change_everywhere
 
-        self._authorize(request)  # type: ignore[attr-defined]
         progress = await change_everywhere(self.admin, "reload", body.version if body else None)
         results = progress["reload_results"]
         failed = [r for r in results if r["error"]]
