@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from fastapi import Depends, FastAPI, Header, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
@@ -39,6 +39,8 @@ from clusterft.http import (
     check_bearer,
     is_loopback,
 )
+
+MAX_LIST_LIMIT = 10_000  # GET /v1/jobs?limit= (SQLite takes no integer beyond 64 bits)
 
 
 class SubmitRequest(BaseModel):
@@ -97,7 +99,10 @@ def create_app(jobs: Jobs, api_key: str | None = None, admin_api_key: str | None
     ) -> dict[str, Any]:
         if (body.spec is None) == (body.spec_yaml is None):
             raise APIError(400, "give exactly one of `spec` (object) or `spec_yaml` (text)", "spec")
-        raw = body.spec if body.spec is not None else yaml.safe_load(body.spec_yaml or "")
+        try:
+            raw = body.spec if body.spec is not None else yaml.safe_load(body.spec_yaml or "")
+        except yaml.YAMLError as err:
+            raise APIError(400, f"spec_yaml is not valid YAML: {err}", "spec_yaml") from err
         if not isinstance(raw, dict):
             raise APIError(400, "the job spec must be a mapping of keys", "spec")
         spec = parse_job_dict(raw, "request")
@@ -105,7 +110,7 @@ def create_app(jobs: Jobs, api_key: str | None = None, admin_api_key: str | None
         return job_record(job)
 
     @app.get("/v1/jobs", dependencies=auth)
-    def list_jobs(limit: int | None = None) -> dict[str, Any]:
+    def list_jobs(limit: int | None = Query(default=None, ge=1, le=MAX_LIST_LIMIT)) -> dict[str, Any]:
         return {"object": "list", "data": [job_record(job) for job in jobs.list(limit=limit)]}
 
     @app.get("/v1/jobs/{job_id}", dependencies=auth)
