@@ -8,6 +8,7 @@ plain arguments. Python callers that deploy a `ServeSpec` use `clusterft.serve.l
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -53,7 +54,7 @@ def serve_command(
     blocking: bool = True,
 ) -> int:
     """Serve `model_dir`, or the registry version `alias` of `model_name` points at (following it),
-    until interrupted (Ctrl-C shuts Serve and the local Ray cluster down)."""
+    until interrupted (Ctrl-C or SIGTERM: Serve and the local Ray cluster shut down)."""
     from pydantic import ValidationError
 
     from clusterft.hf.loading import check_model_dir
@@ -85,20 +86,38 @@ def serve_command(
         )
     except ValidationError as err:
         raise UserError(f"serve: {err}") from err
-    url = start_app(spec, address)
-    auth = " (Bearer token required)" if spec.resolved_api_key() else ""
-    following = f" (following {alias} of {registry})" if source else ""
-    print(f"serving {spec.model_name}{following} at {url}/v1{auth}; Ctrl-C to stop", file=sys.stderr)
     if not blocking:
+        _start(spec, address)
         return 0
+    previous = None
     try:
+        _start(spec, address)
+        # After ray.init, which sets its own SIGTERM handler (sys.exit, Serve left running).
+        previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
         pass
     finally:
         stop_app()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _start(spec: ServeSpec, address: str | None) -> None:
+    url = start_app(spec, address)
+    auth = " (Bearer token required)" if spec.resolved_api_key() else ""
+    source = spec.registry
+    following = f" (following {source.alias} of {source.root})" if source else ""
+    print(f"serving {spec.model_name}{following} at {url}/v1{auth}; Ctrl-C to stop", file=sys.stderr)
+
+
+def _sigterm_as_ctrl_c(signum: int, frame: object) -> None:
+    """`kill PID` stops the server as Ctrl-C does, Serve and the local Ray cluster shut down (with
+    Ray's handler the process exited without shutting Serve down and died of SIGABRT on the way)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one must not cut the shutdown short
+    raise KeyboardInterrupt
 
 
 def _handler(args: argparse.Namespace) -> int:
