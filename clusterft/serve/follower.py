@@ -151,15 +151,23 @@ class ModelFollower:
                 self._failed_target = model.version if model is not None else ref
                 logger.error("could not load %s; still serving %s", self.last_error, previous)
                 return reload_result(previous, previous, False, self.last_error, time.monotonic() - started)
-            for name, path in self.current.loop.adapters.items():  # runtime adapters stay served
+            dropped: dict[str, str] = {}  # runtime adapters stay served, where they fit the new weights
+            for name, path in self.current.loop.adapters.items():
                 if name not in new.loop.adapters:
-                    new.loop.add_adapter(name, path)
+                    error = new.loop.add_adapter(name, path)
+                    if error is not None:
+                        dropped[name] = error["error"]["message"]
             old, self.current = self.current, new
             self._since = time.time()
             self.num_switches += 1
             self.last_error = self._failed_target = None
             load_s = time.monotonic() - started
             self.last_switch = reload_result(model.version, previous, True, None, load_s)
+            if dropped:  # said in the reload's answer and /health, not only in the log
+                self.last_switch["dropped_adapters"] = dropped
+                logger.warning(
+                    "adapters %s do not fit %s and are no longer served", sorted(dropped), model.version
+                )
             logger.info("now serving %s %s (loaded in %.2fs)", self.spec.model_name, model.version, load_s)
             self._retiring.append(old)
             asyncio.get_running_loop().create_task(self._release(old))

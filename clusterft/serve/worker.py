@@ -113,8 +113,16 @@ class WorkerLoRARegistry:
         self.paths = {name: Path(path) for name, path in lora_modules}  # the ranks loaded these in setup
 
     def add_lora(self, name: str, path: str | Path) -> None:
+        """Every rank reads and checks its shard of the adapter; a refusal is the ranks' own error
+        (ValueError / FileNotFoundError naming the problem), not Ray's wrapper with a traceback."""
         path = adapter_dir(name, path)
-        self.workers.call("add_lora", name, str(path))
+        try:
+            self.workers.call("add_lora", name, str(path))
+        except ray.exceptions.RayTaskError as exc:
+            self.workers.call("remove_lora", name)  # ranks that accepted it forget it again
+            if isinstance(exc.cause, ValueError | FileNotFoundError):
+                raise exc.cause from None
+            raise
         self.paths[name] = path
 
     def remove_lora(self, name: str) -> None:

@@ -86,11 +86,33 @@ class FakeLoop:
         await self.release.wait()
         yield {"outputs": [{"text": self.model.version}], "finished": True}
 
-    def add_adapter(self, name: str, path: str) -> None:
+    def add_adapter(self, name: str, path: str) -> dict | None:
+        if path.endswith("-only") and not path.endswith(f"-for-{self.model.version}-only"):
+            return {"error": {"status": 400, "message": f"{name} does not fit {self.model.version}"}}
         self.adapters[name] = path
+        return None
 
     def shutdown(self) -> None:
         self.shut = True
+
+
+def test_runtime_adapters_follow_a_switch_and_one_that_no_longer_fits_is_reported(registry):
+    reg, source = registry
+    reg.promote("quick", "v1")
+
+    async def scenario() -> None:
+        follower = ModelFollower(
+            ServeSpec(registry=source), lambda ref: resolve_version(source, ref), FakeLoop
+        )
+        follower.add_adapter("kept", "/adapters/kept")
+        follower.add_adapter("old", "/adapters/old-for-v0001-only")
+        reg.promote("quick", "v2")
+        result = await follower.reload()
+        assert result["switched"] and follower.adapters == {"kept": "/adapters/kept"}
+        assert result["dropped_adapters"] == {"old": "old does not fit v0002"}
+        assert follower.status()["last_switch"]["dropped_adapters"] == {"old": "old does not fit v0002"}
+
+    asyncio.run(scenario())
 
 
 def test_switch_keeps_old_requests_on_old_engine_and_survives_a_bad_version(registry):
