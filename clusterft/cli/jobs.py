@@ -246,6 +246,10 @@ def add_eval_command(commands: Subcommands) -> None:
     sub.add_argument("--template", default="default", help="chat template the model was trained with")
     sub.add_argument("--max-samples", type=int, default=None, help="evaluate at most N examples")
     sub.add_argument("--max-new-tokens", type=int, default=32, help="generation length")
-    sub.add_argument("--benchmark", action="store_true", help="GSM8K-style: compare the final number")
+    sub.add_argument(
+        "--benchmark",
+        action="store_true",
+        help="GSM8K style: score number_match (the final number of the answer) instead of exact_match",
+    )
     sub.add_argument("--base", help="base model dir of an adapter (default: from adapter_config.json)")
     sub.add_argument("--json", action="store_true", help="print JSON")

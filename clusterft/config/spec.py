@@ -246,10 +246,15 @@ class EvalSpec(Section):
     dataset: list[str] | None = Field(
         default=None, description="Eval datasets; default: the job's eval split."
     )
-    metrics: list[Literal["loss", "perplexity", "exact_match"]] = Field(
-        default=["loss", "perplexity", "exact_match"], description="Metrics to compute."
+    metrics: list[Literal["loss", "perplexity", "exact_match", "number_match"]] = Field(
+        default=["loss", "perplexity", "exact_match"],
+        description="Metrics to compute: loss and perplexity (teacher-forced), exact_match (the greedy "
+        "answer equals the reference up to whitespace), number_match (GSM8K style: the answer's final "
+        "number, after `####` or else the last one, equals the reference's).",
     )
-    max_new_tokens: int = Field(default=32, gt=0, description="Generation length for exact_match.")
+    max_new_tokens: int = Field(
+        default=32, gt=0, description="Generation length for exact_match and number_match."
+    )
     max_samples: int | None = Field(default=None, gt=0, description="Evaluate at most this many examples.")
 
     _split = field_validator("dataset", mode="before")(_split_csv)

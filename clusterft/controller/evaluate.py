@@ -1,10 +1,11 @@
 """Evaluate a trained model or adapter: teacher-forced loss and perplexity on an eval set (HF forward
 pass, torch), and accuracy from greedy generation on clusterft's engine (never HF `generate`).
 
-Two scoring modes for the generated answers:
-    exact      the demo task's metric: the answer equals the reference up to whitespace
-    gsm8k      benchmark files in GSM8K style: the final number of the answer ("#### 42", or the last
-               number in the text) equals the reference's final number
+Two scores of the generated answers, each a metric of its own (eval.metrics, gates):
+    exact_match   the demo task's metric: the answer equals the reference up to whitespace
+    number_match  benchmark files in GSM8K style: the final number of the answer ("#### 42", or the
+                  last number in the text) equals the reference's final number
+Both come from the same generations, so asking for both costs one generation pass.
 
 Results are written as JSON next to the model (`eval.json`), so the registry and the CLI read the
 same numbers the controller gated on.
@@ -16,7 +17,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +26,7 @@ from clusterft.data import Example, exact_match
 from clusterft.errors import UserError
 
 EVAL_FILE = "eval.json"
-Mode = Literal["exact", "gsm8k"]
+Device = Literal["cpu", "cuda"]
 _FINAL = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*|-?\.\d+")
 
@@ -88,6 +89,10 @@ def numbers_match(prediction: str, reference: str) -> bool:
     return predicted is not None and expected is not None and math.isclose(predicted, expected)
 
 
+SCORES: dict[str, Callable[[str, str], bool]] = {"exact_match": exact_match, "number_match": numbers_match}
+"""The generation metrics: each scores (prediction, reference)."""
+
+
 def evaluate(
     ref: ModelRef,
     examples: Sequence[Example],
@@ -96,30 +101,34 @@ def evaluate(
     cutoff_len: int = 1024,
     max_new_tokens: int = 32,
     metrics: Sequence[str] = ("loss", "perplexity", "exact_match"),
-    mode: Mode = "exact",
     batch_size: int = 8,
+    device: Device = "cpu",
     save: bool = True,
 ) -> dict[str, Any]:
-    """Score `ref` on `examples`; returns (and with `save`, writes to eval.json next to the model)
-    `loss`, `perplexity` and `exact_match` as asked, plus `num_examples` and the mode."""
+    """Score `ref` on `examples` on `device`, `batch_size` examples at a time (the loss pass's batch
+    and the engine's running requests); returns (and with `save`, writes to eval.json next to the
+    model) `loss`, `perplexity`, `exact_match` and `number_match` as asked, plus `num_examples`."""
     if not examples:
         raise UserError("nothing to evaluate: the eval set is empty (set eval.dataset or val_size)")
     from clusterft.hf.loading import load_tokenizer
 
     tokenizer = load_tokenizer(ref.tokenizer_dir)
-    results: dict[str, Any] = {"num_examples": len(examples), "mode": mode}
+    results: dict[str, Any] = {"num_examples": len(examples)}
     if "loss" in metrics or "perplexity" in metrics:
-        loss = teacher_forced_loss(ref, examples, tokenizer, template, cutoff_len, batch_size)
+        loss = teacher_forced_loss(ref, examples, tokenizer, template, cutoff_len, batch_size, device)
         results["loss"] = loss
         results["perplexity"] = math.exp(loss) if loss < 700 else math.inf
-    if "exact_match" in metrics:
-        predictions = generate_answers(ref, examples, tokenizer, template, max_new_tokens)
-        score = numbers_match if mode == "gsm8k" else exact_match
-        hits = [score(p, e.reference) for p, e in zip(predictions, examples, strict=True)]
-        results["exact_match"] = sum(hits) / len(hits)
+    scores = {name: score for name, score in SCORES.items() if name in metrics}
+    if scores:
+        predictions = generate_answers(ref, examples, tokenizer, template, max_new_tokens, batch_size, device)
+        hits = {
+            name: [score(p, e.reference) for p, e in zip(predictions, examples, strict=True)]
+            for name, score in scores.items()
+        }
+        results.update({name: sum(h) / len(h) for name, h in hits.items()})
         results["samples"] = [
-            {"reference": e.reference, "prediction": p, "correct": h}
-            for e, p, h in list(zip(examples, predictions, hits, strict=True))[:5]
+            {"reference": e.reference, "prediction": p, **{name: h[i] for name, h in hits.items()}}
+            for i, (e, p) in enumerate(zip(examples[:5], predictions[:5], strict=True))
         ]
     if save:
         (ref.output_dir / EVAL_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
@@ -133,8 +142,10 @@ def teacher_forced_loss(
     template: str,
     cutoff_len: int,
     batch_size: int,
+    device: Device = "cpu",
 ) -> float:
-    """Mean cross-entropy per answer token (the tokens training is scored on), over every example."""
+    """Mean cross-entropy per answer token (the tokens training is scored on), over every example,
+    from forward passes of `batch_size` examples on `device`."""
     import torch
 
     from clusterft.config.spec import DataArgs
@@ -145,11 +156,12 @@ def teacher_forced_loss(
     encoded = encode_data(data, tokenizer, list(examples))
     if encoded.problems:
         raise UserError(f"{len(encoded.problems)} eval examples cannot be scored: {encoded.problems[0]}")
-    model = _load_hf(ref)
+    model = _load_hf(ref).to(device)
     total, count = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(encoded.encoded), batch_size):
             batch = collate(encoded.encoded[start : start + batch_size], tokenizer.pad_token_id)
+            batch = {key: value.to(device) for key, value in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             # Token t predicts token t+1: shift so logits[:, t] is scored against labels[:, t+1].
             labels = batch["labels"][:, 1:]
@@ -158,6 +170,9 @@ def teacher_forced_loss(
             )
             total += per_token.item()
             count += int((labels != -100).sum())
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the engine that generates next sizes its KV cache from free memory
     return total / max(count, 1)
 
 
@@ -174,14 +189,21 @@ def _load_hf(ref: ModelRef) -> Any:
 
 
 def generate_answers(
-    ref: ModelRef, examples: Sequence[Example], tokenizer: Any, template: str, max_new_tokens: int
+    ref: ModelRef,
+    examples: Sequence[Example],
+    tokenizer: Any,
+    template: str,
+    max_new_tokens: int,
+    batch_size: int = 8,
+    device: Device = "cpu",
 ) -> list[str]:
-    """Greedy answers from clusterft's engine, in example order (the adapter loaded as a LoRA)."""
+    """Greedy answers from clusterft's engine on `device`, at most `batch_size` requests running at
+    once, in example order (the adapter loaded as a LoRA)."""
     from clusterft.data import get_template, render_prompt
     from clusterft.engine import LLM, SamplingParams
 
     lora = (("candidate", str(ref.adapter_dir)),) if ref.adapter_dir is not None else ()
-    llm = LLM(ref.model_dir, lora_modules=lora)
+    llm = LLM(ref.model_dir, lora_modules=lora, max_num_seqs=batch_size, device=device)
     stop = get_template(template, tokenizer).stop_words
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=tuple(stop))
     prompts = [render_prompt(e.prompt_messages, template, tokenizer) for e in examples]
@@ -222,7 +244,7 @@ def eval_command(
         examples,
         template=template,
         max_new_tokens=max_new_tokens,
-        mode="gsm8k" if benchmark else "exact",
+        metrics=("loss", "perplexity", "number_match" if benchmark else "exact_match"),
     )
     if as_json:
         print(json.dumps(results, indent=2))

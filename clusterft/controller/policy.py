@@ -103,7 +103,7 @@ def check_completion(planned_steps: int, completed_steps: int) -> Complete | Fai
 
 # The metrics evaluation can compute, read from the spec so the two cannot drift apart.
 KNOWN_METRICS = frozenset(get_args(get_args(EvalSpec.model_fields["metrics"].annotation)[0]))
-HIGHER_IS_BETTER = frozenset({"exact_match"})
+HIGHER_IS_BETTER = frozenset({"exact_match", "number_match"})
 LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
 assert KNOWN_METRICS == HIGHER_IS_BETTER | LOWER_IS_BETTER, "a new eval metric needs a direction here"
 
@@ -175,7 +175,8 @@ def parse_gates(spec: JobSpec) -> list[Gate]:
 
 
 def no_worse(metric: str, candidate: float, production: float) -> bool:
-    """Lower-or-equal for loss and perplexity, higher-or-equal for exact_match; NaN is worse."""
+    """Lower-or-equal for loss and perplexity, higher-or-equal for exact_match and number_match; NaN
+    is worse."""
     if math.isnan(candidate):
         return False
     return candidate <= production if metric in LOWER_IS_BETTER else candidate >= production

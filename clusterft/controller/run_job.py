@@ -15,15 +15,17 @@ controller reads as a failure of the attempt.
 from __future__ import annotations
 
 import dataclasses
+import socket
 import sys
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from clusterft.config.spec import JobSpec
 from clusterft.controller.policy import Failure
 from clusterft.controller.runs import RunFiles
 from clusterft.controller.stored_spec import job_spec
+from clusterft.errors import UserError
 
 
 def train(spec: JobSpec) -> dict[str, Any]:
@@ -46,15 +48,33 @@ def eval_set(spec: JobSpec) -> list[Any]:
     return examples[: spec.eval.max_samples] if spec.eval.max_samples else examples
 
 
+def eval_device(spec: JobSpec) -> Literal["cpu", "cuda"]:
+    """The device the job trains on: cuda with cluster.gpus_per_worker > 0, else cpu."""
+    if not spec.cluster.use_gpu:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"cluster.gpus_per_worker is {spec.cluster.gpus_per_worker:g}: the job trains on GPUs, so it "
+            f"evaluates on CUDA, but torch sees no CUDA device in the eval process on {socket.gethostname()} "
+            "(it runs where the controller runs); start the controller on a node with a GPU, or set "
+            "eval.enabled: false"
+        )
+    return "cuda"
+
+
 def evaluate_job(spec: JobSpec, run_dir: Path) -> dict[str, Any]:
     """{"ok", "metrics"} and, with promote.merge, {"merged": {"dir", "merge_check"}}: the merged
-    model staged under `run_dir`, which the controller registers as a `merged` version."""
+    model staged under `run_dir`, which the controller registers as a `merged` version. Evaluation
+    runs on the job's device, per_device_eval_batch_size examples at a time."""
     from clusterft.controller.evaluate import ModelRef, evaluate
 
     output = Path(spec.train.output_dir)
     base = spec.model.model_name_or_path if spec.method.finetuning_type == "lora" else None
     result: dict[str, Any] = {"ok": True, "metrics": {}}
     if spec.eval.enabled:
+        device = eval_device(spec)
         metrics = evaluate(
             ModelRef.resolve(output, base),
             eval_set(spec),
@@ -62,6 +82,8 @@ def evaluate_job(spec: JobSpec, run_dir: Path) -> dict[str, Any]:
             cutoff_len=spec.data.cutoff_len,
             max_new_tokens=spec.eval.max_new_tokens,
             metrics=spec.eval.metrics,
+            batch_size=spec.train.per_device_eval_batch_size,
+            device=device,
         )
         result["metrics"] = {k: v for k, v in metrics.items() if k != "samples"}
     if spec.promote.merge:  # the spec allows it only with LoRA, so `base` is set

@@ -45,14 +45,49 @@ def test_training_outcome_never_counts_a_short_run_as_success() -> None:
     assert failed == Failure("UserError: bad", retryable=False)
 
 
+def hf_greedy_answers(
+    model_dir: Path, examples: list[Example], template: str, max_new_tokens: int
+) -> list[str]:
+    """The reference: HF `generate`'s greedy answers, stopped where the engine stops (eos or the
+    template's end-of-turn token)."""
+    import torch
+
+    from clusterft.data import get_template, render_prompt
+    from clusterft.hf.loading import load_model, load_tokenizer
+
+    tokenizer = load_tokenizer(model_dir)
+    model = load_model(model_dir).eval()
+    stop_ids = [tokenizer.eos_token_id]
+    stop_ids += [tokenizer.convert_tokens_to_ids(w) for w in get_template(template, tokenizer).stop_words]
+    answers = []
+    for example in examples:
+        prompt = render_prompt(example.prompt_messages, template, tokenizer)
+        ids = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop_ids)
+        answers.append(tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True))
+    return answers
+
+
+def with_reference(example: Example, reference: str) -> Example:
+    messages = [*example.prompt_messages, {"role": "assistant", "content": reference}]
+    return Example(messages, example.source_file, example.line)
+
+
 def test_evaluate_tiny_model_on_the_engine(tiny_llama: Path) -> None:
     from clusterft.data import load_examples
 
     examples = load_examples(["demo_tasks_eval"], EXAMPLES, max_samples=4)
-    results = evaluate(ModelRef.resolve(tiny_llama), examples, template="chatml", max_new_tokens=4)
-    assert results["num_examples"] == 4 and results["mode"] == "exact"
+    answers = hf_greedy_answers(tiny_llama, examples, "chatml", max_new_tokens=4)
+    assert len(set(answers)) > 1, answers  # the prompts get different answers: a real comparison
+    # HF's own answer is the reference of examples 0 and 2; 1 and 3 expect something else.
+    references = [a if i % 2 == 0 else a + " 42" for i, a in enumerate(answers)]
+    scored = [with_reference(e, r) for e, r in zip(examples, references, strict=True)]
+    results = evaluate(ModelRef.resolve(tiny_llama), scored, template="chatml", max_new_tokens=4)
+    assert [s["prediction"] for s in results["samples"]] == answers  # the engine generates what HF does
+    assert results["exact_match"] == 0.5 and results["num_examples"] == 4
+    assert [s["exact_match"] for s in results["samples"]] == [True, False, True, False]
     assert math.isclose(results["perplexity"], math.exp(results["loss"]))
-    assert 0.0 <= results["exact_match"] <= 1.0 and len(results["samples"]) == 4
     assert json.loads((tiny_llama / EVAL_FILE).read_text())["loss"] == results["loss"]
     (tiny_llama / EVAL_FILE).unlink()
 
