@@ -16,6 +16,13 @@ from clusterft.serve.spec import ServeSpec
 
 def build_app(spec: ServeSpec) -> serve.Application:
     """The Serve application for `spec` (deploy with `serve.run`, or from deployments/app.py)."""
+    if spec.engine.device == "auto":
+        import ray
+        import torch
+
+        # Not connected yet (serve.run connects later): the local cluster it starts has this host's GPUs.
+        gpus = ray.cluster_resources().get("GPU", 0) if ray.is_initialized() else torch.cuda.device_count()
+        spec = with_device(spec, gpus)
     check_model_dir(
         resolve(spec).model_dir
     )  # a registry alias that points nowhere fails here, not in a replica
@@ -28,3 +35,9 @@ def build_app(spec: ServeSpec) -> serve.Application:
     ).bind(spec)
     ingress = OpenAIIngress.options(ray_actor_options={"num_cpus": spec.ingress_num_cpus}, **health)
     return ingress.bind(spec, engine)
+
+
+def with_device(spec: ServeSpec, cluster_gpus: float) -> ServeSpec:
+    """`spec` with engine.device "auto" settled: cuda when the cluster has GPUs, else cpu."""
+    device = "cuda" if cluster_gpus >= 1 else "cpu"
+    return spec.model_copy(update={"engine": spec.engine.model_copy(update={"device": device})})

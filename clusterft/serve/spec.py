@@ -50,7 +50,11 @@ class EngineSettings(Section):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="Weights/KV dtype."
     )
-    device: Literal["cpu", "cuda"] = Field(default="cpu", description="Where workers run the model.")
+    device: Literal["cpu", "cuda", "auto"] = Field(
+        default="cpu",
+        description="Where workers run the model; auto: cuda when the Ray cluster has GPUs as the app is "
+        "built (one config file for a laptop and a GPU cluster), else cpu.",
+    )
     seed: int = Field(default=0, description="Seeds sampling of requests without their own seed.")
 
     def to_engine_config(self, lora_modules: dict[str, str] | None = None) -> EngineConfig:

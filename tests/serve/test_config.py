@@ -13,6 +13,7 @@ from ray import serve
 from clusterft.cli.serve import add_serve_command, parse_adapters, serve_command
 from clusterft.errors import UserError
 from clusterft.serve.spec import ServeSpec
+from tests.serve.conftest import ENGINE, make_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -148,3 +149,15 @@ def test_cli_serve_security_options(tiny_llama, no_keys):
     assert (args.admin_api_key, args.adapter_root, args.insecure) == (None, [], False)
     with pytest.raises(UserError, match=r"host 0\.0\.0\.0 exposes the server.*`--insecure`"):
         serve_command(str(tiny_llama), host="0.0.0.0", blocking=False)
+
+
+def test_device_auto_follows_the_clusters_gpus(tiny_llama):
+    """One serve config for a laptop and a GPU cluster: auto is settled when the app is built."""
+    from clusterft.serve.app import with_device
+
+    spec = make_spec(tiny_llama, engine=ENGINE.model_copy(update={"device": "auto"}))
+    assert with_device(spec, 0).engine.device == "cpu"
+    on_gpus = with_device(spec, 2)
+    assert on_gpus.engine.device == "cuda" and on_gpus.engine.to_engine_config().device == "cuda"
+    with pytest.raises(ValueError, match="device"):
+        spec.engine.to_engine_config()  # never reaches the engine unsettled
