@@ -15,6 +15,7 @@ unauthenticated caller learns nothing about the body's schema and no handler par
 
 from __future__ import annotations
 
+import enum
 import hmac
 import ipaddress
 import logging
@@ -116,13 +117,32 @@ def check_bearer(request: Request, api_key: str | None) -> None:
         )
 
 
+class Access(enum.Enum):
+    """The key a request needs, by its method and path (an `EdgePolicy`'s `access` decides)."""
+
+    OPEN = "open"  # none
+    CLIENT = "client"  # the API key, or the admin key
+    ADMIN = "admin"  # the admin key (see check_admin_bearer)
+
+
+def serving_access(method: str, path: str) -> Access:
+    """The serving app's rule: paths under /v1/admin need the admin key; every other path under /v1,
+    and /metrics, the API key (or the admin key); the rest (/health, docs) is open."""
+    if path == "/v1/admin" or path.startswith("/v1/admin/"):
+        return Access.ADMIN
+    if path in ("/v1", "/metrics") or path.startswith("/v1/"):
+        return Access.CLIENT
+    return Access.OPEN
+
+
 @dataclass(frozen=True)
 class EdgePolicy:
     """Who may call what, and how big a request may be (`RequestGuard` applies it)."""
 
-    api_key: str | None  # every path under /v1, and /metrics, needs it (or the admin key); None: open
-    admin_api_key: str | None  # paths under /v1/admin need it (see check_admin_bearer)
+    api_key: str | None  # what Access.CLIENT requests need (or the admin key); None: open
+    admin_api_key: str | None  # what Access.ADMIN requests need (see check_admin_bearer)
     max_request_bytes: int  # a larger body is a 413
+    access: Callable[[str, str], Access] = serving_access  # (method, path) -> the key it needs
 
     def is_admin(self, request: Request) -> bool:
         """Whether the request carries the admin key (False when there is none)."""
@@ -133,11 +153,11 @@ class EdgePolicy:
         return self.api_key is None or bearer_matches(request, self.api_key) or self.is_admin(request)
 
     def check(self, request: Request) -> None:
-        """The 401 (or 403) for a request to a path under /v1 without the key that path needs."""
-        path = request.url.path
-        if path == "/v1/admin" or path.startswith("/v1/admin/"):
+        """The 401 (or 403) for a request without the key its method and path need (`access`)."""
+        access = self.access(request.method, request.url.path)
+        if access is Access.ADMIN:
             check_admin_bearer(request, self.admin_api_key, self.api_key)
-        elif (path in ("/v1", "/metrics") or path.startswith("/v1/")) and not self.is_authorized(request):
+        elif access is Access.CLIENT and not self.is_authorized(request):
             check_bearer(request, self.api_key)
 
 

@@ -12,7 +12,9 @@ Bound to 127.0.0.1 unless told otherwise; `serve_api` refuses any other address 
 (a submitted job runs its spec's code on the cluster) unless told `insecure`. Reads (GET) need
 `Authorization: Bearer <api key>` (or the admin key); writes (submit, cancel, resume) need the admin
 key, and are refused (403) when there is an API key but no admin key; with no key at all everything is
-open. Keys are compared in constant time; errors use OpenAI's error schema (clusterft/http.py, shared
+open. The key is checked before the body is read (`RequestGuard`, as in the serving ingress): a caller
+without it gets the 401 or 403, never a 400 that describes the body's schema; a body over 1 MiB is a
+413. Keys are compared in constant time; errors use OpenAI's error schema (clusterft/http.py, shared
 with the serving ingress).
 """
 
@@ -22,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from fastapi import Depends, FastAPI, Header, Query, Request
+from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from pydantic import BaseModel, Field
 
@@ -33,14 +35,24 @@ from clusterft.controller.store import FolderInUse, IdempotencyKeyReused, StaleS
 from clusterft.errors import UserError
 from clusterft.http import (
     API_KEY_ENV,
+    Access,
     APIError,
+    EdgePolicy,
+    RequestGuard,
     add_error_handlers,
-    check_admin_bearer,
-    check_bearer,
     is_loopback,
 )
 
 MAX_LIST_LIMIT = 10_000  # GET /v1/jobs?limit= (SQLite takes no integer beyond 64 bits)
+MAX_REQUEST_BYTES = 1 << 20  # a job spec is a few KiB of YAML
+
+
+def jobs_access(method: str, path: str) -> Access:
+    """Reads (GET, HEAD) under /v1 need the API key or the admin key; writes (submit, cancel, resume:
+    a job runs its spec's code on the cluster) only the admin key; the docs and schema are open."""
+    if path != "/v1" and not path.startswith("/v1/"):
+        return Access.OPEN
+    return Access.CLIENT if method in ("GET", "HEAD") else Access.ADMIN
 
 
 class SubmitRequest(BaseModel):
@@ -62,6 +74,8 @@ def create_app(jobs: Jobs, api_key: str | None = None, admin_api_key: str | None
         description="Submit, follow, cancel and resume fine-tuning jobs run by the clusterft controller.",
     )
 
+    policy = EdgePolicy(api_key, admin_api_key, MAX_REQUEST_BYTES, jobs_access)
+    app.add_middleware(RequestGuard, policy=lambda: policy)
     add_error_handlers(app)
 
     @app.exception_handler(UserError)
@@ -72,22 +86,7 @@ def create_app(jobs: Jobs, api_key: str | None = None, admin_api_key: str | None
             return APIError(409, str(err), code="conflict").response()
         return APIError(400, str(err)).response()
 
-    def authorize(request: Request) -> None:
-        """Reads: the API key, or the admin key."""
-        try:
-            check_bearer(request, api_key)
-        except APIError:
-            if admin_api_key is None:
-                raise
-            check_bearer(request, admin_api_key)
-
-    def authorize_admin(request: Request) -> None:
-        """Writes: a job runs code on the cluster, so only the admin key submits, cancels, resumes."""
-        check_admin_bearer(request, admin_api_key, api_key)
-
-    auth, admin = [Depends(authorize)], [Depends(authorize_admin)]
-
-    @app.post("/v1/jobs", status_code=201, dependencies=admin)
+    @app.post("/v1/jobs", status_code=201)
     def submit(
         body: SubmitRequest,
         idempotency_key: str | None = Header(
@@ -109,15 +108,15 @@ def create_app(jobs: Jobs, api_key: str | None = None, admin_api_key: str | None
         job = jobs.submit(spec, base_dir=body.base_dir, name=body.name, idempotency_key=idempotency_key)
         return job_record(job)
 
-    @app.get("/v1/jobs", dependencies=auth)
+    @app.get("/v1/jobs")
     def list_jobs(limit: int | None = Query(default=None, ge=1, le=MAX_LIST_LIMIT)) -> dict[str, Any]:
         return {"object": "list", "data": [job_record(job) for job in jobs.list(limit=limit)]}
 
-    @app.get("/v1/jobs/{job_id}", dependencies=auth)
+    @app.get("/v1/jobs/{job_id}")
     def status(job_id: str) -> dict[str, Any]:
         return job_record(jobs.get(job_id), jobs.store)
 
-    @app.get("/v1/jobs/{job_id}/logs", dependencies=auth, response_class=PlainTextResponse)
+    @app.get("/v1/jobs/{job_id}/logs", response_class=PlainTextResponse)
     def logs(job_id: str) -> str:
         parts = [
             f"==> {path} <==\n{path.read_text(errors='replace')}"
@@ -126,11 +125,11 @@ def create_app(jobs: Jobs, api_key: str | None = None, admin_api_key: str | None
         ]
         return "".join(parts)
 
-    @app.post("/v1/jobs/{job_id}/cancel", dependencies=admin)
+    @app.post("/v1/jobs/{job_id}/cancel")
     def cancel(job_id: str) -> dict[str, Any]:
         return job_record(jobs.cancel(job_id))
 
-    @app.post("/v1/jobs/{job_id}/resume", dependencies=admin)
+    @app.post("/v1/jobs/{job_id}/resume")
     def resume(job_id: str) -> dict[str, Any]:
         return job_record(jobs.resume(job_id))
 

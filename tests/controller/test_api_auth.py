@@ -70,6 +70,31 @@ def test_an_admin_key_alone_guards_writes_and_leaves_reads_open(jobs: Jobs, tmp_
     assert len(client.get("/v1/jobs").json()["data"]) == 1
 
 
+def test_the_key_is_checked_before_the_body_is_read(jobs: Jobs, tmp_path: Path) -> None:
+    """A caller without the key a route needs learns nothing about its body's schema: the 401 (or the
+    403 of a server without an admin key) comes before any 400 of a malformed body."""
+    malformed = ({"content": b"{not json"}, {"json": {"spec": 5, "base_dir": []}}, {"content": b"x" * 5000})
+    client = TestClient(create_app(jobs, api_key=KEY, admin_api_key=ADMIN_KEY))
+    for body in malformed:
+        for headers in ({}, bearer("nope"), bearer(KEY)):  # the API key is no admin key: 401 on a write
+            headers = {**headers, "content-type": "application/json"}
+            refused = client.post("/v1/jobs", headers=headers, **body)
+            assert refused.status_code == 401, refused.text
+            assert refused.json()["error"]["code"] == "invalid_api_key"
+        assert client.post("/v1/jobs", headers=bearer(ADMIN_KEY), **body).status_code == 400
+    too_large = client.post("/v1/jobs", headers=bearer(ADMIN_KEY), content=b" " * (1 << 20 | 1))
+    assert too_large.status_code == 413, too_large.text  # never parsed
+    writes_off = TestClient(create_app(jobs, api_key=KEY))
+    for body in malformed:
+        headers = {**bearer(KEY), "content-type": "application/json"}
+        refused = writes_off.post("/v1/jobs", headers=headers, **body)
+        assert refused.status_code == 403, refused.text
+        assert refused.json()["error"]["code"] == "admin_disabled"
+    assert client.get("/v1/jobs", params={"limit": "x"}).status_code == 401  # reads: the key before the query
+    assert client.get("/v1/jobs", params={"limit": "x"}, headers=bearer(KEY)).status_code == 400
+    assert client.get("/openapi.json").status_code == 200  # the schema stays open
+
+
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "jobs.example.com"])
 def test_serve_api_refuses_an_exposed_host_without_a_key(jobs: Jobs, host: str) -> None:
     # start_controller=True: the refusal comes before it would look for a Ray cluster.
