@@ -4,8 +4,6 @@ and a relaunch of it continues them."""
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,17 +14,6 @@ from clusterft.train.launcher import run_training
 from tests.train.helpers import bundles, make_job
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    temp_dir = tempfile.mkdtemp(prefix="cftray", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def test_a_weights_only_run_sees_only_its_own_bundles(ray_cluster, tiny_llama, tmp_path):

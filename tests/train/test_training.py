@@ -7,8 +7,6 @@ One Ray cluster serves the whole module; each run takes seconds (tiny model, 8 s
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,17 +25,6 @@ STRATEGIES = {
     "zero3": {"strategy": "zero3"},
     "zero3_offload": {"strategy": "zero3", "offload": "optimizer+params"},
 }
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    temp_dir = tempfile.mkdtemp(prefix="cftray", dir="/tmp")
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, log_to_driver=False)
-    yield
-    ray.shutdown()
-    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
