@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
+from clusterft.config.spec import JobSpec
 from clusterft.controller.policy import (
     TICK_FAILURES,
     Complete,
@@ -288,17 +289,18 @@ class Controller:
             self._launch_training(job, JobState.RESUMING)
 
     def _launch_training(self, job: Job, expected: JobState) -> None:
-        """Launch the training driver once the newest valid checkpoint (what the driver resumes
-        from, recorded as `resumed_from`) is found: every bundle's sha256 is checked, off the tick."""
-        from clusterft.storage import BundleStore
-        from clusterft.train.launcher import locate
-
-        where = locate(job_spec(job))
-        found = self._off_thread(job, "resume point", BundleStore(where.bundle_root).find_latest_valid)
-        if found is None:
+        """Launch the training driver once the bundle it will start from (recorded as `resumed_from`)
+        is known: the driver's own decision (`choose_start`: its own run's newest bundle, the spec's
+        resume.from_checkpoint, or the newest run's), made here without its effects (deleting stale
+        bundles, making a run folder) and off the tick (each candidate's sha256 is checked)."""
+        chosen = self._off_thread(job, "resume point", lambda: start_point(job_spec(job)))
+        if chosen is None:
             return
-        latest = found.result()
-        resumed_from = f"{where.bundle_root}/{latest.name}" if latest else None
+        try:
+            resumed_from = chosen.result()
+        except UserError as err:  # the driver refuses the run with this error, and the job records it
+            logger.info("controller: job %s starts from no checkpoint: %s", job.id, err)
+            resumed_from = None
         job = self.store.transition(job.id, expected, Training(resumed_from=resumed_from))
         self._launch(job, "train")
 
@@ -473,6 +475,18 @@ def training_outcome(result: dict[str, Any]) -> Complete | Failure:
     if not result.get("planned_steps"):
         return Failure("training reported no planned step count")
     return check_completion(result["planned_steps"], result["completed_steps"])
+
+
+def start_point(spec: JobSpec) -> str | None:
+    """The bundle a training driver of `spec` will start from (None: from scratch), as its
+    `start_run` decides it (the spec's paths are absolute: `Jobs.submit` resolved them)."""
+    from clusterft.train.checkpointing import choose_start
+    from clusterft.train.launcher import locate
+    from clusterft.train.recipe import resolve
+
+    where = locate(spec)
+    source = spec.resume.from_checkpoint
+    return choose_start(spec, where.bundle_root, resolve(where.base_dir, source) if source else None).bundle
 
 
 def _stop_soon(pid: int) -> None:

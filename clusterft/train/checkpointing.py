@@ -16,8 +16,9 @@ with `torch.load(weights_only=True)`: a bundle on shared storage is data, and un
 run code, whoever wrote it. Bundles from before this (no `state_format` in their metadata; their RNG
 state was pickled numpy objects) are refused with a message that says what to do instead.
 
-Which bundle a run starts from, and which folder it writes to, is decided once, by the driver
-(`start_run`): a run only ever sees, prunes and exports its own bundles.
+Which bundle a run starts from, and which folder it writes to, is decided by `choose_start`, which
+changes nothing (the controller shows its answer as the job's `resumed_from`), and carried out once,
+by the driver (`start_run`): a run only ever sees, prunes and exports its own bundles.
 """
 
 from __future__ import annotations
@@ -185,8 +186,18 @@ class RunStart:
     bundle: str | None  # a BundleStore.location
 
 
-def start_run(spec: JobSpec, bundle_root: str, from_checkpoint: Path | None) -> RunStart:
-    """Decide, once per driver, which bundle a run starts from and which folder it writes to.
+@dataclass(frozen=True)
+class StartChoice:
+    """What `start_run` will do, as `choose_start` decided it without changing anything."""
+
+    bundle: str | None  # the bundle the run starts from (a BundleStore.location); None: from scratch
+    bundle_root: str | None  # the folder it writes to; None: a new `run-XXXXXXXX` folder in the root
+    clear: bool  # every bundle under the root is deleted first (resume.enabled false, overwrite_output_dir)
+
+
+def choose_start(spec: JobSpec, bundle_root: str, from_checkpoint: Path | None) -> StartChoice:
+    """Which bundle a run of `spec` starts from and which folder it writes to; reads bundles (and
+    verifies the chosen one), changes nothing: `start_run` carries the choice out.
 
     The bundle: (1) the newest valid bundle of a folder holding one written with this very spec (its
     own progress: a relaunched driver continues it); else (2) `resume.from_checkpoint`; else (3) the
@@ -194,10 +205,12 @@ def start_run(spec: JobSpec, bundle_root: str, from_checkpoint: Path | None) -> 
     when the run resumes it exactly (the same run, continued); otherwise (weights only, or a bundle
     from elsewhere) `bundle_root` if it holds nothing yet, else a new `run-XXXXXXXX` folder inside
     it, so an earlier run's bundles are neither pruned by this run nor taken for its own (its steps
-    start again from 0, and would otherwise sort below the earlier run's).
+    start again from 0, and would otherwise sort below the earlier run's). With resume.enabled false,
+    the bundles under `bundle_root` are deleted first (overwrite_output_dir), or the run is refused.
     """
     root = BundleStore(bundle_root)
     runs = root.runs()
+    clear = False
     if not spec.resume.enabled and (stale := _newest_valid(runs)) is not None:
         if not spec.train.overwrite_output_dir:
             raise UserError(
@@ -205,8 +218,13 @@ def start_run(spec: JobSpec, bundle_root: str, from_checkpoint: Path | None) -> 
                 f"{stale[0].location(stale[1].name)}); set overwrite_output_dir: true to delete them, "
                 "or use another checkpoint.name"
             )
-        root.storage.delete_dir("")
-        runs = [root]
+        if from_checkpoint is not None and _inside(from_checkpoint, bundle_root):
+            raise UserError(
+                f"resume.from_checkpoint: {from_checkpoint} is inside {bundle_root}, whose checkpoints "
+                "resume.enabled false with overwrite_output_dir true deletes before the run starts; "
+                "copy the bundle elsewhere first, or set resume.enabled: true"
+            )
+        runs, clear = [], True  # deleted by start_run: nothing of them to start from
     spec_hash = spec.spec_hash()
     # Manifests only (no hashing) to order the runs, newest save first, and to find this spec's own.
     listed = sorted(((run, run.list(verify=False)) for run in runs), key=_last_saved, reverse=True)
@@ -221,15 +239,25 @@ def start_run(spec: JobSpec, bundle_root: str, from_checkpoint: Path | None) -> 
     elif (latest := _newest_valid([run for run, _ in listed])) is not None:
         (store, info), folder = latest, latest[0]
     else:
-        return RunStart(root.storage.uri, None)
+        return StartChoice(None, root.storage.uri, clear)
     if spec.resume.weights_only and info.meta.get("spec_hash") != spec_hash:
         folder = None  # weights only: a new run
-    if folder is None:
-        folder = root if not root.holds_bundles() else root.new_run()
-        logger.info(
-            "this run starts from %s; its bundles go to %s", store.location(info.name), folder.storage.uri
-        )
-    return RunStart(folder.storage.uri, store.location(info.name))
+    if folder is None and (clear or not root.holds_bundles()):
+        folder = root
+    return StartChoice(store.location(info.name), folder.storage.uri if folder else None, clear)
+
+
+def start_run(spec: JobSpec, bundle_root: str, from_checkpoint: Path | None) -> RunStart:
+    """Decide, once per driver, which bundle a run starts from and which folder it writes to
+    (`choose_start`), and carry it out: delete the stale bundles, make the new run's folder."""
+    choice = choose_start(spec, bundle_root, from_checkpoint)
+    root = BundleStore(bundle_root)
+    if choice.clear:
+        root.storage.delete_dir("")
+    folder = choice.bundle_root or root.new_run().storage.uri
+    if choice.bundle is not None and not choice.bundle.startswith(f"{folder.rstrip('/')}/"):
+        logger.info("this run starts from %s; its bundles go to %s", choice.bundle, folder)
+    return RunStart(folder, choice.bundle)
 
 
 def _newest_valid(runs: list[BundleStore]) -> tuple[BundleStore, BundleInfo] | None:
@@ -237,6 +265,11 @@ def _newest_valid(runs: list[BundleStore]) -> tuple[BundleStore, BundleInfo] | N
         if (latest := run.find_latest_valid()) is not None:
             return run, latest
     return None
+
+
+def _inside(path: Path, bundle_root: str) -> bool:
+    """Whether `path` is inside `bundle_root` (a local folder; never inside a URI's)."""
+    return "://" not in bundle_root and Path(bundle_root).resolve() in path.resolve().parents
 
 
 def _last_saved(listed: tuple[BundleStore, list[BundleInfo]]) -> float:

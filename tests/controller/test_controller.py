@@ -4,6 +4,8 @@ serving records, and the real `clusterft registry promote|rollback` commands mov
 from __future__ import annotations
 
 import itertools
+import os
+import signal
 import sqlite3
 import threading
 import time
@@ -13,11 +15,14 @@ import pytest
 import yaml
 
 from clusterft.cli import main as cli
+from clusterft.config import JobSpec
 from clusterft.controller.controller import Controller
-from clusterft.controller.state import Evaluating, Failed, JobState, Registered, Training
+from clusterft.controller.state import Cancelled, Evaluating, Failed, JobState, Registered, Resuming, Training
 from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, job_spec
 from clusterft.registry.registry import Registry
 from clusterft.registry.serving import ServingRecord, remove_record, write_record
+from clusterft.storage import BundleStore
+from clusterft.train.launcher import locate
 from tests.controller.conftest import make_spec
 
 S = JobState
@@ -200,8 +205,6 @@ def tick_until_settled(controller: Controller, job_id: str, timeout_s: float = 1
 
 @pytest.fixture
 def merging_controller(tmp_path: Path) -> Controller:
-    import os
-
     made = Controller(tmp_path / "controller", tmp_path / "registry", env=dict(os.environ))
     yield made
     made.close()
@@ -430,3 +433,58 @@ def test_a_stored_job_whose_name_the_registry_refuses_errors_instead_of_evaluati
     tick_while_evaluating(controller, job_id, timeout_s=10)
     job, why = status(controller, job_id)
     assert job is S.ERROR and why.startswith("registration failed: invalid model name 'my model'")
+
+
+# ---------------------------------------------------------------- resumed_from: where the driver starts
+
+
+def publish(store: BundleStore, step: int, spec: JobSpec) -> str:
+    """A valid bundle of `spec` at `step` (what a save of its run leaves)."""
+    tmp = store.begin(step)
+    store.put_bytes(tmp, "state/part-0.pt", b"weights")
+    return store.location(store.publish(tmp, step, {"spec_hash": spec.spec_hash()}).name)
+
+
+def relaunched_from(controller: Controller, spec: JobSpec) -> str | None:
+    """The `resumed_from` the controller records as it relaunches the training driver of a failed job
+    of `spec` (the driver it starts, a real one, is stopped at once)."""
+    job = controller.store.submit(spec)
+    controller.store.transition(job.id, S.SUBMITTED, Training())
+    controller.store.transition(job.id, S.TRAINING, Failed("RuntimeError: worker died"))
+    controller.store.transition(job.id, S.FAILED, Resuming(after_s=0.0, why="worker died"))
+    deadline = time.monotonic() + 30
+    while controller.store.get(job.id).status is S.RESUMING:  # the resume point is found off the tick
+        assert time.monotonic() < deadline, "the training driver was not relaunched"
+        controller.tick()
+        time.sleep(0.02)
+    run = controller.runs.pop(job.id)
+    os.killpg(run.pid, signal.SIGKILL)  # its own process group (session)
+    run.process.wait()
+    controller.store.transition(job.id, S.TRAINING, Cancelled())
+    return controller.store.get(job.id).resumed_from
+
+
+def test_resumed_from_is_the_bundle_the_driver_starts_from(controller, tmp_path) -> None:
+    """The controller shows the bundle the driver's `start_run` picks (the same decision, made without
+    deleting or creating anything), not the newest bundle of the main bundles folder."""
+    first = make_spec(output_dir=str(tmp_path / "out"))
+    root = BundleStore(locate(first).bundle_root)
+    for step in (2, 4):
+        publish(root, step, first)
+    weights_only = make_spec(
+        output_dir=str(tmp_path / "out"), learning_rate=5e-3, resume={"weights_only": True}
+    )
+    assert relaunched_from(controller, weights_only) == root.location("step_000000004")  # a new run
+    # Its first attempt saved into a run folder of its own: a relaunch continues that, not the first run.
+    own_run = BundleStore(root.storage.child("run-0123abcd"))
+    mine = publish(own_run, 2, weights_only)
+    assert relaunched_from(controller, weights_only) == mine
+
+    other = BundleStore(tmp_path / "other" / "bundles")
+    source = publish(other, 8, make_spec(output_dir=str(tmp_path / "other")))
+    picked = make_spec(output_dir=str(tmp_path / "out"), max_steps=3, resume={"from_checkpoint": source})
+    assert relaunched_from(controller, picked) == source
+
+    fresh = make_spec(output_dir=str(tmp_path / "out"), resume={"enabled": False}, overwrite_output_dir=True)
+    assert relaunched_from(controller, fresh) is None  # the driver deletes the bundles and starts afresh
+    assert [i.step for i in root.list()] == [2, 4] and own_run.list()  # the controller deletes nothing

@@ -13,7 +13,14 @@ import torch
 
 from clusterft.errors import UserError
 from clusterft.storage import BundleStore
-from clusterft.train.checkpointing import RunStart, load_bundle, save_bundle, start_run
+from clusterft.train.checkpointing import (
+    RunStart,
+    StartChoice,
+    choose_start,
+    load_bundle,
+    save_bundle,
+    start_run,
+)
 from clusterft.train.state import rng_state, seed_everything, set_rng_state
 from tests.train.helpers import make_job
 
@@ -187,3 +194,22 @@ def test_from_checkpoint_into_a_folder_holding_another_run(tmp_path):
     assert start_run(spec, fresh.storage.uri, tmp_path / "other" / "bundles" / source) == RunStart(
         fresh.storage.uri, other.location(source)
     )
+
+
+def test_choose_start_changes_nothing_and_start_run_carries_it_out(tmp_path):
+    """The controller shows `choose_start`'s answer before the driver runs: it must delete and create
+    nothing (a weights-only run's new folder, the bundles resume.enabled false deletes)."""
+    first = job(tmp_path)
+    root = BundleStore(bundles_dir(tmp_path))
+    newest = root.location(publish(root, 4, first))
+    weights_only = job(tmp_path, learning_rate=5e-3, resume={"weights_only": True})
+    assert choose_start(weights_only, root.storage.uri, None) == StartChoice(newest, None, clear=False)
+    fresh = job(tmp_path, resume={"enabled": False}, overwrite_output_dir=True)
+    assert choose_start(fresh, root.storage.uri, None) == StartChoice(None, root.storage.uri, clear=True)
+    assert len(root.runs()) == 1 and [i.step for i in root.list()] == [4]
+
+    # A bundle to start from that the overwrite would delete first: refused, nothing deleted.
+    doomed = job(tmp_path, resume={"enabled": False, "from_checkpoint": newest}, overwrite_output_dir=True)
+    with pytest.raises(UserError, match=r"resume.from_checkpoint: .* deletes before the run starts"):
+        start_run(doomed, root.storage.uri, Path(newest))
+    assert [i.step for i in root.list()] == [4]
