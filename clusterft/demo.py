@@ -186,7 +186,7 @@ def _baseline(spec: Any, facts: dict[str, Any]) -> str:
 
 
 def _submit(spec: Any, work: Path, facts: dict[str, Any]) -> str:
-    from clusterft.controller.controller import get_or_start_controller
+    from clusterft.controller.actor import get_or_start_controller
     from clusterft.controller.jobs import Jobs
 
     root, registry = work / "saves" / "controller", work / "saves" / "registry"
@@ -348,7 +348,7 @@ def _shutdown(facts: dict[str, Any]) -> None:
 
         serve.shutdown()
     if "jobs" in facts:
-        from clusterft.controller.controller import CONTROLLER_NAME, NAMESPACE
+        from clusterft.controller.actor import CONTROLLER_NAME, NAMESPACE
 
         with contextlib.suppress(ValueError):
             ray.kill(ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE), no_restart=True)

@@ -26,7 +26,7 @@ from clusterft.http import ADMIN_API_KEY_ENV, API_KEY_ENV
 
 
 def _connect(args: argparse.Namespace) -> object:
-    from clusterft.controller.controller import connect_controller  # imports Ray: only when needed
+    from clusterft.controller.actor import connect_controller  # imports Ray: only when needed
 
     return connect_controller(args.root, args.registry)
 

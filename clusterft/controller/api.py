@@ -160,7 +160,7 @@ def serve_api(
         )
     controller = None
     if start_controller:
-        from clusterft.controller.controller import connect_controller
+        from clusterft.controller.actor import connect_controller
 
         controller = connect_controller(root, registry_root)
     jobs = Jobs(root, registry_root, controller=controller)

@@ -1,11 +1,12 @@
-"""The job controller: a detached, named Ray actor that carries every job through its life.
+"""The job controller: every decision and effect that carries a job through its life, without Ray
+(the detached actor that ticks it is actor.py).
 
     submitted ─► training ─► evaluating ─► registered ◄─► promoted ◄─► serving
                   │   ▲      (eval driver)  (registry)   (an alias    (a live replica
                   ▼   │                                   points here)  serves it)
                 failed ─► resuming (backoff) ─► training, from the newest valid checkpoint
 
-The actor is a thin shell: `Controller.tick()` reads every unsettled job from the SQLite store and
+`Controller.tick()` reads every unsettled job from the SQLite store and
 moves it one step, using the pure policies for each decision; then it reconciles every job holding a
 registry version with the registry's aliases and the replicas' serving records (`decide_serving`),
 whoever moved the alias: this controller, `clusterft registry promote|rollback`, or another
@@ -16,9 +17,10 @@ User commands (submit, cancel, resume) write the store directly; the controller 
 
 No job is lost to another one: a job whose step fails is logged and tried again next tick, a row
 the store cannot read is set aside (`_set_aside`), and a tick that fails as a whole (the store
-locked or unreadable) is retried after a backoff by `supervise`, which ends the actor's process
-after too many in a row so that Ray restarts it. Heavy I/O (hashing a checkpoint for `resumed_from`,
-copying a model into the registry) runs in a small thread pool, never in the tick.
+locked or unreadable) is retried after a backoff by the actor's `supervise`, which ends the actor's
+process after too many in a row so that Ray restarts it. Heavy I/O (hashing a checkpoint for
+`resumed_from`, copying a model into the registry: registration.py) runs in a small thread pool,
+never in the tick.
 """
 
 from __future__ import annotations
@@ -36,21 +38,16 @@ from typing import Any, Literal, TypeVar
 
 from clusterft.config.spec import JobSpec
 from clusterft.controller.policy import (
-    TICK_FAILURES,
     Complete,
     Failure,
     GiveUp,
-    Promote,
-    RestartController,
-    TickFailurePolicy,
     VersionState,
     check_completion,
     decide_after_failure,
-    decide_after_tick_failure,
-    decide_promotion,
     decide_serving,
     parse_gates,
 )
+from clusterft.controller.registration import find_or_register, register_and_promote
 from clusterft.controller.runs import Phase, RunFiles, describe_exit, kill, kill_drivers, launch, pid_runs_job
 from clusterft.controller.state import (
     HOLDS_VERSION,
@@ -60,24 +57,20 @@ from clusterft.controller.state import (
     Failed,
     Job,
     JobState,
-    Registered,
     Resuming,
     Training,
 )
-from clusterft.controller.store import JobStore, StaleState, UnreadableJob, UnreadableRow
+from clusterft.controller.store import JobStore, StaleState, UnreadableJob
+from clusterft.controller.store_rows import UnreadableRow
 from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, SpecSchemaError, job_spec
 from clusterft.errors import UserError
-from clusterft.registry.registry import AliasChange, Registry, Version, check_model_name
+from clusterft.registry.registry import AliasChange, Registry, check_model_name
 from clusterft.registry.serving import live_versions, read_records
 
 logger = logging.getLogger(__name__)
-CONTROLLER_NAME = "clusterft-controller"
-NAMESPACE = "clusterft"
 T = TypeVar("T")
 
 
-RUN_FILES = frozenset({"metrics.jsonl", "loss.png", "run_summary.json"})
-"""Files of output_dir that describe the run rather than the model; not registered."""
 TRAIN_FACTS = ("planned_steps", "completed_steps", "final_loss", "checkpoint", "output", "wall_time_s")
 IO_THREADS = 2
 """Heavy I/O steps running at once (each a checkpoint to hash or a model to copy)."""
@@ -385,7 +378,7 @@ class Controller:
             outcome = polled
         metrics, merged = outcome["metrics"], outcome.get("merged")
         registered = self._off_thread(
-            job, "register", lambda: self._find_or_register(job, spec, metrics, merged)
+            job, "register", lambda: find_or_register(self.registry, self.root, job, spec, metrics, merged)
         )
         if registered is None:
             return
@@ -394,78 +387,7 @@ class Controller:
         except UserError as err:  # the registry refused it (its name, a missing base model): it stays so
             self.store.transition(job.id, JobState.EVALUATING, Errored(f"registration failed: {err}"))
             return
-        self._decide_promotion(job, spec, metrics, version)
-
-    def _find_or_register(
-        self, job: Job, spec: Any, metrics: dict[str, Any], merged: dict[str, Any] | None
-    ) -> Version:
-        """The job's version: the one a controller restarted mid-way registered already (same job
-        and checkpoint; verified), or a new one. `merged` is the eval driver's staged merge
-        (promote.merge): registered as a `merged` version with its passing merge check. Runs in
-        the I/O pool: it reads and copies every file of the model."""
-        name = job.name
-        checkpoint = (job.result.get("train") or {}).get("checkpoint")
-        for version in self.registry.versions(name):
-            if version.manifest.job_id == job.id and version.manifest.checkpoint == checkpoint:
-                return self.registry.verify(name, version.version)
-        lora = spec.method.finetuning_type == "lora"
-        kind = "merged" if merged else "adapter" if lora else "full"
-        return self.registry.register(
-            name,
-            Path(merged["dir"]) if merged else self._model_files(job, spec),
-            kind=kind,
-            base_model=spec.model.model_name_or_path if lora else None,
-            job_id=job.id,
-            checkpoint=checkpoint,
-            eval_results=metrics,
-            merge_check=merged["merge_check"] if merged else None,
-        )
-
-    def _decide_promotion(self, job: Job, spec: Any, metrics: dict[str, Any], version: Version) -> None:
-        """Register the job and, when the gates (or promote.auto) say so, move the alias in the same
-        compare-and-set: a job cancelled meanwhile never has its version promoted. A crash between
-        the alias move and the commit leaves the job evaluating, and the next tick does both again
-        (the version is found, the move is a no-op)."""
-        name, alias = job.name, spec.promote.alias
-        production = self.registry.aliases(name).get("production")
-        production_eval = dict(self.registry.show(name, production).manifest.eval) if production else None
-        decision = decide_promotion(
-            metrics,
-            parse_gates(spec),
-            production_eval,
-            spec.promote.not_worse_than_production,
-            auto=spec.promote.auto,
-        )
-        result = {"eval": metrics, "model_name": name, "version": version.version}
-        if not isinstance(decision, Promote):
-            why = (
-                f"{decision.reason}; to promote it anyway: "
-                f"`clusterft registry promote {name} {version.version} --alias {alias}`"
-            )
-            self.store.transition(
-                job.id, JobState.EVALUATING, Registered(name, version.version, why=why), result=result
-            )
-            return
-        # The reconcile pass that follows moves the job to promoted (and serving), and the job that
-        # held the alias before back to registered: the same path as a `registry promote`. The files
-        # were hashed as they were copied in (or verified when found): no second read here.
-        registered = Registered(name, version.version)
-        with self.store.moving(job.id, JobState.EVALUATING, registered, result=result):
-            self.registry.promote(name, version.version, alias, verify=False)
-
-    def _model_files(self, job: Job, spec: Any) -> Path:
-        """The exported adapter or model of output_dir, without the run's own files (metrics, plots,
-        checkpoints), as a directory of links for the registry to copy from."""
-        output = Path(spec.train.output_dir)
-        staged = self.root / "runs" / job.id / "model"
-        if staged.exists():
-            for link in staged.iterdir():
-                link.unlink()
-        staged.mkdir(parents=True, exist_ok=True)
-        for path in sorted(output.iterdir()):
-            if path.is_file() and path.name not in RUN_FILES:
-                (staged / path.name).symlink_to(path.resolve())
-        return staged
+        register_and_promote(self.store, self.registry, job, spec, metrics, version)
 
 
 def training_outcome(result: dict[str, Any]) -> Complete | Failure:
@@ -492,124 +414,3 @@ def start_point(spec: JobSpec) -> str | None:
 def _stop_soon(pid: int) -> None:
     """Stop a driver without holding up the tick (`kill` waits up to its grace period)."""
     threading.Thread(target=kill, args=(pid,), name=f"clusterft-kill-{pid}", daemon=True).start()
-
-
-def supervise(
-    controller: Controller,
-    wake: threading.Event,
-    poll_s: float,
-    policy: TickFailurePolicy = TICK_FAILURES,
-    *,
-    stop: threading.Event | None = None,
-) -> RestartController | None:
-    """Tick `controller` every `poll_s` (at once when `wake` is set) until `stop` is set (None), or
-    until `policy` says the failed ticks in a row are enough (its decision). A tick that fails as a
-    whole (the store locked, unreadable, its disk full) is logged and retried after a doubling
-    backoff: it never ends the loop silently while the actor looks alive."""
-    stop = stop or threading.Event()
-    failures = 0
-    while not stop.is_set():
-        try:
-            controller.tick()
-            failures, wait_s = 0, poll_s
-        except Exception as err:
-            failures += 1
-            error = f"{type(err).__name__}: {err}"
-            decision = decide_after_tick_failure(failures, error, policy)
-            if isinstance(decision, RestartController):
-                logger.critical("controller: %s", decision.reason, exc_info=True)
-                return decision
-            logger.error(
-                "controller: tick failed (%d in a row): %s; next try in %gs",
-                failures,
-                error,
-                decision.after_s,
-                exc_info=True,
-            )
-            wait_s = decision.after_s
-        wake.wait(wait_s)
-        wake.clear()
-    return None
-
-
-# ---------------------------------------------------------------- the Ray actor
-
-
-class JobControllerActor:
-    """The detached actor: builds a `Controller` and ticks it in a background thread. Ray restarts
-    it after a crash or `ray.kill(..., no_restart=False)`; __init__ runs again and resumes."""
-
-    def __init__(self, root: str, registry_root: str, poll_s: float = 0.5):
-        import ray
-
-        from clusterft.runtime import apply_runtime_defaults
-
-        apply_runtime_defaults()
-        env = dict(os.environ)
-        # The drivers join this cluster as drivers of their own (their Train actors die with them).
-        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        self.controller = Controller(root, registry_root, env=env)
-        self.poll_s = poll_s
-        self.started_at = time.time()
-        self._wake = threading.Event()
-        threading.Thread(target=self._loop, name="clusterft-controller", daemon=True).start()
-
-    def _loop(self) -> None:
-        supervise(self.controller, self._wake, self.poll_s)
-        # The store stayed unusable: end the process (sys.exit in a thread would end only this
-        # thread, leaving an actor that looks alive and moves no job); Ray restarts the actor.
-        os._exit(1)
-
-    def wake(self) -> None:
-        """Act now rather than at the next poll (after a submit, cancel or resume)."""
-        self._wake.set()
-
-    def info(self) -> dict[str, Any]:
-        return {
-            "root": str(self.controller.root),
-            "registry": str(self.controller.registry.root),
-            "pid": os.getpid(),
-            "started_at": self.started_at,
-            "runs": {job_id: run.pid for job_id, run in self.controller.runs.items()},
-        }
-
-
-def get_or_start_controller(root: str | Path, registry_root: str | Path, *, poll_s: float = 0.5) -> Any:
-    """The running controller actor, or a new detached one (the caller is connected to Ray).
-    Refuses a controller that serves a different root: one cluster, one job store."""
-    import ray
-
-    from clusterft.errors import UserError
-
-    root, registry_root = Path(root).resolve(), Path(registry_root).resolve()
-    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(JobControllerActor)
-    actor = actor_cls.options(
-        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(str(root), str(registry_root), poll_s)
-    info = ray.get(actor.info.remote())
-    if (info["root"], info["registry"]) != (str(root), str(registry_root)):
-        raise UserError(
-            f"this Ray cluster's controller keeps jobs in {info['root']} (registry {info['registry']}), "
-            f"not {root}; use --root {info['root']} or stop it: "
-            f"ray.kill(ray.get_actor({CONTROLLER_NAME!r}, namespace={NAMESPACE!r}))"
-        )
-    return actor
-
-
-def connect_controller(root: str | Path, registry_root: str | Path) -> object:
-    """Join the running Ray cluster and return its controller actor (started if absent)."""
-    import ray
-
-    from clusterft.errors import UserError
-
-    if not ray.is_initialized():
-        try:
-            ray.init(
-                address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False, namespace="clusterft"
-            )
-        except ConnectionError as err:
-            raise UserError(
-                f"no Ray cluster to run the controller on ({err}); start one with "
-                "`RAY_AUTH_MODE=disabled ray start --head --num-cpus=N` or set RAY_ADDRESS"
-            ) from None
-    return get_or_start_controller(root, registry_root)

@@ -14,6 +14,9 @@ left out of `list` and reported by `unreadable`, so one bad row hides one job, n
 WAL mode lets readers (`jobs list`, the REST API) run while the controller writes. WAL needs every
 process on one host (it shares memory through a -shm file); on a network filesystem reached from
 several nodes open the store with `journal_mode="delete"`.
+
+Its tables and their migrations are in store_schema.py; how a row reads as a job, an event or a log
+pointer (and an unreadable row as what is wrong with it) in store_rows.py.
 """
 
 from __future__ import annotations
@@ -25,7 +28,6 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -43,67 +45,19 @@ from clusterft.controller.state import (
     next_counters,
     state_from_json,
 )
+from clusterft.controller.store_rows import (
+    Event,
+    LogPointer,
+    UnreadableRow,
+    append_event,
+    event_from_row,
+    log_from_row,
+    read_row,
+)
+from clusterft.controller.store_schema import migrate
 from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, dump_spec, load_spec
 from clusterft.errors import UserError
 from clusterft.registry.registry import RegistryError, check_model_name
-
-SCHEMA_VERSION = 3
-# Index i upgrades a database from schema version i to i + 1; never edit a released entry, append.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE jobs (
-        id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        spec_yaml TEXT NOT NULL,
-        spec_hash TEXT NOT NULL,
-        state TEXT NOT NULL,
-        state_data TEXT NOT NULL,
-        attempt INTEGER NOT NULL,
-        restarts INTEGER NOT NULL,
-        reason TEXT,
-        result TEXT NOT NULL,
-        resumed_from TEXT,
-        created_at REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    CREATE INDEX jobs_by_state ON jobs(state);
-    CREATE TABLE events (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        job_id TEXT NOT NULL REFERENCES jobs(id),
-        at REAL NOT NULL,
-        from_state TEXT,
-        to_state TEXT NOT NULL,
-        attempt INTEGER NOT NULL,
-        reason TEXT,
-        data TEXT NOT NULL
-    );
-    CREATE INDEX events_by_job ON events(job_id, seq);
-    -- The history is evidence (what happened, when, why): it is never rewritten.
-    CREATE TRIGGER events_no_update BEFORE UPDATE ON events
-        BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
-    CREATE TRIGGER events_no_delete BEFORE DELETE ON events
-        BEGIN SELECT RAISE(ABORT, 'events are append-only'); END;
-    CREATE TABLE logs (
-        job_id TEXT NOT NULL REFERENCES jobs(id),
-        attempt INTEGER NOT NULL,
-        kind TEXT NOT NULL,
-        path TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        PRIMARY KEY (job_id, attempt, kind)
-    );
-    """,
-    # 2: the spec schema each job's spec_yaml was written under; rows from before it are 0.
-    """
-    ALTER TABLE jobs ADD COLUMN spec_schema INTEGER NOT NULL DEFAULT 0;
-    """,
-    # 3: the submission's idempotency key, and the folders its run writes ({"train.output_dir": path}).
-    """
-    ALTER TABLE jobs ADD COLUMN idempotency_key TEXT;
-    CREATE UNIQUE INDEX jobs_by_idempotency_key ON jobs(idempotency_key);
-    ALTER TABLE jobs ADD COLUMN folders TEXT NOT NULL DEFAULT '{}';
-    """,
-)
-assert len(MIGRATIONS) == SCHEMA_VERSION
 
 
 class UnknownJob(UserError):
@@ -148,46 +102,6 @@ class StaleState(UserError):
             f"job {job_id} is {actual}, not {expected}: another controller or command moved it first; "
             f"see `clusterft jobs status {job_id}`"
         )
-
-
-@dataclass(frozen=True)
-class Event:
-    """One row of a job's history; `from_state` is None for the submission. A warning about the job
-    that moves nothing (e.g. spec keys dropped on upgrade) has `from_state == to_state` and
-    `data["warning"]`."""
-
-    seq: int
-    job_id: str
-    at: float
-    from_state: JobState | None
-    to_state: JobState
-    attempt: int
-    reason: str | None
-    data: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class UnreadableRow:
-    """A row of the jobs table this clusterft cannot read as a `Job`."""
-
-    job_id: str
-    state: str
-    """The state column as stored (maybe a state a newer clusterft has)."""
-    attempt: int
-    error: str
-    corrupt: Mapping[str, str] = field(default_factory=dict)
-    """Column → stored text, for each JSON column that does not parse as an object: damage (a torn
-    write, an edit by hand). Empty for a row a newer clusterft wrote (an unknown state or field)."""
-
-
-@dataclass(frozen=True)
-class LogPointer:
-    job_id: str
-    attempt: int
-    kind: str
-    """Whose log: "driver", "worker-0", "eval", ..."""
-    path: str
-    created_at: float
 
 
 def new_job_id(now: float) -> str:
@@ -281,16 +195,7 @@ class JobStore:
 
     def _migrate(self) -> None:
         with self._write() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise UserError(
-                    f"{self.path} has job-store schema {version}, newer than this clusterft's "
-                    f"({SCHEMA_VERSION}); upgrade clusterft to open it"
-                )
-            for upgrade in MIGRATIONS[version:]:
-                for statement in _statements(upgrade):
-                    db.execute(statement)
-            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            migrate(db, self.path)
 
     @property
     def schema_version(self) -> int:
@@ -353,7 +258,7 @@ class JobStore:
                         json.dumps(folders),
                     ),
                 )
-                _append_event(db, job_id, now, None, state, attempt=0)
+                append_event(db, job_id, now, None, state, attempt=0)
         return self.get(job_id)
 
     def get(self, job_id: str) -> Job:
@@ -361,7 +266,7 @@ class JobStore:
         rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if not rows:
             raise UnknownJob(job_id)
-        job = _read_row(rows[0])
+        job = read_row(rows[0])
         if isinstance(job, UnreadableRow):
             raise UnreadableJob(job_id, self.path, job.error)
         return job
@@ -378,7 +283,7 @@ class JobStore:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        return [_read_row(row) for row in self._read(sql, params)]
+        return [read_row(row) for row in self._read(sql, params)]
 
     def list(self, states: Iterable[JobState] | None = None, limit: int | None = None) -> list[Job]:
         """Jobs, newest first; only those in `states` when given. Rows that cannot be read are left
@@ -445,7 +350,7 @@ class JobStore:
                 ),
             )
             assert cursor.rowcount == 1, "the state was read under the write lock; it cannot have moved"
-            _append_event(db, job_id, now, actual, new, attempt)
+            append_event(db, job_id, now, actual, new, attempt)
 
     def set_aside(self, row: UnreadableRow, why: str) -> bool:
         """Move a job whose row is damaged (`row.corrupt`) to `error` with `why`, the damaged text
@@ -467,7 +372,7 @@ class JobStore:
                 (new.kind, json.dumps(new.data()), why, result, now, row.job_id),
             )
             data = {**new.data(), "unreadable": dict(row.corrupt)}
-            _append_event(db, row.job_id, now, JobState(row.state), new, current["attempt"], data=data)
+            append_event(db, row.job_id, now, JobState(row.state), new, current["attempt"], data=data)
         return True
 
     def upgrade_spec(self, job_id: str) -> Job:
@@ -502,7 +407,7 @@ class JobStore:
                         "dropped": dict(loaded.dropped),
                         "kept_meaning": dict(loaded.kept_meaning),
                     }
-                    _append_event(db, job_id, now, state.kind, state, row["attempt"], why, data)
+                    append_event(db, job_id, now, state.kind, state, row["attempt"], why, data)
         return self.get(job_id)
 
     # ------------------------------------------------------------ history and logs
@@ -511,19 +416,7 @@ class JobStore:
         """Every transition of the job, oldest first."""
         self.get(job_id)
         rows = self._read("SELECT * FROM events WHERE job_id = ? ORDER BY seq", (job_id,))
-        return [
-            Event(
-                seq=row["seq"],
-                job_id=row["job_id"],
-                at=row["at"],
-                from_state=JobState(row["from_state"]) if row["from_state"] else None,
-                to_state=JobState(row["to_state"]),
-                attempt=row["attempt"],
-                reason=row["reason"],
-                data=json.loads(row["data"]),
-            )
-            for row in rows
-        ]
+        return [event_from_row(row) for row in rows]
 
     def add_log(self, job_id: str, kind: str, path: str | Path, attempt: int | None = None) -> LogPointer:
         """Point at a log file (on shared storage) of one attempt; default: the current attempt.
@@ -545,47 +438,7 @@ class JobStore:
         """The job's log files in the order their phases ran: by attempt, then start time."""
         self.get(job_id)
         rows = self._read("SELECT * FROM logs WHERE job_id = ? ORDER BY attempt, created_at, kind", (job_id,))
-        return [LogPointer(r["job_id"], r["attempt"], r["kind"], r["path"], r["created_at"]) for r in rows]
-
-
-def _statements(script: str) -> list[str]:
-    """Split a migration into statements (executescript would COMMIT our transaction)."""
-    statements, pending = [], ""
-    for line in script.splitlines(keepends=True):
-        if line.strip().startswith("--"):
-            continue
-        pending += line
-        if sqlite3.complete_statement(pending):
-            statements.append(pending.strip())
-            pending = ""
-    assert not pending.strip(), f"incomplete SQL in migration: {pending!r}"
-    return statements
-
-
-def _append_event(
-    db: sqlite3.Connection,
-    job_id: str,
-    now: float,
-    src: JobState | None,
-    new: State,
-    attempt: int,
-    reason: str | None = None,
-    data: Mapping[str, Any] | None = None,
-) -> None:
-    """One history row: a transition to `new` (its reason and data by default), or a warning."""
-    db.execute(
-        "INSERT INTO events (job_id, at, from_state, to_state, attempt, reason, data)"
-        " VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (
-            job_id,
-            now,
-            src,
-            new.kind,
-            attempt,
-            reason if reason is not None else new.reason,
-            json.dumps(dict(data) if data is not None else new.data()),
-        ),
-    )
+        return [log_from_row(row) for row in rows]
 
 
 def _check_folders_free(
@@ -608,39 +461,3 @@ def _check_folders_free(
         for folder, path in folders.items():
             if isinstance(held, dict) and held.get(folder) == path:
                 raise FolderInUse(folder, path, row["id"], row["state"])
-
-
-def _read_row(row: sqlite3.Row) -> Job | UnreadableRow:
-    """The row as a Job, or as what is wrong with it."""
-    corrupt = {}
-    for column in ("state_data", "result"):
-        try:
-            ok = isinstance(json.loads(row[column]), dict)
-        except (ValueError, TypeError):
-            ok = False
-        if not ok:
-            corrupt[column] = row[column]
-    if corrupt:
-        error = f"{' and '.join(corrupt)} {'is' if len(corrupt) == 1 else 'are'} not a JSON object"
-        return UnreadableRow(row["id"], row["state"], row["attempt"], error, corrupt)
-    try:
-        return _job(row)
-    except (ValueError, TypeError, KeyError) as err:
-        return UnreadableRow(row["id"], row["state"], row["attempt"], f"{type(err).__name__}: {err}")
-
-
-def _job(row: sqlite3.Row) -> Job:
-    return Job(
-        id=row["id"],
-        name=row["name"],
-        spec_yaml=row["spec_yaml"],
-        spec_hash=row["spec_hash"],
-        state=state_from_json(row["state"], row["state_data"]),
-        attempt=row["attempt"],
-        restarts=row["restarts"],
-        created_at=row["created_at"],
-        updated_at=row["updated_at"],
-        result=json.loads(row["result"]),
-        resumed_from=row["resumed_from"],
-        spec_schema=row["spec_schema"],
-    )

@@ -289,7 +289,7 @@ def locked_controller(tmp_path: Path) -> Controller:
 
 
 def test_a_locked_store_fails_ticks_the_loop_backs_off_and_recovers(tmp_path, caplog) -> None:
-    from clusterft.controller.controller import supervise
+    from clusterft.controller.actor import supervise
     from clusterft.controller.policy import TickFailurePolicy
 
     controller = locked_controller(tmp_path)
@@ -326,7 +326,7 @@ def test_a_locked_store_fails_ticks_the_loop_backs_off_and_recovers(tmp_path, ca
 
 
 def test_a_store_that_stays_locked_ends_the_loop_so_ray_restarts_the_actor(tmp_path) -> None:
-    from clusterft.controller.controller import supervise
+    from clusterft.controller.actor import supervise
     from clusterft.controller.policy import RestartController, TickFailurePolicy
 
     controller = locked_controller(tmp_path)

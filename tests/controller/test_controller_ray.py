@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from clusterft.cli import main as cli
-from clusterft.controller.controller import CONTROLLER_NAME, NAMESPACE, get_or_start_controller
+from clusterft.controller.actor import CONTROLLER_NAME, NAMESPACE, get_or_start_controller
 from clusterft.controller.jobs import Jobs
 from clusterft.controller.runs import RunFiles, kill, pid_runs_job
 from clusterft.controller.state import JobState

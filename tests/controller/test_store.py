@@ -22,7 +22,8 @@ from clusterft.controller.state import (
     Resuming,
     Training,
 )
-from clusterft.controller.store import SCHEMA_VERSION, JobStore, StaleState, UnknownJob, new_job_id
+from clusterft.controller.store import JobStore, StaleState, UnknownJob, new_job_id
+from clusterft.controller.store_schema import SCHEMA_VERSION
 from clusterft.errors import UserError
 from tests.controller.conftest import make_spec
 
@@ -255,12 +256,12 @@ def test_delete_journal_mode_for_network_filesystems(tmp_path: Path) -> None:
 def test_a_schema_1_store_is_migrated_and_its_jobs_specs_count_as_unversioned(tmp_path: Path) -> None:
     import yaml
 
-    from clusterft.controller.store import MIGRATIONS, _statements
+    from clusterft.controller.store_schema import MIGRATIONS, statements
     from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, dump_spec
 
     path = tmp_path / "jobs.db"
     raw = sqlite3.connect(path, isolation_level=None)
-    for statement in _statements(MIGRATIONS[0]):
+    for statement in statements(MIGRATIONS[0]):
         raw.execute(statement)
     raw.execute("PRAGMA user_version = 1")
     old_spec = yaml.safe_load(dump_spec(make_spec()))

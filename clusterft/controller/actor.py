@@ -1,0 +1,143 @@
+"""The controller's process: a detached, named Ray actor (`JobControllerActor`) that ticks a
+`Controller` in a background thread (`supervise`), and how a client finds it or starts it
+(`get_or_start_controller`, `connect_controller`).
+
+Ray is imported only inside the actor and these functions: the controller itself, and `supervise`,
+are testable without a cluster. A tick that fails as a whole (the store locked or unreadable) is
+retried after a backoff; after too many in a row the actor's process ends and Ray restarts it
+(`max_restarts=-1`), re-reading the store, the run files and the registry.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from clusterft.controller.controller import Controller
+from clusterft.controller.policy import (
+    TICK_FAILURES,
+    RestartController,
+    TickFailurePolicy,
+    decide_after_tick_failure,
+)
+from clusterft.errors import UserError
+
+logger = logging.getLogger(__name__)
+CONTROLLER_NAME = "clusterft-controller"
+NAMESPACE = "clusterft"
+
+
+def supervise(
+    controller: Controller,
+    wake: threading.Event,
+    poll_s: float,
+    policy: TickFailurePolicy = TICK_FAILURES,
+    *,
+    stop: threading.Event | None = None,
+) -> RestartController | None:
+    """Tick `controller` every `poll_s` (at once when `wake` is set) until `stop` is set (None), or
+    until `policy` says the failed ticks in a row are enough (its decision). A tick that fails as a
+    whole (the store locked, unreadable, its disk full) is logged and retried after a doubling
+    backoff: it never ends the loop silently while the actor looks alive."""
+    stop = stop or threading.Event()
+    failures = 0
+    while not stop.is_set():
+        try:
+            controller.tick()
+            failures, wait_s = 0, poll_s
+        except Exception as err:
+            failures += 1
+            error = f"{type(err).__name__}: {err}"
+            decision = decide_after_tick_failure(failures, error, policy)
+            if isinstance(decision, RestartController):
+                logger.critical("controller: %s", decision.reason, exc_info=True)
+                return decision
+            logger.error(
+                "controller: tick failed (%d in a row): %s; next try in %gs",
+                failures,
+                error,
+                decision.after_s,
+                exc_info=True,
+            )
+            wait_s = decision.after_s
+        wake.wait(wait_s)
+        wake.clear()
+    return None
+
+
+class JobControllerActor:
+    """The detached actor: builds a `Controller` and ticks it in a background thread. Ray restarts
+    it after a crash or `ray.kill(..., no_restart=False)`; __init__ runs again and resumes."""
+
+    def __init__(self, root: str, registry_root: str, poll_s: float = 0.5):
+        import ray
+
+        from clusterft.runtime import apply_runtime_defaults
+
+        apply_runtime_defaults()
+        env = dict(os.environ)
+        # The drivers join this cluster as drivers of their own (their Train actors die with them).
+        env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
+        self.controller = Controller(root, registry_root, env=env)
+        self.poll_s = poll_s
+        self.started_at = time.time()
+        self._wake = threading.Event()
+        threading.Thread(target=self._loop, name="clusterft-controller", daemon=True).start()
+
+    def _loop(self) -> None:
+        supervise(self.controller, self._wake, self.poll_s)
+        # The store stayed unusable: end the process (sys.exit in a thread would end only this
+        # thread, leaving an actor that looks alive and moves no job); Ray restarts the actor.
+        os._exit(1)
+
+    def wake(self) -> None:
+        """Act now rather than at the next poll (after a submit, cancel or resume)."""
+        self._wake.set()
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "root": str(self.controller.root),
+            "registry": str(self.controller.registry.root),
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "runs": {job_id: run.pid for job_id, run in self.controller.runs.items()},
+        }
+
+
+def get_or_start_controller(root: str | Path, registry_root: str | Path, *, poll_s: float = 0.5) -> Any:
+    """The running controller actor, or a new detached one (the caller is connected to Ray).
+    Refuses a controller that serves a different root: one cluster, one job store."""
+    import ray
+
+    root, registry_root = Path(root).resolve(), Path(registry_root).resolve()
+    actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(JobControllerActor)
+    actor = actor_cls.options(
+        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+    ).remote(str(root), str(registry_root), poll_s)
+    info = ray.get(actor.info.remote())
+    if (info["root"], info["registry"]) != (str(root), str(registry_root)):
+        raise UserError(
+            f"this Ray cluster's controller keeps jobs in {info['root']} (registry {info['registry']}), "
+            f"not {root}; use --root {info['root']} or stop it: "
+            f"ray.kill(ray.get_actor({CONTROLLER_NAME!r}, namespace={NAMESPACE!r}))"
+        )
+    return actor
+
+
+def connect_controller(root: str | Path, registry_root: str | Path) -> object:
+    """Join the running Ray cluster and return its controller actor (started if absent)."""
+    import ray
+
+    if not ray.is_initialized():
+        try:
+            ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), log_to_driver=False, namespace=NAMESPACE)
+        except ConnectionError as err:
+            raise UserError(
+                f"no Ray cluster to run the controller on ({err}); start one with "
+                "`RAY_AUTH_MODE=disabled ray start --head --num-cpus=N` or set RAY_ADDRESS"
+            ) from None
+    return get_or_start_controller(root, registry_root)
