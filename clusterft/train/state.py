@@ -37,6 +37,16 @@ def _inner_optimizer(engine) -> torch.optim.Optimizer:
     return getattr(optimizer, "optimizer", optimizer)
 
 
+def _optimizer_params(engine) -> list[torch.Tensor]:
+    """The tensors the torch optimizer keeps state for. ZeRO-3 keeps its fp32 partitions in
+    `fp32_partitioned_groups_flat`; with offload it lends them to the optimizer's param groups only
+    for the length of a step, so the groups are empty in between and cannot be used to find them."""
+    flats = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None)
+    if flats:
+        return list(flats)
+    return [p for group in _inner_optimizer(engine).param_groups for p in group["params"]]
+
+
 def _is_zero(engine) -> bool:
     return engine.zero_optimization_stage() > 0
 
@@ -89,12 +99,11 @@ def restore_optimizer_state(engine, named_params: NamedParams, saved: dict[str, 
     if saved["step"] is None:
         return  # saved before any optimizer step: nothing to restore
     optimizer = _inner_optimizer(engine)
-    for group in optimizer.param_groups:
-        for flat in group["params"]:
-            optimizer.state[flat] = {
-                "step": saved["step"].clone(),
-                **{key: torch.zeros_like(flat, memory_format=torch.preserve_format) for key in MOMENTS},
-            }
+    for flat in _optimizer_params(engine):
+        optimizer.state[flat] = {
+            "step": saved["step"].clone(),
+            **{key: torch.zeros_like(flat, memory_format=torch.preserve_format) for key in MOMENTS},
+        }
     if _is_zero(engine):
         link = getattr(engine.optimizer, "_lazy_init_hp_params_optimizer_state", None)
         if link is not None:  # ZeRO-1/2 point each parameter's fragment at the new state

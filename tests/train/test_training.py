@@ -67,7 +67,9 @@ def test_strategy_trains_and_matches_ddp(runs, name):
     assert curve == pytest.approx(losses(runs("ddp")[0]), rel=1e-4, abs=1e-4)
 
 
-@pytest.mark.parametrize("name, corrupt", [("ddp", False), ("zero2", True)])
+# zero3_offload: ZeRO-3 lends its offloaded fp32 partitions to the optimizer only during a step, so a
+# restore that looked for them in the optimizer's param groups found none and the resume failed.
+@pytest.mark.parametrize("name, corrupt", [("ddp", False), ("zero2", True), ("zero3_offload", False)])
 def test_sigkilled_worker_resumes_bitwise(runs, tiny_llama, tmp_path, name, corrupt):
     reference, _ = runs(name)
     spec = make_job(tiny_llama, tmp_path / "killed", parallel=STRATEGIES[name])
