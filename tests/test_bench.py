@@ -1,8 +1,8 @@
-"""The three benchmarks `make bench` runs, each as a real subprocess at the smallest size its CLI
-allows, so that they cannot rot unnoticed: each must exit 0, print the JSON keys README.md quotes,
-and report values that are sane and honest (outputs that match, token counts that add up, losses
-that agree). No speed target is asserted: targets are the benchmarks' business, and CI machines
-differ.
+"""The three benchmarks `make bench` runs, and bench/store.py, each as a real subprocess at the
+smallest size its CLI allows, so that they cannot rot unnoticed: each must exit 0, print the JSON
+keys README.md quotes, and report values that are sane and honest (outputs that match, token counts
+that add up, losses that agree). No speed target is asserted: targets are the benchmarks' business,
+and CI machines differ.
 
 Every subprocess runs with a marker in its environment, which every process it starts inherits
 (Ray's GCS, raylet and workers included); once it has exited, no process carrying the marker may
@@ -190,3 +190,17 @@ def test_serve_load_bench():
     assert set(cpu["served"]) == {"engine", "ingress", "proxy", "client"}
     assert positive(cpu["offline"]["engine"]) and positive(cpu["served"]["engine"])
     assert all(v >= 0 for v in cpu["served"].values())
+
+
+def test_store_bench():
+    """bench/store.py with 2 processes and 5 jobs each, on SQLite and on the PostgreSQL server it
+    starts (and must stop: no process left)."""
+    result, _ = run_bench("store.py", "--processes", "2", "--jobs", "5", timeout_s=120)
+    assert (result["processes"], result["jobs_per_process"]) == (2, 5)
+    for backend in ("sqlite", "postgresql"):
+        figures = result[backend]
+        assert positive(figures["ops_per_s"]), backend
+        for op in ("submit_ms", "transition_ms"):
+            assert 0 < figures[op]["p50"] <= figures[op]["p99"], (backend, op)
+        assert figures["race"]["jobs"] == 5 and positive(figures["race"]["attempts_per_s"])
+    assert result["postgresql"]["server"].startswith("PostgreSQL ")

@@ -7,7 +7,8 @@ The CLI adds them in two calls (clusterft/cli/main.py):
     add_eval_command(commands)
 
 `submit` needs a running Ray cluster (`RAY_ADDRESS`, or `ray start --head` on this host) for the
-detached controller; the other commands read the job store on shared storage and work without one.
+detached controller; the other commands read the job store (SQLite in --root, or the PostgreSQL
+database --store-url names) and work without one.
 """
 
 from __future__ import annotations
@@ -22,17 +23,18 @@ from pathlib import Path
 from clusterft.cli.helpers import Subcommands, add_command, add_dir_option, add_group
 from clusterft.cli.registry import add_registry_option, format_table
 from clusterft.controller.jobs import DEFAULT_ROOT, ROOT_ENV, Jobs, job_record, progress
+from clusterft.controller.store_backend import STORE_URL_ENV
 from clusterft.http import ADMIN_API_KEY_ENV, API_KEY_ENV
 
 
 def _connect(args: argparse.Namespace) -> object:
     from clusterft.controller.actor import connect_controller  # imports Ray: only when needed
 
-    return connect_controller(args.root, args.registry)
+    return connect_controller(args.root, args.registry, args.store_url)
 
 
 def _jobs(args: argparse.Namespace, controller: object = None) -> Jobs:
-    return Jobs(args.root, args.registry, controller=controller)
+    return Jobs(args.root, args.registry, controller=controller, store_url=args.store_url)
 
 
 def jobs_submit(args: argparse.Namespace) -> int:
@@ -137,6 +139,7 @@ def jobs_api(args: argparse.Namespace) -> int:
         admin_api_key=args.admin_api_key or None,
         insecure=args.insecure,
         start_controller=True,
+        store_url=args.store_url,
     )
     return 0
 
@@ -148,6 +151,19 @@ def add_root_option(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_store_url_option(parser: argparse.ArgumentParser) -> None:
+    """`--store-url URL`: a PostgreSQL job store for a cluster, `$CLUSTERFT_STORE_URL`; unset, SQLite
+    in --root."""
+    parser.add_argument(
+        "--store-url",
+        default=os.environ.get(STORE_URL_ENV) or None,
+        metavar="URL",
+        help=f"the job store on a PostgreSQL server, postgresql://user@host:5432/db, for controllers and "
+        f"commands on several hosts (default: ${STORE_URL_ENV}; unset: SQLite, ROOT/jobs.db); the "
+        "password from ~/.pgpass or $PGPASSWORD keeps it off command lines",
+    )
+
+
 def add_jobs_commands(commands: Subcommands) -> None:
     """Add the `jobs` group to the CLI's top-level subparsers."""
     action = add_group(
@@ -155,7 +171,7 @@ def add_jobs_commands(commands: Subcommands) -> None:
         "jobs",
         help="submit and follow fine-tuning jobs",
         description=__doc__,
-        options=[add_root_option, add_registry_option],
+        options=[add_root_option, add_store_url_option, add_registry_option],
     )
 
     sub = action("submit", jobs_submit, "submit a job spec; prints the job id at once")

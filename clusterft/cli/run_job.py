@@ -1,14 +1,17 @@
 """The controller's driver entry point: `python -m clusterft.cli.run_job {train,eval} --job ID
---store DB --out DIR` runs one phase of a job (`clusterft.controller.run_job.run_phase`). The
-controller starts it (`clusterft/controller/runs.py`); people do not."""
+[--store DB] --out DIR` runs one phase of a job (`clusterft.controller.run_job.run_phase`), read from
+the SQLite file DB, or without --store from the store `$CLUSTERFT_STORE_URL` names. The controller
+starts it (`clusterft/controller/runs.py`); people do not."""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from clusterft.controller.store_backend import STORE_URL_ENV
 from clusterft.errors import UserError
 
 
@@ -18,10 +21,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m clusterft.cli.run_job")
     parser.add_argument("phase", choices=["train", "eval"])
     parser.add_argument("--job", required=True)
-    parser.add_argument("--store", required=True, help="the job store (jobs.db)")
+    parser.add_argument("--store", help=f"the job store's SQLite file (default: ${STORE_URL_ENV})")
     parser.add_argument("--out", required=True, help="this attempt's run directory")
     args = parser.parse_args(argv)
-    return run_phase(args.phase, args.job, Path(args.store), Path(args.out))
+    store = args.store or os.environ.get(STORE_URL_ENV)
+    if not store:
+        parser.error(f"give --store DB or set ${STORE_URL_ENV}")
+    return run_phase(args.phase, args.job, store, Path(args.out))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from clusterft.controller.policy import (
     TickFailurePolicy,
     decide_after_tick_failure,
 )
+from clusterft.controller.store_backend import describe, store_location
 from clusterft.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -73,7 +74,7 @@ class JobControllerActor:
     """The detached actor: builds a `Controller` and ticks it in a background thread. Ray restarts
     it after a crash or `ray.kill(..., no_restart=False)`; __init__ runs again and resumes."""
 
-    def __init__(self, root: str, registry_root: str, poll_s: float = 0.5):
+    def __init__(self, root: str, registry_root: str, poll_s: float = 0.5, store_url: str | None = None):
         import ray
 
         from clusterft.runtime import apply_runtime_defaults
@@ -82,7 +83,7 @@ class JobControllerActor:
         env = dict(os.environ)
         # The drivers join this cluster as drivers of their own (their Train actors die with them).
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        self.controller = Controller(root, registry_root, env=env)
+        self.controller = Controller(root, registry_root, env=env, store_url=store_url)
         self.poll_s = poll_s
         self.started_at = time.time()
         self._wake = threading.Event()
@@ -102,33 +103,45 @@ class JobControllerActor:
         return {
             "root": str(self.controller.root),
             "registry": str(self.controller.registry.root),
+            "store": self.controller.store.where,
             "pid": os.getpid(),
             "started_at": self.started_at,
             "runs": {job_id: run.pid for job_id, run in self.controller.runs.items()},
         }
 
 
-def get_or_start_controller(root: str | Path, registry_root: str | Path, *, poll_s: float = 0.5) -> Any:
-    """The running controller actor, or a new detached one (the caller is connected to Ray).
-    Refuses a controller that serves a different root: one cluster, one job store."""
+def check_same_controller(info: dict[str, Any], root: Path, registry_root: Path, store: str) -> None:
+    """A UserError unless the running controller (`info`) serves this root, registry and job store
+    (`store` as `describe` names it): one cluster, one job store."""
+    if (info["root"], info["registry"], info.get("store")) == (str(root), str(registry_root), store):
+        return
+    raise UserError(
+        f"this Ray cluster's controller keeps jobs in {info.get('store') or info['root']} (root "
+        f"{info['root']}, registry {info['registry']}), not {store} (root {root}, registry {registry_root}); "
+        f"use its --root, --registry and --store-url, or stop it: "
+        f"ray.kill(ray.get_actor({CONTROLLER_NAME!r}, namespace={NAMESPACE!r}))"
+    )
+
+
+def get_or_start_controller(
+    root: str | Path, registry_root: str | Path, *, poll_s: float = 0.5, store_url: str | None = None
+) -> Any:
+    """The running controller actor, or a new detached one (the caller is connected to Ray) keeping
+    its jobs in `store_url` (default: SQLite in `root`). Refuses a controller that serves a different
+    root, registry or store."""
     import ray
 
     root, registry_root = Path(root).resolve(), Path(registry_root).resolve()
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(JobControllerActor)
     actor = actor_cls.options(
         name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(str(root), str(registry_root), poll_s)
+    ).remote(str(root), str(registry_root), poll_s, store_url)
     info = ray.get(actor.info.remote())
-    if (info["root"], info["registry"]) != (str(root), str(registry_root)):
-        raise UserError(
-            f"this Ray cluster's controller keeps jobs in {info['root']} (registry {info['registry']}), "
-            f"not {root}; use --root {info['root']} or stop it: "
-            f"ray.kill(ray.get_actor({CONTROLLER_NAME!r}, namespace={NAMESPACE!r}))"
-        )
+    check_same_controller(info, root, registry_root, describe(store_location(root, store_url)))
     return actor
 
 
-def connect_controller(root: str | Path, registry_root: str | Path) -> object:
+def connect_controller(root: str | Path, registry_root: str | Path, store_url: str | None = None) -> object:
     """Join the running Ray cluster and return its controller actor (started if absent)."""
     import ray
 
@@ -140,4 +153,4 @@ def connect_controller(root: str | Path, registry_root: str | Path) -> object:
                 f"no Ray cluster to run the controller on ({err}); start one with "
                 "`RAY_AUTH_MODE=disabled ray start --head --num-cpus=N` or set RAY_ADDRESS"
             ) from None
-    return get_or_start_controller(root, registry_root)
+    return get_or_start_controller(root, registry_root, store_url=store_url)

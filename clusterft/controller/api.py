@@ -146,9 +146,11 @@ def serve_api(
     admin_api_key: str | None = None,
     insecure: bool = False,
     start_controller: bool = True,
+    store_url: str | None = None,
 ) -> None:
-    """Run the API with uvicorn until interrupted (starting the controller on the Ray cluster). A
-    UserError for a non-loopback `host` without an `api_key`, unless `insecure`."""
+    """Run the API with uvicorn until interrupted (starting the controller on the Ray cluster) over
+    the job store `store_url` (default: SQLite in `root`). A UserError for a non-loopback `host`
+    without an `api_key`, unless `insecure`."""
     import uvicorn
 
     if not (insecure or is_loopback(host) or api_key):
@@ -162,8 +164,8 @@ def serve_api(
     if start_controller:
         from clusterft.controller.actor import connect_controller
 
-        controller = connect_controller(root, registry_root)
-    jobs = Jobs(root, registry_root, controller=controller)
+        controller = connect_controller(root, registry_root, store_url)
+    jobs = Jobs(root, registry_root, controller=controller, store_url=store_url)
     try:
         uvicorn.run(create_app(jobs, api_key, admin_api_key), host=host, port=port, log_level="info")
     finally:

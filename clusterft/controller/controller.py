@@ -6,7 +6,7 @@
                   ▼   │                                   points here)  serves it)
                 failed ─► resuming (backoff) ─► training, from the newest valid checkpoint
 
-`Controller.tick()` reads every unsettled job from the SQLite store and
+`Controller.tick()` reads every unsettled job from the job store and
 moves it one step, using the pure policies for each decision; then it reconciles every job holding a
 registry version with the registry's aliases and the replicas' serving records (`decide_serving`),
 whoever moved the alias: this controller, `clusterft registry promote|rollback`, or another
@@ -61,6 +61,7 @@ from clusterft.controller.state import (
     Training,
 )
 from clusterft.controller.store import JobStore, StaleState, UnreadableJob
+from clusterft.controller.store_backend import store_location
 from clusterft.controller.store_rows import UnreadableRow
 from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, SpecSchemaError, job_spec
 from clusterft.errors import UserError
@@ -74,10 +75,6 @@ T = TypeVar("T")
 TRAIN_FACTS = ("planned_steps", "completed_steps", "final_loss", "checkpoint", "output", "wall_time_s")
 IO_THREADS = 2
 """Heavy I/O steps running at once (each a checkpoint to hash or a model to copy)."""
-
-
-def store_path(root: str | Path) -> Path:
-    return Path(root) / "jobs.db"
 
 
 @dataclass
@@ -98,7 +95,8 @@ class _Work:
 
 class Controller:
     """Every decision and effect of the controller, without Ray (the actor calls `tick` in a loop).
-    `journal_mode` and `busy_timeout_s` are the job store's (see store.py)."""
+    Its job store is SQLite in `root` unless `store_url` names another (a postgresql:// URL);
+    `journal_mode` and `busy_timeout_s` are the store's (see store.py)."""
 
     def __init__(
         self,
@@ -106,11 +104,14 @@ class Controller:
         registry_root: str | Path,
         *,
         env: dict[str, str] | None = None,
-        journal_mode: Literal["wal", "delete"] = "wal",
+        store_url: str | None = None,
+        journal_mode: Literal["wal", "delete"] | None = None,
         busy_timeout_s: float = 30.0,
     ):
         self.root = Path(root)
-        self.store = JobStore(store_path(root), journal_mode=journal_mode, busy_timeout_s=busy_timeout_s)
+        self.store = JobStore(
+            store_location(root, store_url), journal_mode=journal_mode, busy_timeout_s=busy_timeout_s
+        )
         self.registry = Registry(registry_root)
         self.env = env if env is not None else dict(os.environ)
         self.runs: dict[str, _Run] = {}
@@ -299,7 +300,7 @@ class Controller:
 
     def _launch(self, job: Job, phase: Phase) -> None:
         files = RunFiles.of(self.root, job.id, job.attempt, phase)
-        process = launch(files, job.id, self.store.path, self.env)
+        process = launch(files, job.id, self.store.location, self.env)
         self.runs[job.id] = _Run(files, process, process.pid)
         self.store.add_log(job.id, phase, files.log)
 

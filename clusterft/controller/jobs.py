@@ -16,6 +16,7 @@ from clusterft.config.spec import JobSpec
 from clusterft.controller.runs import kill_drivers
 from clusterft.controller.state import Cancelled, Job, JobState, Resuming
 from clusterft.controller.store import JobStore, StaleState
+from clusterft.controller.store_backend import store_location
 from clusterft.errors import UserError
 
 ROOT_ENV = "CLUSTERFT_HOME"
@@ -106,12 +107,20 @@ def run_folders(spec: JobSpec) -> dict[str, str]:
 
 
 class Jobs:
-    """The operations, over one controller root (job store + run files) and registry."""
+    """The operations, over one controller root (run files, and the job store unless `store_url`
+    names another: a postgresql:// URL) and registry."""
 
-    def __init__(self, root: str | Path, registry_root: str | Path, *, controller: Any = None):
+    def __init__(
+        self,
+        root: str | Path,
+        registry_root: str | Path,
+        *,
+        controller: Any = None,
+        store_url: str | None = None,
+    ):
         self.root = Path(root).resolve()
         self.registry_root = Path(registry_root).resolve()
-        self.store = JobStore(self.root / "jobs.db")
+        self.store = JobStore(store_location(self.root, store_url))
         self.controller = controller
         """The controller actor handle to wake, or None (it polls the store anyway)."""
 

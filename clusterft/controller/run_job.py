@@ -1,5 +1,6 @@
 """One phase of a job in its own process: `run_phase`, started as
-`python -m clusterft.cli.run_job {train,eval} --job ID --store DB --out DIR`.
+`python -m clusterft.cli.run_job {train,eval} --job ID --store DB --out DIR` (a store URL comes in
+`$CLUSTERFT_STORE_URL` instead of --store).
 
 The controller starts this (see `runs.py`); it reads the job's spec from the store, runs the phase
 and writes `<phase>.result.json`. A crash, a SIGKILL or a lost node leaves no result file, which the
@@ -94,15 +95,15 @@ def evaluate_job(spec: JobSpec, run_dir: Path) -> dict[str, Any]:
     return result
 
 
-def run_phase(phase: str, job_id: str, store_path: Path, out: Path) -> int:
-    """Run `phase` ("train" or "eval") of job `job_id` and write its result file in `out`; the
-    process's exit code (0 when the phase succeeded)."""
+def run_phase(phase: str, job_id: str, store: str | Path, out: Path) -> int:
+    """Run `phase` ("train" or "eval") of job `job_id` of the job store `store` (a SQLite file or a
+    URL) and write its result file in `out`; the process's exit code (0 when the phase succeeded)."""
     from clusterft.controller.store import JobStore
     from clusterft.runtime import apply_runtime_defaults
 
     apply_runtime_defaults()
-    with JobStore(store_path) as store:
-        job = store.get(job_id)
+    with JobStore(store) as opened:
+        job = opened.get(job_id)
     files = RunFiles(out, phase)
     try:
         spec = job_spec(job)

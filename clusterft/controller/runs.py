@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from clusterft.controller.store_backend import STORE_URL_ENV, is_store_url
 from clusterft.storage.fs import atomic_write_text
 
 Phase = Literal["train", "eval"]
@@ -77,22 +78,17 @@ def pid_runs_job(pid: int, job_id: str) -> bool:
     return status != "Z" and job_id.encode() in cmdline
 
 
-def launch(files: RunFiles, job_id: str, store_path: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start the phase's driver; its pid is on disk before this returns."""
+def launch(files: RunFiles, job_id: str, store: str | Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start the phase's driver, which reads its job from `store` (a SQLite file, or a URL: passed in
+    the driver's environment, never on its command line or in its log, where a password would show);
+    its pid is on disk before this returns."""
     files.dir.mkdir(parents=True, exist_ok=True)
     files.result.unlink(missing_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "clusterft.cli.run_job",
-        files.phase,
-        "--job",
-        job_id,
-        "--store",
-        str(store_path),
-        "--out",
-        str(files.dir),
-    ]
+    where = ["--store", str(store)]  # --store wins over the environment's URL
+    if is_store_url(store):
+        env, where = {**env, STORE_URL_ENV: str(store)}, []
+    command = [sys.executable, "-m", "clusterft.cli.run_job", files.phase, "--job", job_id, *where]
+    command += ["--out", str(files.dir)]
     with open(files.log, "ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
         log.flush()

@@ -1,19 +1,17 @@
-"""The job store: one SQLite file on the shared storage path that outlives any controller.
+"""The job store: the jobs, their history and log pointers, outliving any controller. SQLite in the
+controller root by default (one host: store_sqlite.py), or PostgreSQL for a cluster
+(store_postgres.py); one API and the same rules on both (the seam: store_backend.py).
 
 Every state change is one transaction that checks the job's current state first (compare-and-set),
 so two controllers (a restarted actor and its zombie predecessor, or a controller and a user's
-`jobs cancel`) can never both move a job: the second gets `StaleState`. Writes take SQLite's
-write lock at BEGIN (`BEGIN IMMEDIATE`) and wait up to `busy_timeout_s` for it; one that fails,
-its COMMIT included, is rolled back whole.
+`jobs cancel`) can never both move a job: the second gets `StaleState`. The job's row is locked
+while the move is checked and written, and a write waits up to `busy_timeout_s` for its locks; one
+that fails, its COMMIT included, is rolled back whole.
 
 A submission is one transaction too: a retried one with the same idempotency key finds the job the
 first made, and one whose run would write the folders of an unsettled job is refused (`FolderInUse`).
 A row that cannot be read (a torn or hand-edited JSON column, or a state a newer clusterft wrote) is
 left out of `list` and reported by `unreadable`, so one bad row hides one job, not all of them.
-
-WAL mode lets readers (`jobs list`, the REST API) run while the controller writes. WAL needs every
-process on one host (it shares memory through a -shm file); on a network filesystem reached from
-several nodes open the store with `journal_mode="delete"`.
 
 Its tables and their migrations are in store_schema.py; how a row reads as a job, an event or a log
 pointer (and an unreadable row as what is wrong with it) in store_rows.py.
@@ -23,14 +21,13 @@ from __future__ import annotations
 
 import json
 import secrets
-import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from clusterft.config.spec import JobSpec
 from clusterft.controller.state import (
@@ -45,6 +42,15 @@ from clusterft.controller.state import (
     next_counters,
     state_from_json,
 )
+from clusterft.controller.store_backend import (
+    POSTGRES_SCHEMES,
+    STORE_URL_ENV,
+    Backend,
+    Transaction,
+    describe,
+    is_store_url,
+)
+from clusterft.controller.store_postgres import PostgresBackend
 from clusterft.controller.store_rows import (
     Event,
     LogPointer,
@@ -54,7 +60,7 @@ from clusterft.controller.store_rows import (
     log_from_row,
     read_row,
 )
-from clusterft.controller.store_schema import migrate
+from clusterft.controller.store_sqlite import SqliteBackend
 from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, dump_spec, load_spec
 from clusterft.errors import UserError
 from clusterft.registry.registry import RegistryError, check_model_name
@@ -66,9 +72,9 @@ class UnknownJob(UserError):
 
 
 class UnreadableJob(UserError):
-    def __init__(self, job_id: str, path: Path, error: str):
+    def __init__(self, job_id: str, where: str, error: str):
         super().__init__(
-            f"job {job_id}'s record in {path} cannot be read: {error}; the controller moves a damaged "
+            f"job {job_id}'s record in {where} cannot be read: {error}; the controller moves a damaged "
             f"job to error (then `clusterft jobs resume {job_id}`) and leaves one a newer clusterft wrote"
         )
 
@@ -134,39 +140,50 @@ def check_job_name(name: str | None, spec: JobSpec) -> str:
     return name
 
 
+def open_backend(
+    location: str | Path, *, busy_timeout_s: float, journal_mode: Literal["wal", "delete"] | None
+) -> Backend:
+    """The backend for `location`: SQLite for a path, PostgreSQL for a postgresql:// URL."""
+    if not is_store_url(location):
+        return SqliteBackend(Path(location), busy_timeout_s=busy_timeout_s, journal_mode=journal_mode)
+    scheme = urlsplit(str(location)).scheme
+    if scheme not in POSTGRES_SCHEMES:
+        raise UserError(
+            f"job store {describe(location)}: a {scheme}:// store is not supported; give a postgresql:// "
+            f"URL (--store-url or ${STORE_URL_ENV}), or leave it unset for SQLite in the controller root"
+        )
+    if journal_mode is not None:
+        raise UserError(f"job store {describe(location)}: journal_mode is SQLite's; PostgreSQL has none")
+    return PostgresBackend(str(location), busy_timeout_s=busy_timeout_s)
+
+
 class JobStore:
-    """Jobs, their event history and log pointers in one SQLite file. Safe to share between
-    threads (one connection behind a lock) and processes (SQLite's file locks)."""
+    """Jobs, their event history and log pointers, in a SQLite file (`location` a path) or a
+    PostgreSQL database (`location` a postgresql:// URL). Safe to share between threads (one
+    connection behind a lock) and processes (the database's locks).
+
+    `journal_mode` (SQLite only): default WAL, a rollback journal on a network filesystem, where WAL
+    is refused (store_sqlite.py)."""
 
     def __init__(
         self,
-        path: str | Path,
+        location: str | Path,
         *,
         busy_timeout_s: float = 30.0,
-        journal_mode: Literal["wal", "delete"] = "wal",
+        journal_mode: Literal["wal", "delete"] | None = None,
         clock: Callable[[], float] = time.time,
     ):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._sql = open_backend(location, busy_timeout_s=busy_timeout_s, journal_mode=journal_mode)
         self._clock = clock
-        self._lock = threading.Lock()
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so each transaction is explicit.
-        self._db = sqlite3.connect(
-            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        self._db.execute(f"PRAGMA journal_mode = {journal_mode}")
-        self._db.execute("PRAGMA foreign_keys = ON")
-        # In WAL mode NORMAL is durable across process crashes; only a power cut may lose the tail.
-        self._db.execute(
-            "PRAGMA synchronous = NORMAL" if journal_mode == "wal" else "PRAGMA synchronous = FULL"
-        )
-        self._migrate()
+        self.location = self._sql.location
+        """What the store was opened with (a path, or a URL with its password): what a driver opens."""
+        self.where = self._sql.where
+        """The store as messages name it (a URL without its password)."""
+        self.path = self._sql.path
+        """The SQLite file; None for PostgreSQL."""
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        self._sql.close()
 
     def __enter__(self) -> JobStore:
         return self
@@ -174,32 +191,14 @@ class JobStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextmanager
-    def _write(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction holding SQLite's write lock from its start (no upgrade deadlocks)."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-                self._db.execute("COMMIT")
-            except BaseException:
-                # A COMMIT that failed (busy, I/O error) leaves the transaction open: its changes would
-                # read as written, and every later BEGIN would fail. SQLite may have ended it already.
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
-
-    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._db.execute(sql, tuple(params)).fetchall()
-
-    def _migrate(self) -> None:
-        with self._write() as db:
-            migrate(db, self.path)
+    def _locked_row(self, db: Transaction, job_id: str, columns: str = "*") -> Any:
+        """The job's row, locked until the transaction ends; None if there is no such job."""
+        sql = f"SELECT {columns} FROM jobs WHERE id = ?{self._sql.row_lock}"
+        return db.execute(sql, (job_id,)).fetchone()
 
     @property
     def schema_version(self) -> int:
-        return self._read("PRAGMA user_version")[0][0]
+        return self._sql.schema_version()
 
     # ------------------------------------------------------------ jobs
 
@@ -224,7 +223,7 @@ class JobStore:
         name = check_job_name(name, spec)
         now = self._clock()
         state = Submitted()
-        with self._write() as db:
+        with self._sql.write(exclusive=True) as db:
             first = None
             if idempotency_key is not None:
                 first = db.execute(
@@ -263,12 +262,12 @@ class JobStore:
 
     def get(self, job_id: str) -> Job:
         """The job; `UnknownJob` if there is none, `UnreadableJob` if its row cannot be read."""
-        rows = self._read("SELECT * FROM jobs WHERE id = ?", (job_id,))
+        rows = self._sql.read("SELECT * FROM jobs WHERE id = ?", (job_id,))
         if not rows:
             raise UnknownJob(job_id)
         job = read_row(rows[0])
         if isinstance(job, UnreadableRow):
-            raise UnreadableJob(job_id, self.path, job.error)
+            raise UnreadableJob(job_id, self.where, job.error)
         return job
 
     def _rows(
@@ -283,7 +282,7 @@ class JobStore:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        return [read_row(row) for row in self._read(sql, params)]
+        return [read_row(row) for row in self._sql.read(sql, params)]
 
     def list(self, states: Iterable[JobState] | None = None, limit: int | None = None) -> list[Job]:
         """Jobs, newest first; only those in `states` when given. Rows that cannot be read are left
@@ -315,19 +314,20 @@ class JobStore:
         self, job_id: str, expected: JobState, new: State, *, result: Mapping[str, Any] | None = None
     ) -> Iterator[None]:
         """`transition` with the caller's effect inside it: the body runs while the job is in
-        `expected` (checked first) and nobody else can move it (the store's write lock is held), and
-        the move is written after it, or not at all if it raises. The controller moves an alias
-        this way, so a job cancelled meanwhile never has its version promoted."""
+        `expected` (checked first) and nobody else can move it (the job's row is locked), and the
+        move is written after it, or not at all if it raises. The controller moves an alias this
+        way, so a job cancelled meanwhile never has its version promoted."""
         check_transition(expected, new.kind)
         now = self._clock()
-        with self._write() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        resumes = expected in SETTLED and new.kind not in SETTLED  # a user's resume: the run starts again
+        with self._sql.write(exclusive=resumes) as db:
+            row = self._locked_row(db, job_id)
             if row is None:
                 raise UnknownJob(job_id)
             actual = JobState(row["state"])
             if actual is not expected:
                 raise StaleState(job_id, expected, actual)
-            if actual in SETTLED and new.kind not in SETTLED:  # a user's resume: the run starts again
+            if resumes:
                 _check_folders_free(db, json.loads(row["folders"]), but_job=job_id)
             yield
             attempt, restarts = next_counters(actual, new.kind, row["attempt"], row["restarts"])
@@ -349,7 +349,7 @@ class JobStore:
                     expected,
                 ),
             )
-            assert cursor.rowcount == 1, "the state was read under the write lock; it cannot have moved"
+            assert cursor.rowcount == 1, "the state was read under the row's lock; it cannot have moved"
             append_event(db, job_id, now, actual, new, attempt)
 
     def set_aside(self, row: UnreadableRow, why: str) -> bool:
@@ -359,8 +359,8 @@ class JobStore:
         (nothing written) when the row changed since it was read."""
         assert row.corrupt, "only damage is set aside; a newer clusterft's row is left alone"
         new, now = Errored(why), self._clock()
-        with self._write() as db:
-            current = db.execute("SELECT * FROM jobs WHERE id = ?", (row.job_id,)).fetchone()
+        with self._sql.write() as db:
+            current = self._locked_row(db, row.job_id)
             if current is None or current["state"] != row.state:
                 return False
             if any(current[column] != text for column, text in row.corrupt.items()):
@@ -381,8 +381,8 @@ class JobStore:
         job is current afterwards).
         Raises `SpecSchemaError` when the spec is of a newer schema or no longer validates."""
         now = self._clock()
-        with self._write() as db:
-            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._sql.write() as db:
+            row = self._locked_row(db, job_id)
             if row is None:
                 raise UnknownJob(job_id)
             old = row["spec_schema"]
@@ -415,21 +415,22 @@ class JobStore:
     def events(self, job_id: str) -> list[Event]:
         """Every transition of the job, oldest first."""
         self.get(job_id)
-        rows = self._read("SELECT * FROM events WHERE job_id = ? ORDER BY seq", (job_id,))
+        rows = self._sql.read("SELECT * FROM events WHERE job_id = ? ORDER BY seq", (job_id,))
         return [event_from_row(row) for row in rows]
 
     def add_log(self, job_id: str, kind: str, path: str | Path, attempt: int | None = None) -> LogPointer:
         """Point at a log file (on shared storage) of one attempt; default: the current attempt.
         Logs stay in files; the store only says where they are."""
         now = self._clock()
-        with self._write() as db:
-            row = db.execute("SELECT attempt FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        with self._sql.write() as db:
+            row = self._locked_row(db, job_id, "attempt")
             if row is None:
                 raise UnknownJob(job_id)
             attempt = row["attempt"] if attempt is None else attempt
             db.execute(
-                "INSERT OR REPLACE INTO logs (job_id, attempt, kind, path, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO logs (job_id, attempt, kind, path, created_at) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (job_id, attempt, kind) DO UPDATE SET path = excluded.path,"
+                " created_at = excluded.created_at",
                 (job_id, attempt, kind, str(path), now),
             )
         return LogPointer(job_id, attempt, kind, str(path), now)
@@ -437,13 +438,13 @@ class JobStore:
     def logs(self, job_id: str) -> list[LogPointer]:
         """The job's log files in the order their phases ran: by attempt, then start time."""
         self.get(job_id)
-        rows = self._read("SELECT * FROM logs WHERE job_id = ? ORDER BY attempt, created_at, kind", (job_id,))
+        rows = self._sql.read(
+            "SELECT * FROM logs WHERE job_id = ? ORDER BY attempt, created_at, kind", (job_id,)
+        )
         return [log_from_row(row) for row in rows]
 
 
-def _check_folders_free(
-    db: sqlite3.Connection, folders: Mapping[str, str], but_job: str | None = None
-) -> None:
+def _check_folders_free(db: Transaction, folders: Mapping[str, str], but_job: str | None = None) -> None:
     """`FolderInUse` if an unsettled job (other than `but_job`) holds one of `folders`."""
     if not folders:
         return

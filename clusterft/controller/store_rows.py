@@ -4,12 +4,12 @@ event of its history, a pointer to a log file."""
 from __future__ import annotations
 
 import json
-import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from clusterft.controller.state import Job, JobState, State, state_from_json
+from clusterft.controller.store_backend import Row, Transaction
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class LogPointer:
     created_at: float
 
 
-def read_row(row: sqlite3.Row) -> Job | UnreadableRow:
+def read_row(row: Row) -> Job | UnreadableRow:
     """The row as a Job, or as what is wrong with it."""
     corrupt = {}
     for column in ("state_data", "result"):
@@ -71,7 +71,7 @@ def read_row(row: sqlite3.Row) -> Job | UnreadableRow:
         return UnreadableRow(row["id"], row["state"], row["attempt"], f"{type(err).__name__}: {err}")
 
 
-def job_from_row(row: sqlite3.Row) -> Job:
+def job_from_row(row: Row) -> Job:
     return Job(
         id=row["id"],
         name=row["name"],
@@ -88,7 +88,7 @@ def job_from_row(row: sqlite3.Row) -> Job:
     )
 
 
-def event_from_row(row: sqlite3.Row) -> Event:
+def event_from_row(row: Row) -> Event:
     return Event(
         seq=row["seq"],
         job_id=row["job_id"],
@@ -101,12 +101,12 @@ def event_from_row(row: sqlite3.Row) -> Event:
     )
 
 
-def log_from_row(row: sqlite3.Row) -> LogPointer:
+def log_from_row(row: Row) -> LogPointer:
     return LogPointer(row["job_id"], row["attempt"], row["kind"], row["path"], row["created_at"])
 
 
 def append_event(
-    db: sqlite3.Connection,
+    db: Transaction,
     job_id: str,
     now: float,
     src: JobState | None,

@@ -1,14 +1,20 @@
-"""The SQLite job store: submission, compare-and-set transitions across connections and processes,
-the append-only history, log pointers, schema versioning."""
+"""The job store on both backends (SQLite, and PostgreSQL on a real server: `store_location`):
+submission, compare-and-set transitions across connections and processes, the append-only history,
+log pointers, schema versioning. Then what is one backend's own: SQLite's journal mode and its
+failed COMMIT, PostgreSQL's lock timeout and dropped connections."""
 
 from __future__ import annotations
 
 import multiprocessing
 import re
 import sqlite3
+from collections.abc import Sequence
+from contextlib import closing
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
+import psycopg
 import pytest
 
 from clusterft.controller.state import (
@@ -23,6 +29,7 @@ from clusterft.controller.state import (
     Training,
 )
 from clusterft.controller.store import JobStore, StaleState, UnknownJob, new_job_id
+from clusterft.controller.store_postgres import postgres_sql
 from clusterft.controller.store_schema import SCHEMA_VERSION
 from clusterft.errors import UserError
 from tests.controller.conftest import make_spec
@@ -42,9 +49,27 @@ class Clock:
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> JobStore:
-    with JobStore(tmp_path / "shared" / "jobs.db", clock=Clock()) as opened:
+def store(store_location: str) -> JobStore:
+    with JobStore(store_location, clock=Clock()) as opened:
         yield opened
+
+
+def execute_raw(store: JobStore, sql: str, params: Sequence[Any] = ()) -> None:
+    """Run `sql` (`?` placeholders) on the store's database over a connection of its own, committed:
+    what a person with a database shell, or another program, does."""
+    if store.path is not None:
+        with closing(sqlite3.connect(store.path, isolation_level=None)) as db:
+            db.execute(sql, tuple(params))
+    else:
+        with psycopg.connect(store.location, autocommit=True) as db:
+            db.execute(postgres_sql(sql), tuple(params))
+
+
+def set_schema_version(store: JobStore, version: int) -> None:
+    if store.path is not None:
+        execute_raw(store, f"PRAGMA user_version = {version}")
+    else:
+        execute_raw(store, "UPDATE clusterft_schema SET version = ?", (version,))
 
 
 def test_job_ids_are_short_sortable_and_utc() -> None:
@@ -135,9 +160,8 @@ def test_illegal_transition_is_refused_before_touching_the_database(store: JobSt
     assert store.get(job.id).status is S.SUBMITTED
 
 
-def test_two_connections_cannot_both_move_a_job(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.db"
-    with JobStore(path) as first, JobStore(path) as second:
+def test_two_connections_cannot_both_move_a_job(store_location: str) -> None:
+    with JobStore(store_location) as first, JobStore(store_location) as second:
         job = first.submit(make_spec())
         first.transition(job.id, S.SUBMITTED, Training())
         with pytest.raises(StaleState):
@@ -160,15 +184,15 @@ def _race(path: str, job_ids: list[str], barrier: multiprocessing.synchronize.Ba
                 pass
 
 
-def test_processes_racing_on_the_same_jobs_each_job_moves_exactly_once(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.db"
+def test_processes_racing_on_the_same_jobs_each_job_moves_exactly_once(store_location: str) -> None:
+    path = store_location
     with JobStore(path) as store:
         job_ids = [store.submit(make_spec()).id for _ in range(20)]
     context = multiprocessing.get_context("fork")
     contenders = 4
     barrier, wins = context.Barrier(contenders), context.Queue()
     processes = [
-        context.Process(target=_race, args=(str(path), job_ids, barrier, wins)) for _ in range(contenders)
+        context.Process(target=_race, args=(path, job_ids, barrier, wins)) for _ in range(contenders)
     ]
     for process in processes:
         process.start()
@@ -187,12 +211,11 @@ def test_processes_racing_on_the_same_jobs_each_job_moves_exactly_once(tmp_path:
 
 def test_events_are_append_only(store: JobStore) -> None:
     job = store.submit(make_spec())
-    raw = sqlite3.connect(store.path)
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        raw.execute("UPDATE events SET reason = 'rewritten'")
-    with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        raw.execute("DELETE FROM events")
-    raw.close()
+    refused = (sqlite3.IntegrityError, psycopg.errors.RaiseException)
+    with pytest.raises(refused, match="append-only"):
+        execute_raw(store, "UPDATE events SET reason = 'rewritten'")
+    with pytest.raises(refused, match="append-only"):
+        execute_raw(store, "DELETE FROM events")
     assert len(store.events(job.id)) == 1
 
 
@@ -224,33 +247,23 @@ def test_log_pointers_per_attempt(store: JobStore) -> None:
     ]
 
 
-def test_state_survives_reopening_and_the_schema_is_versioned(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.db"
-    with JobStore(path) as store:
+def test_state_survives_reopening_and_the_schema_is_versioned(store_location: str) -> None:
+    with JobStore(store_location) as store:
         job = store.submit(make_spec())
-        store.transition(job.id, S.SUBMITTED, Training(resumed_from="ckpt/1"))
+        moved = store.transition(job.id, S.SUBMITTED, Training(resumed_from="ckpt/1"))
         assert store.schema_version == SCHEMA_VERSION
-    with JobStore(path) as again:
-        assert again.get(job.id).state == Training(resumed_from="ckpt/1")
-    mode = sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0]
-    assert mode == "wal"
+    with JobStore(store_location) as again:
+        assert again.schema_version == SCHEMA_VERSION
+        assert again.get(job.id) == moved  # every field, timestamps to the last bit
+        assert moved.state == Training(resumed_from="ckpt/1")
+        assert [e.to_state for e in again.events(job.id)] == [S.SUBMITTED, S.TRAINING]
 
 
-def test_a_newer_schema_is_refused_with_the_fix(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.db"
-    JobStore(path).close()
-    raw = sqlite3.connect(path)
-    raw.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
-    raw.close()
-    with pytest.raises(UserError, match=r"newer than this clusterft's .*; upgrade clusterft"):
-        JobStore(path)
-
-
-def test_delete_journal_mode_for_network_filesystems(tmp_path: Path) -> None:
-    with JobStore(tmp_path / "jobs.db", journal_mode="delete") as store:
-        job = store.submit(make_spec())
-        store.transition(job.id, S.SUBMITTED, Training())
-    assert sqlite3.connect(tmp_path / "jobs.db").execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+def test_a_newer_schema_is_refused_with_the_fix(store_location: str) -> None:
+    with JobStore(store_location) as store:
+        set_schema_version(store, SCHEMA_VERSION + 1)
+    with pytest.raises(UserError, match=r"schema 4, newer than this clusterft's \(3\); upgrade clusterft"):
+        JobStore(store_location)
 
 
 def test_a_schema_1_store_is_migrated_and_its_jobs_specs_count_as_unversioned(tmp_path: Path) -> None:
@@ -335,9 +348,8 @@ def test_an_unreadable_row_is_left_out_of_lists_and_named_by_get(store: JobStore
     from clusterft.controller.store import UnreadableJob
 
     good, bad, newer = (store.submit(make_spec()) for _ in range(3))
-    with sqlite3.connect(store.path) as db:
-        db.execute("UPDATE jobs SET state_data = '{\"why\": ' WHERE id = ?", (bad.id,))
-        db.execute("UPDATE jobs SET state = 'paused' WHERE id = ?", (newer.id,))
+    execute_raw(store, "UPDATE jobs SET state_data = '{\"why\": ' WHERE id = ?", (bad.id,))
+    execute_raw(store, "UPDATE jobs SET state = 'paused' WHERE id = ?", (newer.id,))
     assert [j.id for j in store.list()] == [good.id]
     assert [j.id for j in store.unsettled()] == [good.id]
     rows = {row.job_id: row for row in store.unreadable()}
@@ -365,12 +377,12 @@ def _submit_keyed(path: str, barrier: multiprocessing.synchronize.Barrier, ids: 
         ids.put(store.submit(make_spec(), idempotency_key="retried").id)  # type: ignore[attr-defined]
 
 
-def test_processes_retrying_one_submission_make_one_job(tmp_path: Path) -> None:
-    path = tmp_path / "jobs.db"
+def test_processes_retrying_one_submission_make_one_job(store_location: str) -> None:
+    path = store_location
     JobStore(path).close()
     context = multiprocessing.get_context("fork")
     barrier, ids = context.Barrier(4), context.Queue()
-    processes = [context.Process(target=_submit_keyed, args=(str(path), barrier, ids)) for _ in range(4)]
+    processes = [context.Process(target=_submit_keyed, args=(path, barrier, ids)) for _ in range(4)]
     for process in processes:
         process.start()
     for process in processes:
@@ -442,3 +454,190 @@ def test_a_stored_spec_that_is_not_yaml_is_a_spec_schema_error() -> None:
         load_spec("model: [unclosed", SPEC_SCHEMA_VERSION)
     with pytest.raises(SpecSchemaError, match="a str, not a mapping"):
         load_spec("just text", SPEC_SCHEMA_VERSION)
+
+
+# ---------------------------------------------------------------- SQLite: the journal mode
+
+
+MOUNTS = r"""overlay / overlay rw,relatime,lowerdir=/l,upperdir=/u,workdir=/w 0 0
+proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0
+/dev/sda1 /data ext4 rw,relatime 0 0
+nas:/export/shared /data/shared nfs4 rw,vers=4.2,hard,proto=tcp 0 0
+//filer/team /mnt/team\040drive cifs rw,vers=3.0 0 0
+s3fs /mnt/bucket fuse.s3fs rw,nosuid,nodev 0 0
+/dev/sdb1 /data/shared/local ext4 rw 0 0
+tmpfs /scratch tmpfs rw 0 0
+nas:/export/scratch /scratch nfs rw,vers=3 0 0
+"""
+
+
+@pytest.mark.parametrize(
+    ("path", "fstype"),
+    [
+        ("/data/shared/controller", "nfs4"),  # the longest mount point above the path
+        ("/data/sharedother", "ext4"),  # a mount point is a whole path component, not a prefix
+        ("/data/shared/local/ctl", "ext4"),  # a local disk mounted inside the NFS export
+        ("/mnt/team drive/ctl", "cifs"),  # /proc/mounts writes the space as \040
+        ("/mnt/bucket/ctl", "fuse.s3fs"),
+        ("/scratch/ctl", "nfs"),  # two mounts on one point: the last one hides the first
+        ("/home/user", "overlay"),
+    ],
+)
+def test_the_filesystem_of_a_path_is_its_longest_mount_point_s(path: str, fstype: str) -> None:
+    from pathlib import PurePosixPath
+
+    from clusterft.controller.store_sqlite import mount_type
+
+    assert mount_type(PurePosixPath(path), MOUNTS) == fstype
+
+
+def test_wal_on_local_disks_a_rollback_journal_on_network_filesystems_and_wal_there_refused() -> None:
+    from clusterft.controller.store_sqlite import choose_journal_mode, is_network_filesystem
+
+    network = [
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "fuse.s3fs",
+        "fuse.gcsfuse",
+        "ceph",
+        "glusterfs",
+        "lustre",
+    ]
+    assert all(is_network_filesystem(fstype) for fstype in network)
+    assert not any(
+        is_network_filesystem(fstype) for fstype in ["ext4", "xfs", "btrfs", "overlay", "tmpfs", "zfs"]
+    )
+    assert choose_journal_mode("ext4", None, "/data/jobs.db") == "wal"
+    assert choose_journal_mode(None, None, "/data/jobs.db") == "wal"  # no /proc/mounts (macOS)
+    assert choose_journal_mode("nfs4", None, "/shared/jobs.db") == "delete"
+    assert choose_journal_mode("nfs4", "delete", "/shared/jobs.db") == "delete"
+    assert choose_journal_mode("ext4", "delete", "/data/jobs.db") == "delete"
+    with pytest.raises(UserError) as refused:
+        choose_journal_mode("nfs4", "wal", "/shared/jobs.db")
+    message = str(refused.value)
+    assert message.startswith("job store /shared/jobs.db: journal_mode wal on a nfs4 filesystem can corrupt")
+    assert "leave journal_mode unset" in message and "CLUSTERFT_STORE_URL" in message
+
+
+def test_a_sqlite_store_on_a_local_disk_is_in_wal_mode(tmp_path: Path) -> None:
+    from clusterft.controller.store_sqlite import filesystem_type, is_network_filesystem
+
+    assert not is_network_filesystem(filesystem_type(tmp_path) or "")  # else this test says nothing
+    with JobStore(tmp_path / "jobs.db") as store:
+        store.submit(make_spec())
+    with closing(sqlite3.connect(tmp_path / "jobs.db")) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_the_filesystem_type_read_from_this_hosts_mounts_is_findmnts(tmp_path: Path) -> None:
+    import shutil
+    import subprocess
+
+    from clusterft.controller.store_sqlite import filesystem_type
+
+    if shutil.which("findmnt") is None:
+        pytest.skip("no findmnt (util-linux) to compare with")
+    expected = subprocess.run(
+        ["findmnt", "-n", "-o", "FSTYPE", "--target", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    assert filesystem_type(tmp_path) == expected
+
+
+def test_delete_journal_mode_when_asked(tmp_path: Path) -> None:
+    with JobStore(tmp_path / "jobs.db", journal_mode="delete") as store:
+        job = store.submit(make_spec())
+        store.transition(job.id, S.SUBMITTED, Training())
+    with closing(sqlite3.connect(tmp_path / "jobs.db")) as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "delete"
+
+
+# ---------------------------------------------------------------- PostgreSQL: locks and connections
+
+
+def test_postgres_lock_waits_end_at_the_busy_timeout_and_only_exclusive_writes_wait_for_each_other(
+    postgres_server,
+) -> None:
+    """A job another session has locked: moving it waits `busy_timeout_s`, then fails whole and the
+    next try works. An exclusive write (a submission) waits for another one; moving a job does not."""
+    from clusterft.controller.store_postgres import EXCLUSIVE_WRITES
+    from tests.controller.conftest import new_postgres_store
+
+    url = new_postgres_store(postgres_server)
+    with JobStore(url, busy_timeout_s=0.3) as store:
+        job, other = store.submit(make_spec()), store.submit(make_spec())
+        with psycopg.connect(url) as holder:  # one transaction until rollback
+            holder.execute("SELECT * FROM jobs WHERE id = %s FOR UPDATE", (job.id,))
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                store.transition(job.id, S.SUBMITTED, Training())
+            store.transition(other.id, S.SUBMITTED, Training())  # another job's row: no wait
+            holder.rollback()
+            assert store.get(job.id).status is S.SUBMITTED  # nothing of the failed write stayed
+            store.transition(job.id, S.SUBMITTED, Training())
+            assert [e.to_state for e in store.events(job.id)] == [S.SUBMITTED, S.TRAINING]
+
+            holder.execute("SELECT pg_advisory_xact_lock(%s)", (EXCLUSIVE_WRITES,))  # a submission's lock
+            with pytest.raises(psycopg.errors.LockNotAvailable):
+                store.submit(make_spec())
+            store.transition(job.id, S.TRAINING, Cancelled())  # not exclusive: no wait
+            with pytest.raises(psycopg.errors.LockNotAvailable):  # a resume checks folders: exclusive
+                store.transition(job.id, S.CANCELLED, Resuming(0.0, "resumed by the user"))
+            holder.rollback()
+        assert len(store.list()) == 2
+        store.transition(job.id, S.CANCELLED, Resuming(0.0, "resumed by the user"))
+
+
+def test_postgres_a_connection_the_server_dropped_is_opened_again(postgres_server) -> None:
+    """A server restart or failover drops the store's connection: the next read, and the next write,
+    open a new one instead of failing until the process restarts."""
+    from tests.controller.conftest import new_postgres_store
+
+    url = new_postgres_store(postgres_server)
+
+    def drop_the_stores_connections() -> None:
+        with psycopg.connect(url, autocommit=True) as admin:
+            dropped = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid() AND backend_type = 'client backend'"
+            ).fetchall()
+        assert dropped == [(True,)]
+
+    with JobStore(url) as store:
+        job = store.submit(make_spec())
+        drop_the_stores_connections()
+        assert store.get(job.id).status is S.SUBMITTED
+        drop_the_stores_connections()
+        store.transition(job.id, S.SUBMITTED, Training())
+        drop_the_stores_connections()
+        assert store.submit(make_spec()).status is S.SUBMITTED
+        assert [e.to_state for e in store.events(job.id)] == [S.SUBMITTED, S.TRAINING]
+
+
+def test_postgres_store_messages_never_show_its_password() -> None:
+    from clusterft.controller.store_backend import describe
+
+    assert describe("postgresql://ctl:s3cr%40t@db:5432/jobs?sslmode=require") == (
+        "postgresql://ctl:***@db:5432/jobs?sslmode=require"
+    )
+    assert describe("postgresql://db/jobs?password=s3cret&sslmode=require") == (
+        "postgresql://db/jobs?password=***&sslmode=require"
+    )
+    assert describe("postgresql://ctl@db/jobs") == "postgresql://ctl@db/jobs"
+    assert describe("/shared/controller/jobs.db") == "/shared/controller/jobs.db"
+    with pytest.raises(UserError) as refused:  # nothing listens on port 1
+        JobStore("postgresql://ctl:s3cret@127.0.0.1:1/jobs")
+    message = str(refused.value)
+    assert message.startswith("job store postgresql://ctl:***@127.0.0.1:1/jobs: cannot connect (")
+    assert "--store-url / $CLUSTERFT_STORE_URL" in message and "s3cret" not in message
+
+
+def test_a_store_url_of_another_kind_and_a_journal_mode_for_postgres_are_refused() -> None:
+    with pytest.raises(UserError, match=r"a mysql:// store is not supported; give a postgresql:// URL"):
+        JobStore("mysql://db/jobs")
+    with pytest.raises(UserError, match=r"journal_mode is SQLite's; PostgreSQL has none"):
+        JobStore("postgresql://db/jobs", journal_mode="delete")
