@@ -7,6 +7,7 @@ that each replica reconciles, and an admin call that waits until every live repl
          │                      │  ◄── the desired state, when newer than what the replica applied
          └─ waits until every live replica reports g (bounded), then answers with their errors
       engine replica, every SYNC_INTERVAL_S: sync ─► Reconciler.apply(desired) on its current loop
+      GET /metrics: the engine stats each live replica sent with its last sync (at most that old)
 
 Why a record and not a call per replica: a Serve handle sends each call to one replica of its choice
 and has no public way to address them all, and a broadcast would miss replicas that start later (the
@@ -32,7 +33,7 @@ import hashlib
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -57,6 +58,7 @@ class ReplicaReport:
     last_sync: float
     errors: list[str] = field(default_factory=list)  # what failed applying `applied`
     reload_result: dict[str, Any] | None = None  # of the last reload command it ran
+    stats: dict[str, Any] | None = None  # its engine's stats at this sync (ModelFollower.stats)
 
 
 @dataclass
@@ -106,14 +108,25 @@ class AdminState:
         }
 
     def sync(
-        self, replica: str, applied: int, errors: list[str], reload_result: dict | None, now: float
+        self,
+        replica: str,
+        applied: int,
+        errors: list[str],
+        reload_result: dict | None,
+        now: float,
+        stats: dict[str, Any] | None = None,
     ) -> dict[str, Any] | None:
-        """Record what `replica` has applied; the desired state if it has not applied the newest."""
-        self.replicas[replica] = ReplicaReport(applied, now, errors, reload_result)
+        """Record what `replica` has applied (and its engine's stats); the desired state if it has not
+        applied the newest."""
+        self.replicas[replica] = ReplicaReport(applied, now, errors, reload_result, stats)
         return self.desired() if applied < self.generation else None
 
     def live(self, now: float) -> dict[str, ReplicaReport]:
         return {r: rep for r, rep in self.replicas.items() if now - rep.last_sync <= STALE_AFTER_S}
+
+    def engine_stats(self, now: float) -> dict[str, dict[str, Any]]:
+        """Replica -> its engine's stats, of every live replica that has sent them."""
+        return {r: rep.stats for r, rep in self.live(now).items() if rep.stats is not None}
 
     def progress(self, generation: int, now: float) -> dict[str, Any]:
         """Which live replicas have not applied `generation` yet; the errors and reload results of
@@ -180,13 +193,23 @@ class AdminRecord:
         except APIError as exc:
             return exc.chunk()
 
-    async def sync(self, replica: str, applied: int, errors: list[str], reload_result: dict | None):
+    async def sync(
+        self,
+        replica: str,
+        applied: int,
+        errors: list[str],
+        reload_result: dict | None,
+        stats: dict[str, Any] | None = None,
+    ):
         if self._reaper is None:  # started here: an async actor's methods run on its event loop
             self._reaper = asyncio.get_running_loop().create_task(self._exit_when_idle())
-        return self.state.sync(replica, applied, errors, reload_result, time.time())
+        return self.state.sync(replica, applied, errors, reload_result, time.time(), stats)
 
     def progress(self, generation: int) -> dict[str, Any]:
         return self.state.progress(generation, time.time())
+
+    def engine_stats(self) -> dict[str, dict[str, Any]]:
+        return self.state.engine_stats(time.time())
 
 
 def record_name(app_name: str, spec: ServeSpec) -> str:
@@ -243,18 +266,27 @@ class Reconciler:
         self.applied, self.errors = desired["generation"], errors
 
 
-async def sync_forever(spec: ServeSpec, replica: str, reconciler: Reconciler) -> None:
-    """The engine replica's background task: report every SYNC_INTERVAL_S, and reconcile when the
-    record has news. Applying runs beside the reports, so a long reload never looks like a dead
-    replica. A lost record is created anew from the spec, and the replica reconciles to it."""
+async def sync_forever(
+    spec: ServeSpec, replica: str, reconciler: Reconciler, stats: Callable[[], dict[str, Any]]
+) -> None:
+    """The engine replica's background task: report every SYNC_INTERVAL_S, with `stats()` of its
+    engine (for /metrics), and reconcile when the record has news. Applying runs beside the reports,
+    so a long reload never looks like a dead replica. A lost record is created anew from the spec,
+    and the replica reconciles to it."""
     from ray.exceptions import RayActorError
 
     record = record_handle(spec)
     applying: asyncio.Task | None = None
     while True:
         try:
+            # In a thread: the engine's lock is held through each step, and the loop must not wait.
+            snapshot = await asyncio.to_thread(stats)
+        except Exception:  # an engine being rebuilt: the sync goes on without stats
+            logger.exception("could not read the engine's stats")
+            snapshot = None
+        try:
             desired = await record.sync.remote(
-                replica, reconciler.applied, reconciler.errors, reconciler.reload_result
+                replica, reconciler.applied, reconciler.errors, reconciler.reload_result, snapshot
             )
             if desired is not None and (applying is None or applying.done()):
                 applying = asyncio.get_running_loop().create_task(reconciler.apply(desired))

@@ -78,7 +78,7 @@ class EngineDeployment:
         # Admin changes (adapters, reload) arrive through the app's record: see clusterft.serve.admin.
         self.reconciler = Reconciler(self.follower)
         replica = serve.get_replica_context().replica_id.unique_id
-        self._admin_task = loop.create_task(sync_forever(spec, replica, self.reconciler))
+        self._admin_task = loop.create_task(sync_forever(spec, replica, self.reconciler, self.follower.stats))
 
     async def generate(
         self,
@@ -87,8 +87,12 @@ class EngineDeployment:
         params: SamplingParams,
         model: str,
         priority: int = 0,
+        tokenizer: str | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        async for chunk in self.follower.generate(request_id, prompt_token_ids, params, model, priority):
+        """ModelFollower.generate: `priority` is the engine's (higher runs first), `tokenizer` the
+        fingerprint of the tokenizer the prompt was made with (None: token ids from the client)."""
+        chunks = self.follower.generate(request_id, prompt_token_ids, params, model, priority, tokenizer)
+        async for chunk in chunks:
             yield chunk
 
     def model_info(self) -> dict[str, Any]:
@@ -96,9 +100,6 @@ class EngineDeployment:
 
     def status(self) -> dict[str, Any]:
         return self.follower.status()
-
-    def stats(self) -> dict[str, Any]:
-        return self.follower.stats()
 
     def check_health(self) -> None:
         self.follower.check_health()

@@ -6,9 +6,13 @@
     new requests ─► current            requests already on the old engine finish there ─► release it
 
 A request picks its engine when it is admitted and stays on it, so no request ever sees two sets of
-weights. Each version has its own engine, hence its own prefix cache, and its block hashes carry
-the version number as weight version: KV of one version is never reused by another. A version that
-fails to load leaves the old one serving; the error is logged, counted and shown by /health.
+weights. A prompt comes tokenized by the ingress, which names the tokenizer it used (a fingerprint of
+the tokenizer files); one tokenized for another tokenizer than the admitting version's is sent back
+(`tokenizer_changed`) for the ingress to tokenize again, so a version with added tokens never runs
+token ids meant for another. Each version has its own engine, hence its own prefix cache, and its
+block hashes carry the version number as weight version: KV of one version is never reused by
+another. A version that fails to load leaves the old one serving; the error is logged, counted and
+shown by /health.
 
 A follower of a registry alias also keeps a serving record (clusterft/registry/serving.py) next to
 the registry's versions: written at start, after every switch and at every poll (the heartbeat),
@@ -35,7 +39,7 @@ from clusterft.registry.serving import (
     stale_after_s,
     write_record,
 )
-from clusterft.serve.model_source import AliasWatch, ModelVersion
+from clusterft.serve.model_source import AliasWatch, ModelVersion, tokenizer_fingerprint
 from clusterft.serve.spec import ServeSpec
 
 logger = logging.getLogger(__name__)
@@ -47,6 +51,7 @@ class _Serving:
 
     model: ModelVersion
     loop: EngineLoop
+    tokenizer: str  # tokenizer_fingerprint of its model dir
     num_in_flight: int = 0
     idle: asyncio.Event = field(default_factory=asyncio.Event)  # set once retired and empty
 
@@ -68,7 +73,7 @@ class ModelFollower:
         self._resolve = resolve
         self._make_loop = make_loop
         model = resolve(None)
-        self.current = _Serving(model, make_loop(model))
+        self.current = _Serving(model, make_loop(model), tokenizer_fingerprint(model.model_dir))
         self._retiring: list[_Serving] = []
         self._switch_lock = asyncio.Lock()  # one version is built at a time
         self._watch = AliasWatch(spec.registry) if spec.registry is not None else None
@@ -89,10 +94,21 @@ class ModelFollower:
 
     # ---- requests --------------------------------------------------------------------------------
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, model: str, priority: int
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        model: str,
+        priority: int,
+        tokenizer: str | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """EngineLoop.generate on the engine current at admission; every chunk names its version."""
+        """EngineLoop.generate on the engine current at admission; every chunk names its version.
+        `tokenizer` is the fingerprint of the tokenizer the prompt was made with (None: token ids from
+        the client): another than the current version's is answered by one `tokenizer_changed` chunk."""
         serving = self.current  # picked and counted with no await in between: a switch can't slip in
+        if tokenizer is not None and tokenizer != serving.tokenizer:
+            yield tokenizer_changed(serving.model.version)
+            return
         serving.num_in_flight += 1
         try:
             async for chunk in serving.loop.generate(request_id, prompt_token_ids, params, model, priority):
@@ -144,10 +160,12 @@ class ModelFollower:
                 if model.version == previous:
                     return self.unchanged()
                 logger.info("loading %s %s while %s serves", self.spec.model_name, model.version, previous)
-                new = _Serving(model, await asyncio.to_thread(self._make_loop, model))
+                tokenizer = await asyncio.to_thread(tokenizer_fingerprint, model.model_dir)
+                new = _Serving(model, await asyncio.to_thread(self._make_loop, model), tokenizer)
             except Exception as exc:
                 self.num_load_failures += 1
-                self.last_error = f"{ref or 'alias target'}: {type(exc).__name__}: {exc}"
+                target = model.version if model is not None else ref or "the alias target"
+                self.last_error = f"{target}: {type(exc).__name__}: {exc}"
                 self._failed_target = model.version if model is not None else ref
                 logger.error("could not load %s; still serving %s", self.last_error, previous)
                 return reload_result(previous, previous, False, self.last_error, time.monotonic() - started)
@@ -262,8 +280,9 @@ class ModelFollower:
         }
 
     def stats(self) -> dict[str, Any]:
-        """The current engine's stats, with the version story's counters."""
+        """The current engine's stats, with its KV pool's size and the version story's counters."""
         stats = self.current.loop.stats()
+        stats["num_kv_blocks"] = self.current.loop.engine.num_gpu_blocks
         stats["model_weight_version"] = self.current.model.weight_version
         stats["num_model_switches"] = self.num_switches
         stats["num_model_load_failures"] = self.num_load_failures
@@ -283,6 +302,21 @@ def reload_result(
         "switched": switched,
         "error": error,
         "load_s": round(load_s, 3),
+    }
+
+
+def tokenizer_changed(version: str | None) -> dict[str, Any]:
+    """The one chunk of a request whose prompt was tokenized for another tokenizer than `version`'s
+    (the ingress tokenizes it again; a client sees the 503 only where that can't be done)."""
+    return {
+        "error": {
+            "status": 503,
+            "message": f"the served model version changed to {version}, which tokenizes differently, "
+            "while this request was sent; retry it",
+            "param": None,
+        },
+        "tokenizer_changed": True,
+        "model_version": version,
     }
 
 

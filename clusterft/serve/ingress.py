@@ -10,6 +10,11 @@ the schemas (protocol.py) bound every field, and the model's bounds (token ids, 
 cannot fit the context) are checked here before anything is tokenized; tokenizing and chat templating
 run on one tokenizer thread, never on the event loop every stream of this replica shares. `priority`
 (a request that runs ahead of others and preempts them) is for callers with the admin key only: 403.
+It has vLLM's meaning (lower runs first: -1 before 0); the engine's is the opposite (higher first), so
+the value is negated on its way there.
+
+Each request is tokenized, and its response decoded, with the tokenizer of the model version that
+runs it (clusterft/serve/tokenizers.py): a promoted version may add tokens.
 
 No `from __future__ import annotations` here: FastAPI must see real types in route signatures
 (strings in methods wrapped by `serve.ingress` are not resolved and `Request` becomes a query field).
@@ -17,7 +22,7 @@ No `from __future__ import annotations` here: FastAPI must see real types in rou
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -31,8 +36,7 @@ from clusterft.engine import SamplingParams
 from clusterft.http import APIError, EdgePolicy, RequestGuard, add_error_handlers
 from clusterft.serve.admin import change_everywhere, record_handle
 from clusterft.serve.errors import engine_error
-from clusterft.serve.metrics import ServeMetrics
-from clusterft.serve.model_source import resolve
+from clusterft.serve.metrics import RequestCounter, ServeMetrics, note_error_status
 from clusterft.serve.protocol import (
     AdapterRequest,
     AssistantMessage,
@@ -51,7 +55,6 @@ from clusterft.serve.responses import (
     ChatChunkChoices,
     ChoiceAccumulator,
     CompletionChunkChoices,
-    TokenText,
     UsageCounter,
     chat_logprobs,
     completion_logprobs,
@@ -59,9 +62,11 @@ from clusterft.serve.responses import (
 )
 from clusterft.serve.spec import ServeSpec
 from clusterft.serve.streams import merge_streams, prepend
+from clusterft.serve.tokenizers import Tokenizers, VersionTokenizer
 from clusterft.serve.version_routes import ModelVersionHeader, VersionRoutes, note_model_version, router
 
 T = TypeVar("T")
+MAX_TOKENIZER_SWITCHES = 3  # a request sent back this often (versions switching under it) is a 503
 
 
 def _edge_policy() -> EdgePolicy:
@@ -69,9 +74,14 @@ def _edge_policy() -> EdgePolicy:
     return serve.get_replica_context().servable_object.edge_policy
 
 
+def _metrics() -> ServeMetrics:
+    return serve.get_replica_context().servable_object.metrics
+
+
 app = FastAPI(title="clusterft OpenAI-compatible server")
 app.add_middleware(ModelVersionHeader)
 app.add_middleware(RequestGuard, policy=_edge_policy)
+app.add_middleware(RequestCounter, metrics=_metrics)  # outermost: it counts RequestGuard's answers too
 app.include_router(router)
 add_error_handlers(app)
 
@@ -88,21 +98,14 @@ class OpenAIIngress(VersionRoutes):
         from clusterft.runtime import apply_runtime_defaults
 
         apply_runtime_defaults()
-        from clusterft.hf.loading import load_tokenizer, model_config
 
         self.spec = spec
         self.engine = engine
         self.admin = record_handle(spec)  # admin changes reach every engine replica through it
-        model_dir = resolve(spec).model_dir  # registry versions share their tokenizer and vocab
-        self.tokenizer = load_tokenizer(model_dir)
-        self.vocab_size: int = model_config(model_dir).get("vocab_size") or len(self.tokenizer)
-        # A token stands for at most this many characters of text (byte-level BPE: bytes), so a text
-        # longer than max_model_len times it can never fit: refused without tokenizing it.
-        self.max_token_chars = max(map(len, self.tokenizer.get_vocab()))
+        self.tokenizers = Tokenizers(spec)  # each version's; loading them runs on the tokenizer thread
         # One thread: tokenizing is CPU work that must not stall the event loop (every stream of this
         # replica), and a fast tokenizer must not be used from two threads at once.
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
-        self.token_text = TokenText(self.tokenizer)
         self.edge_policy = EdgePolicy(
             spec.resolved_api_key(), spec.resolved_admin_api_key(), spec.max_request_bytes
         )
@@ -121,33 +124,23 @@ class OpenAIIngress(VersionRoutes):
             self._max_model_len = (await self._model_info())["max_model_len"]
         return self._max_model_len
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=False)
+    async def _tokenizer_of(self, version: str | None) -> VersionTokenizer:
+        """The tokenizer of `version`, which an engine replica serves now: requests are tokenized for it
+        from here on."""
+        tok = self.tokenizers.current
+        if version != tok.version:
+            tok = await self._in_tokenizer_thread(self.tokenizers.get, version)
+            self.tokenizers.current = tok
+        return tok
 
-    async def _check_text_fits(self, num_chars: int, field: str) -> None:
-        """The 400 for text too long for the context whatever it tokenizes to (before tokenizing it)."""
-        max_len = await self._max_len()
-        if num_chars > max_len * self.max_token_chars:
-            raise APIError(
-                400,
-                f"{field} has {num_chars} characters: more than this model's context of {max_len} tokens "
-                f"can hold ({max_len * self.max_token_chars}, a token being at most {self.max_token_chars} "
-                "characters). Shorten it.",
-                field,
-            )
-
-    async def _prompt_token_ids(self, prompt: str | list[int], index: int) -> list[int]:
+    async def _prompt_token_ids(
+        self, tok: VersionTokenizer, prompt: str | list[int], index: int
+    ) -> list[int]:
         """A prompt's token ids: text tokenized on the tokenizer thread, ids checked against the vocab."""
         if isinstance(prompt, str):
-            await self._check_text_fits(len(prompt), "prompt")
-            return await self._in_tokenizer_thread(self._encode, prompt)
-        if max(prompt) >= self.vocab_size:
-            raise APIError(
-                400,
-                f"token ids must be in [0, {self.vocab_size}) (the model's vocab), got {max(prompt)} in "
-                f"prompt {index}",
-                "prompt",
-            )
+            tok.check_text_fits(len(prompt), await self._max_len(), "prompt")
+            return await self._in_tokenizer_thread(tok.encode, prompt)
+        tok.check_token_ids(prompt, index)
         return list(prompt)
 
     def _check_priority(self, priority: int, request: Request) -> None:
@@ -180,10 +173,11 @@ class OpenAIIngress(VersionRoutes):
         """The request's SamplingParams; a 400 naming the field for what the schema could not check
         alone (best_of < n, top_k over the vocab)."""
         stop = [req.stop] if isinstance(req.stop, str) else req.stop or []
-        if req.top_k > self.vocab_size:
+        vocab_size = self.tokenizers.current.vocab_size
+        if req.top_k > vocab_size:
             raise APIError(
                 400,
-                f"top_k must be -1, 0 (off) or in [1, {self.vocab_size}] (the model's vocab size), "
+                f"top_k must be -1, 0 (off) or in [1, {vocab_size}] (the model's vocab size), "
                 f"got {req.top_k}",
                 "top_k",
             )
@@ -210,26 +204,46 @@ class OpenAIIngress(VersionRoutes):
             raise APIError(400, str(exc), field if field in type(req).model_fields else None) from exc
 
     async def _start(
-        self, prompts: list[list[int]], params: SamplingParams, model: str, priority: int
-    ) -> AsyncIterator[tuple[int, dict[str, Any]]]:
-        """Send every prompt to the engine; yields (prompt index, chunk), the first already awaited so
-        that admission errors raise APIError before any response starts."""
-        base = new_id("req")
-        gens = [
-            self.engine.options(stream=True).generate.remote(f"{base}-{i}", ids, params, model, priority)
-            for i, ids in enumerate(prompts)
-        ]
-        merged = merge_streams(gens)
-        try:
-            first = await merged.__anext__()
-        except RayError as exc:
-            await merged.aclose()
-            raise engine_error(exc) from exc
-        if "error" in first[1]:
-            await merged.aclose()
-            _raise_if_error(first[1])
-        note_model_version(first[1])
-        return prepend(first, merged)
+        self,
+        prepare: Callable[[VersionTokenizer], Awaitable[list[list[int]]]],
+        tokenized: bool,
+        params: SamplingParams,
+        model: str,
+        priority: int,
+    ) -> tuple[VersionTokenizer, list[list[int]], AsyncIterator[tuple[int, dict[str, Any]]]]:
+        """Make the prompts (`prepare`: with the tokenizer of the version last seen serving) and send
+        each to the engine. Returns the tokenizer of the version that admitted them, the prompts, and
+        the stream of (prompt index, chunk), its first already awaited so that admission errors raise
+        APIError before any response starts. A replica whose version tokenizes differently sends the
+        request back (when `tokenized`: text, not token ids, came in): made again for that version."""
+        tok = self.tokenizers.current
+        for _ in range(MAX_TOKENIZER_SWITCHES):
+            prompts = await prepare(tok)
+            fingerprint = tok.fingerprint if tokenized else None
+            base = new_id("req")
+            gens = [
+                # vLLM's priority (lower first) as the engine's (higher first)
+                self.engine.options(stream=True).generate.remote(
+                    f"{base}-{i}", ids, params, model, -priority, fingerprint
+                )
+                for i, ids in enumerate(prompts)
+            ]
+            merged = merge_streams(gens)
+            try:
+                first = await merged.__anext__()
+            except RayError as exc:
+                await merged.aclose()
+                raise engine_error(exc) from exc
+            chunk = first[1]
+            if "error" in chunk:
+                await merged.aclose()
+                if chunk.get("tokenizer_changed"):
+                    tok = await self._tokenizer_of(chunk["model_version"])
+                    continue
+                _raise_if_error(chunk)
+            note_model_version(chunk)
+            return await self._tokenizer_of(chunk.get("model_version")), prompts, prepend(first, merged)
+        raise APIError(503, "the served model version kept changing while this request was sent; retry it")
 
     async def _timed(
         self, stream: AsyncIterator[tuple[int, dict[str, Any]]], counter: UsageCounter, start: float
@@ -239,6 +253,7 @@ class OpenAIIngress(VersionRoutes):
         try:
             async for i, chunk in stream:
                 if "error" in chunk:
+                    note_error_status(chunk["error"]["status"])  # a stream's error event: counted so
                     yield i, chunk
                     continue
                 num_tokens = counter.add(i, chunk)
@@ -251,7 +266,9 @@ class OpenAIIngress(VersionRoutes):
                     last = t
                 yield i, chunk
         except RayError as exc:  # the engine replica died under this request
-            yield 0, engine_error(exc).chunk()
+            error = engine_error(exc)
+            note_error_status(error.status)
+            yield 0, error.chunk()
             return
         self.metrics.e2e.observe(time.perf_counter() - start)
         self.metrics.prompt_tokens.inc(sum(counter.prompt_tokens.values()))
@@ -262,7 +279,7 @@ class OpenAIIngress(VersionRoutes):
     async def metrics(self) -> Response:
         if not self.spec.enable_metrics:
             raise APIError(404, "metrics are disabled (enable_metrics: false)")
-        stats = await self.engine.stats.remote()
+        stats = await self.admin.engine_stats.remote()  # every live engine replica's, from its last sync
         return Response(self.metrics.render(stats), media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models")
@@ -310,17 +327,23 @@ class OpenAIIngress(VersionRoutes):
                 "echo",
             )
         params = self._params(body, body.max_tokens, body.logprobs)
-        prompts = [await self._prompt_token_ids(p, i) for i, p in enumerate(body.prompts())]
-        await self._check_lengths(prompts, body.max_tokens, "max_tokens")
+
+        async def prepare(tok: VersionTokenizer) -> list[list[int]]:
+            prompts = [await self._prompt_token_ids(tok, p, i) for i, p in enumerate(body.prompts())]
+            await self._check_lengths(prompts, body.max_tokens, "max_tokens")
+            return prompts
+
+        tokenized = any(isinstance(p, str) for p in body.prompts())
+        tok, prompts, admitted = await self._start(prepare, tokenized, params, body.model, body.priority)
         echo = [""] * len(prompts)
         if body.echo:
-            echo = await self._in_tokenizer_thread(self.tokenizer.batch_decode, prompts)
+            echo = await self._in_tokenizer_thread(tok.tokenizer.batch_decode, prompts)
         counter = UsageCounter()
-        stream = self._timed(await self._start(prompts, params, body.model, body.priority), counter, start)
+        stream = self._timed(admitted, counter, start)
         rid, created = new_id("cmpl"), now()
         if body.stream:
             head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
-            choices_of = CompletionChunkChoices(body.n, echo, body.logprobs, self.token_text)
+            choices_of = CompletionChunkChoices(body.n, echo, body.logprobs, tok.token_text)
             return self._sse_response(stream, head, choices_of, counter, body)
         acc = ChoiceAccumulator(body.n)
         async for i, chunk in stream:
@@ -330,7 +353,7 @@ class OpenAIIngress(VersionRoutes):
         for index, c in acc.ordered():
             lps = None
             if body.logprobs is not None:
-                lps = completion_logprobs(c.token_ids, c.logprobs, body.logprobs, self.token_text, 0)
+                lps = completion_logprobs(c.token_ids, c.logprobs, body.logprobs, tok.token_text, 0)
             choices.append(
                 CompletionChoice(
                     index=index,
@@ -339,7 +362,6 @@ class OpenAIIngress(VersionRoutes):
                     finish_reason=c.finish_reason,
                 )
             )
-        self.metrics.requests.labels("200").inc()
         return JSONResponse(
             CompletionResponse(
                 id=rid, created=created, model=body.model, choices=choices, usage=counter.usage()
@@ -357,23 +379,28 @@ class OpenAIIngress(VersionRoutes):
         k = body.top_logprobs or 0
         params = self._params(body, max_tokens, k if body.logprobs else None)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        await self._check_text_fits(sum(len(m["content"]) for m in messages), "messages")
+        num_chars = sum(len(m["content"]) for m in messages)
 
-        def render_and_encode() -> list[int]:
+        def render_and_encode(tok: VersionTokenizer) -> list[int]:
             try:
-                text = render_prompt(messages, self.spec.chat_template, self.tokenizer)
+                text = render_prompt(messages, self.spec.chat_template, tok.tokenizer)
             except Exception as exc:
                 raise APIError(400, f"messages: cannot apply the chat template: {exc}", "messages") from exc
-            return self._encode(text)
+            return tok.encode(text)
 
-        prompts = [await self._in_tokenizer_thread(render_and_encode)]
-        await self._check_lengths(prompts, max_tokens, field)
+        async def prepare(tok: VersionTokenizer) -> list[list[int]]:
+            tok.check_text_fits(num_chars, await self._max_len(), "messages")
+            prompts = [await self._in_tokenizer_thread(render_and_encode, tok)]
+            await self._check_lengths(prompts, max_tokens, field)
+            return prompts
+
+        tok, _, admitted = await self._start(prepare, True, params, body.model, body.priority)
         counter = UsageCounter()
-        stream = self._timed(await self._start(prompts, params, body.model, body.priority), counter, start)
+        stream = self._timed(admitted, counter, start)
         rid, created = new_id("chatcmpl"), now()
         if body.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
-            choices_of = ChatChunkChoices(k if body.logprobs else None, self.token_text)
+            choices_of = ChatChunkChoices(k if body.logprobs else None, tok.token_text)
             return self._sse_response(stream, head, choices_of, counter, body)
         acc = ChoiceAccumulator(body.n)
         async for i, chunk in stream:
@@ -383,14 +410,11 @@ class OpenAIIngress(VersionRoutes):
             ChatChoice(
                 index=index,
                 message=AssistantMessage(content="".join(c.text)),
-                logprobs=chat_logprobs(c.token_ids, c.logprobs, k, self.token_text)
-                if body.logprobs
-                else None,
+                logprobs=chat_logprobs(c.token_ids, c.logprobs, k, tok.token_text) if body.logprobs else None,
                 finish_reason=c.finish_reason,
             )
             for index, c in acc.ordered()
         ]
-        self.metrics.requests.labels("200").inc()
         return JSONResponse(
             ChatCompletionResponse(
                 id=rid, created=created, model=body.model, choices=choices, usage=counter.usage()
@@ -398,7 +422,6 @@ class OpenAIIngress(VersionRoutes):
         )
 
     def _sse_response(self, stream, head, choices_of, counter: UsageCounter, body) -> StreamingResponse:
-        self.metrics.requests.labels("200").inc()
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         events = sse_events(stream, head, choices_of, counter, include_usage)
         return StreamingResponse(

@@ -12,6 +12,7 @@ files, so the on-disk format has one owner.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,32 @@ def resolve_version(source: RegistrySource, ref: str | None = None) -> ModelVers
         assert manifest.base_model is not None, "the registry refuses adapters without a base model"
         return ModelVersion(registered.version, manifest.base_model, str(registered.path))
     return ModelVersion(registered.version, str(registered.path))
+
+
+# What turns text into token ids and back, chat templates included (HF's file names).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+
+
+def tokenizer_fingerprint(model_dir: str) -> str:
+    """The identity of a model dir's tokenizer: a hash of its tokenizer files. Versions with equal
+    fingerprints tokenize (and render chats) alike, so a prompt tokenized for one serves the other."""
+    digest = hashlib.sha256()
+    for name in TOKENIZER_FILES:
+        path = Path(model_dir) / name
+        if path.is_file():
+            digest.update(f"{name}\0{path.stat().st_size}\0".encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def resolve(spec: ServeSpec) -> ModelVersion:

@@ -84,7 +84,8 @@ class _SamplingFields(_Request):
         default=0,
         ge=-MAX_PRIORITY,
         le=MAX_PRIORITY,
-        description="Extension: higher runs first when the engine is busy; only with the admin key.",
+        description="Extension (vLLM's): lower runs first when the engine is busy (-1 before 0); "
+        "only with the admin key.",
     )
 
 

@@ -91,7 +91,9 @@ class VersionRoutes:
     @router.post("/v1/admin/reload")
     async def reload(self, request: Request, body: ReloadRequest | None = None) -> dict[str, Any]:
         """Switch every engine replica to the alias's version (or `version`) now, rather than at its
-        next alias poll; answers once all live replicas have run the reload."""
+        next alias poll; answers once all live replicas have run the reload. A version that could not
+        be loaded is a 422 naming it and why (the admin may see the error; it is not a server fault:
+        the previous version still serves)."""
         from clusterft.serve.admin import change_everywhere
 
         progress = await change_everywhere(self.admin, "reload", body.version if body else None)
@@ -99,5 +101,10 @@ class VersionRoutes:
         failed = [r for r in results if r["error"]]
         result = failed[0] if failed else results[0]
         if result["error"]:
-            raise APIError(500, f"could not load {result['error']}; still serving {result['version']}")
+            raise APIError(
+                422,
+                f"could not load version {result['error']}; still serving {result['version']}",
+                "version",
+                code="version_load_failed",
+            )
         return {**result, "num_replicas": progress["num_live"]}

@@ -105,6 +105,16 @@ def test_record_is_idle_once_no_replica_syncs():
     assert state.idle(state.created + 11 + IDLE_EXIT_S)
 
 
+def test_engine_stats_are_those_the_live_replicas_sent_last():
+    state = AdminState("tiny", {})
+    state.sync("a", 0, [], None, now=0, stats={"num_running": 1})
+    state.sync("b", 0, [], None, now=0)  # no stats yet (its engine is being rebuilt)
+    state.sync("c", 0, [], None, now=1, stats={"num_running": 2})
+    state.sync("c", 0, [], None, now=2, stats={"num_running": 3})
+    assert state.engine_stats(now=2) == {"a": {"num_running": 1}, "c": {"num_running": 3}}
+    assert state.engine_stats(now=2 + STALE_AFTER_S) == {"c": {"num_running": 3}}  # a stopped syncing
+
+
 def test_record_refuses_reserved_names():
     """`tiny@v0002` is the internal adapter of a registered adapter version: base-model requests use
     it, so an admin call must not be able to replace it."""

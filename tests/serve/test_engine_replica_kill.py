@@ -1,7 +1,7 @@
 """SIGKILL of the engine deployment's replica process under load, on the real app (127.0.0.1): every
 request in flight ends at once with OpenAI's error schema saying the replica died and to retry (a 503
 with Retry-After, or an SSE error event and the end of the stream), and once Serve has replaced the
-replica the app serves the same completions as before."""
+replica the app serves the same completions as before. /metrics counts those requests as 503s."""
 
 from __future__ import annotations
 
@@ -95,9 +95,16 @@ def test_sigkilled_engine_replica_fails_requests_in_flight_then_is_replaced(tiny
         # Serve starts a new replica (health check failed); until it serves, requests get 503s.
         [expected] = offline_texts(tiny_llama, ["the number 1 is"], 6)
         body = {"model": "tiny", "prompt": "the number 1 is", "max_tokens": 6, "temperature": 0}
-        deadline = time.monotonic() + 120
+        deadline, num_retries = time.monotonic() + 120, 0
         while (r := httpx.post(f"{url}/v1/completions", json=body, timeout=60)).status_code != 200:
             assert r.status_code == 503 and "retry" in r.json()["error"]["message"], r.text
             assert time.monotonic() < deadline, "Serve did not replace the engine replica"
+            num_retries += 1
             time.sleep(0.5)
         assert r.json()["choices"][0]["text"] == expected
+
+        # /metrics counts each request under how it ended: the two streams (sent as 200s) ended with
+        # an error event, so they count as 503s, with the plain request and the retries.
+        metrics = httpx.get(f"{url}/metrics", timeout=10).text
+        counted = dict(re.findall(r'^clusterft_requests_total\{status="(\d+)"\} (\S+)$', metrics, re.M))
+        assert counted == {"503": f"{3.0 + num_retries}", "200": "1.0"}, metrics

@@ -145,13 +145,41 @@ def test_switch_keeps_old_requests_on_old_engine_and_survives_a_bad_version(regi
 
         reg.promote("quick", "v3")  # fails to load: v2 keeps serving, the error is reported
         failed = await follower.reload()
-        assert not failed["switched"] and "weights unreadable" in failed["error"]
+        assert not failed["switched"] and failed["error"] == "v0003: OSError: weights unreadable"
+        assert failed["version"] == "v0002"  # the error names the version that failed; this one serves
         assert follower.version == "v0002" and follower.status()["num_load_failures"] == 1
 
         reg.rollback("quick")  # v3 -> v2: already serving it
         assert not (await follower.reload())["switched"]
         assert (await follower.reload("v1"))["version"] == "v0001"
         assert follower.status()["last_error"] is None
+
+    asyncio.run(scenario())
+
+
+def test_a_prompt_tokenized_for_another_tokenizer_is_sent_back_naming_the_version(registry, tmp_path):
+    from clusterft.hf.tiny import make_tiny_model
+    from clusterft.serve.model_source import tokenizer_fingerprint
+
+    reg, source = registry
+    model = make_tiny_model(tmp_path / "model", "llama", "tiny", seed=0)
+    reg.register("quick", model, kind="full")  # v4: a tokenizer (v1 to v3 have none)
+    reg.promote("quick", "v4")
+    v4 = tokenizer_fingerprint(str(reg.root / "quick" / "v0004"))
+    assert v4 == tokenizer_fingerprint(str(model)) != tokenizer_fingerprint(str(tmp_path / "m1"))
+
+    async def scenario() -> None:
+        follower = ModelFollower(
+            ServeSpec(registry=source), lambda ref: resolve_version(source, ref), FakeLoop
+        )
+        chunks = [c async for c in follower.generate("a", [1], None, "quick", 0, "another tokenizer")]
+        assert [(c["tokenizer_changed"], c["model_version"], c["error"]["status"]) for c in chunks] == [
+            (True, "v0004", 503)
+        ]
+        same = follower.generate("b", [1], None, "quick", 0, v4)
+        assert (await same.__anext__())["model_version"] == "v0004"  # admitted
+        untokenized = follower.generate("c", [1], None, "quick", 0, None)  # token ids from the client
+        assert "error" not in await untokenized.__anext__()
 
     asyncio.run(scenario())
 

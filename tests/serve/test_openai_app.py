@@ -13,7 +13,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import API_KEY, make_spec, offline_texts, running_app
+from tests.serve.conftest import API_KEY, ENGINE, make_spec, offline_texts, running_app
 
 pytestmark = pytest.mark.slow
 
@@ -68,8 +68,16 @@ def test_sync_completion_and_chat_match_offline(url, reference, tiny_llama):
         model="tiny", prompt=PROMPTS[0], max_tokens=6, temperature=0, logprobs=2
     )
     assert again.choices[0].text == reference[0]
-    assert again.usage.prompt_tokens_details.cached_tokens >= 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 0  # 5 prompt tokens: no full block
     assert len(again.choices[0].logprobs.tokens) == again.usage.completion_tokens
+
+    # A prompt sharing k = 2 full blocks with an earlier one finds exactly those 2 * 16 tokens cached.
+    prefix = list(range(300, 300 + 2 * ENGINE.block_size + 8))
+    first = client.completions.create(model="tiny", prompt=prefix, max_tokens=2, temperature=0)
+    second = client.completions.create(model="tiny", prompt=[*prefix[:-8], 7, 8], max_tokens=2, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 2 * ENGINE.block_size
+    assert second.usage.prompt_tokens == 2 * ENGINE.block_size + 2
 
     from clusterft.data import render_prompt
     from clusterft.hf.loading import load_tokenizer
@@ -157,11 +165,15 @@ def test_malformed_json_is_400(url):
 
 
 def test_disconnect_aborts_and_frees_blocks(url):
-    body = {"model": "tiny", "prompt": "a long one", "max_tokens": 200, "ignore_eos": True, "stream": True}
+    """The engine's gauges come from its replicas' reports (every 0.2 s): polled, not read once."""
+    body = {"model": "tiny", "prompt": "a long one", "max_tokens": 240, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", f"{url}/v1/completions", json=body, headers=AUTH, timeout=60) as r:
         lines = r.iter_lines()
         assert next(line for line in lines if line.startswith("data:"))
-        assert engine_gauge(url, "clusterft_kv_cache_usage_ratio") > 0
+        deadline = time.monotonic() + 10
+        while engine_gauge(url, "clusterft_kv_cache_usage_ratio") == 0:
+            assert time.monotonic() < deadline, "the running request's blocks never showed"
+            time.sleep(0.05)
     deadline = time.monotonic() + 30
     while engine_gauge(url, "clusterft_kv_cache_usage_ratio") > 0 or engine_gauge(
         url, "clusterft_requests_running"
