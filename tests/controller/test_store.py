@@ -483,7 +483,7 @@ nas:/export/scratch /scratch nfs rw,vers=3 0 0
         ("/home/user", "overlay"),
     ],
 )
-def test_the_filesystem_of_a_path_is_its_longest_mount_point_s(path: str, fstype: str) -> None:
+def test_the_filesystem_of_a_path_is_that_of_its_longest_mount_point(path: str, fstype: str) -> None:
     from pathlib import PurePosixPath
 
     from clusterft.controller.store_sqlite import mount_type
