@@ -181,11 +181,13 @@ class OpenAIIngress(VersionRoutes):
                 f"got {req.top_k}",
                 "top_k",
             )
+        # Beam search is deterministic: an unset temperature means 0 there, as in vLLM's API.
+        beam_default = req.use_beam_search and "temperature" not in req.model_fields_set
         try:
             return SamplingParams(
                 n=req.n,
                 best_of=req.best_of,
-                temperature=req.temperature,
+                temperature=0.0 if beam_default else req.temperature,
                 top_p=req.top_p,
                 top_k=req.top_k,
                 min_p=req.min_p,
@@ -198,6 +200,9 @@ class OpenAIIngress(VersionRoutes):
                 stop_token_ids=tuple(req.stop_token_ids or ()),
                 ignore_eos=req.ignore_eos,
                 logprobs=logprobs,
+                use_beam_search=req.use_beam_search,
+                length_penalty=req.length_penalty,
+                early_stopping=req.early_stopping,
             )
         except ValueError as exc:
             field = str(exc).split(" ", 1)[0]

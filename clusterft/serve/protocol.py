@@ -77,6 +77,13 @@ class _SamplingFields(_Request):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP)] | None = _engine_field(None, "stop")
     stop_token_ids: list[int] | None = _engine_field(None, "stop_token_ids", max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool = False
+    use_beam_search: bool = Field(
+        default=False,
+        description="Extension (vLLM's): beam search of width best_of (or n), returning the n best "
+        "beams; deterministic, so temperature must be 0 (the default when beam search is on).",
+    )
+    length_penalty: float = _engine_field(1.0, "length_penalty")
+    early_stopping: bool | Literal["never"] = _engine_field(False, "early_stopping")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None

@@ -229,3 +229,24 @@ def test_admin_refuses_broken_adapters_reserved_names_and_paths_outside_the_root
         assert r.status_code == status and needle in r.json()["error"]["message"], r.text
     models = httpx.get(f"{url}/v1/models", headers=AUTH).json()["data"]
     assert [m["id"] for m in models] == ["tiny"]
+
+
+def test_beam_search_over_http_returns_the_engines_best_beams(url, tiny_llama):
+    """vLLM's extension fields reach the engine's beam search: the n best of best_of beams, in order,
+    equal to the offline engine's; temperature defaults to 0 there, and a sampled one is refused."""
+    from clusterft.engine import LLM, SamplingParams
+    from tests.serve.conftest import ENGINE
+
+    beam = {"use_beam_search": True, "length_penalty": 0.5}
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY)
+    got = client.completions.create(
+        model="tiny", prompt=PROMPTS[0], max_tokens=8, n=2, best_of=3, extra_body=beam
+    )
+    params = SamplingParams(
+        n=2, best_of=3, temperature=0, max_tokens=8, use_beam_search=True, length_penalty=0.5
+    )
+    [offline] = LLM(tiny_llama, ENGINE.to_engine_config()).generate([PROMPTS[0]], params)
+    assert [c.text for c in sorted(got.choices, key=lambda c: c.index)] == [o.text for o in offline.outputs]
+    assert got.choices[0].text != got.choices[1].text
+    with pytest.raises(openai.BadRequestError, match="temperature=0"):
+        client.completions.create(model="tiny", prompt="x", max_tokens=4, temperature=0.7, extra_body=beam)
