@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterft.config.spec import JobSpec
+from clusterft.errors import UserError
 from clusterft.storage import BundleStore
 from clusterft.train.callbacks import CallbackRunner
 from clusterft.train.checkpointing import RunStart
@@ -90,7 +91,8 @@ def run_training(spec: JobSpec, *, base_dir: str | None = None, show_progress: b
     started = time.time()
     where = locate(spec, base_dir)
     start = preflight(spec, where)
-    where.output_dir.mkdir(parents=True, exist_ok=True)
+    where.run_dir.mkdir(parents=True, exist_ok=True)
+    (where.run_dir / SPEC_MARKER).write_text(spec.spec_hash())  # this job's output_dir from now on
     owns_ray = _connect(spec)
     try:
         return _fit(spec, where, start, started, show_progress)
@@ -112,6 +114,7 @@ def preflight(spec: JobSpec, where: RunLocation) -> RunStart:
     source = spec.resume.from_checkpoint
     start = start_run(spec, where.bundle_root, resolve(where.base_dir, source) if source else None)
     if start.bundle is None:
+        check_output_dir(spec, where)
         return start
     store, name = bundle_at(start.bundle)  # start_run verified it
     from clusterft.hf.loading import load_model
@@ -124,6 +127,32 @@ def preflight(spec: JobSpec, where: RunLocation) -> RunStart:
     current = compat_record(spec, model_dir, train, targets)
     check_resumable(trainer["compat"], current, weights_only, name)
     return start
+
+
+SPEC_MARKER = "spec_hash"  # in the run dir: which job spec writes this output_dir
+
+
+def check_output_dir(spec: JobSpec, where: RunLocation) -> None:
+    """A run starting from scratch writes into an empty output_dir, or its own (an earlier attempt of
+    the same spec), unless overwrite_output_dir says to write over what is there: LLaMA-Factory's and
+    HF Trainer's rule, so a new job never mixes its export with another run's files."""
+    out = where.output_dir
+    if spec.train.overwrite_output_dir or not out.is_dir():
+        return
+    marker = where.run_dir / SPEC_MARKER
+    if marker.is_file() and marker.read_text().strip() == spec.spec_hash():
+        return
+    own = {where.run_dir.resolve()}
+    if "://" not in where.storage_path:
+        own.add(Path(where.storage_path).resolve())
+    others = sorted(p.name for p in out.iterdir() if p.resolve() not in own)
+    if others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise UserError(
+            f"output_dir {out} already holds another run's files ({shown}) and this run starts from "
+            "scratch: set overwrite_output_dir: true to write over them, use another output_dir, or "
+            "continue that run's checkpoints with resume (weights_only: true after changing the spec)"
+        )
 
 
 def _connect(spec: JobSpec) -> bool:

@@ -122,3 +122,25 @@ def test_preflight_reads_from_checkpoint_only_without_a_bundle_of_its_own(tiny_l
     own.publish(own.begin(2), 2, {"spec_hash": job.spec_hash()})  # written by this very spec
     with pytest.raises(UserError, match="not a clusterft training checkpoint"):
         preflight(job, locate(job))  # it went on to load its own (empty) bundle, not the missing one
+
+
+def test_a_run_from_scratch_never_writes_into_another_runs_output_dir(tiny_llama, tmp_path):
+    """overwrite_output_dir: false guards the output_dir as LLaMA-Factory's does; the same job's
+    earlier attempt (its spec hash in the run dir) and its own checkpoint folder do not count."""
+    from clusterft.train.launcher import SPEC_MARKER
+
+    job = make_job(tiny_llama, tmp_path / "out")
+    where = locate(job)
+    preflight(job, where)  # no output_dir yet
+    where.output_dir.mkdir(parents=True)
+    (where.output_dir / "adapter_model.safetensors").write_bytes(b"someone else's export")
+    with pytest.raises(UserError, match=r"already holds another run's files \(adapter_model\.safetensors\)"):
+        preflight(job, where)
+    overwrite = make_job(tiny_llama, tmp_path / "out", overwrite_output_dir=True)
+    preflight(overwrite, locate(overwrite))
+    where.run_dir.mkdir(parents=True)
+    (where.run_dir / SPEC_MARKER).write_text(job.spec_hash())  # this job ran here before
+    preflight(job, where)
+    other = make_job(tiny_llama, tmp_path / "out", learning_rate=0.5)
+    with pytest.raises(UserError, match="overwrite_output_dir: true"):
+        preflight(other, locate(other))
