@@ -15,6 +15,11 @@ state, so a killed actor (Ray restarts it: `max_restarts=-1`) re-reads them and 
 training driver that outlived it is re-attached, one that died is relaunched from its checkpoint.
 User commands (submit, cancel, resume) write the store directly; the controller reconciles.
 
+Several controllers may share one store (a restarted actor and its zombie predecessor, or a standby):
+each acts only on the jobs whose lease it holds (`store.claim`, renewed every tick), leaves a job
+leased by another live controller alone, and takes over one whose lease expired (or whose holder, on
+this host, is dead) through the same re-attach path as a restart, so a live driver is never doubled.
+
 No job is lost to another one: a job whose step fails is logged and tried again next tick, a row
 the store cannot read is set aside (`_set_aside`), and a tick that fails as a whole (the store
 locked or unreadable) is retried after a backoff by the actor's `supervise`, which ends the actor's
@@ -27,9 +32,11 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -62,7 +69,7 @@ from clusterft.controller.state import (
 )
 from clusterft.controller.store import JobStore, StaleState, UnreadableJob
 from clusterft.controller.store_backend import store_location
-from clusterft.controller.store_rows import UnreadableRow
+from clusterft.controller.store_rows import Lease, UnreadableRow
 from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, SpecSchemaError, job_spec
 from clusterft.errors import UserError
 from clusterft.registry.registry import AliasChange, Registry, check_model_name
@@ -74,6 +81,9 @@ T = TypeVar("T")
 
 TRAIN_FACTS = ("planned_steps", "completed_steps", "final_loss", "checkpoint", "output", "wall_time_s")
 IO_THREADS = 2
+LEASE_S = 15.0
+"""How long a controller's claim on a job lasts without renewal (it renews every tick): how long
+a killed controller's jobs wait before another controller takes them over."""
 """Heavy I/O steps running at once (each a checkpoint to hash or a model to copy)."""
 
 
@@ -96,7 +106,8 @@ class _Work:
 class Controller:
     """Every decision and effect of the controller, without Ray (the actor calls `tick` in a loop).
     Its job store is SQLite in `root` unless `store_url` names another (a postgresql:// URL);
-    `journal_mode` and `busy_timeout_s` are the store's (see store.py)."""
+    `journal_mode` and `busy_timeout_s` are the store's (see store.py); `lease_s` is how long its
+    claim on a job lasts unrenewed (`LEASE_S`)."""
 
     def __init__(
         self,
@@ -107,7 +118,10 @@ class Controller:
         store_url: str | None = None,
         journal_mode: Literal["wal", "delete"] | None = None,
         busy_timeout_s: float = 30.0,
+        lease_s: float = LEASE_S,
     ):
+        if lease_s <= 0:
+            raise UserError(f"lease_s must be positive (seconds a job's lease lasts unrenewed): {lease_s}")
         self.root = Path(root)
         self.store = JobStore(
             store_location(root, store_url), journal_mode=journal_mode, busy_timeout_s=busy_timeout_s
@@ -121,6 +135,14 @@ class Controller:
         """Jobs whose stored spec this clusterft cannot read (newer schema, or invalid), and why."""
         self.unreadable_rows: dict[str, str] = {}
         """Jobs whose row the store cannot read and that are left alone, and why (said once)."""
+        self.id = uuid.uuid4().hex
+        """This controller's lease holder id: one per instance, so a restart is another holder."""
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self.lease_s = lease_s
+        self.leased: set[str] = set()
+        """Jobs whose lease this controller holds (claimed or renewed at its last tick)."""
+        self.others: dict[str, str] = {}
+        """Jobs leased by another live controller, and which one (said once in the log)."""
 
     def tick(self) -> None:
         """Set aside rows the store cannot read; stop runs of jobs that were cancelled meanwhile;
@@ -142,6 +164,8 @@ class Controller:
         unsettled = self.store.unsettled()
         for job in unsettled:
             try:
+                if not self._hold(job.id):
+                    continue
                 if job.spec_schema != SPEC_SCHEMA_VERSION:
                     job = self._upgrade_spec(job)
                     if job is None:
@@ -158,11 +182,64 @@ class Controller:
                 logger.exception("controller: job %s in %s", job.id, job.status)
         for job_id in self.work.keys() - {job.id for job in unsettled}:
             self.work.pop(job_id).future.cancel()  # cancelled meanwhile: a running step's result is dropped
+        for job_id in self.leased - {job.id for job in unsettled}:
+            self._release(job_id)  # settled: its run is over
         self.reconcile()
 
     def close(self) -> None:
+        """A clean shutdown: the leases are given back, so another controller takes the jobs at once
+        (a killed controller's leases expire instead)."""
         self.io.shutdown(wait=False, cancel_futures=True)
+        for job_id in list(self.leased):
+            try:
+                self._release(job_id)
+            except Exception:
+                logger.exception("controller: releasing the lease on job %s", job_id)
         self.store.close()
+
+    def _hold(self, job_id: str) -> bool:
+        """Claim or renew this controller's lease on the job: True when it holds it. When another
+        live controller does, this one stops acting on the job at once (its run, watched by the
+        other now, is forgotten here, never stopped) and says so once."""
+        lease = self.store.claim(job_id, self.id, self.host, self.pid, self.lease_s)
+        if lease.holder != self.id and self._holder_died(lease):
+            lease = self.store.claim(job_id, self.id, self.host, self.pid, self.lease_s, dead=lease.holder)
+        if lease.holder == self.id:
+            if self.others.pop(job_id, None) is not None:
+                logger.warning("controller: took job %s over from controller %s", job_id, lease_name(lease))
+            self.leased.add(job_id)
+            return True
+        self.leased.discard(job_id)
+        self.runs.pop(job_id, None)
+        work = self.work.pop(job_id, None)
+        if work is not None:
+            work.future.cancel()
+        if self.others.get(job_id) != lease.holder:
+            self.others[job_id] = lease.holder
+            logger.warning(
+                "controller: job %s is leased by controller %s until %.1f; leaving it to it",
+                job_id,
+                lease_name(lease),
+                lease.expires_at,
+            )
+        return False
+
+    def _holder_died(self, lease: Lease) -> bool:
+        """Whether the lease's holder is a process of this host that is gone (a restarted actor's
+        predecessor): its jobs need not wait for the lease to expire."""
+        if lease.host != self.host or lease.pid == self.pid:
+            return False
+        try:
+            os.kill(lease.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    def _release(self, job_id: str) -> None:
+        self.leased.discard(job_id)
+        self.store.release(job_id, self.id)
 
     def _upgrade_spec(self, job: Job) -> Job | None:
         """The job with its spec in the current schema (dropped keys go in its history), or None
@@ -389,6 +466,10 @@ class Controller:
             self.store.transition(job.id, JobState.EVALUATING, Errored(f"registration failed: {err}"))
             return
         register_and_promote(self.store, self.registry, job, spec, metrics, version)
+
+
+def lease_name(lease: Lease) -> str:
+    return f"{lease.holder[:8]} (pid {lease.pid} on {lease.host})"
 
 
 def training_outcome(result: dict[str, Any]) -> Complete | Failure:

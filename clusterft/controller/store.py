@@ -13,6 +13,10 @@ first made, and one whose run would write the folders of an unsettled job is ref
 A row that cannot be read (a torn or hand-edited JSON column, or a state a newer clusterft wrote) is
 left out of `list` and reported by `unreadable`, so one bad row hides one job, not all of them.
 
+A job's lease (`claim`, `release`) says which controller acts on it: claimed in one compare-and-set
+when free, expired or already the claimer's. Expiry is read on the claiming process's clock, so the
+hosts of controllers sharing a store keep their clocks in step (NTP) well within a lease.
+
 Its tables and their migrations are in store_schema.py; how a row reads as a job, an event or a log
 pointer (and an unreadable row as what is wrong with it) in store_rows.py.
 """
@@ -53,10 +57,12 @@ from clusterft.controller.store_backend import (
 from clusterft.controller.store_postgres import PostgresBackend
 from clusterft.controller.store_rows import (
     Event,
+    Lease,
     LogPointer,
     UnreadableRow,
     append_event,
     event_from_row,
+    lease_from_row,
     log_from_row,
     read_row,
 )
@@ -409,6 +415,38 @@ class JobStore:
                     }
                     append_event(db, job_id, now, state.kind, state, row["attempt"], why, data)
         return self.get(job_id)
+
+    # ------------------------------------------------------------ leases
+
+    def claim(
+        self, job_id: str, holder: str, host: str, pid: int, duration_s: float, *, dead: str | None = None
+    ) -> Lease:
+        """Claim or renew the job's lease for `holder` (a controller's id) until `duration_s` from now,
+        in one compare-and-set: it is taken when free, expired, already `holder`'s, or held by `dead`
+        (a holder the caller knows is gone). Returns the lease as it now is: `holder`'s when claimed,
+        the live holder's otherwise (nothing written)."""
+        now = self._clock()
+        with self._sql.write() as db:
+            db.execute(
+                "INSERT INTO leases (job_id, holder, host, pid, heartbeat_at, expires_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (job_id) DO UPDATE SET holder = excluded.holder,"
+                " host = excluded.host, pid = excluded.pid, heartbeat_at = excluded.heartbeat_at,"
+                " expires_at = excluded.expires_at WHERE leases.holder = excluded.holder"
+                " OR leases.expires_at <= excluded.heartbeat_at OR leases.holder = ?",
+                (job_id, holder, host, pid, now, now + duration_s, dead),
+            )
+            row = db.execute("SELECT * FROM leases WHERE job_id = ?", (job_id,)).fetchone()
+        return lease_from_row(row)
+
+    def release(self, job_id: str, holder: str) -> None:
+        """Give up `holder`'s lease on the job (nothing if another holds it now)."""
+        with self._sql.write() as db:
+            db.execute("DELETE FROM leases WHERE job_id = ? AND holder = ?", (job_id, holder))
+
+    def lease(self, job_id: str) -> Lease | None:
+        """The job's lease as stored (maybe expired); None when none was claimed or it was released."""
+        rows = self._sql.read("SELECT * FROM leases WHERE job_id = ?", (job_id,))
+        return lease_from_row(rows[0]) if rows else None
 
     # ------------------------------------------------------------ history and logs
 

@@ -1,5 +1,5 @@
 """The store's rows as clusterft's objects, and back: a job (or what makes its row unreadable), an
-event of its history, a pointer to a log file."""
+event of its history, a pointer to a log file, a controller's lease on a job."""
 
 from __future__ import annotations
 
@@ -50,6 +50,25 @@ class LogPointer:
     """Whose log: "driver", "worker-0", "eval", ..."""
     path: str
     created_at: float
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A controller's claim on a job: only `holder` acts on it until `expires_at` (store time), unless
+    it renews. `host` and `pid` are the holder's process, for messages and for noticing a dead one."""
+
+    job_id: str
+    holder: str
+    host: str
+    pid: int
+    heartbeat_at: float
+    expires_at: float
+
+
+def lease_from_row(row: Row) -> Lease:
+    return Lease(
+        row["job_id"], row["holder"], row["host"], row["pid"], row["heartbeat_at"], row["expires_at"]
+    )
 
 
 def read_row(row: Row) -> Job | UnreadableRow:

@@ -19,7 +19,7 @@ from clusterft.errors import UserError
 if TYPE_CHECKING:
     import psycopg
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # Index i upgrades a database from schema version i to i + 1; never edit a released entry, append.
 MIGRATIONS: tuple[str, ...] = (
     """
@@ -74,6 +74,17 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE UNIQUE INDEX jobs_by_idempotency_key ON jobs(idempotency_key);
     ALTER TABLE jobs ADD COLUMN folders TEXT NOT NULL DEFAULT '{}';
     """,
+    # 4: which controller acts on a job (store.py's leases); a job without a row is free.
+    """
+    CREATE TABLE leases (
+        job_id TEXT PRIMARY KEY REFERENCES jobs(id),
+        holder TEXT NOT NULL,
+        host TEXT NOT NULL,
+        pid INTEGER NOT NULL,
+        heartbeat_at REAL NOT NULL,
+        expires_at REAL NOT NULL
+    );
+    """,
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -127,6 +138,19 @@ POSTGRES_MIGRATIONS: tuple[tuple[int, str], ...] = (
             path TEXT NOT NULL,
             created_at DOUBLE PRECISION NOT NULL,
             PRIMARY KEY (job_id, attempt, kind)
+        );
+        """,
+    ),
+    (
+        4,
+        """
+        CREATE TABLE leases (
+            job_id TEXT COLLATE "C" PRIMARY KEY REFERENCES jobs(id),
+            holder TEXT NOT NULL,
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            heartbeat_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL
         );
         """,
     ),

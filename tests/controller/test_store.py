@@ -262,7 +262,7 @@ def test_state_survives_reopening_and_the_schema_is_versioned(store_location: st
 def test_a_newer_schema_is_refused_with_the_fix(store_location: str) -> None:
     with JobStore(store_location) as store:
         set_schema_version(store, SCHEMA_VERSION + 1)
-    with pytest.raises(UserError, match=r"schema 4, newer than this clusterft's \(3\); upgrade clusterft"):
+    with pytest.raises(UserError, match=r"schema 5, newer than this clusterft's \(4\); upgrade clusterft"):
         JobStore(store_location)
 
 
@@ -286,7 +286,7 @@ def test_a_schema_1_store_is_migrated_and_its_jobs_specs_count_as_unversioned(tm
     )
     raw.close()
     with JobStore(path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 3
+        assert store.schema_version == SCHEMA_VERSION == 4
         assert store.get("job-old").spec_schema == 0
         assert store.submit(make_spec()).spec_schema == SPEC_SCHEMA_VERSION
         upgraded = store.upgrade_spec("job-old")  # nothing to drop; a gateless job keeps promoting
