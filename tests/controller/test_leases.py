@@ -18,7 +18,7 @@ import pytest
 import clusterft.controller.controller as controller_module
 from clusterft.controller.controller import Controller
 from clusterft.controller.runs import RunFiles
-from clusterft.controller.state import JobState, Resuming, Training
+from clusterft.controller.state import Failed, JobState, Resuming, Training
 from clusterft.controller.store import JobStore
 from clusterft.controller.store_backend import is_store_url
 from clusterft.storage.fs import atomic_write_text
@@ -193,7 +193,7 @@ def test_a_clean_shutdown_hands_jobs_over_at_once_and_a_dead_local_holder_does_n
         store = first.store
         job_id = store.submit(make_spec()).id
         store.transition(job_id, S.SUBMITTED, Training())
-        store.transition(job_id, S.TRAINING, controller_module.Failed("worker died"))
+        store.transition(job_id, S.TRAINING, Failed("worker died"))
         store.transition(job_id, S.FAILED, Resuming(after_s=3600.0, why="worker died"))  # waits: no launch
         first.tick()
         second.tick()
