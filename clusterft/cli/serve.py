@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 from clusterft.cli.helpers import Subcommands, add_command
 from clusterft.errors import UserError
-from clusterft.serve.launch import start_app, stop_app
+from clusterft.serve.launch import connect_ray, start_app, stop_app
 from clusterft.serve.spec import EngineSettings, RegistrySource, ServeSpec
 
 
@@ -91,9 +91,11 @@ def serve_command(
         return 0
     previous = None
     try:
-        _start(spec, address)
-        # After ray.init, which sets its own SIGTERM handler (sys.exit, Serve left running).
+        connect_ray(address)
+        # After ray.init, which sets its own SIGTERM handler (sys.exit, Serve left running), and
+        # before the app starts, so a SIGTERM while it deploys also shuts everything down.
         previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)
+        _start(spec, address)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
