@@ -152,7 +152,7 @@ def test_a_gpu_job_evaluates_on_cuda_or_says_why_not(sevens_model: Path, digits_
         evaluate_job(spec, sevens_model)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_a_gpu_job_evaluates_on_cuda(sevens_model: Path, digits_data: Path) -> None:
     spec = job(sevens_model, digits_data, cluster={"gpus_per_worker": 1}, per_device_eval_batch_size=2)
     with forward_batches() as seen:

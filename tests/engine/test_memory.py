@@ -44,8 +44,6 @@ def test_utilization_is_a_fraction():
 
 @pytest.mark.gpu
 def test_gpu_cache_fills_what_utilization_leaves(llama_dir):
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
     total = torch.cuda.mem_get_info()[1]
     low = LLM(llama_dir, device="cuda", gpu_memory_utilization=0.3).engine
     low_blocks = low.num_gpu_blocks
