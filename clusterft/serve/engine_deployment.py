@@ -14,6 +14,7 @@ from ray import serve
 from clusterft.engine import LLMEngine, SamplingParams
 from clusterft.engine.async_llm import EngineLoop
 from clusterft.serve.admin import Reconciler, sync_forever
+from clusterft.serve.autoscaling import engine_load
 from clusterft.serve.follower import ModelFollower
 from clusterft.serve.model_source import ModelVersion, resolve_version
 from clusterft.serve.model_source import resolve as resolve_spec
@@ -103,6 +104,18 @@ class EngineDeployment:
 
     def check_health(self) -> None:
         self.follower.check_health()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """What clusterft.serve.router's PrefixAffinityRouter prefers replicas by besides prefixes:
+        the LoRA adapters resident in this replica's engine now (a sharded engine's residency lives
+        in its workers: none reported, so its adapters get no affinity beyond their prefixes)."""
+        lora_manager = self.follower.current.loop.engine.lora_manager
+        return {"resident_adapters": list(getattr(lora_manager, "resident", ()))}
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """The engine's load for clusterft.serve.autoscaling's policy (Serve averages each over
+        its look-back window): requests waiting for admission, running, and the KV blocks in use."""
+        return engine_load(self.follower.stats())
 
     def __del__(self) -> None:
         # Serve calls this on a graceful replica shutdown: the serving record goes at once rather

@@ -76,6 +76,36 @@ class RegistrySource(Section):
     )
 
 
+class EngineAutoscaling(Section):
+    """Engine replicas scaled on the engines' load (clusterft/serve/autoscaling.py): the larger of
+    requests in the engines / target_requests_per_replica and KV blocks in use / target_kv_usage."""
+
+    min_replicas: int = Field(default=1, ge=1, description="Fewest engine replicas.")
+    max_replicas: int = Field(default=2, ge=1, description="Most engine replicas.")
+    target_requests_per_replica: float = Field(
+        default=16.0, gt=0, description="Requests in one engine (running + waiting) a replica is sized for."
+    )
+    target_kv_usage: float = Field(
+        default=0.8, gt=0, le=1, description="Share of a replica's KV blocks in use it is sized for."
+    )
+    upscale_delay_s: float = Field(default=5.0, ge=0, description="How long the load must ask for more.")
+    downscale_delay_s: float = Field(default=30.0, ge=0, description="How long the load must ask for fewer.")
+    look_back_period_s: float = Field(
+        default=5.0, gt=0, description="Window each replica's load is averaged over."
+    )
+    metrics_interval_s: float = Field(
+        default=1.0, gt=0, description="How often replicas send their load to Serve's controller."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> EngineAutoscaling:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"autoscaling: min_replicas ({self.min_replicas}) is above max_replicas ({self.max_replicas})"
+            )
+        return self
+
+
 class ServeSpec(Section):
     """One Serve application: a base model, its LoRA adapters, the engine, and the HTTP edge."""
 
@@ -128,7 +158,27 @@ class ServeSpec(Section):
     max_request_bytes: int = Field(
         default=4 * 2**20, ge=1024, description="Largest request body; a larger one gets 413 unread."
     )
-    num_replicas: int = Field(default=1, ge=1, description="Engine replicas (each with its own workers).")
+    num_replicas: int = Field(
+        default=1,
+        ge=1,
+        description="Engine replicas (each with its own workers); with autoscaling: at the start.",
+    )
+    autoscaling: EngineAutoscaling | None = Field(
+        default=None, description="Scale engine replicas on the engines' load; none: num_replicas fixed."
+    )
+    routing: Literal["prefix", "pow2"] = Field(
+        default="prefix",
+        description="How the ingress picks an engine replica: prefix sends requests sharing a prompt "
+        "prefix (and an adapter) to the replica that holds it, unless that replica is "
+        "routing_imbalance_threshold requests busier than the least busy (clusterft/serve/router.py); "
+        "pow2 is Serve's default, power of two choices on queue length.",
+    )
+    routing_imbalance_threshold: int = Field(
+        default=8,
+        ge=0,
+        description="Requests more than the least busy replica at which prefix routing "
+        "gives way to power of two choices.",
+    )
     stream_interval: int = Field(
         default=4,
         ge=1,
@@ -161,6 +211,16 @@ class ServeSpec(Section):
             raise ValueError(
                 "give exactly one of model_dir (a fixed HF model directory) or registry "
                 "({root, model_name, alias}: follow a registry alias)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _replicas_within_autoscaling(self) -> ServeSpec:
+        scaling = self.autoscaling
+        if scaling is not None and not scaling.min_replicas <= self.num_replicas <= scaling.max_replicas:
+            raise ValueError(
+                f"num_replicas ({self.num_replicas}) is where autoscaling starts: set it within "
+                f"autoscaling's min_replicas..max_replicas ({scaling.min_replicas}..{scaling.max_replicas})"
             )
         return self
 
