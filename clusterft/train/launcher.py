@@ -173,12 +173,17 @@ def _connect(spec: JobSpec) -> bool:
 def _fit(
     spec: JobSpec, where: RunLocation, start: RunStart, started: float, show_progress: bool
 ) -> RunSummary:
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     cluster = spec.cluster
-    progress = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node, as Ray Train's own controller: a queue on a worker node would die with
+    # that node and take the run's progress reporting with it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     resources = {"CPU": cluster.cpus_per_worker}
     if cluster.use_gpu:
         resources["GPU"] = cluster.gpus_per_worker
