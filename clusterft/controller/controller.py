@@ -19,6 +19,10 @@ Several controllers may share one store (a restarted actor and its zombie predec
 each acts only on the jobs whose lease it holds (`store.claim`, renewed every tick), leaves a job
 leased by another live controller alone, and takes over one whose lease expired (or whose holder, on
 this host, is dead) through the same re-attach path as a restart, so a live driver is never doubled.
+Its store is fenced by its id: a write made after its lease was lost is refused (`LeaseLost`), and the
+job forgotten here. Reconciling a registered job's state with the registry claims its lease too, and
+registering a version holds the job's registration lock and checks the lease under it, so two
+controllers never register one job twice.
 
 No job is lost to another one: a job whose step fails is logged and tried again next tick, a row
 the store cannot read is set aside (`_set_aside`), and a tick that fails as a whole (the store
@@ -54,7 +58,7 @@ from clusterft.controller.policy import (
     decide_serving,
     parse_gates,
 )
-from clusterft.controller.registration import find_or_register, register_and_promote
+from clusterft.controller.registration import find_or_register, register_and_promote, registering
 from clusterft.controller.runs import Phase, RunFiles, describe_exit, kill, kill_drivers, launch, pid_runs_job
 from clusterft.controller.state import (
     HOLDS_VERSION,
@@ -67,12 +71,12 @@ from clusterft.controller.state import (
     Resuming,
     Training,
 )
-from clusterft.controller.store import JobStore, StaleState, UnreadableJob
+from clusterft.controller.store import JobStore, LeaseLost, StaleState, UnreadableJob
 from clusterft.controller.store_backend import store_location
 from clusterft.controller.store_rows import Lease, UnreadableRow
 from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, SpecSchemaError, job_spec
 from clusterft.errors import UserError
-from clusterft.registry.registry import AliasChange, Registry, check_model_name
+from clusterft.registry.registry import AliasChange, Registry, Version, check_model_name
 from clusterft.registry.serving import live_versions, read_records
 
 logger = logging.getLogger(__name__)
@@ -123,8 +127,14 @@ class Controller:
         if lease_s <= 0:
             raise UserError(f"lease_s must be positive (seconds a job's lease lasts unrenewed): {lease_s}")
         self.root = Path(root)
+        self.id = uuid.uuid4().hex
+        """This controller's lease holder id: one per instance, so a restart is another holder. Its
+        store is fenced with it: every write to a job needs this id's live lease on the job."""
         self.store = JobStore(
-            store_location(root, store_url), journal_mode=journal_mode, busy_timeout_s=busy_timeout_s
+            store_location(root, store_url),
+            journal_mode=journal_mode,
+            busy_timeout_s=busy_timeout_s,
+            fence=self.id,
         )
         self.registry = Registry(registry_root)
         self.env = env if env is not None else dict(os.environ)
@@ -135,8 +145,6 @@ class Controller:
         """Jobs whose stored spec this clusterft cannot read (newer schema, or invalid), and why."""
         self.unreadable_rows: dict[str, str] = {}
         """Jobs whose row the store cannot read and that are left alone, and why (said once)."""
-        self.id = uuid.uuid4().hex
-        """This controller's lease holder id: one per instance, so a restart is another holder."""
         self.host, self.pid = socket.gethostname(), os.getpid()
         self.lease_s = lease_s
         self.leased: set[str] = set()
@@ -173,6 +181,8 @@ class Controller:
                 self.advance(job)
             except StaleState:
                 pass  # a user command moved it first; the next tick sees where it is now
+            except LeaseLost as err:
+                self._lost(job.id, err)
             except SpecSchemaError as err:  # of the current schema: damaged, it will not heal
                 try:
                     self._give_up(job, f"its stored spec cannot be read: {err}")
@@ -209,11 +219,7 @@ class Controller:
                 logger.warning("controller: took job %s over from controller %s", job_id, lease_name(lease))
             self.leased.add(job_id)
             return True
-        self.leased.discard(job_id)
-        self.runs.pop(job_id, None)
-        work = self.work.pop(job_id, None)
-        if work is not None:
-            work.future.cancel()
+        self._forget(job_id)
         if self.others.get(job_id) != lease.holder:
             self.others[job_id] = lease.holder
             logger.warning(
@@ -223,6 +229,26 @@ class Controller:
                 lease.expires_at,
             )
         return False
+
+    def _forget(self, job_id: str) -> None:
+        """Stop acting on a job another controller holds now: its run (watched by the other) is
+        dropped here, never stopped, and a pending step's result is dropped too."""
+        self.leased.discard(job_id)
+        self.runs.pop(job_id, None)
+        work = self.work.pop(job_id, None)
+        if work is not None:
+            work.future.cancel()
+
+    def _lost(self, job_id: str, err: LeaseLost) -> None:
+        """A write refused by the fence: the lease was lost between this tick's claim and the write
+        (this controller stalled past it); the job is the new holder's."""
+        logger.warning("controller: %s", err)
+        self._forget(job_id)
+
+    def _holds_now(self, job_id: str) -> bool:
+        """Whether this controller's lease on the job is live now (read, not renewed)."""
+        lease = self.store.lease(job_id)
+        return lease is not None and lease.holder == self.id and lease.expires_at > time.time()
 
     def _holder_died(self, lease: Lease) -> bool:
         """Whether the lease's holder is a process of this host that is gone (a restarted actor's
@@ -265,6 +291,8 @@ class Controller:
         except ValueError:
             unsettled = False  # a state this clusterft does not know
         if row.corrupt and unsettled:
+            if not self._hold(row.job_id):
+                return  # another controller acts on it
             why = (
                 f"the job store's record of this job could not be read ({row.error}; the damaged text is "
                 f"in this event); `clusterft jobs resume {row.job_id}` starts it again from its newest "
@@ -316,11 +344,13 @@ class Controller:
                     if name not in views:
                         views[name] = self._registry_view(name, now)
                     new = decide_serving(job.state, *views[name])
-                    if new is None:
-                        break
+                    if new is None or not self._hold(job.id):
+                        break  # in place, or another controller's to move
                     job = self.store.transition(job.id, job.status, new)
             except StaleState:
                 pass  # moved by someone else meanwhile; the next tick sees where it is now
+            except LeaseLost as err:
+                self._lost(job.id, err)
             except Exception:
                 logger.exception("controller: reconciling job %s in %s", job.id, job.status)
 
@@ -455,17 +485,29 @@ class Controller:
                 return
             outcome = polled
         metrics, merged = outcome["metrics"], outcome.get("merged")
-        registered = self._off_thread(
-            job, "register", lambda: find_or_register(self.registry, self.root, job, spec, metrics, merged)
-        )
+        registered = self._off_thread(job, "register", lambda: self._register(job, spec, metrics, merged))
         if registered is None:
             return
         try:
             version = registered.result()
+        except LeaseLost as err:
+            self._lost(job.id, err)
+            return
         except UserError as err:  # the registry refused it (its name, a missing base model): it stays so
             self.store.transition(job.id, JobState.EVALUATING, Errored(f"registration failed: {err}"))
             return
         register_and_promote(self.store, self.registry, job, spec, metrics, version)
+
+    def _register(
+        self, job: Job, spec: JobSpec, metrics: dict[str, Any], merged: dict[str, Any] | None
+    ) -> Version:
+        """The job's registry version, found or registered under the job's registration lock and
+        this controller's live lease (checked under the lock: a controller that lost the job waits
+        for the lock, then finds the lease gone, and registers nothing)."""
+        with registering(self.root, job.id):
+            if not self._holds_now(job.id):
+                raise LeaseLost(job.id, self.id, self.store.lease(job.id))
+            return find_or_register(self.registry, self.root, job, spec, metrics, merged)
 
 
 def lease_name(lease: Lease) -> str:

@@ -6,6 +6,9 @@ in the same compare-and-set as the job's move to registered."""
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,21 @@ from clusterft.registry.registry import Registry, Version
 
 RUN_FILES = frozenset({"metrics.jsonl", "loss.png", "run_summary.json"})
 """Files of output_dir that describe the run rather than the model; not registered."""
+
+
+@contextmanager
+def registering(root: Path, job_id: str) -> Iterator[None]:
+    """Hold the job's registration lock (an flock under the controllers' shared `root`; on Linux it
+    holds across hosts over NFS too): two controllers that both reach a job's registration take
+    turns, and the second finds the first's version instead of registering a duplicate."""
+    lock_dir = root / "runs" / job_id
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    with open(lock_dir / "register.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def find_or_register(

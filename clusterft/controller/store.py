@@ -15,7 +15,12 @@ left out of `list` and reported by `unreadable`, so one bad row hides one job, n
 
 A job's lease (`claim`, `release`) says which controller acts on it: claimed in one compare-and-set
 when free, expired or already the claimer's. Expiry is read on the claiming process's clock, so the
-hosts of controllers sharing a store keep their clocks in step (NTP) well within a lease.
+hosts of controllers sharing a store keep their clocks in step (NTP) well within a lease. A
+controller's store is fenced (`JobStore(..., fence=its id)`): each of its writes to a job (a move, a
+log pointer, a spec upgrade, a setting aside) checks, in the same transaction and under the lease
+row's lock, that its lease on the job is live, and raises `LeaseLost` otherwise; so a controller that
+stalled past its lease (a paused process, a partitioned node) can write nothing once another took
+the job over, whatever it believed when it decided.
 
 Its tables and their migrations are in store_schema.py; how a row reads as a job, an event or a log
 pointer (and an unreadable row as what is wrong with it) in store_rows.py.
@@ -116,6 +121,18 @@ class StaleState(UserError):
         )
 
 
+class LeaseLost(UserError):
+    """A fenced store's write to a job whose lease its controller no longer holds."""
+
+    def __init__(self, job_id: str, holder: str, lease: Lease | None):
+        self.job_id = job_id
+        now = "no controller holds it" if lease is None else f"its lease is {lease.holder[:8]}'s"
+        super().__init__(
+            f"controller {holder[:8]} may not write job {job_id}: {now} (lost, or expired "
+            f"unrenewed); the controller holding the lease acts on it"
+        )
+
+
 def new_job_id(now: float) -> str:
     """`job-20261128-091500-ab12`: sorts by submission time (UTC), short enough to type."""
     stamp = datetime.fromtimestamp(now, UTC).strftime("%Y%m%d-%H%M%S")
@@ -169,7 +186,9 @@ class JobStore:
     connection behind a lock) and processes (the database's locks).
 
     `journal_mode` (SQLite only): default WAL, a rollback journal on a network filesystem, where WAL
-    is refused (store_sqlite.py)."""
+    is refused (store_sqlite.py). `fence`: a controller's lease holder id; each write to a job then
+    requires that holder's live lease on it (`LeaseLost`). Submissions are not fenced (a new job has
+    no lease), nor are the stores of user commands (None)."""
 
     def __init__(
         self,
@@ -178,9 +197,11 @@ class JobStore:
         busy_timeout_s: float = 30.0,
         journal_mode: Literal["wal", "delete"] | None = None,
         clock: Callable[[], float] = time.time,
+        fence: str | None = None,
     ):
         self._sql = open_backend(location, busy_timeout_s=busy_timeout_s, journal_mode=journal_mode)
         self._clock = clock
+        self.fence = fence
         self.location = self._sql.location
         """What the store was opened with (a path, or a URL with its password): what a driver opens."""
         self.where = self._sql.where
@@ -201,6 +222,18 @@ class JobStore:
         """The job's row, locked until the transaction ends; None if there is no such job."""
         sql = f"SELECT {columns} FROM jobs WHERE id = ?{self._sql.row_lock}"
         return db.execute(sql, (job_id,)).fetchone()
+
+    def _check_fence(self, db: Transaction, job_id: str, now: float) -> None:
+        """`LeaseLost` unless this store is unfenced or its holder's lease on the job is live at `now`.
+        The lease row stays locked until the write commits, so a claim by another controller waits
+        for the write, and then finds the lease it was written under."""
+        if self.fence is None:
+            return
+        sql = f"SELECT * FROM leases WHERE job_id = ?{self._sql.row_lock}"
+        row = db.execute(sql, (job_id,)).fetchone()
+        lease = lease_from_row(row) if row is not None else None
+        if lease is None or lease.holder != self.fence or lease.expires_at <= now:
+            raise LeaseLost(job_id, self.fence, lease)
 
     @property
     def schema_version(self) -> int:
@@ -308,8 +341,9 @@ class JobStore:
         self, job_id: str, expected: JobState, new: State, *, result: Mapping[str, Any] | None = None
     ) -> Job:
         """Move a job from `expected` to `new` in one transaction, or raise: `StaleState` if it is no
-        longer in `expected`, `IllegalTransition` if the state machine forbids the move, and
-        `FolderInUse` if a settled job would run again in an unsettled job's folders. `result`
+        longer in `expected`, `IllegalTransition` if the state machine forbids the move,
+        `FolderInUse` if a settled job would run again in an unsettled job's folders, and `LeaseLost`
+        if the store is fenced and its holder's lease on the job is not live. `result`
         keys are merged into the job's result JSON (eval metrics, registered version, ...)."""
         with self.moving(job_id, expected, new, result=result):
             pass
@@ -333,6 +367,7 @@ class JobStore:
             actual = JobState(row["state"])
             if actual is not expected:
                 raise StaleState(job_id, expected, actual)
+            self._check_fence(db, job_id, now)
             if resumes:
                 _check_folders_free(db, json.loads(row["folders"]), but_job=job_id)
             yield
@@ -371,6 +406,7 @@ class JobStore:
                 return False
             if any(current[column] != text for column, text in row.corrupt.items()):
                 return False
+            self._check_fence(db, row.job_id, now)
             result = current["result"] if "result" not in row.corrupt else "{}"
             db.execute(
                 "UPDATE jobs SET state = ?, state_data = ?, reason = ?, result = ?, updated_at = ?"
@@ -393,6 +429,7 @@ class JobStore:
                 raise UnknownJob(job_id)
             old = row["spec_schema"]
             if old != SPEC_SCHEMA_VERSION:
+                self._check_fence(db, job_id, now)
                 loaded = load_spec(row["spec_yaml"], old)
                 db.execute(
                     "UPDATE jobs SET spec_yaml = ?, spec_schema = ? WHERE id = ?",
@@ -464,6 +501,7 @@ class JobStore:
             row = self._locked_row(db, job_id, "attempt")
             if row is None:
                 raise UnknownJob(job_id)
+            self._check_fence(db, job_id, now)
             attempt = row["attempt"] if attempt is None else attempt
             db.execute(
                 "INSERT INTO logs (job_id, attempt, kind, path, created_at) VALUES (?, ?, ?, ?, ?)"

@@ -3,6 +3,7 @@ serving records, and the real `clusterft registry promote|rollback` commands mov
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import signal
@@ -18,6 +19,7 @@ from clusterft.cli import main as cli
 from clusterft.config import JobSpec
 from clusterft.controller.controller import Controller
 from clusterft.controller.state import Cancelled, Evaluating, Failed, JobState, Registered, Resuming, Training
+from clusterft.controller.store import JobStore
 from clusterft.controller.stored_spec import SPEC_SCHEMA_VERSION, job_spec
 from clusterft.registry.registry import Registry
 from clusterft.registry.serving import ServingRecord, remove_record, write_record
@@ -35,12 +37,21 @@ def controller(tmp_path: Path) -> Controller:
     made.close()
 
 
+def as_user(controller: Controller) -> JobStore:
+    """The controller's job store as `clusterft jobs` commands write it: not fenced by the
+    controller's leases (its own writes need its lease on the job). The same connection, so the
+    same journal mode and locks as the controller's."""
+    user = copy.copy(controller.store)
+    user.fence = None
+    return user
+
+
 def registered_job(controller: Controller, tmp_path: Path, weights: str) -> tuple[str, str]:
     """A job that trained and registered a version of `demo` without promoting it: (job id, version)."""
     model = tmp_path / f"model-{weights}"
     model.mkdir()
     (model / "weights.bin").write_text(weights)
-    store = controller.store
+    store = as_user(controller)
     job = store.submit(make_spec())
     version = controller.registry.register("demo", model, kind="full", job_id=job.id).version
     store.transition(job.id, S.SUBMITTED, Training())
@@ -136,8 +147,8 @@ def test_a_gate_held_job_is_not_promoted_by_a_replica_that_happens_to_serve_it(c
 
 def test_an_old_spec_loses_removed_keys_once_with_a_warning_in_the_history(controller) -> None:
     job = controller.store.submit(make_spec(failure={"max_job_restarts": 2, "backoff_s": 60}))
-    controller.store.transition(job.id, S.SUBMITTED, Training())
-    controller.store.transition(job.id, S.TRAINING, Failed("RuntimeError: worker died"))
+    as_user(controller).transition(job.id, S.SUBMITTED, Training())
+    as_user(controller).transition(job.id, S.TRAINING, Failed("RuntimeError: worker died"))
     raw = yaml.safe_load(job.spec_yaml)
     raw["train"]["logging_dir"] = "runs/"  # fields an older clusterft had
     raw["legacy"] = {"enabled": True}
@@ -190,8 +201,8 @@ def merge_job(controller: Controller, adapter: Path, base: Path) -> str:
         promote={"merge": True},
     )
     job = controller.store.submit(spec)
-    controller.store.transition(job.id, S.SUBMITTED, Training())
-    controller.store.transition(job.id, S.TRAINING, Evaluating(completed_steps=10))
+    as_user(controller).transition(job.id, S.SUBMITTED, Training())
+    as_user(controller).transition(job.id, S.TRAINING, Evaluating(completed_steps=10))
     return job.id
 
 
@@ -249,7 +260,7 @@ def test_promote_merge_registers_the_checked_merged_model_and_a_broken_adapter_e
 
 def failed_job(controller: Controller) -> str:
     """A job whose training failed: the next tick decides to resume it after a minute (nothing runs)."""
-    store = controller.store
+    store = as_user(controller)
     job = store.submit(make_spec(failure={"max_job_restarts": 2, "backoff_s": 60}))
     store.transition(job.id, S.SUBMITTED, Training())
     store.transition(job.id, S.TRAINING, Failed("RuntimeError: worker died"))
@@ -355,8 +366,8 @@ def evaluated_job(
     (output / "metrics.jsonl").write_text('{"step": 10, "loss": 1.0}\n')
     spec = make_spec(output_dir=str(output), finetuning_type="full", eval={"enabled": False}, **sections)
     job = controller.store.submit(spec)
-    controller.store.transition(job.id, S.SUBMITTED, Training())
-    controller.store.transition(job.id, S.TRAINING, Evaluating(completed_steps=10))
+    as_user(controller).transition(job.id, S.SUBMITTED, Training())
+    as_user(controller).transition(job.id, S.TRAINING, Evaluating(completed_steps=10))
     return job.id
 
 
@@ -449,9 +460,9 @@ def relaunched_from(controller: Controller, spec: JobSpec) -> str | None:
     """The `resumed_from` the controller records as it relaunches the training driver of a failed job
     of `spec` (the driver it starts, a real one, is stopped at once)."""
     job = controller.store.submit(spec)
-    controller.store.transition(job.id, S.SUBMITTED, Training())
-    controller.store.transition(job.id, S.TRAINING, Failed("RuntimeError: worker died"))
-    controller.store.transition(job.id, S.FAILED, Resuming(after_s=0.0, why="worker died"))
+    as_user(controller).transition(job.id, S.SUBMITTED, Training())
+    as_user(controller).transition(job.id, S.TRAINING, Failed("RuntimeError: worker died"))
+    as_user(controller).transition(job.id, S.FAILED, Resuming(after_s=0.0, why="worker died"))
     deadline = time.monotonic() + 30
     while controller.store.get(job.id).status is S.RESUMING:  # the resume point is found off the tick
         assert time.monotonic() < deadline, "the training driver was not relaunched"
@@ -460,7 +471,7 @@ def relaunched_from(controller: Controller, spec: JobSpec) -> str | None:
     run = controller.runs.pop(job.id)
     os.killpg(run.pid, signal.SIGKILL)  # its own process group (session)
     run.process.wait()
-    controller.store.transition(job.id, S.TRAINING, Cancelled())
+    as_user(controller).transition(job.id, S.TRAINING, Cancelled())
     return controller.store.get(job.id).resumed_from
 
 

@@ -18,9 +18,10 @@ import pytest
 import clusterft.controller.controller as controller_module
 from clusterft.controller.controller import Controller
 from clusterft.controller.runs import RunFiles
-from clusterft.controller.state import Failed, JobState, Resuming, Training
-from clusterft.controller.store import JobStore
+from clusterft.controller.state import Cancelled, Evaluating, Failed, JobState, Resuming, Training
+from clusterft.controller.store import JobStore, LeaseLost
 from clusterft.controller.store_backend import is_store_url
+from clusterft.controller.stored_spec import job_spec
 from clusterft.storage.fs import atomic_write_text
 from tests.controller.conftest import make_spec
 
@@ -189,8 +190,8 @@ def test_a_clean_shutdown_hands_jobs_over_at_once_and_a_dead_local_holder_does_n
     store_location: str, tmp_path: Path
 ) -> None:
     first, second = controllers_on(store_location, tmp_path, lease_s=3600.0)
+    store = JobStore(store_location)  # a user's, unfenced
     try:
-        store = first.store
         job_id = store.submit(make_spec()).id
         store.transition(job_id, S.SUBMITTED, Training())
         store.transition(job_id, S.TRAINING, Failed("worker died"))
@@ -212,3 +213,113 @@ def test_a_clean_shutdown_hands_jobs_over_at_once_and_a_dead_local_holder_does_n
     finally:
         first.close()
         second.close()
+        store.close()
+
+
+def waiting_job(store: JobStore, tmp_path: Path) -> str:
+    """A job whose training failed and that waits an hour to resume: ticks claim it, launch nothing."""
+    job_id = store.submit(make_spec(output_dir=str(tmp_path / "out"))).id
+    store.transition(job_id, S.SUBMITTED, Training())
+    store.transition(job_id, S.TRAINING, Failed("worker died"))
+    store.transition(job_id, S.FAILED, Resuming(after_s=3600.0, why="worker died"))
+    return job_id
+
+
+def test_a_controller_that_stalled_past_its_lease_can_write_nothing_to_the_job(
+    store_location: str, tmp_path: Path
+) -> None:
+    """Fencing: the first controller decides under its lease, stalls past it, the second takes the
+    job over; every write the first then makes (a move, a log pointer) is refused by the store in the
+    write's own transaction, and the job and its history are as the second left them."""
+    lease_s = 0.5
+    first, second = controllers_on(store_location, tmp_path, lease_s)
+    user = JobStore(store_location)
+    try:
+        job_id = waiting_job(user, tmp_path)
+        first.tick()
+        assert user.lease(job_id).holder == first.id
+        decided_on = first.store.get(job_id)  # what the first read before it stalled
+        first.store.add_log(job_id, "train", tmp_path / "first.log")  # live lease: written
+
+        time.sleep(lease_s + 0.1)  # the first stalls past its lease; the second takes the job over
+        second.tick()
+        assert user.lease(job_id).holder == second.id
+        history = user.events(job_id)
+
+        with pytest.raises(LeaseLost, match=f"may not write job {job_id}: its lease is {second.id[:8]}'s"):
+            first.store.transition(job_id, S.RESUMING, Cancelled())
+        with pytest.raises(LeaseLost):
+            first.store.add_log(job_id, "train", tmp_path / "stale.log")
+        with pytest.raises(LeaseLost):  # its decision, made on what it read, reaches the store too late
+            first._give_up(decided_on, "the stale controller gives up")
+        assert user.get(job_id).status is S.RESUMING and user.events(job_id) == history
+        assert [log.path for log in user.logs(job_id)] == [str(tmp_path / "first.log")]
+
+        # An expired lease nobody took is no licence either, until its holder claims it again.
+        user.release(job_id, second.id)
+        user.claim(job_id, second.id, HOST, 1, 0.01)
+        time.sleep(0.05)
+        with pytest.raises(LeaseLost, match="its lease is"):
+            second.store.add_log(job_id, "train", tmp_path / "late.log")
+        second.tick()  # claims again: its writes go through
+        second.store.transition(job_id, S.RESUMING, Cancelled())
+        assert user.get(job_id).status is S.CANCELLED
+    finally:
+        first.close()
+        second.close()
+        user.close()
+
+
+def evaluated_job(store: JobStore, tmp_path: Path) -> str:
+    """A full fine-tune whose training is done and which has no eval driver to run: its next step
+    registers output_dir as a version of `demo`."""
+    output = tmp_path / "demo"
+    output.mkdir()
+    (output / "config.json").write_text("{}")
+    (output / "model.safetensors").write_bytes(b"weights")
+    spec = make_spec(output_dir=str(output), finetuning_type="full", eval={"enabled": False})
+    job_id = store.submit(spec).id
+    store.transition(job_id, S.SUBMITTED, Training())
+    store.transition(job_id, S.TRAINING, Evaluating(completed_steps=10))
+    return job_id
+
+
+def test_two_controllers_register_a_job_once_and_only_the_leaseholder_moves_its_alias_state(
+    store_location: str, tmp_path: Path
+) -> None:
+    """Registration runs under the job's lease: the controller without it registers nothing, however
+    it got there; the holder registers one version, found again (not doubled) on a retry. Reconciling
+    the registry's aliases moves a job only under its lease too."""
+    first, second = controllers_on(store_location, tmp_path, lease_s=3600.0)
+    user = JobStore(store_location)
+    try:
+        job_id = evaluated_job(user, tmp_path)
+        first.store.claim(job_id, first.id, HOST, first.pid, 3600.0)  # as its tick would
+        job = user.get(job_id)
+        spec = job_spec(job)
+        with pytest.raises(LeaseLost):
+            second._register(job, spec, {}, None)
+        assert first.registry.versions("demo") == []
+        version = first._register(job, spec, {}, None)
+        assert first._register(job, spec, {}, None) == version  # a retry finds it
+        deadline = time.monotonic() + 30
+        while user.get(job_id).status is S.EVALUATING:
+            assert time.monotonic() < deadline, "the job was not registered"
+            first.tick()
+            second.tick()
+            time.sleep(0.02)
+        assert [v.version for v in first.registry.versions("demo")] == [version.version]
+        assert user.get(job_id).status is S.REGISTERED
+
+        # A user promotes the version; the reconcile pass follows, but only where the lease is held.
+        first.tick()  # the job settled: its lease is released at the end of the tick
+        first.store.claim(job_id, first.id, HOST, first.pid, 3600.0)  # the first reconciles it now
+        first.registry.promote("demo", version.version, "production")
+        second.reconcile()
+        assert user.get(job_id).status is S.REGISTERED
+        first.reconcile()
+        assert user.get(job_id).status is S.PROMOTED
+    finally:
+        first.close()
+        second.close()
+        user.close()
