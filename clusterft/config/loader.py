@@ -19,7 +19,6 @@ from clusterft.errors import UserError
 IGNORED_KEYS: dict[str, str] = {
     "overwrite_cache": "datasets are tokenized in memory each run; there is no cache",
     "ddp_timeout": "Ray Train sets the process-group timeout",
-    "report_to": "metrics go to output_dir/metrics.jsonl",
     "save_only_model": "checkpoints always hold the optimizer state so that resume is exact",
     "eval_strategy": "evaluation runs after training, as set in the eval section",
     "eval_steps": "evaluation runs after training, as set in the eval section",
@@ -144,6 +143,12 @@ def load_job_spec(path: str | Path) -> JobSpec:
         raise SpecError(
             source, [Problem("(file)", "not found; give the path of a job YAML, e.g. jobs/quickstart.yaml")]
         ) from None
+    return parse_job_yaml(text, source)
+
+
+def parse_job_yaml(text: str, source: str) -> JobSpec:
+    """Validate a job spec's YAML text; every problem of the SpecError carries its line when the
+    key is in the text (the dashboard's editor marks them there)."""
     try:
         node = yaml.compose(text)
         raw = yaml.safe_load(text)

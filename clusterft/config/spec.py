@@ -140,6 +140,25 @@ class TrainArgs(Section):
     save_steps: int = Field(default=500, gt=0, description="Write a checkpoint every N optimizer steps.")
     gradient_checkpointing: bool = Field(default=False, description="Recompute activations to save memory.")
     plot_loss: bool = Field(default=True, description="Write loss.png to output_dir.")
+    report_to: list[Literal["tensorboard", "mlflow"]] = Field(
+        default=[],
+        description="Also write training scalars to tensorboard (output_dir/runs) and/or mlflow "
+        "($MLFLOW_TRACKING_URI, default output_dir/mlruns); none: metrics.jsonl only.",
+    )
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _report_targets(cls, value: Any) -> Any:
+        """LLaMA-Factory's forms: `none`, one name, `a,b`, or a list; `none` means no tracker."""
+        targets = [] if value is None else _split_csv(value)
+        if isinstance(targets, list):
+            targets = [t for t in targets if t != "none"]
+            unknown = [t for t in targets if t not in ("tensorboard", "mlflow")]
+            if unknown:
+                raise ValueError(
+                    f"report_to: {unknown[0]!r} is not supported here; use tensorboard, mlflow or none"
+                )
+        return targets
 
     @model_validator(mode="after")
     def _check(self) -> TrainArgs:

@@ -6,6 +6,7 @@ A callback is a class (instantiated once, with no arguments) or any object with 
     on_eval(metrics)            after evaluation
     on_train_end(summary)       once, with run_summary.json's content
 They run in the driver, fed by the workers' progress events, so a slow hook never stalls training.
+The experiment trackers of `report_to` (train/tracking.py) are callbacks too, after the user's.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from __future__ import annotations
 import importlib
 import inspect
 import logging
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
+from clusterft.config.spec import JobSpec
 from clusterft.errors import UserError
 
 logger = logging.getLogger(__name__)
@@ -39,8 +43,15 @@ def load_callback(path: str) -> Any:
 class CallbackRunner:
     """Calls each hook on every callback that has it; a failing callback is logged, not fatal."""
 
-    def __init__(self, paths: list[str]):
-        self.callbacks = [load_callback(path) for path in paths]
+    def __init__(self, paths: list[str], trackers: Sequence[Any] = ()):
+        self.callbacks = [load_callback(path) for path in paths] + list(trackers)
+
+    @classmethod
+    def for_run(cls, spec: JobSpec, output_dir: Path) -> CallbackRunner:
+        """The spec's callbacks, then the experiment trackers its `report_to` names."""
+        from clusterft.train.tracking import make_trackers
+
+        return cls(spec.callbacks, make_trackers(spec, output_dir))
 
     def call(self, hook: str, payload: dict[str, Any]) -> None:
         for callback in self.callbacks:

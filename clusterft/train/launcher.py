@@ -221,7 +221,7 @@ def _fit(
 
     thread = threading.Thread(target=fit, name="clusterft-fit", daemon=True)
     thread.start()
-    tracker = ProgressTracker(where.output_dir, CallbackRunner(spec.callbacks), show_progress)
+    tracker = ProgressTracker(where.output_dir, CallbackRunner.for_run(spec, where.output_dir), show_progress)
     while thread.is_alive():
         tracker.drain(progress, timeout=0.2)
     tracker.drain(progress, timeout=0)
