@@ -18,10 +18,11 @@ from clusterft.engine.executor import Executor, LocalExecutor
 from clusterft.engine.kv_cache_manager import KVCacheManager
 from clusterft.engine.models import LlamaForCausalLM, ModelConfig
 from clusterft.engine.output_processor import OutputProcessor, RequestState
-from clusterft.engine.outputs import EngineStats, RequestOutput
+from clusterft.engine.outputs import EngineStats, RequestOutput, SchedulerOutput
 from clusterft.engine.request import Request, RequestStatus
 from clusterft.engine.sampling_params import SamplingParams
 from clusterft.engine.scheduler import Scheduler, SchedulerUpdate
+from clusterft.engine.structured import GrammarCompiler
 
 
 def _eos_token_ids(model_dir: Path, hf_config, tokenizer) -> frozenset[int]:
@@ -75,6 +76,7 @@ class LLMEngine:
         )
         self.lora_manager = self.executor.lora_manager
         self.output_processor = OutputProcessor(self.tokenizer)
+        self._grammars: GrammarCompiler | None = None  # built by the first structured request
         self._pending_outputs: list[str] = []  # roots finished at admission (never fit)
         self._request_counter = itertools.count()
         self.num_steps = 0
@@ -151,6 +153,13 @@ class LLMEngine:
             )
         if lora_name is not None and lora_name not in self.list_loras():
             raise ValueError(f"unknown lora_name {lora_name!r}: register it with add_lora(name, path) first")
+        grammar = None
+        if params.structured_outputs is not None:
+            if self._grammars is None:
+                self._grammars = GrammarCompiler(
+                    self.tokenizer, self.model_args.vocab_size, self.eos_token_ids
+                )
+            grammar = self._grammars.matcher(params.structured_outputs)
         multi = params.num_sequences > 1 or params.use_beam_search
         request = Request(
             request_id=f"{request_id}#0" if multi else request_id,
@@ -161,6 +170,7 @@ class LLMEngine:
             priority=priority,
             lora_name=lora_name,
             parent_id=request_id if multi else None,
+            grammar=grammar,
         )
         self.output_processor.add_request(RequestState(request_id, text, token_ids, params))
         self.scheduler.add_request(request)
@@ -191,10 +201,43 @@ class LLMEngine:
         aborted (finish_reason "abort", the error in finish_message); the others run on."""
         sched_out = self.scheduler.schedule()
         self._track_utilization()
+        self._add_grammar_bitmask(sched_out)
         runner_out = self.executor.execute_model(sched_out)
         update = self.scheduler.update_from_output(sched_out, runner_out)
+        self._advance_grammars(update)
         self.num_steps += 1
         return self._make_outputs(update)
+
+    def _add_grammar_bitmask(self, sched_out: SchedulerOutput) -> None:
+        """The allowed tokens of the structured requests that sample this step (their computed tokens
+        reach their last token), one bitmask row each, for the sampler."""
+        if self._grammars is None:
+            return
+        sampling = [
+            request
+            for req_id in sched_out.num_scheduled_tokens
+            if (request := self.scheduler.requests.get(req_id)) is not None
+            and request.grammar is not None
+            and request.num_computed_tokens == request.num_tokens
+        ]
+        if sampling:
+            sched_out.structured_req_ids = [r.request_id for r in sampling]
+            sched_out.grammar_bitmask = self._grammars.bitmask([r.grammar for r in sampling])
+
+    def _advance_grammars(self, update: SchedulerUpdate) -> None:
+        """Each structured request's matcher consumes the token it got. The bitmask allowed only
+        tokens the grammar accepts, so a refusal is a broken invariant: the request is aborted with
+        llguidance's reason rather than streaming output that does not match."""
+        for request in update.updated:
+            grammar = request.grammar
+            if grammar is None or grammar.is_stopped():
+                continue
+            if not grammar.consume_token(request.output_token_ids[-1]):
+                root = request.parent_id or request.request_id
+                update.failed[root] = (
+                    f"structured output: the grammar refused a token ({grammar.get_error()})"
+                )
+                self.scheduler.finish_requests(root, RequestStatus.FINISHED_ABORTED)
 
     def _make_outputs(self, update: SchedulerUpdate) -> list[RequestOutput]:
         touched, stopped = self.output_processor.process(update.updated)

@@ -32,6 +32,19 @@ class CachedRequestState:
     generator: torch.Generator | None
 
 
+def _rows_bitmask(so: SchedulerOutput, req_ids: list[str]) -> torch.Tensor | None:
+    """The grammar bitmask of the rows sampled (in order): the scheduler's row for a structured
+    request, all ones (no constraint) for the others; None when no row has a grammar."""
+    if so.grammar_bitmask is None:
+        return None
+    row_of = {req_id: i for i, req_id in enumerate(so.structured_req_ids)}
+    mask = torch.full((len(req_ids), so.grammar_bitmask.shape[1]), -1, dtype=torch.int32)
+    for i, req_id in enumerate(req_ids):
+        if req_id in row_of:
+            mask[i] = so.grammar_bitmask[row_of[req_id]]
+    return mask
+
+
 class ModelRunner:
     def __init__(
         self,
@@ -109,9 +122,11 @@ class ModelRunner:
         if not sample_states:
             return ModelRunnerOutput([], [], [], [])
         logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)]).cpu()
-        return self._sample(logits, sample_states)
+        return self._sample(logits, sample_states, so)
 
-    def _sample(self, logits: torch.Tensor, states: list[CachedRequestState]) -> ModelRunnerOutput:
+    def _sample(
+        self, logits: torch.Tensor, states: list[CachedRequestState], so: SchedulerOutput
+    ) -> ModelRunnerOutput:
         n = len(states)
         out = ModelRunnerOutput([s.req_id for s in states], [None] * n, [0.0] * n, [None] * n)
         sampling = []  # (index in states, state) of the rows the sampler draws; beam rows go whole
@@ -132,7 +147,8 @@ class ModelRunner:
             for _, s in sampling
         ]
         indices = [i for i, _ in sampling]
-        sampled = self.sampler(logits[indices] if len(indices) < n else logits, rows)
+        bitmask = _rows_bitmask(so, [s.req_id for _, s in sampling])
+        sampled = self.sampler(logits[indices] if len(indices) < n else logits, rows, bitmask)
         for row, (i, state) in enumerate(sampling):
             if row in sampled.errors:
                 out.errors[state.req_id] = sampled.errors[row]

@@ -45,6 +45,9 @@ class SchedulerOutput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (gpu, cpu), done first
     blocks_to_copy: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) copy-on-write
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (cpu, gpu)
+    # Structured outputs: row i of grammar_bitmask holds the tokens structured_req_ids[i] may sample.
+    structured_req_ids: list[str] = field(default_factory=list)
+    grammar_bitmask: torch.Tensor | None = None  # (len(structured_req_ids), ceil(V / 32)) int32
 
 
 @dataclass

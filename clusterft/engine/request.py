@@ -14,6 +14,7 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -63,6 +64,7 @@ class Request:
     finish_message: str | None = None
     num_preemptions: int = 0
     generator: torch.Generator | None = None  # seeded requests sample from their own stream
+    grammar: Any = None  # an llguidance LLMatcher over the output tokens (structured outputs)
 
     def __post_init__(self) -> None:
         self.all_token_ids = list(self.prompt_token_ids)
@@ -109,6 +111,7 @@ class Request:
             block_hashes=list(self.block_hashes),
             cumulative_logprob=self.cumulative_logprob,
             logprobs=list(self.logprobs),
+            grammar=self.grammar.deep_copy() if self.grammar is not None else None,
         )
         child.all_token_ids = list(self.all_token_ids)
         return child

@@ -1,6 +1,7 @@
 """Sampler: logits of the rows that sample this step -> token ids and logprobs, vectorized over rows.
 
-Order (as vLLM): penalties on the raw logits; greedy rows take the argmax; random rows divide by
+Order (as vLLM): penalties on the raw logits; the grammar bitmask of structured outputs (tokens a
+row's grammar forbids at -inf, all rows at once); greedy rows take the argmax; random rows divide by
 temperature, mask by top-k, top-p, min-p, then draw with the exponential race argmax(p / q),
 q ~ Exp(1). A seeded request draws q from its own generator, so its tokens depend only on its seed.
 Logprobs are of the raw logits (the model's distribution), as vLLM returns them. A row that fails
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from clusterft.engine.sampling_params import SamplingParams
+from clusterft.engine.structured import apply_token_bitmask
 
 logger = logging.getLogger(__name__)
 
@@ -39,14 +41,17 @@ class Sampler:
     def __init__(self, seed: int = 0) -> None:
         self.generator = torch.Generator().manual_seed(seed)  # for rows without their own seed
 
-    def __call__(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-        """logits: (B, V) float32. A row whose params make sampling fail gets an error, not a token;
+    def __call__(
+        self, logits: torch.Tensor, rows: list[SamplingRow], bitmask: torch.Tensor | None = None
+    ) -> SamplerOutput:
+        """logits: (B, V) float32; bitmask: (B, ceil(V / 32)) int32 allowed tokens, or None. A row
+        whose params make sampling fail gets an error, not a token;
         the others are sampled one by one then, from the random state the batch started with, so that
         greedy and seeded rows get the tokens they get in any batch."""
         generators = [self.generator, *(r.generator for r in rows if r.generator is not None)]
         states = [g.get_state() for g in generators]
         try:
-            return self._sample(logits, rows)
+            return self._sample(logits, rows, bitmask)
         except Exception:
             logger.warning(
                 "sampling a batch of %d rows failed; sampling them one by one", len(rows), exc_info=True
@@ -56,7 +61,7 @@ class Sampler:
         out = SamplerOutput([], [], [])
         for i, row in enumerate(rows):
             try:
-                one = self._sample(logits[i : i + 1], [row])
+                one = self._sample(logits[i : i + 1], [row], None if bitmask is None else bitmask[i : i + 1])
             except Exception as exc:
                 one = SamplerOutput([None], [None], [None])
                 out.errors[i] = f"{type(exc).__name__}: {exc}"
@@ -65,10 +70,14 @@ class Sampler:
             out.top_logprobs += one.top_logprobs
         return out
 
-    def _sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    def _sample(
+        self, logits: torch.Tensor, rows: list[SamplingRow], bitmask: torch.Tensor | None
+    ) -> SamplerOutput:
         logprobs = torch.log_softmax(logits, dim=-1)
         if any(r.params.uses_penalties for r in rows):
             logits = apply_penalties(logits, rows)
+        if bitmask is not None:
+            logits = apply_token_bitmask(logits, bitmask)
         greedy = torch.tensor([r.params.sampling_type_greedy for r in rows])
         token_ids = logits.argmax(dim=-1)
         if not bool(greedy.all()):

@@ -8,6 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from clusterft.engine.structured import StructuredOutputsParams
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -31,6 +33,7 @@ class SamplingParams:
     early_stopping: bool | str = False  # beam search: True | False | "never" (HF semantics)
     skip_special_tokens: bool = True
     detokenize: bool = True
+    structured_outputs: StructuredOutputsParams | None = None  # a grammar the output must match
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -48,6 +51,8 @@ class SamplingParams:
                 raise ValueError("beam search is deterministic: set temperature=0 with use_beam_search=True")
             if self.stop:
                 raise ValueError("stop strings are not supported with use_beam_search; use stop_token_ids")
+            if self.structured_outputs is not None:
+                raise ValueError("structured outputs are not supported with use_beam_search; drop one")
 
     def check_model_limits(self, vocab_size: int, num_eos_token_ids: int) -> None:
         """Raise ValueError for the bounds that depend on the model; the engine checks them when a
