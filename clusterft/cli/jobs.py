@@ -18,7 +18,6 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from clusterft.cli.helpers import Subcommands, add_command, add_dir_option, add_group
 from clusterft.cli.registry import add_registry_option, format_table
@@ -95,19 +94,16 @@ def jobs_status(args: argparse.Namespace) -> int:
 def jobs_logs(args: argparse.Namespace) -> int:
     """Every attempt's logs in order; --follow keeps printing the newest until the job settles."""
     jobs = _jobs(args)
-    printed: dict[Path, int] = {}
+    printed: dict[str, int] = {}
     while True:
-        for path in jobs.log_paths(args.id):
-            if not path.is_file():
+        for where, text in jobs.log_texts(args.id):  # a file, or a Ray job's log on its job server
+            if text is None:
                 continue
-            with open(path, "rb") as handle:
-                if path not in printed:
-                    print(f"==> {path} <==", flush=True)
-                handle.seek(printed.get(path, 0))
-                chunk = handle.read()
-                printed[path] = handle.tell()
-            sys.stdout.write(chunk.decode(errors="replace"))
+            if where not in printed:
+                print(f"==> {where} <==", flush=True)
+            sys.stdout.write(text[printed.get(where, 0) :])
             sys.stdout.flush()
+            printed[where] = len(text)
         job = jobs.get(args.id)
         if not args.follow or job.settled:
             return 0

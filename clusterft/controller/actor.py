@@ -24,6 +24,7 @@ from clusterft.controller.policy import (
     TickFailurePolicy,
     decide_after_tick_failure,
 )
+from clusterft.controller.ray_jobs import RayJobs, job_server_address
 from clusterft.controller.store_backend import describe, store_location
 from clusterft.errors import UserError
 
@@ -83,7 +84,12 @@ class JobControllerActor:
         env = dict(os.environ)
         # The drivers join this cluster as drivers of their own (their Train actors die with them).
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
-        self.controller = Controller(root, registry_root, env=env, store_url=store_url)
+        # Drivers are Ray jobs wherever the cluster runs a job server (the dashboard on its head):
+        # then any controller, on any node, sees them, stops them and reads their logs. Without one,
+        # they are processes of this actor's host.
+        address = job_server_address()
+        ray_jobs = RayJobs(address) if address else None
+        self.controller = Controller(root, registry_root, env=env, store_url=store_url, ray_jobs=ray_jobs)
         self.poll_s = poll_s
         self.started_at = time.time()
         self._wake = threading.Event()
@@ -106,7 +112,8 @@ class JobControllerActor:
             "store": self.controller.store.where,
             "pid": os.getpid(),
             "started_at": self.started_at,
-            "runs": {job_id: run.pid for job_id, run in self.controller.runs.items()},
+            "runs": {job_id: run.name for job_id, run in self.controller.runs.items()},
+            "job_server": self.controller.ray_jobs.address if self.controller.ray_jobs else None,
         }
 
 
@@ -124,17 +131,27 @@ def check_same_controller(info: dict[str, Any], root: Path, registry_root: Path,
 
 
 def get_or_start_controller(
-    root: str | Path, registry_root: str | Path, *, poll_s: float = 0.5, store_url: str | None = None
+    root: str | Path,
+    registry_root: str | Path,
+    *,
+    poll_s: float = 0.5,
+    store_url: str | None = None,
+    scheduling_strategy: Any = None,
 ) -> Any:
     """The running controller actor, or a new detached one (the caller is connected to Ray) keeping
     its jobs in `store_url` (default: SQLite in `root`). Refuses a controller that serves a different
-    root, registry or store."""
+    root, registry or store. `scheduling_strategy`: Ray's, for where a new one starts (e.g. a soft
+    node affinity: when that node is lost, Ray restarts the actor on another)."""
     import ray
 
     root, registry_root = Path(root).resolve(), Path(registry_root).resolve()
     actor_cls = ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)(JobControllerActor)
     actor = actor_cls.options(
-        name=CONTROLLER_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
+        name=CONTROLLER_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        scheduling_strategy=scheduling_strategy,
     ).remote(str(root), str(registry_root), poll_s, store_url)
     info = ray.get(actor.info.remote())
     check_same_controller(info, root, registry_root, describe(store_location(root, store_url)))

@@ -58,6 +58,7 @@ from clusterft.controller.policy import (
     decide_serving,
     parse_gates,
 )
+from clusterft.controller.ray_jobs import RayJobs, pointer, submission_id
 from clusterft.controller.registration import find_or_register, register_and_promote, registering
 from clusterft.controller.runs import Phase, RunFiles, describe_exit, kill, kill_drivers, launch, pid_runs_job
 from clusterft.controller.state import (
@@ -94,8 +95,13 @@ a killed controller's jobs wait before another controller takes them over."""
 @dataclass
 class _Run:
     files: RunFiles
-    process: subprocess.Popen[bytes] | None  # None: re-attached after a controller restart
-    pid: int
+    process: subprocess.Popen[bytes] | None  # None: a Ray job, or re-attached after a restart
+    pid: int | None  # a driver process of this host
+    submission: str | None = None  # a Ray job's submission id
+
+    @property
+    def name(self) -> str:
+        return f"Ray job {self.submission}" if self.submission else f"pid {self.pid}"
 
 
 @dataclass
@@ -111,7 +117,8 @@ class Controller:
     """Every decision and effect of the controller, without Ray (the actor calls `tick` in a loop).
     Its job store is SQLite in `root` unless `store_url` names another (a postgresql:// URL);
     `journal_mode` and `busy_timeout_s` are the store's (see store.py); `lease_s` is how long its
-    claim on a job lasts unrenewed (`LEASE_S`)."""
+    claim on a job lasts unrenewed (`LEASE_S`). `ray_jobs`: the cluster's job server, through which
+    the drivers run as Ray jobs (ray_jobs.py); None: as processes of this host (runs.py)."""
 
     def __init__(
         self,
@@ -123,6 +130,7 @@ class Controller:
         journal_mode: Literal["wal", "delete"] | None = None,
         busy_timeout_s: float = 30.0,
         lease_s: float = LEASE_S,
+        ray_jobs: RayJobs | None = None,
     ):
         if lease_s <= 0:
             raise UserError(f"lease_s must be positive (seconds a job's lease lasts unrenewed): {lease_s}")
@@ -138,6 +146,7 @@ class Controller:
         )
         self.registry = Registry(registry_root)
         self.env = env if env is not None else dict(os.environ)
+        self.ray_jobs = ray_jobs
         self.runs: dict[str, _Run] = {}
         self.io = ThreadPoolExecutor(IO_THREADS, thread_name_prefix="clusterft-io")
         self.work: dict[str, _Work] = {}
@@ -162,13 +171,13 @@ class Controller:
                 self._set_aside(row)
             except Exception:
                 logger.exception("controller: setting aside job %s", row.job_id)
-        for job_id in list(self.runs):
+        for job_id in self.runs.keys() | self.leased:  # a restarted controller's runs: leased
             try:
-                cancelled = self.store.get(job_id).status is JobState.CANCELLED
+                job = self.store.get(job_id)
             except UnreadableJob:
                 continue
-            if cancelled:
-                _stop_soon(self.runs.pop(job_id).pid)
+            if job.status is JobState.CANCELLED:
+                self._stop_drivers(job.id, job.attempt)
         unsettled = self.store.unsettled()
         for job in unsettled:
             try:
@@ -263,6 +272,22 @@ class Controller:
             return False
         return False
 
+    def _stop_drivers(self, job_id: str, attempt: int) -> None:
+        """Stop the job's drivers of `attempt` that run, without holding up the tick: the one this
+        controller watches, and any other it can find (a Ray job by its derived id, a local process
+        by its pid file)."""
+        run = self.runs.pop(job_id, None)
+        if run is not None and run.pid is not None:
+            _stop_soon(run.pid)
+        if self.ray_jobs is not None:
+            phases: tuple[Phase, ...] = ("train", "eval")
+            for phase in phases:
+                try:
+                    self.ray_jobs.stop(submission_id(job_id, attempt, phase))
+                except Exception:  # the job server is down: the next tick tries again
+                    logger.exception("controller: stopping job %s's %s driver", job_id, phase)
+        threading.Thread(target=kill_drivers, args=(self.root, job_id, attempt), daemon=True).start()
+
     def _release(self, job_id: str) -> None:
         self.leased.discard(job_id)
         self.store.release(job_id, self.id)
@@ -298,10 +323,7 @@ class Controller:
                 f"in this event); `clusterft jobs resume {row.job_id}` starts it again from its newest "
                 "valid checkpoint"
             )
-            run = self.runs.pop(row.job_id, None)
-            if run is not None:
-                _stop_soon(run.pid)
-            kill_drivers(self.root, row.job_id, row.attempt)
+            self._stop_drivers(row.job_id, row.attempt)
             if self.store.set_aside(row, why):
                 logger.error("controller: job %s set aside in error: its row %s", row.job_id, row.error)
             return  # or it changed meanwhile: the next tick reads it again
@@ -311,9 +333,7 @@ class Controller:
     def _give_up(self, job: Job, why: str) -> None:
         """Move a job the controller cannot carry on to `error` (a training one through `failed`:
         the state machine records every training failure), stopping its driver if one runs."""
-        run = self.runs.pop(job.id, None)
-        if run is not None:
-            _stop_soon(run.pid)
+        self._stop_drivers(job.id, job.attempt)
         if job.status in (JobState.TRAINING, JobState.RESUMING):
             job = self.store.transition(job.id, job.status, Failed(why, retryable=False))
         self.store.transition(job.id, job.status, Errored(why))
@@ -406,31 +426,64 @@ class Controller:
         self._launch(job, "train")
 
     def _launch(self, job: Job, phase: Phase) -> None:
+        """Start the phase's driver: a Ray job when the cluster has a job server, whose submission id
+        is the phase's log pointer; else a process of this host, logging to the run folder."""
         files = RunFiles.of(self.root, job.id, job.attempt, phase)
+        if self.ray_jobs is not None:
+            submission = self.ray_jobs.submit(files, job.id, job.attempt, self.store.location)
+            self.runs[job.id] = _Run(files, None, None, submission)
+            self.store.add_log(job.id, phase, pointer(submission))
+            return
         process = launch(files, job.id, self.store.location, self.env)
         self.runs[job.id] = _Run(files, process, process.pid)
         self.store.add_log(job.id, phase, files.log)
+
+    def _find_driver(self, job: Job, files: RunFiles) -> tuple[bool, str | None]:
+        """(whether a driver of the phase runs, how it ended when known) for a driver this controller
+        did not start (or lost track of): asked of the job server by its derived submission id, or
+        found by its pid file on this host. A live one is re-attached (`self.runs`)."""
+        if self.ray_jobs is not None:
+            submission = submission_id(job.id, job.attempt, files.phase)
+            state = self.ray_jobs.state(submission)
+            if state is not None:
+                if state.alive:
+                    self.runs[job.id] = _Run(files, None, None, submission)
+                    return True, None
+                return False, f"(Ray job {submission}) {state.ended}"
+        pid = files.read_pid()
+        if pid is not None and pid_runs_job(pid, job.id):
+            self.runs[job.id] = _Run(files, None, pid)  # outlived the previous controller
+            return True, None
+        return False, None
 
     def _poll(self, job: Job, phase: Phase) -> dict[str, Any] | Failure | None:
         """None while the phase's driver runs; then its result, or the Failure of its death."""
         files = RunFiles.of(self.root, job.id, job.attempt, phase)
         run = self.runs.get(job.id)
         code: int | None = None
+        ended = None
         if run is not None and run.files == files and run.process is not None:
             code = run.process.poll()
             if code is None:
                 return None
         else:
-            pid = files.read_pid()
-            if pid is not None and pid_runs_job(pid, job.id):
-                self.runs[job.id] = _Run(files, None, pid)  # outlived the previous controller
+            alive, ended = self._find_driver(job, files)
+            if alive:
                 return None
         self.runs.pop(job.id, None)
         result = files.read_result()
         if result is None:
-            pid = files.read_pid()
-            return Failure(f"the {phase} driver (pid {pid}) {describe_exit(code)} without a result")
+            how = ended or f"(pid {files.read_pid()}) {describe_exit(code)}"
+            return Failure(f"the {phase} driver {how} without a result")
         return result
+
+    def _launched(self, job: Job, files: RunFiles) -> bool:
+        """Whether the phase's driver of this attempt was started (by this controller or another)."""
+        if job.id in self.runs:
+            return True
+        if self.ray_jobs is not None and self.ray_jobs.state(submission_id(job.id, job.attempt, files.phase)):
+            return True
+        return files.read_pid() is not None
 
     def _watch_training(self, job: Job) -> None:
         outcome = self._poll(job, "train")
@@ -470,7 +523,7 @@ class Controller:
         outcome: dict[str, Any] = {"metrics": {}}
         if spec.eval.enabled or spec.promote.merge:
             files = RunFiles.of(self.root, job.id, job.attempt, "eval")
-            if job.id not in self.runs and files.read_pid() is None:
+            if not self._launched(job, files):
                 self._launch(job, "eval")
                 return
             polled = self._poll(job, "eval")

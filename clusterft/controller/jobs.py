@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterft.config.spec import JobSpec
+from clusterft.controller.ray_jobs import JOB_SERVER_ENV, RayJobs, pointed_submission
 from clusterft.controller.runs import kill_drivers
 from clusterft.controller.state import Cancelled, Job, JobState, Resuming
 from clusterft.controller.store import JobStore, StaleState
@@ -123,6 +124,7 @@ class Jobs:
         self.store = JobStore(store_location(self.root, store_url))
         self.controller = controller
         """The controller actor handle to wake, or None (it polls the store anyway)."""
+        self._job_server: RayJobs | None = None
 
     def close(self) -> None:
         self.store.close()
@@ -184,6 +186,27 @@ class Jobs:
 
     def log_paths(self, job_id: str) -> list[Path]:
         return [Path(log.path) for log in self.store.logs(job_id)]
+
+    def log_texts(self, job_id: str) -> list[tuple[str, str | None]]:
+        """(where, text) of each of the job's logs in the order their phases ran: a file's text, or a
+        Ray job driver's output as the cluster's job server keeps it (any host can read it); None
+        for a file not written yet."""
+        texts: list[tuple[str, str | None]] = []
+        for log in self.store.logs(job_id):
+            submission = pointed_submission(log.path)
+            if submission is not None:
+                texts.append((log.path, self._ray_jobs().logs(submission)))
+                continue
+            path = Path(log.path)
+            texts.append((log.path, path.read_text(errors="replace") if path.is_file() else None))
+        return texts
+
+    def _ray_jobs(self) -> RayJobs:
+        """The job server of the cluster this host reaches ($RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, or
+        the local cluster), opened once."""
+        if self._job_server is None:
+            self._job_server = RayJobs(os.environ.get(JOB_SERVER_ENV))
+        return self._job_server
 
     def wait(self, job_id: str, poll_s: float = 1.0, timeout_s: float | None = None, bar: bool = True) -> Job:
         """Follow the job until its run is over (settled: registered, promoted, serving, cancelled or

@@ -16,6 +16,7 @@ controller reads as a failure of the attempt.
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 import sys
 import traceback
@@ -102,6 +103,8 @@ def run_phase(phase: str, job_id: str, store: str | Path, out: Path) -> int:
     from clusterft.runtime import apply_runtime_defaults
 
     apply_runtime_defaults()
+    # Says where it runs: a Ray job's log is the only trace of which node ran an attempt.
+    print(f"{phase} driver of job {job_id}: host {socket.gethostname()}, pid {os.getpid()}", file=sys.stderr)
     with JobStore(store) as opened:
         job = opened.get(job_id)
     files = RunFiles(out, phase)

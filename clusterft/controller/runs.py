@@ -78,17 +78,29 @@ def pid_runs_job(pid: int, job_id: str) -> bool:
     return status != "Z" and job_id.encode() in cmdline
 
 
-def launch(files: RunFiles, job_id: str, store: str | Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    """Start the phase's driver, which reads its job from `store` (a SQLite file, or a URL: passed in
-    the driver's environment, never on its command line or in its log, where a password would show);
-    its pid is on disk before this returns."""
+def driver_command(files: RunFiles, job_id: str, store: str | Path) -> tuple[list[str], dict[str, str]]:
+    """The phase's driver command line and the environment it adds: a SQLite store goes on the
+    command line (--store wins over the environment's URL), a URL in the environment, never on a
+    command line or in a log, where a password would show."""
+    where, env = ["--store", str(store)], {}
+    if is_store_url(store):
+        where, env = [], {STORE_URL_ENV: str(store)}
+    command = [sys.executable, "-m", "clusterft.cli.run_job", files.phase, "--job", job_id, *where]
+    return [*command, "--out", str(files.dir)], env
+
+
+def prepare(files: RunFiles) -> None:
+    """A new attempt's run folder: made, and its phase's result of an earlier launch gone."""
     files.dir.mkdir(parents=True, exist_ok=True)
     files.result.unlink(missing_ok=True)
-    where = ["--store", str(store)]  # --store wins over the environment's URL
-    if is_store_url(store):
-        env, where = {**env, STORE_URL_ENV: str(store)}, []
-    command = [sys.executable, "-m", "clusterft.cli.run_job", files.phase, "--job", job_id, *where]
-    command += ["--out", str(files.dir)]
+
+
+def launch(files: RunFiles, job_id: str, store: str | Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """Start the phase's driver as a process of this host, which reads its job from `store` (a SQLite
+    file or a URL); its pid is on disk before this returns."""
+    prepare(files)
+    command, store_env = driver_command(files, job_id, store)
+    env = {**env, **store_env}
     with open(files.log, "ab") as log:
         log.write(f"--- {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(command)}\n".encode())
         log.flush()
