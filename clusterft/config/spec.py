@@ -180,9 +180,47 @@ class ClusterSpec(Section):
     address: str | None = Field(
         default=None, description="Ray address; default: RAY_ADDRESS if set, else a local cluster."
     )
-    num_workers: int = Field(default=2, gt=0, description="Ray Train workers (processes).")
+    num_workers: int | tuple[int, int] = Field(
+        default=2,
+        description="Ray Train workers (processes), or [min, max]: elastic, it trains on as many as the "
+        "cluster has room for (at least min) and grows back to max when nodes return.",
+    )
+    elastic_resize_interval_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Elastic: how often a running job checks for room for more workers (growing "
+        "restarts it from its newest checkpoint).",
+    )
     cpus_per_worker: float = Field(default=1.0, ge=0, description="CPUs reserved per worker.")
     gpus_per_worker: float = Field(default=0.0, ge=0, description="GPUs per worker; > 0 trains on GPU.")
+
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _worker_range(cls, value: Any) -> Any:
+        """An int >= 1, or [min, max] with 1 <= min <= max (a YAML list: Ray Train's elastic tuple)."""
+        if isinstance(value, list | tuple):
+            if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ValueError(f"give a number of workers or [min, max] of two integers, not {value!r}")
+            if not 1 <= value[0] <= value[1]:
+                raise ValueError(f"[min, max] needs 1 <= min <= max, not {list(value)!r}")
+            return value[0] if value[0] == value[1] else tuple(value)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"give a number of workers or [min, max] of two integers, not {value!r}")
+        if value < 1:
+            raise ValueError(f"needs at least 1 worker, not {value}")
+        return value
+
+    @property
+    def elastic(self) -> bool:
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
 
     @property
     def use_gpu(self) -> bool:
@@ -322,6 +360,7 @@ class JobSpec(Section):
     @model_validator(mode="after")
     def _check(self) -> JobSpec:
         parallel, workers = self.parallel, self.cluster.num_workers
+        self._check_elastic()
         if parallel.strategy == "pipeline" and workers % parallel.pipeline_stages:
             raise ValueError(
                 f"parallel.pipeline_stages={parallel.pipeline_stages} must divide "
@@ -352,6 +391,28 @@ class JobSpec(Section):
                 "promote.merge (or train with finetuning_type: lora)"
             )
         return self
+
+    def _check_elastic(self) -> None:
+        """An elastic job trains on any worker count in [min, max] with the same global batch
+        (per_device_train_batch_size × max per micro-step, split evenly): each count must divide
+        it, and the strategy must be data parallel (pipeline stages and tensor slices are fixed)."""
+        cluster = self.cluster
+        if not cluster.elastic:
+            return
+        if self.parallel.strategy in ("pipeline", "tensor"):
+            raise ValueError(
+                f"cluster.num_workers: [min, max] (elastic) needs a data-parallel strategy (ddp, zero1, "
+                f"zero2, zero3), not {self.parallel.strategy}, whose model split is fixed; give "
+                "num_workers as one number"
+            )
+        batch = self.train.per_device_train_batch_size * cluster.max_workers
+        uneven = [n for n in range(cluster.min_workers, cluster.max_workers + 1) if batch % n]
+        if uneven:
+            raise ValueError(
+                f"cluster.num_workers {list(cluster.num_workers)}: the global micro-batch of {batch} "
+                f"examples (per_device_train_batch_size × max) cannot be split evenly over {uneven[0]} "
+                "workers; narrow the range or choose a batch size that every count divides"
+            )
 
     def spec_hash(self) -> str:
         """sha256 of the canonical JSON of the spec: two specs with equal hashes train the same run."""

@@ -165,7 +165,7 @@ def _connect(spec: JobSpec) -> bool:
     if address:
         ray.init(address=address, log_to_driver=True)
         return True
-    cpus = max(1, math.ceil(spec.cluster.num_workers * max(spec.cluster.cpus_per_worker, 1)))
+    cpus = max(1, math.ceil(spec.cluster.max_workers * max(spec.cluster.cpus_per_worker, 1)))
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=True)
     return True
 
@@ -201,7 +201,10 @@ def _fit(
             "progress": progress,
         },
         scaling_config=ScalingConfig(
-            num_workers=cluster.num_workers, use_gpu=cluster.use_gpu, resources_per_worker=resources
+            num_workers=cluster.num_workers,  # (min, max): Ray Train's elastic scaling
+            use_gpu=cluster.use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=cluster.elastic_resize_interval_s,
         ),
         torch_config=TorchConfig(backend="nccl" if cluster.use_gpu else "gloo"),
         run_config=RunConfig(

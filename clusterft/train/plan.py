@@ -49,10 +49,14 @@ def plan_run(
 
     `global_micro_batch` is the run's examples per micro-step as first started (stored in its
     checkpoints). Keeping it fixed when a run resumes on a different number of workers keeps the
-    data order and the optimisation identical: M workers each take G/M examples instead of G/N.
+    data order and the optimisation identical: M workers each take G/M examples instead of G/N
+    (the micro-batch per worker adapts, gradient accumulation does not: each optimizer step sees
+    the same micro-steps, each the same examples, weighted the same). An elastic job's G is that of
+    its full size (max workers) even when it starts on fewer.
     """
     dp = data_parallel_size(spec, world_size)
-    global_micro = global_micro_batch or spec.train.per_device_train_batch_size * dp
+    full_dp = data_parallel_size(spec, spec.cluster.max_workers) if spec.cluster.elastic else dp
+    global_micro = global_micro_batch or spec.train.per_device_train_batch_size * full_dp
     if global_micro % dp:
         raise UserError(
             f"this run's global micro-batch of {global_micro} examples cannot be split evenly over "

@@ -166,6 +166,30 @@ def test_cross_section_rules(tmp_path: Path) -> None:
         assert getattr(load_job_spec(write(tmp_path, gpu, "g.yaml")).train, precision) is True
 
 
+def test_elastic_num_workers(tmp_path: Path) -> None:
+    """cluster.num_workers: [min, max] is Ray Train's elastic range; every count in it must split the
+    global micro-batch (per_device_train_batch_size 8 × max) evenly; the strategy is data parallel."""
+    spec = load_job_spec(write(tmp_path, LLAMAFACTORY_YAML + "cluster:\n  num_workers: [2, 3]\n"))
+    assert spec.cluster.num_workers == (2, 3)
+    assert (spec.cluster.min_workers, spec.cluster.max_workers) == (2, 3)
+    same = load_job_spec(write(tmp_path, LLAMAFACTORY_YAML + "cluster:\n  num_workers: [2, 2]\n", "s.yaml"))
+    assert spec.cluster.elastic and not same.cluster.elastic and same.cluster.num_workers == 2
+    refused = {
+        "[3, 1]": "needs 1 <= min <= max, not [3, 1]",
+        "[0, 2]": "needs 1 <= min <= max, not [0, 2]",
+        "[1, 2, 3]": "give a number of workers or [min, max] of two integers",
+        "0": "needs at least 1 worker, not 0",
+        "[2, 4]": "the global micro-batch of 32 examples (per_device_train_batch_size × max) cannot be "
+        "split evenly over 3 workers",
+    }
+    for value, message in refused.items():
+        bad = write(tmp_path, LLAMAFACTORY_YAML + f"cluster:\n  num_workers: {value}\n", "b.yaml")
+        assert message in errors_of(bad)[0], value
+    pipe = LLAMAFACTORY_YAML.replace("finetuning_type: lora", "finetuning_type: full")
+    pipe += "cluster:\n  num_workers: [2, 4]\nparallel:\n  strategy: pipeline\n  pipeline_stages: 2\n"
+    assert "needs a data-parallel strategy" in errors_of(write(tmp_path, pipe, "p.yaml"))[0]
+
+
 def test_promote_merge_needs_a_lora_adapter(tmp_path: Path) -> None:
     merge = LLAMAFACTORY_YAML + "promote:\n  merge: true\n"
     assert load_job_spec(write(tmp_path, merge)).promote.merge is True

@@ -17,6 +17,7 @@ from tests.train.helpers import bundles, final_weights, make_job
 
 pytestmark = pytest.mark.slow
 CLOCK = "tests.train.test_node_loss.StepClock"
+STEPS = 200
 
 
 def test_kill_node_kills_exactly_that_node_and_it_comes_back(multinode_cluster):  # noqa: F811
@@ -128,3 +129,68 @@ def test_killed_node_resumes_from_newest_bundle_bitwise(multinode_cluster, tiny_
     expected, actual = final_weights(reference), final_weights(spec)
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected), "weights differ after resume"
+
+
+class ElasticScenario(threading.Thread):
+    """Kills node_b once the 2-worker run has a bundle of step >= `after_step`, and starts it again
+    once the run has gone on without it (a bundle written by 1 worker)."""
+
+    def __init__(self, cluster: MultiNodeCluster, spec, after_step: int):
+        super().__init__(daemon=True)
+        self.cluster, self.spec, self.after_step = cluster, spec, after_step
+        self.killed_at: float | None = None
+        self.back_at: float | None = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            store, deadline = bundles(self.spec), time.time() + 600
+            while self.back_at is None and time.time() < deadline:
+                infos = store.list(verify=False)
+                if self.killed_at is None and infos and infos[-1].step >= self.after_step:
+                    self.cluster.kill_node("node_b")
+                    self.killed_at = self.cluster.nodes["node_b"].killed_at
+                elif self.killed_at is not None and any(i.meta.get("world_size") == 1 for i in infos):
+                    self.cluster.start_node("node_b")
+                    self.back_at = time.time()
+                time.sleep(0.05)
+        except BaseException as err:
+            self.error = err
+
+
+def test_elastic_run_shrinks_to_the_surviving_node_and_grows_back(
+    multinode_cluster,  # noqa: F811
+    tiny_llama,
+    tmp_path,
+):
+    """cluster.num_workers: [1, 2]: with node_b SIGKILLed the run goes on on node_a alone, resumed
+    from the 2-worker bundle (its micro-batch doubled, the global batch the same); when node_b is
+    back it grows to 2 workers again, resumed from a 1-worker bundle; it ends at the planned step."""
+    import ray
+
+    cluster = multinode_cluster
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        spec = make_job(
+            tiny_llama,
+            tmp_path / "elastic",
+            max_steps=STEPS,
+            save_steps=2,
+            cluster={"num_workers": [1, 2], "elastic_resize_interval_s": 2},
+            checkpoint={"keep_last": STEPS},
+            failure={"max_failures": 4},
+        )
+        scenario = ElasticScenario(cluster, spec, after_step=2)
+        scenario.start()
+        summary = run_training(spec, show_progress=False)
+        scenario.join(timeout=120)
+    finally:
+        ray.shutdown()
+    assert scenario.error is None, scenario.error
+    assert scenario.back_at is not None, "the run ended before node_b came back"
+    assert summary.ok, summary.error
+    assert (summary.planned_steps, summary.completed_steps) == (STEPS, STEPS)
+    sizes = [(info.step, info.meta["world_size"]) for info in bundles(spec).list(verify=False)]
+    print("bundles (step, workers):", sizes)
+    changes = [size for i, (_, size) in enumerate(sizes) if i == 0 or size != sizes[i - 1][1]]
+    assert changes == [2, 1, 2], sizes

@@ -35,6 +35,15 @@ def test_resume_on_fewer_workers_keeps_the_global_batch(tmp_path):
         plan_run(spec(tmp_path, cluster={"num_workers": 3}), 3, 64, global_micro_batch=4)
 
 
+def test_elastic_run_keeps_its_full_size_global_batch(tmp_path):
+    """An elastic [1, 2] job that starts (or goes on) on 1 worker takes the 2-worker global batch:
+    the micro-batch per worker doubles, gradient accumulation stays."""
+    elastic = spec(tmp_path, cluster={"num_workers": [1, 2]})
+    one, two = plan_run(elastic, 1, 64), plan_run(elastic, 2, 64)
+    assert (one.micro_batch_size, one.global_micro_batch, one.gradient_accumulation_steps) == (4, 4, 2)
+    assert (two.micro_batch_size, two.global_micro_batch, two.total_steps) == (2, 4, one.total_steps)
+
+
 def test_pipeline_data_parallel_size(tmp_path):
     pipe = spec(
         tmp_path, finetuning_type="full", cluster={"num_workers": 4}, parallel={"strategy": "pipeline"}
