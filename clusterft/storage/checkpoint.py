@@ -27,13 +27,15 @@ import hashlib
 import json
 import logging
 import re
+import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from clusterft.storage.fs import Storage
+from clusterft.storage.fs import Storage, fsync_file
 
 logger = logging.getLogger(__name__)
 
@@ -95,17 +97,47 @@ class BundleStore:
     def put_file(self, tmp: str, relpath: str, local_file: Path) -> None:
         self.storage.upload(local_file, f"{tmp}/{relpath}")
 
-    def publish(self, tmp: str, step: int, meta: dict[str, Any]) -> BundleInfo:
+    def put_written(self, tmp: str, relpath: str, write: Callable[[Path], None]) -> None:
+        """Store the file `write(path)` makes: written in place (and fsynced) on a local filesystem,
+        so a large shard is never held in memory as bytes; staged in a local temp file elsewhere."""
+        local = self.storage.local_path(f"{tmp}/{relpath}")
+        if local is not None:
+            local.parent.mkdir(parents=True, exist_ok=True)
+            write(local)
+            fsync_file(local)
+            return
+        with tempfile.TemporaryDirectory(prefix="cft-stage") as staging:
+            staged = Path(staging) / "file"
+            write(staged)
+            self.put_file(tmp, relpath, staged)
+
+    def file_sum(self, tmp: str, relpath: str) -> dict[str, Any]:
+        """Size and sha256 of a stored file, read back from storage (what a manifest entry holds)."""
+        size, sha256 = self._digest(f"{tmp}/{relpath}")
+        return {"bytes": size, "sha256": sha256}
+
+    def publish(
+        self, tmp: str, step: int, meta: dict[str, Any], sums: dict[str, dict[str, Any]] | None = None
+    ) -> BundleInfo:
         """Checksum what `tmp` holds and write the manifest last: renamed into place on a local
         filesystem, committed in place (the manifest's write) on an object store.
 
         The sums are computed by reading the files back from storage, so the manifest vouches for
-        what is stored, not for what a writer meant to store.
+        what is stored, not for what a writer meant to store. `sums` are such sums computed already
+        by the writers (each rank reads back its own files): then nothing is hashed again here, but
+        the files present must be exactly those, with those sizes.
         """
         final = bundle_name(step)
-        files = {
-            rel: {"bytes": size, "sha256": self._sha256(f"{tmp}/{rel}")} for rel, size, _ in self._files(tmp)
-        }
+        present = {rel: size for rel, size, _ in self._files(tmp)}
+        if sums is None:
+            files = {
+                rel: {"bytes": size, "sha256": self._sha256(f"{tmp}/{rel}")} for rel, size in present.items()
+            }
+        else:
+            problem = _compare_sizes(sums, present)
+            if problem is not None:
+                raise RuntimeError(f"{self.storage.full(tmp)} is not what its writers wrote: {problem}")
+            files = dict(sums)
         manifest = {"format": FORMAT, "step": step, "created": time.time(), "files": files, "meta": meta}
         data = json.dumps(manifest, indent=1, sort_keys=True).encode()
         if self.storage.renames_atomically:
@@ -256,10 +288,14 @@ class BundleStore:
         return list(self.storage.walk_files(path))
 
     def _sha256(self, path: str) -> str:
-        digest = hashlib.sha256()
+        return self._digest(path)[1]
+
+    def _digest(self, path: str) -> tuple[int, str]:
+        digest, size = hashlib.sha256(), 0
         for chunk in self.storage.iter_chunks(path):
             digest.update(chunk)
-        return digest.hexdigest()
+            size += len(chunk)
+        return size, digest.hexdigest()
 
 
 def _compare_sizes(listed: dict[str, dict[str, Any]], present: dict[str, int]) -> str | None:

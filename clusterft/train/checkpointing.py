@@ -2,14 +2,17 @@
 
     step_000000012/
       trainer.pt          rank 0: global step, data position, LR-scheduler state, compat record, spec hash
-      state/part-0.pt     fp32 weights + AdamW moments + step of the trainable parameters (consolidated:
-      state/part-1.pt     one part per pipeline stage; one in all without pipeline)
+      state/rank-0.pt     each rank's shard: its own fp32 weights + AdamW moments + step, and the
+      state/rank-1.pt     pieces saying which parameter ranges they hold (state.py)
       rng/rank-0.pt       every rank's RNG states (python, numpy, torch, cuda)
       rng/rank-1.pt
       manifest.json       written last by storage.BundleStore.publish
 
-Every rank writes its files into the bundle's temporary directory, a barrier waits for all of
-them, then rank 0 publishes (checksums, manifest written last) and prunes to `keep_last`.
+Every rank writes its files into the bundle's temporary directory and reads them back for their
+size and sha256; rank 0 gathers those sums (which waits for every rank) and publishes the bundle
+with them (manifest written last), then prunes to `keep_last`. No rank gathers another's state: a
+rank writes its own share, and a resume on any number of workers reads the ranges it needs from
+every shard (memory-mapped on a local filesystem).
 
 Every file holds tensors and plain data only (RNG states converted by state.rng_state) and is read
 with `torch.load(weights_only=True)`: a bundle on shared storage is data, and unpickling it must not
@@ -26,6 +29,7 @@ from __future__ import annotations
 import io
 import logging
 import pickle
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,12 +40,15 @@ import torch.distributed as dist
 from clusterft.config.spec import JobSpec
 from clusterft.errors import UserError
 from clusterft.storage import BundleInfo, BundleStore
+from clusterft.train.state import MOMENTS, load_weights, whole_tensors_shard
 
 logger = logging.getLogger(__name__)
 
 TRAINER_FILE = "trainer.pt"
-# In every bundle's metadata: its files load with weights_only=True.
-STATE_FORMAT = "tensors/1"
+# In every bundle's metadata: its files load with weights_only=True; shards/1 holds one state shard
+# per rank, tensors/1 (the format before it) consolidated parts, which are still read.
+STATE_FORMAT = "shards/1"
+READABLE_FORMATS = (STATE_FORMAT, "tensors/1")
 
 
 def _dumps(obj: Any) -> bytes:
@@ -74,7 +81,7 @@ def save_bundle(
     step: int,
     *,
     rank: int,
-    state_part: tuple[int, dict[str, Any]] | None,
+    shard: dict[str, Any] | None,
     trainer: dict[str, Any] | None,
     rng: dict[str, Any],
     meta: dict[str, Any],
@@ -83,35 +90,57 @@ def save_bundle(
 ) -> BundleInfo | None:
     """Write this rank's share of the bundle for `step`; rank 0 publishes it. Collective.
 
-    `state_part` is (part index, consolidated state) on the ranks that write one; `trainer` is
-    given on rank 0 only; `local_state` is rank-specific state that cannot be consolidated (AutoTP
-    optimizer slices). Returns the published bundle on rank 0, None elsewhere.
+    `shard` is this rank's training state (state.shard_state; None on a rank that holds nothing to
+    save); `trainer` is given on rank 0 only; `local_state` is rank-specific state that is not in
+    shards (AutoTP's optimizer slices). Returns the published bundle on rank 0, None elsewhere.
     """
     tmp = broadcast_object(store.begin(step) if rank == 0 else None)
-    if state_part is not None:
-        index, part = state_part
-        store.put_bytes(tmp, f"state/part-{index}.pt", _dumps(part))
+    written: dict[str, dict[str, Any]] = {}
+
+    def put(relpath: str, obj: Any) -> None:
+        # torch.save writes each tensor's storage straight to the file: no bytes copy of the shard.
+        store.put_written(tmp, relpath, lambda path: torch.save(obj, path))
+        written[relpath] = store.file_sum(tmp, relpath)  # read back: the rank vouches for what is stored
+
+    if shard is not None:
+        put(f"state/rank-{rank}.pt", shard)
     if trainer is not None:
-        store.put_bytes(tmp, TRAINER_FILE, _dumps(trainer))
-    store.put_bytes(tmp, f"rng/rank-{rank}.pt", _dumps(rng))
+        put(TRAINER_FILE, trainer)
+    put(f"rng/rank-{rank}.pt", rng)
     if local_state is not None:
-        store.put_bytes(tmp, f"local/rank-{rank}.pt", _dumps(local_state))
-    if dist.is_initialized():
-        dist.barrier()  # every rank's files are durable before the manifest vouches for them
+        put(f"local/rank-{rank}.pt", local_state)
+    # Every rank's files are written and verified before the manifest vouches for them.
+    gathered = _gather_to_first(written)
     if rank != 0:
         return None
-    info = store.publish(tmp, step, {**meta, "state_format": STATE_FORMAT})
+    sums = {rel: entry for part in gathered for rel, entry in part.items()}
+    info = store.publish(tmp, step, {**meta, "state_format": STATE_FORMAT}, sums=sums)
     store.prune(keep_last)
     return info
 
 
+def _gather_to_first(value: Any) -> list[Any]:
+    """Every rank's `value` on rank 0 (others get []); a no-op without a process group."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [value]
+    first = dist.get_rank() == 0
+    box: list[Any] | None = [None] * dist.get_world_size() if first else None
+    dist.gather_object(value, box, dst=0)
+    return box or []
+
+
 @dataclass(frozen=True)
 class LoadedBundle:
+    """A published bundle as a worker reads it: the small files at once, the state shards on demand
+    (`read_shards`), so nothing holds more than one shard of the state at a time."""
+
+    store: BundleStore
     name: str
     trainer: dict[str, Any]
-    state: dict[str, Any]  # parts merged: weights / exp_avg / exp_avg_sq by parameter name, and step
+    shard_files: tuple[str, ...]
+    state_format: str
     rng: dict[str, Any] | None  # this rank's, when the bundle has one for it
-    local: dict[str, Any] | None  # this rank's un-consolidated optimizer state (AutoTP), if any
+    local: dict[str, Any] | None  # this rank's state that is not in shards (AutoTP), if any
 
 
 def load_bundle(store: BundleStore, name: str, rank: int) -> LoadedBundle:
@@ -119,7 +148,8 @@ def load_bundle(store: BundleStore, name: str, rank: int) -> LoadedBundle:
     files = store.files(name)
     if TRAINER_FILE not in files:
         raise UserError(f"{name} is not a clusterft training checkpoint (no {TRAINER_FILE})")
-    if store.inspect(name, verify=False).meta.get("state_format") != STATE_FORMAT:
+    state_format = store.inspect(name, verify=False).meta.get("state_format")
+    if state_format not in READABLE_FORMATS:
         raise UserError(
             f"{store.location(name)} was written by an older clusterft, whose checkpoints hold pickled "
             "Python objects; they are not loaded (unpickling a file from shared storage runs code), so "
@@ -128,18 +158,50 @@ def load_bundle(store: BundleStore, name: str, rank: int) -> LoadedBundle:
             "from the model that run exported to its output_dir"
         )
     trainer = _loads(store, name, TRAINER_FILE)
-    state: dict[str, Any] = {"weights": {}, "exp_avg": {}, "exp_avg_sq": {}, "step": None}
-    for part_file in sorted(f for f in files if f.startswith("state/")):
-        part = _loads(store, name, part_file)
-        for key in ("weights", "exp_avg", "exp_avg_sq"):
-            state[key].update(part[key])
-        if part["step"] is not None:
-            state["step"] = part["step"]
+    shard_files = tuple(sorted(f for f in files if f.startswith("state/")))
     rng_file = f"rng/rank-{rank}.pt"
     rng = _loads(store, name, rng_file) if rng_file in files else None
     local_file = f"local/rank-{rank}.pt"
     local = _loads(store, name, local_file) if local_file in files else None
-    return LoadedBundle(name, trainer, state, rng, local)
+    return LoadedBundle(store, name, trainer, shard_files, state_format, rng, local)
+
+
+def read_shards(bundle: LoadedBundle) -> Iterator[dict[str, Any]]:
+    """The bundle's state shards, one at a time (memory-mapped where the storage is a local disk:
+    only the pages a restore copies from are read)."""
+    for relpath in bundle.shard_files:
+        local = bundle.store.storage.local_path(f"{bundle.name}/{relpath}")
+        if local is not None:
+            try:
+                shard = torch.load(local, map_location="cpu", weights_only=True, mmap=True)
+            except pickle.UnpicklingError as err:
+                raise UserError(
+                    f"{local} holds Python objects other than tensors and plain data: {err}"
+                ) from err
+        else:
+            shard = _loads(bundle.store, bundle.name, relpath)
+        yield shard if bundle.state_format == STATE_FORMAT else _part_as_shard(shard)
+
+
+def _part_as_shard(part: dict[str, Any]) -> dict[str, Any]:
+    """A consolidated part of a tensors/1 bundle (full tensors by name) as a shard."""
+    shard = whole_tensors_shard(part["weights"])
+    names = sorted(part["weights"])
+    # Moments are None where the optimizer had not stepped (or AutoTP's parts, which held none).
+    if part["step"] is not None and all(part[key].get(n) is not None for key in MOMENTS for n in names):
+        for key in MOMENTS:
+            shard[key] = [part[key][n].reshape(-1) for n in names]
+        shard["step"] = part["step"]
+    return shard
+
+
+def bundle_weights(bundle: LoadedBundle) -> dict[str, torch.Tensor]:
+    """Every saved parameter's full weights, by name: for tests and inspection of small models
+    (export streams the shards into the model instead)."""
+    shapes = {record[0]: tuple(record[1]) for shard in read_shards(bundle) for record in shard["pieces"]}
+    weights = {name: torch.zeros(shape) for name, shape in sorted(shapes.items())}
+    load_weights(list(weights.items()), read_shards(bundle))
+    return weights
 
 
 def from_checkpoint_bundle(source: Path) -> tuple[BundleStore, BundleInfo]:

@@ -12,19 +12,23 @@ from clusterft.storage import BundleStore
 def export_bundle(spec: JobSpec, base_dir: str, store: BundleStore, name: str, output_dir: Path) -> Path:
     """Rebuild the model as the workers did, load the bundle's trainable weights, save to `output_dir`.
 
+    The weights are consolidated once, here, streaming: each shard in turn is copied into the
+    model's parameters (no second full copy of the weights, one shard read at a time).
+
     LoRA: adapter_config.json + adapter_model.safetensors (loadable by `PeftModel.from_pretrained`);
     full / freeze: an HF model dir. The tokenizer is saved alongside in both cases.
     """
     from clusterft.hf.loading import load_model, load_tokenizer
-    from clusterft.hf.lora import apply_method, load_trainable_state, save_trained
-    from clusterft.train.checkpointing import load_bundle
+    from clusterft.hf.lora import apply_method, save_trained
+    from clusterft.train.checkpointing import load_bundle, read_shards
     from clusterft.train.recipe import resolve
-    from clusterft.train.state import seed_everything
+    from clusterft.train.state import load_weights, seed_everything
 
     model_dir = resolve(base_dir, spec.model.model_name_or_path)
     seed_everything(spec.train.seed)
     model = apply_method(load_model(model_dir), spec.method, spec.model)
-    load_trainable_state(model, load_bundle(store, name, rank=0).state["weights"])
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    load_weights(trainable, read_shards(load_bundle(store, name, rank=0)))
     return save_trained(model, output_dir, load_tokenizer(model_dir))
 
 

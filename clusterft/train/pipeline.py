@@ -194,9 +194,9 @@ def pipeline_batch(examples: list, pad_token_id: int, length: int) -> tuple[torc
     return input_ids, labels
 
 
-def build_pipeline_engine_inputs(model_dir: Path, spec, weights: dict[str, torch.Tensor] | None):
-    """(this stage's PipelineModule, its (HF name, parameter) list, hidden size) for the recipe;
-    `weights` (a checkpoint's, by HF name) replace the base model's when resuming."""
+def build_pipeline_engine_inputs(model_dir: Path, spec):
+    """(this stage's PipelineModule, its (HF name, parameter) list, hidden size) for the recipe,
+    which loads a checkpoint's weights into the parameters by HF name when resuming."""
     from clusterft.train.state import seed_everything
 
     seed_everything(spec.train.seed)
@@ -204,10 +204,6 @@ def build_pipeline_engine_inputs(model_dir: Path, spec, weights: dict[str, torch
         model_dir, spec.parallel.pipeline_stages, spec.train.gradient_checkpointing
     )
     named = hf_named_parameters(module)
-    if weights is not None:
-        with torch.no_grad():
-            for name, param in named:
-                param.copy_(weights[name])
     hidden_size = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["hidden_size"]
     return module, named, hidden_size
 

@@ -8,7 +8,8 @@ What makes a resumed run bitwise equal to an uninterrupted one (CPU, fp32):
   - data order is a function of (seed, epoch) and the position is derived from the global step;
   - checkpoints are taken at optimizer-step boundaries, so no half-accumulated gradient is lost;
   - fp32 weights, AdamW moments and step, LR-scheduler state and every rank's RNG are restored
-    exactly (state.py); DeepSpeed's bucket order follows parameter order, which setup keeps fixed;
+    exactly, each rank from the shards' ranges it holds (state.py); DeepSpeed's bucket order follows
+    parameter order, which setup keeps fixed;
   - fp32 has no loss scaler; bf16/fp16 are GPU-only and not promised bitwise.
 """
 
@@ -32,25 +33,32 @@ from clusterft.config.spec import JobSpec
 from clusterft.data import IGNORE_INDEX, build_datasets, collate
 from clusterft.errors import UserError
 from clusterft.hf.loading import load_model, load_tokenizer
-from clusterft.hf.lora import apply_method, load_trainable_state, lora_target_modules
+from clusterft.hf.lora import apply_method, lora_target_modules
 from clusterft.storage import BundleStore
 from clusterft.train.checkpointing import (
     LoadedBundle,
     broadcast_object,
     load_bundle,
+    read_shards,
     save_bundle,
     verified_bundle,
 )
 from clusterft.train.deepspeed_config import build_deepspeed_config
 from clusterft.train.plan import check_resumable, compat_record, plan_run, warmup_steps
 from clusterft.train.state import (
-    gather_state,
+    Layout,
     gather_tensor_parallel_weights,
+    layout,
+    load_weights,
+    local_tensor_parallel_state,
     model_state_bytes,
-    restore_optimizer_state,
+    restore_moments,
+    restore_tensor_parallel_state,
     rng_state,
     seed_everything,
     set_rng_state,
+    shard_state,
+    whole_tensors_shard,
 )
 
 
@@ -177,8 +185,7 @@ class Recipe:
         if self.pipeline:
             from clusterft.train.pipeline import build_pipeline_engine_inputs
 
-            weights = resumed.state["weights"] if resumed is not None else None
-            model, named, hidden_size = build_pipeline_engine_inputs(self.model_dir, spec, weights)
+            model, named, hidden_size = build_pipeline_engine_inputs(self.model_dir, spec)
             targets: list[str] = []
         else:
             model = load_model(self.model_dir, trust_remote_code=spec.model.trust_remote_code)
@@ -188,10 +195,12 @@ class Recipe:
             if spec.train.gradient_checkpointing:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
                 model.config.use_cache = False
-            if resumed is not None:
-                load_trainable_state(model, resumed.state["weights"])
             named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
             hidden_size = model.config.hidden_size
+        if resumed is not None:
+            # Whole weights into the module, each range from the shard that holds it; DeepSpeed
+            # makes its (partitioned) fp32 copies from them.
+            load_weights(named, read_shards(resumed))
         compat = compat_record(spec, self.model_dir, self.train_data, targets)
         config = build_deepspeed_config(spec, self.plan, hidden_size=hidden_size)
         total = self.plan.total_steps
@@ -217,9 +226,9 @@ class Recipe:
                     f"{resumed.name}: a tensor-parallel checkpoint resumes on the same number of workers "
                     f"({trainer['world_size']}); use resume: {{weights_only: true}} to change it"
                 )
-            restore_optimizer_state(self.engine, self.named_params, resumed.local)
+            restore_tensor_parallel_state(self.engine, self.named_params, resumed.local)
         else:
-            restore_optimizer_state(self.engine, self.named_params, resumed.state)
+            restore_moments(self.engine, self._layout(), read_shards(resumed))
         scheduler = self.engine.lr_scheduler
         scheduler.load_state_dict(trainer["scheduler"])
         # LambdaLR.load_state_dict restores its counters, not the optimizer's current lr.
@@ -309,14 +318,16 @@ class Recipe:
         import ray.train
 
         spec, plan = self.spec, self.plan
-        state = gather_state(self.engine, self.named_params)
         local_state = None
         if self.spec.parallel.strategy == "tensor":
-            # AutoTP slices weights and moments by rank: gather full weights (export, resharding) and
-            # keep each rank's moment slices as they are (resume needs the same tensor_parallel_size).
+            # AutoTP slices weights and moments by rank, not in flat ranges: rank 0 writes the gathered
+            # full weights (export, weights-only starts) and every rank its own slices (resume needs
+            # the same tensor_parallel_size).
             full = gather_tensor_parallel_weights(self.engine)
-            local_state = {**state, "weights": {}}
-            state = {"weights": full, "exp_avg": {}, "exp_avg_sq": {}, "step": state["step"]}
+            shard = whole_tensors_shard(full) if self.rank == 0 else None
+            local_state = local_tensor_parallel_state(self.engine, self.named_params)
+        else:
+            shard = shard_state(self.engine, self._layout())
         epoch, micro_step = plan.position(step)
         trainer = None
         if self.rank == 0:
@@ -344,7 +355,7 @@ class Recipe:
             self.store,
             step,
             rank=self.rank,
-            state_part=(self.rank // self.plan.data_parallel_size, state) if self.dp_rank == 0 else None,
+            shard=shard,
             trainer=trainer,
             rng=rng_state(),
             meta=meta,
@@ -363,6 +374,10 @@ class Recipe:
                 json.dumps({"bundle": f"{self.store.storage.uri}/{info.name}", "global_step": step})
             )
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(pointer))
+
+    def _layout(self) -> Layout:
+        """Where this rank's share of the training state lives (what it saves and restores)."""
+        return layout(self.engine, self.named_params, self.dp_rank, self.plan.data_parallel_size)
 
     def _send(self, event: str, **fields: Any) -> None:
         """Progress to the driver's queue (rank 0 only; best effort: a full queue drops nothing vital)."""

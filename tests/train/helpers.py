@@ -11,10 +11,18 @@ from typing import Any, ClassVar
 
 from clusterft.config import JobSpec, parse_job_dict
 from clusterft.storage import BundleStore
-from clusterft.train.checkpointing import load_bundle
+from clusterft.train.checkpointing import bundle_weights, load_bundle
 from clusterft.train.launcher import locate
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
+# The data-parallel strategies, as `parallel` sections of a job.
+DATA_PARALLEL = {
+    "ddp": {"strategy": "ddp"},
+    "zero1": {"strategy": "zero1"},
+    "zero2": {"strategy": "zero2"},
+    "zero3": {"strategy": "zero3"},
+    "zero3_offload": {"strategy": "zero3", "offload": "optimizer+params"},
+}
 
 
 def make_job(model_dir: Path, out: Path, **overrides: Any) -> JobSpec:
@@ -56,7 +64,7 @@ def bundles(spec: JobSpec) -> BundleStore:
 
 def final_weights(spec: JobSpec) -> dict:
     store = bundles(spec)
-    return load_bundle(store, store.find_latest_valid().name, rank=0).state["weights"]
+    return bundle_weights(load_bundle(store, store.find_latest_valid().name, rank=0))
 
 
 class RecordingCallback:
@@ -103,6 +111,6 @@ class WorkerKiller(threading.Thread):
             time.sleep(0.3)  # let a publish that was already past its barrier finish
             newest = store.list(verify=False)[-1].name
             root = store.storage.local_path(newest)
-            target = root / "state" / "part-0.pt"
+            target = root / "state" / "rank-0.pt"
             target.write_bytes(target.read_bytes()[:100])
             self.corrupted = newest

@@ -16,19 +16,30 @@ from clusterft.storage import BundleStore
 from clusterft.train.checkpointing import (
     RunStart,
     StartChoice,
+    bundle_weights,
     choose_start,
     load_bundle,
     save_bundle,
     start_run,
 )
-from clusterft.train.state import rng_state, seed_everything, set_rng_state
+from clusterft.train.state import copy_pieces, rng_state, seed_everything, set_rng_state
 from tests.train.helpers import make_job
 
+# A consolidated part, as bundles of the format before shards (tensors/1) hold it.
 STATE = {
     "weights": {"w": torch.arange(6.0)},
     "exp_avg": {"w": torch.ones(6)},
     "exp_avg_sq": {"w": None},
     "step": torch.tensor(3.0),
+}
+# One rank's shard (shards/1): parameter w (2 x 3) whole, in one flat tensor.
+SHARD = {
+    "format": "shard/1",
+    "weights": [torch.arange(6.0)],
+    "exp_avg": [torch.ones(6)],
+    "exp_avg_sq": [torch.zeros(6)],
+    "step": torch.tensor(3.0),
+    "pieces": [["w", [2, 3], 0, 6, 0, 0]],
 }
 
 
@@ -47,7 +58,7 @@ def save(store: BundleStore, step: int) -> str:
         store,
         step,
         rank=0,
-        state_part=(0, STATE),
+        shard=SHARD,
         trainer=trainer(step),
         rng=rng_state(),
         meta={"global_step": step, "spec_hash": "h"},
@@ -75,7 +86,8 @@ def test_bundle_files_are_tensors_and_plain_data_and_rng_resumes_exactly(tmp_pat
     loaded = load_bundle(store, name, rank=0)
     set_rng_state(loaded.rng)
     assert draws() == expected
-    assert loaded.trainer["global_step"] == 4 and torch.equal(loaded.state["weights"]["w"], torch.arange(6.0))
+    assert loaded.trainer["global_step"] == 4
+    assert torch.equal(bundle_weights(loaded)["w"], torch.arange(6.0).view(2, 3))
 
 
 def test_a_bundle_from_before_weights_only_is_refused_with_the_way_out(tmp_path):
@@ -213,3 +225,75 @@ def test_choose_start_changes_nothing_and_start_run_carries_it_out(tmp_path):
     with pytest.raises(UserError, match=r"resume.from_checkpoint: .* deletes before the run starts"):
         start_run(doomed, root.storage.uri, Path(newest))
     assert [i.step for i in root.list()] == [4]
+
+
+# ---------------------------------------------------------------- shards and resharding
+
+
+def shards_of(full: dict[str, torch.Tensor], ranks: int) -> list[dict]:
+    """What `ranks` ddp ranks save of `full`: each rank 1/ranks of every tensor, in a flat of its own."""
+    out = []
+    for rank in range(ranks):
+        weights, pieces = [], []
+        for name, tensor in full.items():
+            chunk = -(-tensor.numel() // ranks)
+            start = min(rank * chunk, tensor.numel())
+            part = tensor.reshape(-1)[start : start + chunk].clone()
+            pieces.append([name, list(tensor.shape), start, part.numel(), len(weights), 0])
+            weights.append(part)
+        out.append({"format": "shard/1", "weights": weights, "step": None, "pieces": pieces})
+    return out
+
+
+@pytest.mark.parametrize("saved_on, restored_on", [(2, 1), (1, 2), (2, 3), (3, 2)])
+def test_shards_of_n_ranks_fill_m_ranks_ranges_exactly(saved_on, restored_on):
+    """Resharding is range arithmetic: the ranges M ranks need are filled, bit for bit, from the
+    overlapping pieces of N ranks' shards (7 x 3 = 21 elements: no split is even)."""
+    full = {"a": torch.randn(7, 3), "b": torch.randn(5)}
+    shards = shards_of(full, saved_on)
+    for rank in range(restored_on):
+        targets, shapes = {}, {}
+        for name, tensor in full.items():
+            chunk = -(-tensor.numel() // restored_on)
+            start = min(rank * chunk, tensor.numel())
+            numel = min(chunk, tensor.numel() - start)
+            targets[name] = [(start, numel, {"weights": torch.full((numel,), float("nan"))})]
+            shapes[name] = tuple(tensor.shape)
+        copy_pieces(targets, shapes, shards)
+        for name, [(start, numel, dest)] in targets.items():
+            assert torch.equal(dest["weights"], full[name].reshape(-1)[start : start + numel])
+
+
+def test_a_shard_that_misses_a_range_or_a_shape_is_a_clear_error():
+    full = {"a": torch.randn(7, 3)}
+    whole = [(0, 21, {"weights": torch.zeros(21)})]
+    with pytest.raises(UserError, match=r"elements 0\.\.21 of a are not in it \(14 found\)"):
+        copy_pieces({"a": whole}, {"a": (7, 3)}, shards_of(full, 3)[:2])
+    with pytest.raises(UserError, match=r"a has shape \(7, 3\), the model \(3, 7\)"):
+        copy_pieces({"a": whole}, {"a": (3, 7)}, shards_of(full, 1))
+
+
+def test_a_bundle_of_consolidated_parts_still_loads(tmp_path):
+    """Bundles written before shards (tensors/1: one consolidated part) resume and export."""
+    store = BundleStore(tmp_path / "b")
+    tmp = store.begin(2)
+    for rel, obj in [("trainer.pt", trainer(2)), ("state/part-0.pt", STATE), ("rng/rank-0.pt", rng_state())]:
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        store.put_bytes(tmp, rel, buffer.getvalue())
+    name = store.publish(tmp, 2, {"global_step": 2, "state_format": "tensors/1"}).name
+    assert torch.equal(bundle_weights(load_bundle(store, name, rank=0))["w"], torch.arange(6.0))
+
+
+def test_the_manifest_holds_what_the_writers_read_back_and_refuses_what_they_did_not_write(tmp_path):
+    store = BundleStore(tmp_path / "b")
+    tmp = store.begin(2)
+    store.put_bytes(tmp, "state/rank-0.pt", b"x" * 10)
+    sums = {"state/rank-0.pt": store.file_sum(tmp, "state/rank-0.pt")}
+    assert sums["state/rank-0.pt"]["bytes"] == 10
+    store.put_bytes(tmp, "state/rank-1.pt", b"stray")
+    with pytest.raises(RuntimeError, match=r"state/rank-1\.pt: not in the manifest"):
+        store.publish(tmp, 2, {}, sums=sums)
+    store.storage.delete_file(f"{tmp}/state/rank-1.pt")
+    info = store.publish(tmp, 2, {}, sums=sums)
+    assert store.inspect(info.name).valid

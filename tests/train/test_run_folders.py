@@ -47,6 +47,6 @@ def test_a_weights_only_run_sees_only_its_own_bundles(ray_cluster, tiny_llama, t
 
 
 def final_state(store) -> dict:
-    from clusterft.train.checkpointing import load_bundle
+    from clusterft.train.checkpointing import bundle_weights, load_bundle
 
-    return load_bundle(store, store.find_latest_valid().name, rank=0).state["weights"]
+    return bundle_weights(load_bundle(store, store.find_latest_valid().name, rank=0))
