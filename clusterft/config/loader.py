@@ -17,7 +17,7 @@ from clusterft.errors import UserError
 # LLaMA-Factory keys that clusterft accepts so its YAMLs load unchanged, but that do nothing here;
 # each is reported with the reason when a spec uses it.
 IGNORED_KEYS: dict[str, str] = {
-    "overwrite_cache": "datasets are tokenized in memory each run; there is no cache",
+    "overwrite_cache": "the tokenized cache is keyed by the data options, files and tokenizer",
     "ddp_timeout": "Ray Train sets the process-group timeout",
     "save_only_model": "checkpoints always hold the optimizer state so that resume is exact",
     "eval_strategy": "evaluation runs after training, as set in the eval section",

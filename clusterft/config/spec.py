@@ -97,6 +97,24 @@ class DataArgs(Section):
     preprocessing_num_workers: int | None = Field(
         default=None, gt=0, description="Processes tokenizing the dataset (default: in the calling process)."
     )
+    packing: bool = Field(
+        default=False, description="Pack examples into sequences of up to cutoff_len tokens (in data order)."
+    )
+    neat_packing: bool = Field(
+        default=False,
+        description="Pack without cross-attention: positions restart per example, attention stays within it.",
+    )
+    streaming: bool = Field(
+        default=False,
+        description="Read JSON Lines one record at a time and shuffle in blocks of buffer_size rows.",
+    )
+    buffer_size: int = Field(
+        default=16384, gt=0, description="Streaming: rows per shuffled block (consecutive rows of the cache)."
+    )
+    cache_dir: str | None = Field(
+        default=None,
+        description="Where the tokenized dataset is cached (default: output_dir/.clusterft/data_cache).",
+    )
 
     _split_datasets = field_validator("dataset", "eval_dataset", mode="before")(_split_csv)
 
@@ -384,6 +402,12 @@ class JobSpec(Section):
                     f"{precision}: true trains on GPUs only (cluster.gpus_per_worker > 0); on CPU set "
                     f"{precision}: false to train in fp32"
                 )
+        if parallel.strategy == "pipeline" and self.data.neat_packing:
+            raise ValueError(
+                "data.neat_packing: the pipeline stages take input ids only, so packed examples would attend "
+                "to each other; use packing: true (cross-attention, LLaMA-Factory's packing) or a ddp, zero* "
+                "or tensor strategy"
+            )
         if self.promote.merge and self.method.finetuning_type != "lora":
             raise ValueError(
                 f"promote.merge: true merges a LoRA adapter into its base, but finetuning_type is "

@@ -33,6 +33,8 @@ IGNORE_INDEX = -100
 class EncodedExample:
     input_ids: list[int]
     labels: list[int]  # same length; -100 where not trained on
+    # neat packing only: each packed example's positions, restarting at 0 (see packing.py)
+    position_ids: list[int] | None = None
 
 
 @dataclass(frozen=True)
@@ -62,31 +64,34 @@ def infer_seqlen(source_len: int, target_len: int, cutoff_len: int) -> tuple[int
     return new_source_len, new_target_len
 
 
-def encode_pairs(
-    messages: list[dict[str, str]], template: ChatTemplate, tokenizer: PreTrainedTokenizerBase
-) -> list[tuple[list[int], list[int]]]:
-    """(prompt_ids, response_ids) of each assistant turn. Special tokens in the text (`<|im_start|>`)
-    become their single ids; nothing is added around them (the template writes any BOS itself)."""
-    return [
-        (
-            tokenizer.encode(prompt, add_special_tokens=False),
-            tokenizer.encode(response, add_special_tokens=False),
-        )
-        for prompt, response in template.turns(messages)
-    ]
+def encode_pairs_batch(
+    conversations: list[list[dict[str, str]]], template: ChatTemplate, tokenizer: PreTrainedTokenizerBase
+) -> list[list[tuple[list[int], list[int]]]]:
+    """(prompt_ids, response_ids) of each assistant turn, for each conversation. Special tokens in the
+    text (`<|im_start|>`) become their single ids; nothing is added around them (the template writes
+    any BOS itself). All texts go to the tokenizer in one call: per-call overhead, not the
+    tokenizer's own work, is most of the time when each text is encoded alone."""
+    turns = [template.turns(messages) for messages in conversations]
+    texts = [text for conversation in turns for pair in conversation for text in pair]
+    ids = iter(_token_ids(tokenizer, texts))
+    return [[(next(ids), next(ids)) for _ in conversation] for conversation in turns]
+
+
+def _token_ids(tokenizer: PreTrainedTokenizerBase, texts: list[str]) -> list[list[int]]:
+    """tokenizer(texts, add_special_tokens=False)'s ids; for a fast tokenizer straight from its Rust
+    backend, skipping the conversion of every encoding into Python objects that are not used."""
+    if not texts:
+        return []
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [encoding.ids for encoding in backend.encode_batch(texts, add_special_tokens=False)]
 
 
 def _encode(
-    example: Example,
-    template: ChatTemplate,
-    tokenizer: PreTrainedTokenizerBase,
-    *,
-    cutoff_len: int,
-    train_on_prompt: bool,
-    mask_history: bool,
+    pairs: list[tuple[list[int], list[int]]], *, cutoff_len: int, train_on_prompt: bool, mask_history: bool
 ) -> tuple[EncodedExample, bool]:
-    """The encoded example and whether truncation dropped any token."""
-    pairs = encode_pairs(example.messages, template, tokenizer)
+    """The encoded example of a conversation's token pairs and whether truncation dropped any token."""
     if mask_history:
         # The last turn goes first so that truncation never drops the only labelled turn.
         pairs = pairs[::-1]
@@ -123,10 +128,9 @@ def encode_example(
     mask_history: bool = False,
 ) -> EncodedExample:
     """Tokenize `example` with `template`, truncate to `cutoff_len` and label the assistant tokens."""
+    (pairs,) = encode_pairs_batch([example.messages], template, tokenizer)
     encoded, _ = _encode(
-        example,
-        template,
-        tokenizer,
+        pairs,
         cutoff_len=cutoff_len,
         train_on_prompt=train_on_prompt,
         mask_history=mask_history,
@@ -187,11 +191,10 @@ def _encode_chunk(
     kept: list[Example] = []
     problems: list[BadRecord] = []
     num_truncated = 0
-    for example in examples:
+    conversations = encode_pairs_batch([example.messages for example in examples], template, tokenizer)
+    for example, pairs in zip(examples, conversations, strict=True):
         result, truncated = _encode(
-            example,
-            template,
-            tokenizer,
+            pairs,
             cutoff_len=cutoff_len,
             train_on_prompt=train_on_prompt,
             mask_history=mask_history,

@@ -248,7 +248,7 @@ def test_renamed_and_ignored_llamafactory_keys(tmp_path: Path) -> None:
     assert spec.parallel.deepspeed == "ds_z2.json"
     assert [str(w.message) for w in caught] == [
         f"{tmp_path / 'job.yaml'}: overwrite_cache is accepted but ignored: "
-        "datasets are tokenized in memory each run; there is no cache"
+        "the tokenized cache is keyed by the data options, files and tokenizer"
     ]
 
 
