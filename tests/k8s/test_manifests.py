@@ -31,7 +31,8 @@ CRD_FILES = {
     "RayJob": "ray.io_rayjobs.yaml",
     "RayService": "ray.io_rayservices.yaml",
 }
-CORE_KINDS = {"PersistentVolumeClaim", "ConfigMap", "Pod", "Secret"}
+CORE_KINDS = {"PersistentVolumeClaim", "ConfigMap", "Pod", "Secret", "Service"}
+APPS_KINDS = {"StatefulSet"}
 SHARED_CLAIM = "clusterft-shared"
 SHARED_PATH = "/shared"
 RAY_VERSION = "2.60.0"
@@ -165,8 +166,12 @@ def documents() -> list[tuple[str, dict[str, Any]]]:
     return copy.deepcopy(list(_documents()))
 
 
-def the(kind: str) -> dict[str, Any]:
-    (doc,) = [doc for _, doc in documents() if doc.get("kind") == kind]
+def the(kind: str, name: str | None = None) -> dict[str, Any]:
+    (doc,) = [
+        doc
+        for _, doc in documents()
+        if doc.get("kind") == kind and name in (None, doc.get("metadata", {}).get("name"))
+    ]
     return doc
 
 
@@ -249,8 +254,9 @@ def test_converter_mimics_the_api_server() -> None:
 
 def test_k8s_holds_the_cluster_the_job_the_service_and_their_storage() -> None:
     kinds = sorted(doc.get("kind", "?") for _, doc in documents())
+    store = ["Secret", "Service", "StatefulSet"]  # the job store (postgres.yaml)
     assert kinds == sorted(
-        ["PersistentVolumeClaim", "Pod", "RayCluster", "ConfigMap", "RayJob", "RayService", "Secret"]
+        ["PersistentVolumeClaim", "Pod", "RayCluster", "ConfigMap", "RayJob", "RayService", "Secret", *store]
     ), kinds
 
 
@@ -262,6 +268,8 @@ def test_every_document_is_a_named_kubernetes_object(index: int) -> None:
     kind = doc.get("kind")
     if kind in CORE_KINDS:
         assert doc.get("apiVersion") == "v1", where
+    elif kind in APPS_KINDS:
+        assert doc.get("apiVersion") == "apps/v1", where
     else:
         assert kind in CRD_FILES and doc.get("apiVersion") == "ray.io/v1", f"{where}: unexpected kind"
     name = doc.get("metadata", {}).get("name", "")
@@ -475,14 +483,14 @@ KEY_VARS = {"CLUSTERFT_API_KEY": "api-key", "CLUSTERFT_ADMIN_API_KEY": "admin-ap
 
 def test_the_api_key_secret_ships_empty() -> None:
     """Applied unchanged it exposes nothing: the app refuses to start without a key."""
-    secret = the("Secret")
+    secret = the("Secret", "clusterft-api-keys")
     assert secret["type"] == "Opaque" and "data" not in secret
     assert secret["stringData"] == {key: "" for key in KEY_VARS.values()}
 
 
 @pytest.mark.parametrize("kind", ["RayCluster", "RayService"])
 def test_http_serving_pods_read_the_api_keys_from_the_secret(kind: str) -> None:
-    secret = the("Secret")
+    secret = the("Secret", "clusterft-api-keys")
     for name, group in groups(ray_cluster_specs()[kind]).items():
         env = {e["name"]: e for e in ray_container(group["template"]["spec"]).get("env", [])}
         for var, key in KEY_VARS.items():
@@ -499,3 +507,58 @@ def test_no_manifest_writes_a_key() -> None:
         assert "api_key:" not in text and "admin_api_key:" not in text, f"{file}: a key in the manifest"
     args = serve_config()["applications"][0]["args"]
     assert not {"api_key", "admin_api_key", "insecure"} & set(args), "keys come from the environment"
+
+
+# ---------------------------------------------------------------- the job store
+
+
+STORE_SECRET = "clusterft-store"
+
+
+def env_of(container: dict[str, Any]) -> dict[str, Any]:
+    return {entry["name"]: entry for entry in container.get("env", [])}
+
+
+def from_secret(entry: dict[str, Any] | None) -> tuple[str, str] | None:
+    ref = (entry or {}).get("valueFrom", {}).get("secretKeyRef")
+    return (ref["name"], ref["key"]) if ref else None
+
+
+@pytest.mark.parametrize("kind", ["RayCluster", "RayJob"])
+def test_every_controller_pod_reaches_the_shared_job_store_through_the_secret(kind: str) -> None:
+    """Every pod that may run a controller or a driver (any of them: the actor and the Ray jobs go
+    where Ray puts them) has the store's URL and password from the Secret, never written inline."""
+    for name, group in groups(ray_cluster_specs()[kind]).items():
+        env = env_of(ray_container(group["template"]["spec"]))
+        where = f"{kind}/{name}"
+        assert from_secret(env.get("CLUSTERFT_STORE_URL")) == (STORE_SECRET, "url"), where
+        assert from_secret(env.get("PGPASSWORD")) == (STORE_SECRET, "password"), where
+    runtime_env = yaml.safe_load(the("RayJob")["spec"]["runtimeEnvYAML"]) if kind == "RayJob" else {}
+    assert "CLUSTERFT_STORE_URL" not in runtime_env.get("env_vars", {}), "the job server shows runtime envs"
+
+
+def test_the_store_secret_names_the_statefulsets_server_without_a_password() -> None:
+    from urllib.parse import urlsplit
+
+    secret, service, server = the("Secret", STORE_SECRET), the("Service"), the("StatefulSet")
+    url = urlsplit(secret["stringData"]["url"])
+    assert url.scheme == "postgresql" and url.password is None, "the password travels in PGPASSWORD"
+    assert secret["stringData"]["password"] == "", "shipped empty: the server refuses to start so"
+    [port] = service["spec"]["ports"]
+    assert (url.hostname, url.port) == (service["metadata"]["name"], port["port"])
+    assert server["spec"]["serviceName"] == service["metadata"]["name"]
+    pod = server["spec"]["template"]
+    assert (
+        service["spec"]["selector"] == server["spec"]["selector"]["matchLabels"] == pod["metadata"]["labels"]
+    )
+    [container] = pod["spec"]["containers"]
+    assert port["targetPort"] in [p["name"] for p in container["ports"]]
+    env = env_of(container)
+    assert (url.username, url.path.lstrip("/")) == (
+        env["POSTGRES_USER"]["value"],
+        env["POSTGRES_DB"]["value"],
+    )
+    assert from_secret(env["POSTGRES_PASSWORD"]) == (STORE_SECRET, "password")
+    [claim] = server["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert [m["name"] for m in container["volumeMounts"]] == [claim["metadata"]["name"]]
