@@ -5,7 +5,12 @@ pgserver on this host, over its Unix socket, fsync on).
 Each process opens its own store and, N times: submits a job (with its run folders, as `Jobs.submit`
 does: checked against every unsettled job's) and moves it submitted -> training (a compare-and-set).
 Operations per second = 2N x processes / the wall time from the common start to the last finish.
-Then the processes race to move the same jobs (every job moved exactly once, checked).
+
+Then each process is a controller (its store fenced by its id) working its share of N new jobs per
+process as a controller's ticks do: claim the job's lease, move it (fenced), point at its log, renew
+the lease: 4 operations a job (`controllers.ops_per_s`). Last, the controllers race for the same
+jobs: each claims every job and tries to move it; only the lease holder's fenced move goes through
+(checked: every job moved exactly once, by its holder).
 
     python bench/store.py --json                 # prints one JSON object
     python bench/store.py --processes 8 --jobs 100
@@ -58,19 +63,43 @@ def submit_and_move(location: str, worker: int, jobs: int, barrier: Any, results
         results.put((start, time.perf_counter(), submit_s, move_s))
 
 
-def race(location: str, job_ids: list[str], barrier: Any, results: Any) -> None:
-    from clusterft.controller.state import JobState, Training
-    from clusterft.controller.store import JobStore, StaleState
+LEASE_S = 15.0  # the controller's default
 
-    with JobStore(location) as store:
+
+def controller(location: str, worker: int, job_ids: list[str], barrier: Any, results: Any) -> None:
+    """A controller's store work on its jobs: claim, fenced move, log pointer, renewal."""
+    from clusterft.controller.state import JobState, Training
+    from clusterft.controller.store import JobStore
+
+    holder = f"bench-controller-{worker}"
+    with JobStore(location, fence=holder) as store:
+        barrier.wait()
+        start = time.perf_counter()
+        for job_id in job_ids:
+            assert store.claim(job_id, holder, "bench", worker, LEASE_S).holder == holder
+            store.transition(job_id, JobState.SUBMITTED, Training())
+            store.add_log(job_id, "train", f"/runs/{job_id}/train.log")
+            store.claim(job_id, holder, "bench", worker, LEASE_S)  # the next tick renews it
+        results.put((start, time.perf_counter(), 4 * len(job_ids)))
+
+
+def race(location: str, worker: int, job_ids: list[str], barrier: Any, results: Any) -> None:
+    """Every controller claims every job and tries to move it: only the holder's move is written."""
+    from clusterft.controller.state import JobState, Training
+    from clusterft.controller.store import JobStore, LeaseLost, StaleState
+
+    holder = f"bench-racer-{worker}"
+    with JobStore(location, fence=holder) as store:
         won = 0
         barrier.wait()
         start = time.perf_counter()
         for job_id in job_ids:
+            held = store.claim(job_id, holder, "bench", worker, LEASE_S).holder == holder
             try:
                 store.transition(job_id, JobState.SUBMITTED, Training())
+                assert held, f"{holder} moved {job_id} without its lease"
                 won += 1
-            except StaleState:
+            except (LeaseLost, StaleState):
                 pass
         results.put((start, time.perf_counter(), won))
 
@@ -101,8 +130,11 @@ def bench_backend(location: str, processes: int, jobs: int) -> dict[str, Any]:
 
     with JobStore(location) as store:
         spec = job_spec()
+        owned = [[store.submit(spec).id for _ in range(jobs)] for _ in range(processes)]
         contested = [store.submit(spec).id for _ in range(jobs)]
-    raced = run(race, lambda i: (location, contested), processes)
+    ticked = run(controller, lambda i: (location, i, owned[i]), processes)
+    tick_wall = max(end for _, end, _ in ticked) - min(start for start, _, _ in ticked)
+    raced = run(race, lambda i: (location, i, contested), processes)
     race_wall = max(end for _, end, _ in raced) - min(start for start, _, _ in raced)
     with JobStore(location) as store:
         assert sum(won for _, _, won in raced) == len(contested), "a job moved twice, or not at all"
@@ -115,6 +147,10 @@ def bench_backend(location: str, processes: int, jobs: int) -> dict[str, Any]:
         "ops_per_s": round(2 * len(submits) / wall, 1),
         "submit_ms": {"p50": ms(submits, 50), "p99": ms(submits, 99)},
         "transition_ms": {"p50": ms(moves, 50), "p99": ms(moves, 99)},
+        "controllers": {
+            "ops_per_s": round(sum(ops for _, _, ops in ticked) / tick_wall, 1),
+            "per_job": "claim, fenced move, log pointer, lease renewal",
+        },
         "race": {"jobs": len(contested), "attempts_per_s": round(processes * len(contested) / race_wall, 1)},
     }
 
