@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from clusterft.engine.attention import AttentionMetadata, DecodeBlocks, PrefillChunk
+from clusterft.engine.attention import AttentionMetadata, PrefillChunk, plan_decode_blocks
 from clusterft.engine.cache_engine import CacheEngine
 from clusterft.engine.lora import LoRAManager
 from clusterft.engine.models.layers import LoRAMapping
@@ -204,36 +204,14 @@ class ModelRunner:
         return torch.tensor(input_ids, dtype=torch.long, device=dev), pos.to(dev), meta
 
     def _decode_blocks(self, decode_states: list[CachedRequestState], context_lens: torch.Tensor):
-        """The decodes' (request, block) pairs as in-place and gathered DecodeBlocks (see attention.py)."""
-        bs, dev, d = self.block_size, self.device, len(decode_states)
-        table = [block_id for state in decode_states for block_id in state.block_ids]
-        counts = torch.tensor([len(state.block_ids) for state in decode_states])
-        block_ids = torch.tensor(table, dtype=torch.long)
-        owner = torch.repeat_interleave(torch.arange(d), counts)  # (TB,)
-        # Each block's first position within its request, against the request's context length.
-        block_index = torch.arange(len(table)) - (torch.cumsum(counts, 0) - counts)[owner]
-        slot_pos = block_index[:, None] * bs + torch.arange(bs)  # (TB, bs) position held by each slot
-        valid = slot_pos < context_lens[owner][:, None]
-        window = self.model.args.sliding_window
-        if window is not None:  # the decode token sits at context_len - 1
-            valid &= slot_pos >= context_lens[owner][:, None] - window
-        seen: set[int] = set()
-        first = torch.tensor([not (b in seen or seen.add(b)) for b in table])  # first reader of each block
-        lo, hi = min(seen), max(seen) + 1
-        parts = []
-        if 4 * (hi - lo) <= 5 * len(seen):  # dense: few idle blocks read for nothing
-            range_owner = torch.full((hi - lo,), d, dtype=torch.long)
-            range_valid = torch.zeros(hi - lo, bs, dtype=torch.bool)
-            range_owner[block_ids[first] - lo] = owner[first]
-            range_valid[block_ids[first] - lo] = valid[first]
-            parts.append(DecodeBlocks(range_owner.to(dev), range_valid.to(dev), block_start=lo))
-            block_ids, owner, valid = block_ids[~first], owner[~first], valid[~first]
-        if len(block_ids):
-            parts.append(
-                DecodeBlocks(owner.to(dev), valid.to(dev), block_ids=block_ids.to(dev),
-                             buffers=self._decode_kv_buffers(len(block_ids)))
-            )  # fmt: skip
-        return parts
+        return plan_decode_blocks(
+            [state.block_ids for state in decode_states],
+            context_lens,
+            self.block_size,
+            self.model.args.sliding_window,
+            self.device,
+            self._decode_kv_buffers,
+        )
 
     def _lora_mapping(
         self, ordered: list[CachedRequestState], num_scheduled: dict[str, int]
