@@ -118,11 +118,8 @@ def create_app(jobs: Jobs, api_key: str | None = None, admin_api_key: str | None
 
     @app.get("/v1/jobs/{job_id}/logs", response_class=PlainTextResponse)
     def logs(job_id: str) -> str:
-        parts = [
-            f"==> {path} <==\n{path.read_text(errors='replace')}"
-            for path in jobs.log_paths(job_id)
-            if path.is_file()
-        ]
+        # A file's text, or a Ray job driver's output from the cluster's job server.
+        parts = [f"==> {where} <==\n{text}" for where, text in jobs.log_texts(job_id) if text is not None]
         return "".join(parts)
 
     @app.post("/v1/jobs/{job_id}/cancel")
