@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterft.config.spec import JobSpec
-from clusterft.controller.ray_jobs import JOB_SERVER_ENV, RayJobs, pointed_submission
+from clusterft.controller.ray_jobs import RayJobs, client_job_server, pointed_submission
 from clusterft.controller.runs import kill_drivers
 from clusterft.controller.state import Cancelled, Job, JobState, Resuming
 from clusterft.controller.store import JobStore, StaleState
@@ -202,10 +202,9 @@ class Jobs:
         return texts
 
     def _ray_jobs(self) -> RayJobs:
-        """The job server of the cluster this host reaches ($RAY_API_SERVER_ADDRESS, $RAY_ADDRESS, or
-        the local cluster), opened once."""
+        """The job server this client reaches (`client_job_server`), opened once."""
         if self._job_server is None:
-            self._job_server = RayJobs(os.environ.get(JOB_SERVER_ENV))
+            self._job_server = RayJobs(client_job_server())
         return self._job_server
 
     def wait(self, job_id: str, poll_s: float = 1.0, timeout_s: float | None = None, bar: bool = True) -> Job:

@@ -17,6 +17,7 @@ Ray is imported only here, and only when a job server is used.
 
 from __future__ import annotations
 
+import os
 import shlex
 import time
 from dataclasses import dataclass
@@ -62,6 +63,16 @@ def job_server_address() -> str | None:
         return None
     address = address.decode()
     return address if "://" in address else f"http://{address}"
+
+
+def client_job_server() -> str | None:
+    """The job server a client reaches: $RAY_API_SERVER_ADDRESS, else that of the cluster this
+    process is connected to; None: Ray's own lookup ($RAY_ADDRESS, or the one local cluster)."""
+    if address := os.environ.get(JOB_SERVER_ENV):
+        return address
+    import ray
+
+    return job_server_address() if ray.is_initialized() else None
 
 
 @dataclass(frozen=True)
