@@ -130,6 +130,9 @@ def create_app(jobs: Jobs, api_key: str | None = None, admin_api_key: str | None
     def resume(job_id: str) -> dict[str, Any]:
         return job_record(jobs.resume(job_id))
 
+    from clusterft.dashboard import mount_dashboard
+
+    mount_dashboard(app, jobs)  # /dashboard and its /v1/dashboard data, behind the same RequestGuard
     return app
 
 
