@@ -42,8 +42,8 @@ def test_scales_one_two_one_under_bounded_load_and_loses_no_request(tiny_llama):
         min_replicas=1,
         max_replicas=2,
         target_requests_per_replica=4,
-        upscale_delay_s=1,
-        downscale_delay_s=3,
+        upscale_delay_s=0.5,
+        downscale_delay_s=2,
         look_back_period_s=2,
         metrics_interval_s=0.5,
     )
