@@ -141,3 +141,33 @@ def test_request_rate_between_scrapes() -> None:
     assert rate.update(10, now=100.0) is None
     assert rate.update(30, now=104.0) == 5.0
     assert rate.update(2, now=105.0) is None  # the app restarted: its counter began again
+
+
+def test_evaluation_against_the_specs_gates(jobs: Jobs, tmp_path: Path) -> None:
+    import dataclasses
+
+    from clusterft.config import parse_job_dict
+    from clusterft.dashboard.views import evaluation
+
+    raw = {
+        **SPEC,
+        "output_dir": str(tmp_path / "out"),
+        "eval": {"metrics": ["loss", "exact_match"]},
+        "promote": {"gates": ["exact_match >= 0.5", "loss <= 1.0"]},
+    }
+    job = jobs.submit(parse_job_dict(raw, "t"), base_dir=tmp_path)
+    assert evaluation(job)["gates"][0] == {
+        "gate": "exact_match >= 0.5",
+        "metric": "exact_match",
+        "value": None,
+        "passes": None,
+    }
+    evaluated = dataclasses.replace(
+        job, result={"eval": {"exact_match": 0.75, "loss": 1.5}, "model_name": "out", "version": "v0001"}
+    )
+    view = evaluation(evaluated)
+    assert [(g["gate"], g["value"], g["passes"]) for g in view["gates"]] == [
+        ("exact_match >= 0.5", 0.75, True),
+        ("loss <= 1", 1.5, False),
+    ]
+    assert view["registered"] == {"model_name": "out", "version": "v0001"}

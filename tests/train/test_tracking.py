@@ -97,3 +97,24 @@ def test_without_report_to_no_tracker_files(tmp_path) -> None:
     runner = CallbackRunner.for_run(spec, tmp_path)
     runner.call("on_step_end", {"step": 1, "loss": 1.0, "lr": 0.1})
     assert runner.callbacks == [] and list(tmp_path.iterdir()) == []
+
+
+def test_mlflow_follows_the_tracking_uri_and_a_failed_run_says_so(tmp_path, monkeypatch) -> None:
+    from mlflow.tracking import MlflowClient
+
+    from clusterft.train.callbacks import CallbackRunner
+
+    store = (tmp_path / "elsewhere").as_uri()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "uri-test")
+    out = tmp_path / "out"
+    out.mkdir()
+    spec = parse_job_dict({**BASE, "output_dir": str(out), "report_to": "mlflow"}, "t")
+    runner = CallbackRunner.for_run(spec, out)
+    runner.call("on_step_end", {"step": 1, "loss": 2.5, "lr": 0.1, "grad_norm": None, "tokens_per_s": 10.0})
+    runner.call("on_train_end", {"status": "failed"})
+    assert not (out / "mlruns").exists()
+    client = MlflowClient(tracking_uri=store)
+    (run,) = client.search_runs([client.get_experiment_by_name("uri-test").experiment_id])
+    assert run.info.status == "FAILED"
+    assert run.data.metrics == {"loss": 2.5, "learning_rate": 0.1, "tokens_per_s": 10.0}
