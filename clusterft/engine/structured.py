@@ -80,11 +80,11 @@ def check_grammar(params: StructuredOutputsParams, tokenizer: Any = None) -> str
     schema it cannot compile, a bad regex or Lark grammar). `tokenizer`: an LLTokenizer, or None."""
     from llguidance import LLMatcher
 
-    try:
+    try:  # llguidance raises ValueError (or TypeError, for JSON of the wrong shape) on what it refuses
         grammar = params.grammar_text()
-    except ValueError as exc:  # e.g. the json text is not JSON
+        error = LLMatcher.validate_grammar(grammar, tokenizer)
+    except (ValueError, TypeError) as exc:
         raise ValueError(f"structured_outputs.{params.kind}: {exc}") from exc
-    error = LLMatcher.validate_grammar(grammar, tokenizer)
     if error:
         raise ValueError(f"structured_outputs.{params.kind}: {error.strip()}")
     return grammar
@@ -119,11 +119,13 @@ class GrammarCompiler:
     def bitmask(self, matchers: list[Any]) -> torch.Tensor:
         """(len(matchers), ceil(V / 32)) int32 allowed-token bits, computed in parallel (llguidance's
         executor, without the GIL)."""
-        from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask_par
+        # llguidance.numpy, not llguidance.torch: importing the latter wraps a kernel in torch.compile,
+        # which loads dynamo (measured: 13-26 s on a busy 2-core machine) for a mask we apply ourselves.
+        from llguidance.numpy import allocate_token_bitmask, fill_next_token_bitmask_par
 
         mask = allocate_token_bitmask(len(matchers), self.vocab_size)
         fill_next_token_bitmask_par(self.executor, [(m, i) for i, m in enumerate(matchers)], mask)
-        return mask
+        return torch.from_numpy(mask)
 
 
 def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:

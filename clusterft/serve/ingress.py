@@ -33,13 +33,14 @@ from ray.exceptions import RayError
 from ray.serve.handle import DeploymentHandle
 
 from clusterft.engine import SamplingParams
+from clusterft.engine.structured import StructuredOutputsParams
 from clusterft.http import APIError, EdgePolicy, RequestGuard, add_error_handlers
 from clusterft.serve.admin import change_everywhere, record_handle
+from clusterft.serve.constraints import chat_tool_format, output_constraint, template_messages, uses_tools
 from clusterft.serve.errors import engine_error
 from clusterft.serve.metrics import RequestCounter, ServeMetrics, note_error_status
 from clusterft.serve.protocol import (
     AdapterRequest,
-    AssistantMessage,
     ChatChoice,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -56,6 +57,7 @@ from clusterft.serve.responses import (
     ChoiceAccumulator,
     CompletionChunkChoices,
     UsageCounter,
+    assistant_reply,
     chat_logprobs,
     completion_logprobs,
     sse_events,
@@ -168,7 +170,11 @@ class OpenAIIngress(VersionRoutes):
                 )
 
     def _params(
-        self, req: CompletionRequest | ChatCompletionRequest, max_tokens: int | None, logprobs: int | None
+        self,
+        req: CompletionRequest | ChatCompletionRequest,
+        max_tokens: int | None,
+        logprobs: int | None,
+        structured: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
         """The request's SamplingParams; a 400 naming the field for what the schema could not check
         alone (best_of < n, top_k over the vocab)."""
@@ -203,6 +209,7 @@ class OpenAIIngress(VersionRoutes):
                 use_beam_search=req.use_beam_search,
                 length_penalty=req.length_penalty,
                 early_stopping=req.early_stopping,
+                structured_outputs=structured,
             )
         except ValueError as exc:
             field = str(exc).split(" ", 1)[0]
@@ -331,7 +338,8 @@ class OpenAIIngress(VersionRoutes):
                 "echo with logprobs needs prompt logprobs, which are not computed; drop one",
                 "echo",
             )
-        params = self._params(body, body.max_tokens, body.logprobs)
+        structured = await self._in_tokenizer_thread(output_constraint, body, None)  # compiles a grammar
+        params = self._params(body, body.max_tokens, body.logprobs, structured)
 
         async def prepare(tok: VersionTokenizer) -> list[list[int]]:
             prompts = [await self._prompt_token_ids(tok, p, i) for i, p in enumerate(body.prompts())]
@@ -382,13 +390,22 @@ class OpenAIIngress(VersionRoutes):
         max_tokens = body.max_completion_tokens or body.max_tokens
         field = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
         k = body.top_logprobs or 0
-        params = self._params(body, max_tokens, k if body.logprobs else None)
-        messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-        num_chars = sum(len(m["content"]) for m in messages)
+        tool_format = chat_tool_format(body, self.spec.chat_template, self.tokenizers.current.tokenizer)
+        structured = await self._in_tokenizer_thread(output_constraint, body, tool_format)
+        params = self._params(body, max_tokens, k if body.logprobs else None, structured)
+        messages = template_messages(body.messages)
+        tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
+        reply_format = tool_format if uses_tools(body) else None
+        num_chars = sum(len(m["content"]) for m in messages) + len(str(tools or ""))
 
         def render_and_encode(tok: VersionTokenizer) -> list[int]:
             try:
-                text = render_prompt(messages, self.spec.chat_template, tok.tokenizer)
+                if tool_format is None:
+                    text = render_prompt(messages, self.spec.chat_template, tok.tokenizer)
+                else:  # the model's own template renders the tools and the tool turns
+                    text = tok.tokenizer.apply_chat_template(
+                        messages, tools=tools, tokenize=False, add_generation_prompt=True
+                    )
             except Exception as exc:
                 raise APIError(400, f"messages: cannot apply the chat template: {exc}", "messages") from exc
             return tok.encode(text)
@@ -405,21 +422,25 @@ class OpenAIIngress(VersionRoutes):
         rid, created = new_id("chatcmpl"), now()
         if body.stream:
             head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
-            choices_of = ChatChunkChoices(k if body.logprobs else None, tok.token_text)
+            choices_of = ChatChunkChoices(k if body.logprobs else None, tok.token_text, reply_format)
             return self._sse_response(stream, head, choices_of, counter, body)
         acc = ChoiceAccumulator(body.n)
         async for i, chunk in stream:
             _raise_if_error(chunk)
             acc.add(i, chunk)
-        choices = [
-            ChatChoice(
-                index=index,
-                message=AssistantMessage(content="".join(c.text)),
-                logprobs=chat_logprobs(c.token_ids, c.logprobs, k, tok.token_text) if body.logprobs else None,
-                finish_reason=c.finish_reason,
+        choices = []
+        for index, c in acc.ordered():
+            message, finish_reason = assistant_reply("".join(c.text), c.finish_reason, reply_format)
+            choices.append(
+                ChatChoice(
+                    index=index,
+                    message=message,
+                    logprobs=chat_logprobs(c.token_ids, c.logprobs, k, tok.token_text)
+                    if body.logprobs
+                    else None,
+                    finish_reason=finish_reason,
+                )
             )
-            for index, c in acc.ordered()
-        ]
         return JSONResponse(
             ChatCompletionResponse(
                 id=rid, created=created, model=body.model, choices=choices, usage=counter.usage()

@@ -1,8 +1,8 @@
 """OpenAI's HTTP schemas (the subset we serve), as pydantic models.
 
 Requests forbid unknown fields so that a typo or an unsupported OpenAI feature is a 400 naming the
-field, not silently ignored. `priority`, `top_k`, `min_p`, `repetition_penalty`, `ignore_eos` and
-`stop_token_ids` are extensions (vLLM's names).
+field, not silently ignored. `priority`, `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
+`stop_token_ids` and `structured_outputs` are extensions (vLLM's names).
 
 Every sampling field is checked against the engine's own bounds (SamplingParams' `_FIELD_BOUNDS`, one
 table for both), so a value the engine would refuse is a 400 naming the field when the body is parsed.
@@ -17,7 +17,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from clusterft.engine.sampling_params import _FIELD_BOUNDS
 
@@ -25,6 +25,8 @@ MAX_PROMPTS = 128  # prompts of one /v1/completions request (each is an engine r
 MAX_STOP = 16  # stop strings (OpenAI allows 4)
 MAX_STOP_TOKEN_IDS = 64
 MAX_MESSAGES = 1024  # messages of one chat request
+MAX_CHOICES = 256  # structured_outputs.choice
+MAX_TOOLS = 128
 MAX_PRIORITY = 1000  # |priority|; only callers with the admin key may set it (see the ingress)
 
 # SamplingParams field -> (its allowed values in words, the check)
@@ -62,6 +64,18 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
+class StructuredOutputs(_Request):
+    """Extension (vLLM's `structured_outputs`): exactly one of these constrains the output."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    json_schema: dict[str, Any] | None = Field(default=None, alias="json", description="A JSON schema.")
+    json_object: bool | None = Field(default=None, description="true: any JSON object.")
+    regex: str | None = None
+    choice: list[str] | None = Field(default=None, min_length=1, max_length=MAX_CHOICES)
+    grammar: str | None = Field(default=None, description="A Lark grammar (llguidance's syntax).")
+
+
 class _SamplingFields(_Request):
     model: str
     n: int = _engine_field(1, "n", le=64)
@@ -84,6 +98,7 @@ class _SamplingFields(_Request):
     )
     length_penalty: float = _engine_field(1.0, "length_penalty")
     early_stopping: bool | Literal["never"] = _engine_field(False, "early_stopping")
+    structured_outputs: StructuredOutputs | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -134,15 +149,69 @@ class ContentPart(_Request):
     text: str
 
 
+class FunctionCall(_Request):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCallMessage(_Request):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
     role: Literal["system", "user", "assistant", "tool", "developer"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallMessage] | None = None  # assistant turns that called tools
+    tool_call_id: str | None = None  # tool turns: the call they answer
 
     def text(self) -> str:
         if self.content is None or isinstance(self.content, str):
             return self.content or ""
         return "".join(part.text for part in self.content)
+
+
+class JsonSchemaFormat(_Request):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    json_schema: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_iff_json_schema(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("response_format: json_schema is required with type json_schema, and only then")
+        return self
+
+
+class FunctionDefinition(_Request):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class Tool(_Request):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Request):
+    name: str
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingFields):
@@ -151,6 +220,23 @@ class ChatCompletionRequest(_SamplingFields):
     max_completion_tokens: int | None = _engine_field(None, "max_tokens")
     logprobs: bool = False
     top_logprobs: int | None = _engine_field(None, "logprobs", le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> ChatCompletionRequest:
+        if isinstance(self.tool_choice, NamedToolChoice):
+            names = [t.function.name for t in self.tools or []]
+            if self.tool_choice.function.name not in names:
+                raise ValueError(
+                    f"tool_choice: no tool named {self.tool_choice.function.name!r} in tools "
+                    f"({', '.join(names) or 'none given'}); name one of them"
+                )
+        elif self.tool_choice == "required" and not self.tools:
+            raise ValueError("tool_choice: required needs tools; give tools or drop tool_choice")
+        return self
 
 
 class AdapterRequest(_Request):
@@ -219,7 +305,8 @@ class ChatLogprobs(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[dict[str, Any]] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -241,6 +328,7 @@ class ChatCompletionResponse(BaseModel):
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None  # each with its index among the choice's calls
 
 
 class ChatChunkChoice(BaseModel):

@@ -14,6 +14,7 @@ from typing import Any
 
 from clusterft.http import APIError
 from clusterft.serve.protocol import (
+    AssistantMessage,
     ChatChunkChoice,
     ChatLogprobs,
     CompletionLogprobs,
@@ -23,6 +24,7 @@ from clusterft.serve.protocol import (
     TopLogprob,
     Usage,
 )
+from clusterft.serve.tools import ToolCallStream, ToolFormat, parse_tool_calls
 
 
 class TokenText:
@@ -129,6 +131,20 @@ class ChoiceAccumulator:
         return sorted(self.choices.items())
 
 
+def assistant_reply(
+    text: str, finish_reason: str | None, tool_format: ToolFormat | None
+) -> tuple[AssistantMessage, str | None]:
+    """A chat choice's message and finish reason: with tools in use (`tool_format`), the calls the
+    text makes become `tool_calls` and a reply that ended on its own finishes with "tool_calls"."""
+    if tool_format is None:
+        return AssistantMessage(content=text), finish_reason
+    content, calls = parse_tool_calls(tool_format, text)
+    if not calls:
+        return AssistantMessage(content=text), finish_reason
+    finish = "tool_calls" if finish_reason == "stop" else finish_reason
+    return AssistantMessage(content=content, tool_calls=[c.openai() for c in calls]), finish
+
+
 # ---------------------------------------------------------------- SSE streams
 
 
@@ -167,9 +183,12 @@ class ChatChunkChoices:
     """A /v1/chat/completions stream's engine chunk -> its `choices`; a choice's first delta names the
     role, as OpenAI's does."""
 
-    def __init__(self, num_logprobs: int | None, text: TokenText) -> None:
-        self.num_logprobs, self.text = num_logprobs, text
+    def __init__(
+        self, num_logprobs: int | None, text: TokenText, tool_format: ToolFormat | None = None
+    ) -> None:
+        self.num_logprobs, self.text, self.tool_format = num_logprobs, text, tool_format
         self._started: set[int] = set()
+        self._tool_streams: dict[int, ToolCallStream] = {}  # choice index -> its tool-call parser
 
     def __call__(self, prompt_index: int, chunk: dict[str, Any]) -> list[dict[str, Any]]:
         choices = []
@@ -181,15 +200,31 @@ class ChatChunkChoices:
             lps = None
             if self.num_logprobs is not None:
                 lps = chat_logprobs(o["token_ids"], o["logprobs"] or [], self.num_logprobs, self.text)
+            content, tool_calls, finish = self._tool_calls(index, o["text"], o["finish_reason"])
             choices.append(
                 ChatChunkChoice(
                     index=index,
-                    delta=Delta(content=o["text"]),
+                    delta=Delta(content=content, tool_calls=tool_calls or None),
                     logprobs=lps,
-                    finish_reason=o["finish_reason"],
+                    finish_reason=finish,
                 )
             )
         return [c.model_dump(exclude_none=True) for c in choices]
+
+    def _tool_calls(
+        self, index: int, text: str, finish_reason: str | None
+    ) -> tuple[str, list[dict[str, Any]], str | None]:
+        """(content, tool-call deltas, finish reason) of a choice's new text."""
+        if self.tool_format is None:
+            return text, [], finish_reason
+        stream = self._tool_streams.setdefault(index, ToolCallStream(self.tool_format))
+        content, calls = stream.feed(text)
+        if finish_reason is not None:
+            rest, more = stream.finish()
+            content, calls = content + rest, calls + more
+            if stream.num_calls and finish_reason == "stop":
+                finish_reason = "tool_calls"
+        return content, calls, finish_reason
 
 
 async def sse_events(
