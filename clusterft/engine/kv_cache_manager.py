@@ -29,6 +29,7 @@ class KVCacheManager:
         self.blocks_to_copy: list[tuple[int, int]] = []  # (src, dst) copy-on-write, drained each step
         self.prefix_cache_queries = 0  # tokens of admitted requests looked up in the prefix cache
         self.prefix_cache_hits = 0  # of which found there
+        self.num_compaction_moves = 0  # blocks moved down into holes (compact)
 
     # ---- hashing -------------------------------------------------------------------------------
     def _hash_key(self, request: Request, i: int) -> tuple:
@@ -131,6 +132,49 @@ class KVCacheManager:
 
     def get_block_ids(self, request: Request) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(request.request_id, [])]
+
+    # ---- compaction ----------------------------------------------------------------------------
+    def compact(self, request_ids, pinned: set[int], max_moves: int = 64) -> dict[str, int]:
+        """Keep the block ids in use dense: when less than 80% of [0, highest id held) is in use, move
+        up to `max_moves` of the highest blocks held by one request only (ref count 1, not in
+        `pinned`: blocks whose bytes arrive this step) into the lowest free blocks that cache nothing.
+        Decode attention reads ranges of ids in place (attention.plan_decode_blocks), idle blocks
+        inside them included; finished requests leave holes. Queues (src, dst) copies; a moved
+        block's prefix-cache hash moves with it. Returns {request id: first index of its block table
+        that changed}."""
+        pool = self.block_pool
+        held = [
+            (block.block_id, req_id, i)
+            for req_id in request_ids
+            for i, block in enumerate(self.req_to_blocks.get(req_id, ()))
+            if block.ref_cnt == 1 and block.block_id not in pinned
+        ]
+        if not held:
+            return {}
+        top = max(held)[0] + 1
+        if 5 * pool.num_used_blocks >= 4 * top:
+            return {}
+        held.sort(reverse=True)
+        holes = (b for b in pool.blocks[:top] if b.ref_cnt == 0 and b.block_hash is None)
+        moved: dict[str, int] = {}
+        for (src_id, req_id, i), dst in zip(held[:max_moves], holes, strict=False):  # holes may run out
+            if dst.block_id >= src_id:
+                break
+            table = self.req_to_blocks[req_id]
+            src = table[i]
+            pool.free_block_queue.remove(dst)
+            dst.ref_cnt = 1
+            if src.block_hash is not None:
+                if pool.cached_block_hash_to_block.get(src.block_hash) is src:
+                    pool.cached_block_hash_to_block[src.block_hash] = dst
+                dst.block_hash, dst.hash_key = src.block_hash, src.hash_key
+                src.reset_hash()
+            table[i] = dst
+            pool.free_blocks([src])
+            self.blocks_to_copy.append((src_id, dst.block_id))
+            moved[req_id] = min(moved.get(req_id, i), i)
+            self.num_compaction_moves += 1
+        return moved
 
     # ---- swap ----------------------------------------------------------------------------------
     def swap_out(self, request: Request) -> list[tuple[int, int]] | None:

@@ -204,9 +204,27 @@ class Scheduler:
 
         for request, num_new in scheduled:
             request.num_computed_tokens += num_new
+        self._compact(out)
         out.blocks_to_copy = self.kv.take_blocks_to_copy()
         out.total_num_scheduled_tokens = sum(out.num_scheduled_tokens.values())
         return out
+
+    def _compact(self, out: SchedulerOutput) -> None:
+        """Move the scheduled requests' blocks down into holes (KVCacheManager.compact) and send the
+        changed tails of their block tables. Blocks written by this step's copies and swap-ins are
+        left where they are: the worker applies all copies of a step at once, before swap-ins."""
+        pinned = {dst for _, dst in self.kv.blocks_to_copy} | {dst for _, dst in out.blocks_to_swap_in}
+        moved = self.kv.compact(out.num_scheduled_tokens, pinned)
+        if not moved:
+            return
+        for new in out.scheduled_new_reqs:
+            if new.req_id in moved:
+                new.block_ids = self.kv.get_block_ids(self.requests[new.req_id])
+        for diff in out.scheduled_cached_reqs:
+            if diff.req_id in moved:
+                start = min(diff.block_ids_start, moved[diff.req_id])
+                diff.new_block_ids = self.kv.get_block_ids(self.requests[diff.req_id])[start:]
+                diff.block_ids_start = start
 
     def _schedule_swapped(self, budget: int, out: SchedulerOutput, scheduled) -> int:
         self.swapped.sort(key=Request.sort_key)

@@ -79,3 +79,27 @@ def test_swap_out_and_in_moves_blocks_between_pools():
     assert kv.block_pool.free_block_queue.block_ids() == [1, 0, 3, 2]
     assert kv.swap_in(r) == [(0, 1), (1, 0)]
     assert kv.cpu_block_pool.num_free_blocks == 2
+
+
+def test_compact_moves_the_highest_blocks_into_holes_and_keeps_their_hash():
+    kv = KVCacheManager(block_size=4, num_gpu_blocks=16)
+    reqs = [make_request(name, token_ids=[10 * k + t for t in range(8)]) for k, name in enumerate("abcd")]
+    for r in reqs:
+        kv.allocate_slots(r, 8)  # a: 0 1, b: 2 3, c: 4 5, d: 6 7 (all full, so hashed)
+        r.num_computed_tokens = 8
+    kv.free(reqs[0])
+    kv.free(reqs[1])  # holes 0-3 below c and d; their hashes stay cached (free, reusable)
+    assert kv.compact(["c", "d"], pinned=set()) == {}  # only hashed free blocks below: nothing to evict
+    kv.reset_prefix_cache()  # holes 0-3 now cache nothing
+    d_hash = kv.req_to_blocks["d"][1].block_hash
+    assert d_hash is None  # reset: held blocks stay unregistered
+    kv.block_pool.cache_full_block(kv.req_to_blocks["d"][1], 123, ("key",))
+    moved = kv.compact(["c", "d"], pinned={6})  # block 6 gets this step's bytes: it stays
+    assert moved == {"d": 1, "c": 0}
+    assert kv.take_blocks_to_copy() == [(7, 0), (5, 1), (4, 2)]
+    assert kv.get_block_ids(reqs[2]) == [2, 1] and kv.get_block_ids(reqs[3]) == [6, 0]
+    assert kv.block_pool.get_cached_block(123, ("key",)).block_id == 0  # the hash moved with the bytes
+    assert kv.block_pool.blocks[7].block_hash is None and kv.block_pool.blocks[7].ref_cnt == 0
+    assert kv.block_pool.num_used_blocks == 4
+    assert kv.compact(["c", "d"], pinned=set()) == {"d": 0}  # 6 -> 3: ids 0-3 in use, dense
+    assert kv.compact(["c", "d"], pinned=set()) == {}

@@ -52,6 +52,22 @@ def test_forced_preemption_matches_hf(model_dirs, arch, mode):
     assert llm.engine.kv_cache_manager.block_pool.num_free_blocks == 12
 
 
+def test_compacted_blocks_match_hf(model_dirs):
+    """Short requests finish and leave holes below the long ones, whose blocks move down into them
+    (KVCacheManager.compact) while they decode: the tokens still equal HF's."""
+    prompts = random_prompts([20, 33, 18, 40, 25, 30], seed=9)
+    lengths = [2, 40, 3, 40, 2, 40]
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in lengths]
+    llm = LLM(model_dirs["llama"], num_gpu_blocks=64, enable_prefix_caching=False)
+    outputs = llm.generate(prompts, params)
+    assert llm.engine.kv_cache_manager.num_compaction_moves > 0
+    model = hf_model(model_dirs["llama"])
+    for prompt, n, out in zip(prompts, lengths, outputs, strict=True):
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                             min_new_tokens=0)[0, len(prompt):].tolist()  # fmt: skip
+        assert out.outputs[0].token_ids == ref
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_prefix_cache_hits_match_hf(model_dirs, arch):
     prefix = random_prompts([40], seed=4)[0]
