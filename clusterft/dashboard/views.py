@@ -17,7 +17,6 @@ from clusterft.registry.registry import ALIAS_NAMES, Registry
 from clusterft.registry.serving import read_records
 from clusterft.storage import BundleStore
 from clusterft.train.export import read_metrics
-from clusterft.train.launcher import locate
 
 METRIC_KEYS = ("step", "loss", "lr", "grad_norm", "tokens_per_s", "attempt")
 
@@ -50,6 +49,8 @@ class CheckpointLister:
         return self._stores[root]
 
     def list(self, job: Job) -> list[dict[str, Any]]:
+        from clusterft.train.launcher import locate  # torch and DeepSpeed: not at the API's start
+
         main = self._store(locate(job_spec(job)).bundle_root)
         stores = [self._stores.setdefault(run.storage.uri, run) for run in main.runs()]  # main first
         return [
