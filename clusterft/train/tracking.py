@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from clusterft.config.spec import JobSpec
+from clusterft.errors import UserError
 
 # A step record's key → the scalar's name (HF Trainer's names, so dashboards built for it fit).
 STEP_SCALARS = {
@@ -105,9 +106,21 @@ class MlflowTracker:
 
 
 def make_trackers(spec: JobSpec, output_dir: Path) -> list[Any]:
-    """The trackers `report_to` names, ready to take the callback hooks."""
+    """The trackers `report_to` names, ready to take the callback hooks. One that cannot start (an
+    unreachable tracking server) stops the run, as a callback that does not load does, saying which
+    and how to fix it."""
     makers = {
         "tensorboard": lambda: TensorBoardTracker(output_dir / "runs"),
         "mlflow": lambda: MlflowTracker(spec, output_dir),
     }
-    return [makers[target]() for target in spec.train.report_to]
+    trackers = []
+    for target in spec.train.report_to:
+        try:
+            trackers.append(makers[target]())
+        except Exception as err:
+            where = {"tensorboard": str(output_dir / "runs"), "mlflow": "$MLFLOW_TRACKING_URI"}[target]
+            raise UserError(
+                f"report_to: {target} could not start ({type(err).__name__}: {err}); check {where}, "
+                f"or remove {target} from report_to"
+            ) from err
+    return trackers

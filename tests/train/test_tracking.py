@@ -118,3 +118,15 @@ def test_mlflow_follows_the_tracking_uri_and_a_failed_run_says_so(tmp_path, monk
     (run,) = client.search_runs([client.get_experiment_by_name("uri-test").experiment_id])
     assert run.info.status == "FAILED"
     assert run.data.metrics == {"loss": 2.5, "learning_rate": 0.1, "tokens_per_s": 10.0}
+
+
+def test_an_unreachable_tracking_server_stops_the_run_with_the_fix(tmp_path, monkeypatch) -> None:
+    from clusterft.errors import UserError
+    from clusterft.train.callbacks import CallbackRunner
+    from tests.ray_processes import free_port
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    spec = parse_job_dict({**BASE, "output_dir": str(tmp_path), "report_to": "mlflow"}, "t")
+    with pytest.raises(UserError, match=r"report_to: mlflow could not start .*check \$MLFLOW_TRACKING_URI"):
+        CallbackRunner.for_run(spec, tmp_path)
