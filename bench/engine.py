@@ -7,6 +7,13 @@ batch size is the baseline. Prints JSON with --json.
 
     python bench/engine.py --json                # the full run (several minutes on 2 CPU cores)
     python bench/engine.py --quick --json        # 16 requests, shorter outputs, HF batch sizes 1 and 16
+
+--decode measures the engine alone at fixed batch sizes instead: B requests of 128 prompt and 128
+output tokens run together; decode-only steps are timed, and memory-bandwidth utilisation is
+MBU = (weight bytes + KV bytes the step's attention needs) / step time / peak bandwidth, the peak
+from a table by device name, else measured by a large copy (bench/gpu_check.sh runs it on CUDA):
+
+    python bench/engine.py --decode --device cuda --dtype bfloat16 --shape 1b --json
 """
 
 from __future__ import annotations
@@ -169,6 +176,140 @@ def int8_report(model_dir: Path, requests, eval_ids: list[int]) -> dict:
     return report
 
 
+# Peak memory bandwidth (bytes/s) by a substring of torch.cuda.get_device_name(), first match wins.
+PEAK_BANDWIDTH = [
+    ("H200", 4.8e12),
+    ("H100 NVL", 3.9e12),
+    ("H100 PCIe", 2.0e12),
+    ("H100", 3.35e12),  # SXM: "NVIDIA H100 80GB HBM3"
+    ("A100-SXM4-80GB", 2.039e12),
+    ("A100 80GB PCIe", 1.935e12),
+    ("A100", 1.555e12),  # 40 GB, SXM4 or PCIe
+    ("L40S", 0.864e12),
+    ("L4", 0.3e12),
+    ("A10", 0.6e12),
+]
+
+# --shape 1b: a random Llama of ~1.1B parameters (TinyLlama's shape), so that a GPU step is bound by
+# memory like a real model's, not by kernel launches as the 5M-parameter "small" one is.
+SHAPE_1B = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                num_key_value_heads=4, vocab_size=32000, max_position_embeddings=2048)  # fmt: skip
+
+
+def make_1b_model(out_dir: Path, dtype: torch.dtype) -> Path:
+    """A randomly initialised ~1.1B Llama saved in `dtype`, with the tiny model's tokenizer (its ids
+    stay below vocab_size)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from clusterft.hf.tiny import train_tokenizer
+
+    train_tokenizer().save_pretrained(out_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(**SHAPE_1B, tie_word_embeddings=False)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(dtype)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def table_bandwidth(device_name: str) -> float | None:
+    return next((bandwidth for key, bandwidth in PEAK_BANDWIDTH if key in device_name), None)
+
+
+def peak_bandwidth(device: str) -> tuple[float, str]:
+    """(bytes/s, where it comes from): the table's figure for this GPU, else a measured copy (read
+    plus write of 1 GiB on CUDA, 256 MiB on CPU; a lower bound on the peak)."""
+    if device == "cuda" and (bandwidth := table_bandwidth(name := torch.cuda.get_device_name())):
+        return bandwidth, f"table: {name}"
+    size = 2**30 if device == "cuda" else 2**28
+    src = torch.empty(size, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size / best, f"measured copy on {device}"
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def decode_throughput(
+    model_dir: Path, batch_size: int, device: str, dtype: str, peak: float, prompt_len: int = 128,
+    output_len: int = 128,
+) -> dict:  # fmt: skip
+    """`batch_size` requests of `prompt_len` + `output_len` tokens run as one batch; the decode-only
+    steps (every request adds one token) are timed. Bytes per step: all weights plus the K/V of every
+    request's context, which is what a decode step has to read."""
+    from clusterft.engine import LLM, SamplingParams
+
+    budget = max(2048, batch_size * prompt_len)  # every prompt prefills in one step
+    llm = LLM(model_dir, device=device, dtype=dtype, max_num_seqs=batch_size,
+              max_num_batched_tokens=budget, enable_prefix_caching=False)  # fmt: skip
+    engine, args = llm.engine, llm.engine.model_args
+    rng = random.Random(batch_size)
+    params = SamplingParams(temperature=0, max_tokens=output_len, ignore_eos=True, detokenize=False)
+    vocab = min(args.vocab_size, len(engine.tokenizer))
+    for i in range(batch_size):
+        engine.add_request(f"decode-{i}", [rng.randrange(7, vocab) for _ in range(prompt_len)], params)
+    produced = 0
+    while produced < batch_size:  # prefill steps: until every request has its first token
+        produced += sum(1 for o in engine.step() if o.outputs[0].token_ids)
+    step_times = []
+    while engine.has_unfinished_requests():
+        _sync(device)
+        start = time.perf_counter()
+        engine.step()
+        _sync(device)
+        step_times.append(time.perf_counter() - start)
+    element = torch.empty((), dtype=getattr(torch, dtype)).element_size()
+    kv_per_token = 2 * args.num_layers * args.num_kv_heads * args.head_dim * element
+    # Decode step j (1-based) reads the K/V of prompt_len + j tokens of every request.
+    mean_context = prompt_len + (len(step_times) + 1) / 2
+    step_bytes = weight_bytes(engine.model) + batch_size * mean_context * kv_per_token
+    step_time = sum(step_times) / len(step_times)
+    return {
+        "batch_size": batch_size,
+        "decode_steps": len(step_times),
+        "step_time_ms": round(step_time * 1e3, 3),
+        "tokens_per_s": round(batch_size / step_time, 1),
+        "bytes_per_step": int(step_bytes),
+        "mbu": round(step_bytes / step_time / peak, 4),
+    }
+
+
+def decode_report(args) -> dict:
+    tmp = tempfile.TemporaryDirectory()
+    if args.model:
+        model_dir = Path(args.model)
+    elif args.shape == "1b":
+        model_dir = make_1b_model(Path(tmp.name) / "llama-1b", getattr(torch, args.dtype))
+    else:
+        from clusterft.hf.tiny import make_tiny_model
+
+        model_dir = make_tiny_model(Path(tmp.name) / "llama-small", "llama", "small")
+    peak, peak_source = peak_bandwidth(args.device)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    runs = [
+        decode_throughput(model_dir, int(b), args.device, args.dtype, peak)
+        for b in args.decode_batch_sizes.split(",")
+    ]
+    return {
+        "mode": "decode",
+        "model": model_dir.name,
+        "device": device_name,
+        "dtype": args.dtype,
+        "peak_bandwidth_bytes_per_s": peak,
+        "peak_bandwidth_source": peak_source,
+        "runs": runs,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -181,8 +322,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--no-int8", action="store_true", help="skip the int8 weight quantization report")
+    parser.add_argument("--decode", action="store_true", help="decode tokens/s and MBU at fixed batch sizes")
+    parser.add_argument("--decode-batch-sizes", default="1,32")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="--decode only")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                        help="--decode only")  # fmt: skip
+    parser.add_argument("--shape", choices=["small", "1b"], default="small", help="--decode's random model")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.decode:
+        if args.device == "cuda" and not torch.cuda.is_available():
+            parser.error("--device cuda but torch sees no CUDA device (torch.cuda.is_available() is False)")
+        result = decode_report(args)
+        print(json.dumps(result, indent=None if args.json else 2), file=RESULT, flush=True)
+        return
     from transformers import AutoModelForCausalLM
 
     from clusterft.hf.tiny import make_tiny_model
