@@ -249,7 +249,9 @@ def decode_throughput(
     from clusterft.engine import LLM, SamplingParams
 
     budget = max(2048, batch_size * prompt_len)  # every prompt prefills in one step
-    llm = LLM(model_dir, device=device, dtype=dtype, max_num_seqs=batch_size,
+    # 1 GiB of KV holds the batch (32 x 256 tokens of the 1b shape take 0.2 GiB) and is freed with
+    # the engine, where sizing by gpu_memory_utilization would leave the next batch size no room.
+    llm = LLM(model_dir, device=device, dtype=dtype, max_num_seqs=batch_size, kv_cache_space=1.0,
               max_num_batched_tokens=budget, enable_prefix_caching=False)  # fmt: skip
     engine, args = llm.engine, llm.engine.model_args
     rng = random.Random(batch_size)
