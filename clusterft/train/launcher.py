@@ -104,13 +104,17 @@ def run_training(spec: JobSpec, *, base_dir: str | None = None, show_progress: b
 def preflight(spec: JobSpec, where: RunLocation) -> RunStart:
     """Fail fast, before any worker starts, on what would fail in every worker (and every restart);
     return where the run writes its bundles and which bundle it starts from."""
-    from clusterft.data import build_datasets
+    from clusterft.data import build_datasets, run_cache_dir
     from clusterft.hf.loading import check_model_dir, load_tokenizer
     from clusterft.train.checkpointing import bundle_at, load_bundle, start_run
 
     model_dir = check_model_dir(resolve(where.base_dir, spec.model.model_name_or_path))
     tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
-    train = build_datasets(spec.data, tokenizer, seed=spec.train.seed, base_dir=where.base_dir).train
+    # The one tokenization of the run: the workers memory-map this cache (data.cache_dir wins).
+    train = build_datasets(
+        spec.data, tokenizer, seed=spec.train.seed, base_dir=where.base_dir,
+        default_cache_dir=run_cache_dir(where.run_dir),
+    ).train  # fmt: skip
     source = spec.resume.from_checkpoint
     start = start_run(spec, where.bundle_root, resolve(where.base_dir, source) if source else None)
     if start.bundle is None:

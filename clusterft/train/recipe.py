@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from clusterft.config.spec import JobSpec
-from clusterft.data import IGNORE_INDEX, build_datasets, collate
+from clusterft.data import IGNORE_INDEX, build_datasets, collate, model_inputs, run_cache_dir
 from clusterft.errors import UserError
 from clusterft.hf.loading import load_model, load_tokenizer
 from clusterft.hf.lora import apply_method, lora_target_modules
@@ -110,8 +110,13 @@ class Recipe:
         resumed = self._load_checkpoint()
 
         self.tokenizer = load_tokenizer(self.model_dir, spec.model.trust_remote_code)
+        # Tokenized once by the driver's preflight into the run's cache; here memory-mapped.
         self.train_data = build_datasets(
-            spec.data, self.tokenizer, seed=spec.train.seed, base_dir=self.run.base_dir
+            spec.data,
+            self.tokenizer,
+            seed=spec.train.seed,
+            base_dir=self.run.base_dir,
+            default_cache_dir=run_cache_dir(self.run.run_dir),
         ).train
         trainer = resumed.trainer if resumed else {}
         # weights_only drops optimizer, schedule and data position of a checkpoint from a different
@@ -122,7 +127,7 @@ class Recipe:
         geometry = trainer.get("global_micro_batch") if self.exact_resume else None
         self.plan = plan_run(spec, self.world_size, len(self.train_data), geometry)
         # Tokens trained on per example (labels shifted by one): the loss divides by the global count.
-        self.label_counts = [sum(t != IGNORE_INDEX for t in ex.labels[1:]) for ex in self.train_data]
+        self.label_counts = self.train_data.label_counts()
 
         from clusterft.data import EpochBatchSampler
 
@@ -133,6 +138,7 @@ class Recipe:
             world_size=self.plan.data_parallel_size,
             rank=self.dp_rank,
             seed=spec.train.seed,
+            shuffle_block=self.train_data.shuffle_block,  # streaming: blocks of consecutive rows
         )
         self.engine, self.named_params, self.compat = self._build_engine(resumed)
         self.start_step = 0
@@ -292,7 +298,7 @@ class Recipe:
             batch = collate([self.train_data[i] for i in indices], self.tokenizer.pad_token_id)
             batch = {key: value.to(device) for key, value in batch.items()}
             tokens += int(batch["attention_mask"].sum())
-            logits = self.engine(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = self.engine(**model_inputs(batch)).logits  # neat packing: per-example positions
             # (B, T, V) predicts token t+1 from t; summed here, divided by the GLOBAL label count, so the
             # loss (and gradient) is the same token mean whatever the number of workers.
             summed = F.cross_entropy(
