@@ -304,6 +304,7 @@ def measure_one_plane(args, model_dir: Path) -> dict:
         tensor_parallel_size=args.tensor_parallel_size,
         max_queued_requests=args.requests,
         data_plane=args.data_plane,
+        insecure=args.data_plane == "haproxy",  # HAProxy binds every interface; a bench needs no key
         **({"stream_interval": args.stream_interval} if args.stream_interval else {}),
     )
     llm = start_offline(model_dir, engine, warmup, max(1, int(spec.engine_num_cpus)))

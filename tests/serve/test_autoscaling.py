@@ -29,6 +29,13 @@ def test_spec_refuses_a_start_outside_the_bounds(tiny_llama):
         EngineAutoscaling(min_replicas=3, max_replicas=2)
 
 
+def test_spec_refuses_haproxy_open_on_every_interface(tiny_llama, monkeypatch):
+    monkeypatch.delenv("CLUSTERFT_API_KEY", raising=False)
+    with pytest.raises(ValueError, match="data_plane haproxy makes Ray Serve bind every interface"):
+        make_spec(tiny_llama, data_plane="haproxy")
+    assert make_spec(tiny_llama, data_plane="haproxy", api_key="k").data_plane == "haproxy"
+
+
 def running_replicas() -> int:
     from ray import serve
 
