@@ -312,6 +312,62 @@ def decode_report(args) -> dict:
     }
 
 
+# Where the engine's time goes, by the innermost frame of each py-spy sample that names one of these.
+PROFILE_CATEGORIES = [
+    ("attention: decode", ("_decode_attention",)),
+    ("attention: prefill", ("paged_attention",)),
+    ("KV write", ("write_kv",)),
+    ("matmuls (linear layers, lm_head)", ("PackedLinear.forward",)),
+    ("norm / rotary / silu", ("RMSNorm.forward", "RotaryEmbedding.forward", "_rotate_half", "MLP.forward")),
+    ("model glue (embedding, views, residuals)",
+     ("Attention.forward", "DecoderLayer.forward", "LlamaForCausalLM.forward", "compute_logits")),
+    ("runner: input prep (ids, slots, block reads)",
+     ("_prepare_inputs", "_decode_blocks", "plan_decode_blocks", "_update_states", "_lora_mapping")),
+    ("sampler", ("sampler.py", "ModelRunner._sample")),
+    ("scheduler + KV block manager", ("scheduler.py", "kv_cache_manager.py", "block_pool.py")),
+    ("output processor", ("output_processor.py", "detokenizer.py")),
+    ("engine loop (other)", ("model_runner.py", "llm_engine.py", "executor.py")),
+]  # fmt: skip
+
+
+def classify_stacks(raw: str) -> dict[str, float]:
+    """py-spy's raw (collapsed) stacks -> each category's share of the samples taken inside
+    LLM.generate (model loading and the workload's set-up are left out)."""
+    counts: dict[str, int] = {}
+    for line in raw.splitlines():
+        stack, _, n = line.rpartition(" ")
+        if "generate (clusterft/engine/llm_engine.py" not in stack:
+            continue
+        frames = reversed(stack.split(";"))
+        category = next(
+            (c for f in frames for c, keys in PROFILE_CATEGORIES if any(k in f for k in keys)), "other"
+        )
+        counts[category] = counts.get(category, 0) + int(n)
+    total = sum(counts.values())
+    if not total:
+        raise RuntimeError("py-spy took no sample inside LLM.generate: is py-spy allowed to ptrace here?")
+    ranked = sorted(counts.items(), key=lambda kv: -kv[1])
+    return {c: round(n / total, 3) for c, n in ranked} | {"samples": total}
+
+
+def profile_engine(args) -> dict:
+    """Run the engine's part of the bench alone under py-spy (200 samples/s) and split its time."""
+    import shutil
+    import subprocess
+
+    if shutil.which("py-spy") is None:
+        raise SystemExit("py-spy is not on PATH: pip install -e '.[dev]' (py-spy is a dev dependency)")
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "stacks.txt"
+        child = [sys.executable, __file__, "--engine-only", "--num-requests", str(args.num_requests),
+                 "--seed", str(args.seed), "--threads", str(args.threads)]  # fmt: skip
+        if args.quick:
+            child.append("--quick")
+        subprocess.run(["py-spy", "record", "-r", "200", "-f", "raw", "-o", str(raw), "--", *child],
+                       check=True, stdout=sys.stderr)  # fmt: skip
+        return {"mode": "profile", "shares": classify_stacks(raw.read_text())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -330,8 +386,13 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                         help="--decode only")  # fmt: skip
     parser.add_argument("--shape", choices=["small", "1b"], default="small", help="--decode's random model")
+    parser.add_argument("--profile", action="store_true", help="where the engine's time goes (py-spy)")
+    parser.add_argument("--engine-only", action="store_true", help="the engine's run alone (for --profile)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.profile:
+        print(json.dumps(profile_engine(args), indent=None if args.json else 2), file=RESULT, flush=True)
+        return
     if args.decode:
         if args.device == "cuda" and not torch.cuda.is_available():
             parser.error("--device cuda but torch sees no CUDA device (torch.cuda.is_available() is False)")
@@ -355,6 +416,9 @@ def main() -> None:
     requests = make_workload(num_requests, hf.config.vocab_size, args.seed, 512, mean_out, max_out)
 
     engine_outputs, engine_tps, engine_cpu_tps, stats = run_engine(model_dir, requests, max_num_seqs=256)
+    if args.engine_only:
+        print(json.dumps({"engine_tokens_per_cpu_s": round(engine_cpu_tps, 1)}), file=RESULT, flush=True)
+        return
     hf_tps, hf_cpu_tps, hf_outputs = {}, {}, {}
     for b in [int(s) for s in sizes.split(",")]:
         hf_outputs[b], hf_tps[b], hf_cpu_tps[b] = run_hf(hf, requests, b, pad_id)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.engine import decode_throughput, table_bandwidth, weight_bytes
+from bench.engine import classify_stacks, decode_throughput, table_bandwidth, weight_bytes
 from clusterft.engine import LLM
 
 
@@ -29,3 +29,20 @@ def test_decode_throughput_counts_steps_bytes_and_mbu(llama_dir):
 )  # fmt: skip
 def test_peak_bandwidth_table_by_device_name(name, bandwidth):
     assert table_bandwidth(name) == bandwidth
+
+
+def test_profile_shares_by_innermost_known_frame():
+    gen = "main (bench/engine.py:9);generate (clusterft/engine/llm_engine.py:300)"
+    raw = "\n".join([
+        f"{gen};step (x.py:1);LlamaForCausalLM.forward (m.py:2);PackedLinear.forward (l.py:3) 6",
+        f"{gen};Attention.forward (m.py:4);paged_attention (a.py:1);_decode_attention (a.py:2) 3",
+        f"{gen};schedule (clusterft/engine/scheduler.py:5) 1",
+        "make_tiny_model (tiny.py:1);PackedLinear.forward (l.py:3) 50",  # outside generate: left out
+    ])  # fmt: skip
+    shares = classify_stacks(raw)
+    assert shares == {
+        "matmuls (linear layers, lm_head)": 0.6,
+        "attention: decode": 0.3,
+        "scheduler + KV block manager": 0.1,
+        "samples": 10,
+    }
