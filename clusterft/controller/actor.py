@@ -106,11 +106,14 @@ class JobControllerActor:
         self._wake.set()
 
     def info(self) -> dict[str, Any]:
+        import ray
+
         return {
             "root": str(self.controller.root),
             "registry": str(self.controller.registry.root),
             "store": self.controller.store.where,
             "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
             "started_at": self.started_at,
             "runs": {job_id: run.name for job_id, run in self.controller.runs.items()},
             "job_server": self.controller.ray_jobs.address if self.controller.ray_jobs else None,

@@ -6,6 +6,7 @@ poked (`wake`) when one is reachable so it acts at once rather than at its next 
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict
@@ -20,6 +21,7 @@ from clusterft.controller.store import JobStore, StaleState
 from clusterft.controller.store_backend import store_location
 from clusterft.errors import UserError
 
+logger = logging.getLogger(__name__)
 ROOT_ENV = "CLUSTERFT_HOME"
 DEFAULT_ROOT = "saves/controller"
 
@@ -171,8 +173,21 @@ class Jobs:
             raise UserError(f"job {job_id} keeps changing state; try again")
         # Kill here too: the driver runs on this host when the controller does (or no controller runs).
         kill_drivers(self.root, job_id, job.attempt)
+        self._stop_ray_drivers(job)
         self._wake()
         return job
+
+    def _stop_ray_drivers(self, job: Job) -> None:
+        """Stop the job's drivers of its attempt that run as Ray jobs, when the job server is
+        reachable from here; otherwise the controller holding the job stops them at its next tick."""
+        for log in self.store.logs(job.id):
+            submission = pointed_submission(log.path)
+            if submission is None or log.attempt != job.attempt:
+                continue
+            try:
+                self._ray_jobs().stop(submission)
+            except (UserError, RuntimeError, ConnectionError) as err:
+                logger.warning("jobs: %s: the controller stops %s instead", err, submission)
 
     def resume(self, job_id: str) -> Job:
         """Relaunch a cancelled or failed (error) job from its newest valid checkpoint; refused

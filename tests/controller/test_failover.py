@@ -1,0 +1,125 @@
+"""Controller failover across nodes, on a real multi-node Ray cluster on this machine
+(tests/multinode.py): the controller actor runs on a node of its own (ctl_a, or ctl_b), training on
+node train, the drivers are Ray jobs of the head's job server. The controller's node is SIGKILLed
+mid-training (raylet and every process):
+Ray restarts the detached actor on another node, the new controller takes the job's lease over from
+its dead predecessor, finds the driver through the job server by its submission id and re-attaches
+to it (no second trainer, no relaunch), and the job finishes with the uninterrupted run's weights,
+bit for bit."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from clusterft.controller.actor import CONTROLLER_NAME, NAMESPACE, get_or_start_controller
+from clusterft.controller.jobs import Jobs
+from clusterft.controller.ray_jobs import RayJobs, pointer, submission_id
+from clusterft.controller.state import JobState
+from clusterft.train.launcher import run_training
+from tests.multinode import MultiNodeCluster
+from tests.train.helpers import bundles, final_weights, make_job
+
+pytestmark = pytest.mark.slow
+SETTLED = {JobState.REGISTERED, JobState.PROMOTED, JobState.SERVING, JobState.ERROR, JobState.CANCELLED}
+# The GCS declares a killed node dead after 10 missed 1 s health checks (Ray's default: 5 of 3 s);
+# fewer declare live nodes of a loaded machine dead.
+NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "10"}
+CONTROLLER_NODES = ("ctl_a", "ctl_b")
+
+
+def node_names() -> dict[str, str]:
+    """Node id -> its name in the cluster (its label resource; "head" for the head)."""
+    import ray
+
+    names = {}
+    for node in ray.nodes():
+        if node["Alive"]:
+            labels = [r for r in node["Resources"] if r in (*CONTROLLER_NODES, "train")]
+            names[node["NodeID"]] = labels[0] if labels else "head"
+    return names
+
+
+def wait_for(what: str, check, timeout_s: float, every_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"{what} after {timeout_s} s"
+        time.sleep(every_s)
+    return value
+
+
+def test_killing_the_controllers_node_mid_job_reattaches_to_the_running_driver(tiny_llama, tmp_path):
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = {"ctl_a": 0, "ctl_b": 0, "train": 2}
+    root, registry = tmp_path / "controller", tmp_path / "registry"
+    sections = {
+        "max_steps": 10,
+        "save_steps": 2,
+        "eval": {"enabled": False},
+        "promote": {"model_name": "tiny", "auto": True},
+        "failure": {"max_job_restarts": 2, "backoff_s": 0.2},
+    }
+    with MultiNodeCluster(worker_nodes=nodes, env=NODE_DEATH) as cluster:
+        ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
+        try:
+            reference = make_job(tiny_llama, tmp_path / "reference", **sections)
+            assert run_training(reference, show_progress=False).ok
+
+            cluster.wait_alive()
+            ctl_a = {name: node for node, name in node_names().items()}["ctl_a"]
+            actor = get_or_start_controller(
+                root,
+                registry,
+                poll_s=0.2,
+                scheduling_strategy=NodeAffinitySchedulingStrategy(ctl_a, soft=True),
+            )
+            before = ray.get(actor.info.remote())
+            # Soft affinity: ctl_a unless the GCS thought it busy; on a controller node either way.
+            where = node_names()[before["node_id"]]
+            assert where in CONTROLLER_NODES and before["job_server"] == cluster.dashboard_url
+            jobs = Jobs(root, registry, controller=actor)
+            spec = make_job(tiny_llama, tmp_path / "killed", **sections)
+            job_id = jobs.submit(spec).id
+            train = submission_id(job_id, 1, "train")
+            wait_for(
+                "no bundle of step 2", lambda: (b := bundles(spec).find_latest_valid()) and b.step >= 2, 240
+            )
+            assert ray.get(actor.info.remote())["runs"] == {job_id: f"Ray job {train}"}
+
+            cluster.kill_node(where)
+            killed = time.monotonic()
+            after = wait_for(
+                "the controller did not come back re-attached",
+                lambda: (i := ray.get(actor.info.remote(), timeout=120)) and i["runs"].get(job_id) and i,
+                180,
+            )
+            takeover_s = time.monotonic() - killed
+            print(
+                f"controller node killed -> controller back on another node, re-attached: {takeover_s:.1f} s"
+            )
+            assert after["node_id"] != before["node_id"] and after["pid"] != before["pid"]
+            assert after["runs"] == {job_id: f"Ray job {train}"}
+
+            job = wait_for("the job did not settle", lambda: (j := jobs.get(job_id)).settled and j, 300, 0.5)
+            assert job.status is JobState.PROMOTED, job.reason
+            assert (job.attempt, job.restarts) == (1, 0)  # never relaunched
+            assert job.result["train"]["completed_steps"] == 10
+            [log] = jobs.store.logs(job_id)
+            assert (log.kind, log.path) == ("train", pointer(train))
+            [(where, text)] = jobs.log_texts(job_id)  # through the job server
+            assert where == pointer(train) and f"train driver of job {job_id}" in text
+            submitted = [j.submission_id for j in RayJobs(cluster.dashboard_url)._client.list_jobs()]
+            assert [s for s in submitted if s and job_id in s] == [train]  # one driver, ever
+            jobs.close()
+        finally:
+            ray.kill(ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE), no_restart=True)
+            ray.shutdown()
+    expected, actual = final_weights(reference), final_weights(spec)
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected), (
+        "weights differ from the uninterrupted run"
+    )
