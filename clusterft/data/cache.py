@@ -52,6 +52,12 @@ _KEYED_OPTIONS = (
 _HASH_CHUNK = 4 << 20  # read in chunks: hashing must not pull a large file into this process's memory
 
 
+def run_cache_dir(run_dir: str | Path) -> Path:
+    """A training run's default cache: under its run dir (output_dir/.clusterft), which every
+    worker already reads and writes, so the driver's build is found by every worker."""
+    return Path(run_dir) / "data_cache"
+
+
 class CorruptCache(Exception):
     """A cache entry that cannot be used; the message says what is wrong with it."""
 

@@ -18,7 +18,7 @@ from typing import overload
 import numpy as np
 import pyarrow as pa
 
-from clusterft.data.preprocess import EncodedExample
+from clusterft.data.preprocess import IGNORE_INDEX, EncodedExample
 
 BATCH_ROWS = 4096  # rows per record batch: a streaming reader holds one batch's offsets at a time
 
@@ -105,6 +105,19 @@ class TokenizedDataset(Sequence[EncodedExample]):
 
     def __len__(self) -> int:
         return int(self._starts[-1])
+
+    def label_counts(self) -> list[int]:
+        """Per row, the tokens trained on: labels[1:] that are not IGNORE_INDEX (the loss shifts by
+        one). Counted over the label column in numpy, never turning a row into Python lists."""
+        counts: list[int] = []
+        for view in self._views:
+            offsets, flat = view.columns["labels"]
+            assert (offsets[1:] > offsets[:-1]).all(), "an encoded row has at least one token"
+            trained = (flat[offsets[0] : offsets[-1]] != IGNORE_INDEX).astype(np.int64)
+            # cumulative sums at the row boundaries give each row's count; minus its first label's
+            totals = np.diff(np.concatenate([[0], np.cumsum(trained)])[offsets - offsets[0]])
+            counts += (totals - trained[offsets[:-1] - offsets[0]]).tolist()
+        return counts
 
     @overload
     def __getitem__(self, index: int) -> EncodedExample: ...
