@@ -29,7 +29,22 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 
-WORDS = "reverse sort count repeat shift rotate the digits of this number please quickly now".split()
+WORDS = [
+    "reverse",
+    "sort",
+    "count",
+    "repeat",
+    "shift",
+    "rotate",
+    "the",
+    "digits",
+    "of",
+    "this",
+    "number",
+    "please",
+    "quickly",
+    "now",
+]
 MICRO_BATCH = 8
 CUTOFF_LEN = 128
 
@@ -65,7 +80,9 @@ def worker(args: argparse.Namespace) -> None:
     from clusterft.data import EpochBatchSampler, build_datasets
 
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    data = DataArgs(dataset=["bench"], dataset_dir=args.dataset_dir, template="default", cutoff_len=CUTOFF_LEN)
+    data = DataArgs(
+        dataset=["bench"], dataset_dir=args.dataset_dir, template="default", cutoff_len=CUTOFF_LEN
+    )
     cache = {"default_cache_dir": args.cache_dir} if args.cache_dir else {}
     before = _status()
     started = time.perf_counter()
@@ -104,7 +121,9 @@ def _spawn(tree: str, model_dir: Path, dataset_dir: Path, cache_dir: Path | None
     return subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
 
 
-def run_workers(tree: str, model_dir: Path, dataset_dir: Path, cache_dir: Path | None, world: int) -> list[dict]:
+def run_workers(
+    tree: str, model_dir: Path, dataset_dir: Path, cache_dir: Path | None, world: int
+) -> list[dict]:
     """`world` workers at once; each prints one JSON line."""
     procs = [_spawn(tree, model_dir, dataset_dir, cache_dir, rank, world) for rank in range(world)]
     results = []
@@ -129,7 +148,9 @@ def measure(tree: str, model_dir: Path, dataset_dir: Path, cached: bool, scratch
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--examples", type=int, default=200_000)
     parser.add_argument("--base-tree", help="a checkout without the cache (the 'before' column)")
