@@ -35,6 +35,7 @@ from ray.serve.handle import DeploymentHandle
 from clusterft.engine import SamplingParams
 from clusterft.engine.structured import StructuredOutputsParams
 from clusterft.http import APIError, EdgePolicy, RequestGuard, add_error_handlers
+from clusterft.serve import anthropic
 from clusterft.serve.admin import change_everywhere, record_handle
 from clusterft.serve.constraints import chat_tool_format, output_constraint, template_messages, uses_tools
 from clusterft.serve.errors import engine_error
@@ -446,6 +447,17 @@ class OpenAIIngress(VersionRoutes):
                 id=rid, created=created, model=body.model, choices=choices, usage=counter.usage()
             ).model_dump()
         )
+
+    @app.post("/v1/messages")
+    async def messages(self, request: Request) -> Response:
+        """Anthropic's Messages API, served by the chat route; errors in Anthropic's shape."""
+        try:
+            body = anthropic.parse_request(await request.body())
+            return anthropic.anthropic_response(
+                await self.chat_completions(body.to_chat(), request), body.model
+            )
+        except APIError as error:
+            return anthropic.error_response(error)
 
     def _sse_response(self, stream, head, choices_of, counter: UsageCounter, body) -> StreamingResponse:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
