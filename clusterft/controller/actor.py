@@ -24,7 +24,7 @@ from clusterft.controller.policy import (
     TickFailurePolicy,
     decide_after_tick_failure,
 )
-from clusterft.controller.ray_jobs import RayJobs, job_server_address
+from clusterft.controller.ray_jobs import cluster_job_server
 from clusterft.controller.store_backend import describe, store_location
 from clusterft.errors import UserError
 
@@ -87,9 +87,9 @@ class JobControllerActor:
         # Drivers are Ray jobs wherever the cluster runs a job server (the dashboard on its head):
         # then any controller, on any node, sees them, stops them and reads their logs. Without one,
         # they are processes of this actor's host.
-        address = job_server_address()
-        ray_jobs = RayJobs(address) if address else None
-        self.controller = Controller(root, registry_root, env=env, store_url=store_url, ray_jobs=ray_jobs)
+        self.controller = Controller(
+            root, registry_root, env=env, store_url=store_url, ray_jobs=cluster_job_server()
+        )
         self.poll_s = poll_s
         self.started_at = time.time()
         self._wake = threading.Event()

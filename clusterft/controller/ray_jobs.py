@@ -17,6 +17,7 @@ Ray is imported only here, and only when a job server is used.
 
 from __future__ import annotations
 
+import logging
 import os
 import shlex
 import time
@@ -32,6 +33,7 @@ JOB_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 """Where a client finds the job server (Ray's own variable; else $RAY_ADDRESS's cluster)."""
 AGENT_WAIT_S = 60.0
 """How long a submission waits for the cluster's job agents to come up."""
+logger = logging.getLogger(__name__)
 SCHEME = "ray-job://"
 """A log pointer of this scheme names a Ray job's submission id, not a file."""
 
@@ -48,6 +50,32 @@ def pointer(submission: str) -> str:
 def pointed_submission(path: str) -> str | None:
     """The submission id a log pointer names; None for a file."""
     return path[len(SCHEME) :] if path.startswith(SCHEME) else None
+
+
+def cluster_job_server() -> RayJobs | None:
+    """The job server of the Ray cluster this process is connected to, checked to be that cluster's
+    (same session: on a host running several clusters, a stale address may lead to another's); None
+    when the cluster has none that answers, and the drivers stay processes of this host."""
+    import ray
+
+    address = job_server_address()
+    if address is None:
+        return None
+    try:
+        server = RayJobs(address)
+        session = server.session_name()
+    except (UserError, RuntimeError, ConnectionError):
+        # e.g. a local cluster started without the dashboard still names where one would be
+        logger.info("controller: no job server answers at %s: drivers run as processes", address)
+        return None
+    if session != ray.get_runtime_context().get_session_name():
+        logger.warning(
+            "controller: the job server at %s serves another Ray cluster (%s): drivers run as processes",
+            address,
+            session,
+        )
+        return None
+    return server
 
 
 def job_server_address() -> str | None:
@@ -158,6 +186,10 @@ class RayJobs:
 
     def logs(self, submission: str) -> str:
         return self._client.get_job_logs(submission)
+
+    def session_name(self) -> str:
+        """The Ray session (cluster) whose jobs this job server runs."""
+        return self._client._do_request("GET", "/api/version").json()["session_name"]
 
 
 def has_password(url: str) -> bool:
