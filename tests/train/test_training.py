@@ -100,12 +100,13 @@ def test_callbacks_and_eval_run_in_the_driver(runs):
 
 # Resharding without dropout: what is left between a run on N workers and one on M is the order of
 # fp32 sums (the gradient all-reduce / reduce-scatter adds N partial sums, one worker sums them all),
-# a few ulps per step (~1e-7 relative); 8 Adam steps at lr 1e-2 keep it under 1e-5. A wrong range, a
-# missing moment or a reset step count moves the loss by 1e-3 or more (measured), so 1e-5 separates.
+# a few ulps per step (~1e-7 relative), which 4 more Adam steps do not grow past 1e-5. A lost moment or
+# a reset step count changes the next Adam update by its whole size (~lr = 1e-2 per weight after a
+# reset's bias correction), orders of magnitude above that: 1e-5 separates the two, 2 % would not.
 RESHARD_TOLERANCE = 1e-5
 
 
-@pytest.mark.parametrize("strategy, saved_on, resumed_on", [("zero2", 2, 1), ("zero3", 1, 2), ("ddp", 1, 2)])
+@pytest.mark.parametrize("strategy, saved_on, resumed_on", [("zero2", 2, 1), ("zero3", 1, 2)])
 def test_a_bundle_of_n_workers_resumes_on_m(
     ray_cluster, tiny_llama, tmp_path, strategy, saved_on, resumed_on
 ):
