@@ -114,18 +114,20 @@ def test_a_bundle_of_n_workers_resumes_on_m(
     reads the ranges it now holds from the N shards), and its losses after the resume are those of
     an uninterrupted run on M workers. The global batch stays the same (micro-batch x workers)."""
 
-    def spec(out: str, workers: int, **extra):
+    def spec(out: str, workers: int, micro_batch: int, **extra):
         return make_job(
             tiny_llama, tmp_path / out, parallel={"strategy": strategy}, lora_dropout=0.0,
-            cluster={"num_workers": workers}, per_device_train_batch_size=4 // workers, **extra,
+            cluster={"num_workers": workers}, per_device_train_batch_size=micro_batch, **extra,
         )  # fmt: skip
 
-    saved, reference = spec("saved", saved_on), spec("reference", resumed_on)
+    # 4 examples per micro-step everywhere. The resumed run keeps the saved run's spec (an exact resume
+    # refuses a changed per_device_train_batch_size) and takes the checkpoint's global micro-batch.
+    saved, reference = spec("saved", saved_on, 4 // saved_on), spec("reference", resumed_on, 4 // resumed_on)
     for run in (saved, reference):
         summary = run_training(run, show_progress=False)
         assert summary.ok, summary.error
     bundle = f"{bundles(saved).storage.uri}/step_000000004"
-    resumed = spec("resumed", resumed_on, resume={"from_checkpoint": bundle})
+    resumed = spec("resumed", resumed_on, 4 // saved_on, resume={"from_checkpoint": bundle})
     summary = run_training(resumed, show_progress=False)
     assert summary.ok, summary.error
     assert summary.resumed_from == ["step_000000004"] and summary.completed_steps == 8
