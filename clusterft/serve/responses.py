@@ -194,9 +194,10 @@ class ChatChunkChoices:
         choices = []
         for o in chunk["outputs"]:
             index = o["index"]
-            if index not in self._started:
-                self._started.add(index)
-                choices.append(ChatChunkChoice(index=index, delta=Delta(role="assistant", content="")))
+            # One entry per choice per chunk, as OpenAI's streams: clients read `choices[i].delta`, so
+            # a separate role-only entry of the same index would hide the first chunk's text from them.
+            role = None if index in self._started else "assistant"
+            self._started.add(index)
             lps = None
             if self.num_logprobs is not None:
                 lps = chat_logprobs(o["token_ids"], o["logprobs"] or [], self.num_logprobs, self.text)
@@ -204,7 +205,7 @@ class ChatChunkChoices:
             choices.append(
                 ChatChunkChoice(
                     index=index,
-                    delta=Delta(content=content, tool_calls=tool_calls or None),
+                    delta=Delta(role=role, content=content, tool_calls=tool_calls or None),
                     logprobs=lps,
                     finish_reason=finish,
                 )

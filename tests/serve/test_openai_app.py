@@ -134,6 +134,13 @@ def test_chat_stream_roles_and_done(url):
     assert r.status_code == 200
     assert lines[-1] == "data: [DONE]"
     assert '"role":"assistant"' in lines[0].replace(" ", "")
+    # One entry per choice index per chunk (OpenAI's shape): clients read `choices[0].delta`, so a
+    # second entry of index 0 in a chunk would hide that chunk's text from them.
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    for chunk in chunks:
+        indices = [c["index"] for c in chunk["choices"]]
+        assert len(indices) == len(set(indices)), chunk
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
 
 
 @pytest.mark.parametrize(
