@@ -110,15 +110,16 @@ def preflight(spec: JobSpec, where: RunLocation) -> RunStart:
 
     model_dir = check_model_dir(resolve(where.base_dir, spec.model.model_name_or_path))
     tokenizer = load_tokenizer(model_dir, spec.model.trust_remote_code)
+    source = spec.resume.from_checkpoint
+    start = start_run(spec, where.bundle_root, resolve(where.base_dir, source) if source else None)
+    if start.bundle is None:
+        check_output_dir(spec, where)  # before the data cache below writes into output_dir
     # The one tokenization of the run: the workers memory-map this cache (data.cache_dir wins).
     train = build_datasets(
         spec.data, tokenizer, seed=spec.train.seed, base_dir=where.base_dir,
         default_cache_dir=run_cache_dir(where.run_dir),
     ).train  # fmt: skip
-    source = spec.resume.from_checkpoint
-    start = start_run(spec, where.bundle_root, resolve(where.base_dir, source) if source else None)
     if start.bundle is None:
-        check_output_dir(spec, where)
         return start
     store, name = bundle_at(start.bundle)  # start_run verified it
     from clusterft.hf.loading import load_model

@@ -140,14 +140,18 @@ def test_a_run_from_scratch_never_writes_into_another_runs_output_dir(tiny_llama
 
     job = make_job(tiny_llama, tmp_path / "out")
     where = locate(job)
-    preflight(job, where)  # no output_dir yet
-    where.output_dir.mkdir(parents=True)
+    preflight(job, where)  # no output_dir yet: the run's own data cache is all it writes there
     (where.output_dir / "adapter_model.safetensors").write_bytes(b"someone else's export")
     with pytest.raises(UserError, match=r"already holds another run's files \(adapter_model\.safetensors\)"):
         preflight(job, where)
+    foreign = make_job(tiny_llama, tmp_path / "foreign")
+    locate(foreign).output_dir.mkdir(parents=True)
+    (locate(foreign).output_dir / "model.safetensors").write_bytes(b"another run's export")
+    with pytest.raises(UserError, match="another run's files"):
+        preflight(foreign, locate(foreign))
+    assert [p.name for p in locate(foreign).output_dir.iterdir()] == ["model.safetensors"]  # untouched
     overwrite = make_job(tiny_llama, tmp_path / "out", overwrite_output_dir=True)
     preflight(overwrite, locate(overwrite))
-    where.run_dir.mkdir(parents=True)
     (where.run_dir / SPEC_MARKER).write_text(job.spec_hash())  # this job ran here before
     preflight(job, where)
     other = make_job(tiny_llama, tmp_path / "out", learning_rate=0.5)
