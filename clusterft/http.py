@@ -27,7 +27,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -103,17 +103,23 @@ class APIError(Exception):
 
 
 def bearer_matches(request: Request, key: str) -> bool:
-    """Whether the request sends `Authorization: Bearer <key>`. Constant time: how long the comparison
-    takes must not tell how much of a guess was right."""
+    """Whether the request sends `Authorization: Bearer <key>` or `x-api-key: <key>` (what Anthropic's
+    clients send). Constant time: how long the comparison takes must not tell how much of a guess was
+    right."""
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode())
+    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
+        return True
+    x_api_key = request.headers.get("x-api-key")
+    return x_api_key is not None and hmac.compare_digest(x_api_key.strip().encode(), key.encode())
 
 
 def check_bearer(request: Request, api_key: str | None) -> None:
-    """Raise the 401 unless `api_key` is None or the request sends `Authorization: Bearer <api_key>`."""
+    """Raise the 401 unless `api_key` is None or the request sends it (`bearer_matches`)."""
     if api_key is not None and not bearer_matches(request, api_key):
         raise APIError(
-            401, "missing or invalid API key: send 'Authorization: Bearer <key>'", code="invalid_api_key"
+            401,
+            "missing or invalid API key: send 'Authorization: Bearer <key>' (or 'x-api-key: <key>')",
+            code="invalid_api_key",
         )
 
 
@@ -143,6 +149,12 @@ class EdgePolicy:
     admin_api_key: str | None  # what Access.ADMIN requests need (see check_admin_bearer)
     max_request_bytes: int  # a larger body is a 413
     access: Callable[[str, str], Access] = serving_access  # (method, path) -> the key it needs
+    # The response of a refused request (401/403/413), in the shape its route speaks (e.g. Anthropic's
+    # on /v1/messages); None: OpenAI's (APIError.response).
+    error_response: Callable[[Request, APIError], Response] | None = None
+
+    def refuse(self, request: Request, error: APIError) -> Response:
+        return self.error_response(request, error) if self.error_response else error.response()
 
     def is_admin(self, request: Request) -> bool:
         """Whether the request carries the admin key (False when there is none)."""
@@ -180,7 +192,7 @@ class RequestGuard:
             policy.check(request)
             body = await _read_body(request, receive, policy.max_request_bytes)
         except APIError as error:
-            await error.response()(scope, receive, send)
+            await policy.refuse(request, error)(scope, receive, send)
             return
         replayed = False
 

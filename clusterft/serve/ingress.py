@@ -77,6 +77,13 @@ def _edge_policy() -> EdgePolicy:
     return serve.get_replica_context().servable_object.edge_policy
 
 
+def _edge_error_response(request: Request, error: APIError) -> Response:
+    """A refused request's answer in its route's shape: Anthropic's on /v1/messages, else OpenAI's."""
+    if request.url.path == "/v1/messages":
+        return anthropic.error_response(error)
+    return error.response()
+
+
 def _metrics() -> ServeMetrics:
     return serve.get_replica_context().servable_object.metrics
 
@@ -110,7 +117,10 @@ class OpenAIIngress(VersionRoutes):
         # replica), and a fast tokenizer must not be used from two threads at once.
         self._tokenizer_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenizer")
         self.edge_policy = EdgePolicy(
-            spec.resolved_api_key(), spec.resolved_admin_api_key(), spec.max_request_bytes
+            spec.resolved_api_key(),
+            spec.resolved_admin_api_key(),
+            spec.max_request_bytes,
+            error_response=_edge_error_response,
         )
         self.metrics = ServeMetrics()
         self._max_model_len: int | None = None

@@ -92,3 +92,25 @@ def test_errors_in_anthropics_shape(client, url):
         client.messages.create(model="tiny", messages=MESSAGES, max_tokens=4, extra_body={"temperature": 1.5})
     with pytest.raises(anthropic.BadRequestError, match="tools"):  # not served: named, never ignored
         client.messages.create(model="tiny", messages=MESSAGES, max_tokens=4, tools=[])
+
+
+def test_the_clients_own_key_header_and_refusals_in_anthropics_shape(url):
+    """Anthropic's key header (`x-api-key`, what its API documents and other clients send) carries the
+    API key as well as a bearer token does; a missing or wrong key is refused before the body is read,
+    still in Anthropic's shape."""
+    own = anthropic.Anthropic(base_url=url, api_key=API_KEY, max_retries=0)
+    assert own.messages.create(model="tiny", messages=MESSAGES, max_tokens=2).type == "message"
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 2}
+    r = httpx.post(f"{url}/v1/messages", headers={"x-api-key": API_KEY}, timeout=30, json=body)
+    assert r.status_code == 200 and r.json()["type"] == "message"
+    for headers in ({}, {"x-api-key": "wrong"}, {"Authorization": "Bearer wrong"}):
+        r = httpx.post(f"{url}/v1/messages", headers=headers, timeout=30, json={})
+        assert r.status_code == 401, headers
+        assert r.json()["type"] == "error" and r.json()["error"]["type"] == "authentication_error"
+        assert "x-api-key" in r.json()["error"]["message"]
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=url, api_key="wrong", max_retries=0).messages.create(
+            model="tiny", messages=MESSAGES, max_tokens=2
+        )
+    r = httpx.post(f"{url}/v1/chat/completions", headers={"x-api-key": "wrong"}, timeout=30, json={})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"  # OpenAI's shape
