@@ -230,11 +230,18 @@ def test_elastic_run_shrinks_to_the_surviving_node_and_grows_back(cluster, tiny_
         f"{shrunk['step']}); node back -> first step on 2 workers {grown_at - back_time:.1f} s "
         f"(step {grown['step']})"
     )
-    # Same data and global batches as the fixed run. Resumes 2 -> 1 and 1 -> 2 of this ddp job
-    # measured ~1e-7 apart from it over 12 steps, but this 200-step run ended 6.1e-2 apart at worst
-    # (one measurement, busy machine): whether that is float drift amplified by Adam over 200 steps
-    # or a resize that loses state is not settled yet, so it is printed, not asserted.
+    # Same data and global batches as the fixed run, so only the order of fp32 sums differs once the
+    # run is on 1 worker. That difference grows by itself: a fixed 1-worker and a fixed 2-worker run
+    # of this job, nothing resized, are 1.4e-7 apart (relative) over their first 12 steps and 6.2e-2
+    # at worst over 200 (measured; the elastic run ended 6.1e-2 and 7.4e-2 apart). So the whole curve
+    # can only be printed; the two steps right after the 2 -> 1 resume are checked instead: their
+    # weights came from the bundle; a lost moment or step count would move the second by ~lr.
     losses, expected = loss_curve(spec), loss_curve(reference)
     assert sorted(losses) == sorted(expected) == list(range(1, STEPS + 1))
+    first_on_one = min(step for step, size in sizes if size == 1)
+    resumed_from = max(step for step, size in sizes if size == 2 and step < first_on_one)
+    for step in (resumed_from + 1, resumed_from + 2):  # the restored weights, then one update on them
+        gap = abs(losses[step] - expected[step]) / expected[step]
+        assert gap < 1e-4, (step, losses[step], expected[step])
     worst = max(abs(losses[s] - expected[s]) / expected[s] for s in losses)
     print(f"elastic vs fixed 2-worker run: largest relative loss difference {worst:.2e}")
