@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import pyarrow as pa
 
 from clusterft.data.registry import get_dataset_attr
-from clusterft.storage.fs import fsync_dir, fsync_file
+from clusterft.storage.fs import fsync_dir, fsync_file, sha256_file
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -49,7 +49,6 @@ _KEYED_OPTIONS = (
     "dataset", "eval_dataset", "template", "cutoff_len", "val_size", "max_samples", "train_on_prompt",
     "mask_history", "packing", "neat_packing", "streaming",
 )  # fmt: skip
-_HASH_CHUNK = 4 << 20  # read in chunks: hashing must not pull a large file into this process's memory
 
 
 def run_cache_dir(run_dir: str | Path) -> Path:
@@ -109,14 +108,6 @@ def cache_key(inputs: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:32]
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class CacheEntry:
     """A verified, published entry."""
@@ -142,7 +133,7 @@ def check_entry(path: Path, key: str) -> CacheEntry:
             raise CorruptCache(f"{name} is missing")
         if file.stat().st_size != recorded["bytes"]:
             raise CorruptCache(f"{name} has {file.stat().st_size} bytes, {META} says {recorded['bytes']}")
-        if file_sha256(file) != recorded["sha256"]:
+        if sha256_file(file) != recorded["sha256"]:
             raise CorruptCache(f"{name} does not match its sha256 in {META} (altered or damaged)")
     for name, rows in meta["rows"].items():
         try:
@@ -194,7 +185,7 @@ def publish(
     files = {}
     for file in sorted(build_dir.iterdir()):
         fsync_file(file)
-        files[file.name] = {"bytes": file.stat().st_size, "sha256": file_sha256(file)}
+        files[file.name] = {"bytes": file.stat().st_size, "sha256": sha256_file(file)}
     meta = {"key": key, "inputs": inputs, "files": files, "rows": rows}
     meta_path = build_dir / META
     with open(meta_path, "w") as handle:

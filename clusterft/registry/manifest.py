@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from clusterft.storage.fs import sha256_file
+
 MANIFEST = "manifest.json"
 FORMAT = 1
 Kind = Literal["adapter", "merged", "full"]
@@ -60,14 +62,6 @@ class Manifest:
         raw = json.loads(text)
         raw["files"] = {path: FileEntry(**entry) for path, entry in raw["files"].items()}
         return cls(**raw)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def tree_sha256(path: Path) -> str:

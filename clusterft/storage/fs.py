@@ -9,6 +9,7 @@ written last (see checkpoint.py).
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import secrets
 import shutil
@@ -175,3 +176,12 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(handle.fileno())
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def sha256_file(path: Path, chunk_bytes: int = 4 << 20) -> str:
+    """The file's sha256, read in chunks: hashing must not pull a large file into memory."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -5,19 +5,16 @@ that YAML refuses) are pinned below."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 
 import httpx
 import pytest
 import schemathesis
-import uvicorn
 
 from clusterft.controller.api import create_app
 from clusterft.controller.jobs import Jobs
+from tests.http_server import running_server
 from tests.openapi_fuzz import fuzz
-from tests.ray_processes import free_port
 
 NUM_EXAMPLES = 1000
 
@@ -26,21 +23,10 @@ NUM_EXAMPLES = 1000
 def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     root = tmp_path_factory.mktemp("jobs-api")
     jobs = Jobs(root / "root", root / "registry")
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(jobs), host="127.0.0.1", port=port, log_level="critical")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
     try:
-        yield f"http://127.0.0.1:{port}"
+        with running_server(create_app(jobs), log_level="critical") as base:
+            yield base
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
         jobs.close()
 
 

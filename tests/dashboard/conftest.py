@@ -6,17 +6,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import threading
-import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
-
-from tests.ray_processes import free_port
 
 ARTIFACTS = Path(os.environ.get("ARTIFACTS_DIR") or Path(__file__).parents[1] / "artifacts") / "dashboard"
 CHROMIUM_CANDIDATES = ("chromium", "chromium-browser")
@@ -27,24 +21,6 @@ ENGINE_STATS = {
     "num_preemptions_recompute": 0, "num_preemptions_swap": 0, "num_steps": 7, "num_engine_failures": 0,
     "model_weight_version": 2, "num_model_switches": 1, "num_model_load_failures": 0,
 }  # fmt: skip
-
-
-@contextmanager
-def running_server(app: Any) -> Iterator[str]:
-    """`app` served by uvicorn on a free 127.0.0.1 port for the block; yields its base URL."""
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ from clusterft.dashboard.routes import SERVE_URL_ENV
 from clusterft.registry.registry import Registry
 from tests.controller.conftest import tiny_llama  # noqa: F401
 from tests.controller.test_controller_ray import jobs, root  # noqa: F401  (the live controller)
-from tests.dashboard.conftest import ENGINE_STATS, running_server
+from tests.dashboard.conftest import ENGINE_STATS
+from tests.http_server import running_server
 from tests.train.helpers import make_job
 
 pytestmark = pytest.mark.slow

@@ -57,6 +57,13 @@ def running_app(spec: ServeSpec) -> Iterator[str]:
         ray.shutdown()
 
 
+@pytest.fixture(scope="module")
+def keyed_url(tiny_llama) -> Iterator[str]:
+    """The tiny model's app behind API_KEY, one per test module: its base URL."""
+    with running_app(make_spec(tiny_llama, api_key=API_KEY)) as base:
+        yield base
+
+
 def make_spec(model_dir: Path, **overrides) -> ServeSpec:
     fields = dict(
         model_dir=str(model_dir),

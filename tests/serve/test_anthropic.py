@@ -8,7 +8,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve.conftest import API_KEY, make_spec, running_app
+from tests.serve.conftest import API_KEY
 
 pytestmark = pytest.mark.slow
 
@@ -20,20 +20,14 @@ GREEDY = {"temperature": 0}
 
 
 @pytest.fixture(scope="module")
-def url(tiny_llama):
-    with running_app(make_spec(tiny_llama, api_key=API_KEY)) as base:
-        yield base
+def client(keyed_url):
+    return anthropic.Anthropic(base_url=keyed_url, auth_token=API_KEY, max_retries=0)
 
 
 @pytest.fixture(scope="module")
-def client(url):
-    return anthropic.Anthropic(base_url=url, auth_token=API_KEY, max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def chat_reference(url):
+def chat_reference(keyed_url):
     """What the OpenAI chat route answers greedily for the same conversation."""
-    chat = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY).chat.completions.create(
+    chat = openai.OpenAI(base_url=f"{keyed_url}/v1", api_key=API_KEY).chat.completions.create(
         model="tiny",
         messages=[{"role": "system", "content": SYSTEM}, *MESSAGES],
         max_tokens=12,
@@ -55,7 +49,7 @@ def test_message_equals_the_chat_route(client, chat_reference):
     assert msg.stop_reason == ("max_tokens" if usage.completion_tokens == 12 else "end_turn")
 
 
-def test_stream_events_and_text(client, url, chat_reference):
+def test_stream_events_and_text(client, keyed_url, chat_reference):
     text, usage = chat_reference
     with client.messages.stream(
         model="tiny", system=SYSTEM, messages=MESSAGES, max_tokens=12, extra_body=GREEDY
@@ -66,19 +60,19 @@ def test_stream_events_and_text(client, url, chat_reference):
     assert final.usage.output_tokens == usage.completion_tokens
     body = {"model": "tiny", "system": SYSTEM, "messages": MESSAGES, "max_tokens": 12, "temperature": 0,
             "stream": True}  # fmt: skip
-    with httpx.stream("POST", f"{url}/v1/messages", json=body, headers=AUTH, timeout=60) as r:
+    with httpx.stream("POST", f"{keyed_url}/v1/messages", json=body, headers=AUTH, timeout=60) as r:
         names = [line.split(": ", 1)[1] for line in r.iter_lines() if line.startswith("event: ")]
     assert names[:2] == ["message_start", "content_block_start"]
     assert set(names[2:-3]) == {"content_block_delta"}
     assert names[-3:] == ["content_block_stop", "message_delta", "message_stop"]
 
 
-def test_errors_in_anthropics_shape(client, url):
+def test_errors_in_anthropics_shape(client, keyed_url):
     with pytest.raises(anthropic.NotFoundError) as err:
         client.messages.create(model="nope", messages=MESSAGES, max_tokens=4)
     assert err.value.body["type"] == "error" and err.value.body["error"]["type"] == "not_found_error"
     r = httpx.post(
-        f"{url}/v1/messages", headers=AUTH, timeout=30, json={"model": "tiny", "messages": MESSAGES}
+        f"{keyed_url}/v1/messages", headers=AUTH, timeout=30, json={"model": "tiny", "messages": MESSAGES}
     )
     assert r.status_code == 400
     assert r.json() == {
@@ -86,7 +80,7 @@ def test_errors_in_anthropics_shape(client, url):
         "error": {"type": "invalid_request_error", "message": r.json()["error"]["message"]},
     }
     assert "max_tokens" in r.json()["error"]["message"]
-    r = httpx.post(f"{url}/v1/messages", headers=AUTH, timeout=30, content=b"{not json")
+    r = httpx.post(f"{keyed_url}/v1/messages", headers=AUTH, timeout=30, content=b"{not json")
     assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
     with pytest.raises(anthropic.BadRequestError, match="temperature"):
         client.messages.create(model="tiny", messages=MESSAGES, max_tokens=4, extra_body={"temperature": 1.5})
@@ -94,23 +88,23 @@ def test_errors_in_anthropics_shape(client, url):
         client.messages.create(model="tiny", messages=MESSAGES, max_tokens=4, tools=[])
 
 
-def test_the_clients_own_key_header_and_refusals_in_anthropics_shape(url):
+def test_the_clients_own_key_header_and_refusals_in_anthropics_shape(keyed_url):
     """Anthropic's key header (`x-api-key`, what its API documents and other clients send) carries the
     API key as well as a bearer token does; a missing or wrong key is refused before the body is read,
     still in Anthropic's shape."""
-    own = anthropic.Anthropic(base_url=url, api_key=API_KEY, max_retries=0)
+    own = anthropic.Anthropic(base_url=keyed_url, api_key=API_KEY, max_retries=0)
     assert own.messages.create(model="tiny", messages=MESSAGES, max_tokens=2).type == "message"
     body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 2}
-    r = httpx.post(f"{url}/v1/messages", headers={"x-api-key": API_KEY}, timeout=30, json=body)
+    r = httpx.post(f"{keyed_url}/v1/messages", headers={"x-api-key": API_KEY}, timeout=30, json=body)
     assert r.status_code == 200 and r.json()["type"] == "message"
     for headers in ({}, {"x-api-key": "wrong"}, {"Authorization": "Bearer wrong"}):
-        r = httpx.post(f"{url}/v1/messages", headers=headers, timeout=30, json={})
+        r = httpx.post(f"{keyed_url}/v1/messages", headers=headers, timeout=30, json={})
         assert r.status_code == 401, headers
         assert r.json()["type"] == "error" and r.json()["error"]["type"] == "authentication_error"
         assert "x-api-key" in r.json()["error"]["message"]
     with pytest.raises(anthropic.AuthenticationError):
-        anthropic.Anthropic(base_url=url, api_key="wrong", max_retries=0).messages.create(
+        anthropic.Anthropic(base_url=keyed_url, api_key="wrong", max_retries=0).messages.create(
             model="tiny", messages=MESSAGES, max_tokens=2
         )
-    r = httpx.post(f"{url}/v1/chat/completions", headers={"x-api-key": "wrong"}, timeout=30, json={})
+    r = httpx.post(f"{keyed_url}/v1/chat/completions", headers={"x-api-key": "wrong"}, timeout=30, json={})
     assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"  # OpenAI's shape

@@ -16,7 +16,7 @@ import openai
 import pytest
 from pydantic import BaseModel, Field
 
-from tests.serve.conftest import API_KEY, make_spec, running_app
+from tests.serve.conftest import API_KEY
 
 pytestmark = pytest.mark.slow
 
@@ -45,14 +45,8 @@ class City(BaseModel):
 
 
 @pytest.fixture(scope="module")
-def url(tiny_llama):
-    with running_app(make_spec(tiny_llama, api_key=API_KEY)) as base:
-        yield base
-
-
-@pytest.fixture(scope="module")
-def client(url):
-    return openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY)
+def client(keyed_url):
+    return openai.OpenAI(base_url=f"{keyed_url}/v1", api_key=API_KEY)
 
 
 def test_json_schema_strict_validates(client):
@@ -115,9 +109,9 @@ FROB = {"type": "frob"}
         ({"use_beam_search": True, "n": 2, "structured_outputs": {"regex": "a+"}}, None, "beam"),
     ],
 )  # fmt: skip
-def test_bad_constraints_are_400s(url, body, param, words):
+def test_bad_constraints_are_400s(keyed_url, body, param, words):
     r = httpx.post(
-        f"{url}/v1/chat/completions",
+        f"{keyed_url}/v1/chat/completions",
         headers=AUTH,
         timeout=30,
         json={"model": "tiny", "messages": ASK, **body},
