@@ -90,13 +90,15 @@ def build_datasets(
     seed: int,
     base_dir: str | Path | None = None,
     default_cache_dir: str | Path | None = None,
+    trust_verified: bool = False,
 ) -> DatasetSplits:
     """Load, check, split, encode (and pack) the datasets of `data`, through the cache if there is one.
 
     The eval split is `eval_dataset` when given, else `val_size` of `dataset` held out by a shuffle
     seeded with `seed` (streaming: the first `val_size` examples). Every bad record (unreadable,
     malformed, or nothing to train on after truncation) of train and eval is reported in one
-    DatasetError, and nothing is cached.
+    DatasetError, and nothing is cached. `trust_verified`: a cached entry unchanged since its last
+    full check is not hashed again (a training worker, whose driver just checked it: cache.py).
     """
     dataset_dir = resolve_dataset_dir(data.dataset_dir, base_dir)
     cache_dir = resolve_dataset_dir(data.cache_dir, base_dir) if data.cache_dir else default_cache_dir
@@ -112,7 +114,7 @@ def build_datasets(
     cache_dir = Path(cache_dir)
     inputs = cache_inputs(data, dataset_dir, tokenizer, seed)
     key = cache_key(inputs)
-    entry = find_entry(cache_dir, key)
+    entry = find_entry(cache_dir, key, trust_verified=trust_verified)
     if entry is None:
         started = time.perf_counter()
         build_dir = new_build_dir(cache_dir, key)

@@ -6,11 +6,19 @@
         eval.arrow
         eval_examples.jsonl   the held-out conversations (exact-match evaluation generates from them)
         meta.json             written last: the key's inputs, each file's size and sha256, row counts
+        verified.json         what a full check found: each file's size, mtime, ctime and inode then
 
 A builder writes into a private `.tmp-*` directory and renames it to the key: on POSIX the rename
 is atomic and fails if another builder published first, so concurrent builders never mix files and
 a reader sees a whole entry or none. An entry that fails its checks (a file missing, truncated or
 altered, unreadable Arrow) is moved aside and rebuilt, with a warning that says why.
+
+Opening an entry hashes every file (a full check), except where the caller trusts a verification
+(`trust_verified`: a training worker, whose driver fully checked this entry in its preflight just
+before): if every file's size, mtime, ctime and inode are those that the last full check recorded in
+verified.json, the hashes are skipped. A file written since (its ctime moves with any write, and
+cannot be set back) fails the stamp and gets the full check; only damage below the filesystem
+(bit rot) between the driver's check and the worker's open would pass unseen.
 
 The key covers what changes the encoded rows: the data section's options, each dataset's
 dataset_info entry and its file's path, size and mtime (contents are not read: a dataset can be far
@@ -43,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1  # bump when the encoding or the files of an entry change meaning
 META = "meta.json"
+VERIFIED = "verified.json"
 TRAIN, EVAL, EVAL_EXAMPLES = "train.arrow", "eval.arrow", "eval_examples.jsonl"
 # The data options that change the encoded rows (buffer_size only orders them; workers don't count).
 _KEYED_OPTIONS = (
@@ -116,9 +125,11 @@ class CacheEntry:
     meta: dict[str, Any]
 
 
-def check_entry(path: Path, key: str) -> CacheEntry:
+def check_entry(path: Path, key: str, *, trust_verified: bool = False) -> CacheEntry:
     """Verify the entry at `path`: meta.json readable and for `key`, every file of the size and
-    sha256 it records, every Arrow file readable with the recorded rows. Raises CorruptCache."""
+    sha256 it records, every Arrow file readable with the recorded rows. Raises CorruptCache.
+    `trust_verified`: skip the sha256 of files unchanged since the last full check (verified.json);
+    a full check records what it found there."""
     try:
         meta = json.loads((path / META).read_text())
     except FileNotFoundError:
@@ -133,7 +144,10 @@ def check_entry(path: Path, key: str) -> CacheEntry:
             raise CorruptCache(f"{name} is missing")
         if file.stat().st_size != recorded["bytes"]:
             raise CorruptCache(f"{name} has {file.stat().st_size} bytes, {META} says {recorded['bytes']}")
-        if sha256_file(file) != recorded["sha256"]:
+    names = [META, *meta["files"]]
+    trusted = trust_verified and _stamp_holds(path, names)
+    for name, recorded in meta["files"].items():
+        if not trusted and sha256_file(path / name) != recorded["sha256"]:
             raise CorruptCache(f"{name} does not match its sha256 in {META} (altered or damaged)")
     for name, rows in meta["rows"].items():
         try:
@@ -142,17 +156,49 @@ def check_entry(path: Path, key: str) -> CacheEntry:
             raise CorruptCache(f"{name} is not a readable Arrow file ({exc})") from None
         if num_rows != rows:
             raise CorruptCache(f"{name} has {num_rows} rows, {META} says {rows}")
+    if not trusted:
+        _write_stamp(path, names)
     return CacheEntry(path, meta)
 
 
-def find_entry(cache_dir: Path, key: str) -> CacheEntry | None:
+def _file_stats(path: Path, names: list[str]) -> dict[str, list[int]]:
+    """What any write to a file changes: size, mtime, ctime (not settable) and inode (a replaced file)."""
+    stats = {}
+    for name in names:
+        st = (path / name).stat()
+        stats[name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return stats
+
+
+def _write_stamp(path: Path, names: list[str]) -> None:
+    """Record what a full check found (atomically: readers see the old stamp or the new). A cache
+    the process cannot write to keeps no stamp; its readers then check in full."""
+    temp = path / f".{VERIFIED}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        temp.write_text(json.dumps({"files": _file_stats(path, names)}))
+        os.replace(temp, path / VERIFIED)
+    except OSError as exc:
+        logger.info("dataset cache %s: no %s written (%s); readers check it in full", path, VERIFIED, exc)
+        temp.unlink(missing_ok=True)
+
+
+def _stamp_holds(path: Path, names: list[str]) -> bool:
+    """Whether every file is as the last full check found it."""
+    try:
+        recorded = json.loads((path / VERIFIED).read_text())["files"]
+        return recorded == _file_stats(path, names)
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def find_entry(cache_dir: Path, key: str, *, trust_verified: bool = False) -> CacheEntry | None:
     """The valid entry for `key`, or None. A damaged one is moved aside (and deleted) with a warning
-    naming the problem, so that the caller rebuilds it."""
+    naming the problem, so that the caller rebuilds it. `trust_verified`: see `check_entry`."""
     path = cache_dir / key
     if not path.is_dir():
         return None
     try:
-        return check_entry(path, key)
+        return check_entry(path, key, trust_verified=trust_verified)
     except CorruptCache as problem:
         logger.warning("dataset cache %s is unusable: %s; rebuilding it", path, problem)
         discard(path)
@@ -199,4 +245,5 @@ def publish(
         shutil.rmtree(build_dir, ignore_errors=True)
         return check_entry(target, key)
     fsync_dir(cache_dir)
+    _write_stamp(target, [META, *files])  # just hashed: its readers need not hash it again
     return CacheEntry(target, meta)

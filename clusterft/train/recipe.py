@@ -110,13 +110,15 @@ class Recipe:
         resumed = self._load_checkpoint()
 
         self.tokenizer = load_tokenizer(self.model_dir, spec.model.trust_remote_code)
-        # Tokenized once by the driver's preflight into the run's cache; here memory-mapped.
+        # Tokenized once by the driver's preflight into the run's cache; here memory-mapped. The
+        # driver hashed every file of it just before: unchanged files are not hashed again.
         self.train_data = build_datasets(
             spec.data,
             self.tokenizer,
             seed=spec.train.seed,
             base_dir=self.run.base_dir,
             default_cache_dir=run_cache_dir(self.run.run_dir),
+            trust_verified=True,
         ).train
         trainer = resumed.trainer if resumed else {}
         # weights_only drops optimizer, schedule and data position of a checkpoint from a different

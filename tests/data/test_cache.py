@@ -16,7 +16,20 @@ import pytest
 from clusterft.config.spec import DataArgs
 from clusterft.data import DatasetError, build_datasets
 from clusterft.data import builder as builder_module
-from clusterft.data.cache import META, TRAIN, cache_inputs, cache_key, new_build_dir, publish
+from clusterft.data import cache as cache_module
+from clusterft.data.cache import (
+    EVAL,
+    EVAL_EXAMPLES,
+    META,
+    TRAIN,
+    VERIFIED,
+    CorruptCache,
+    cache_inputs,
+    cache_key,
+    check_entry,
+    new_build_dir,
+    publish,
+)
 
 NUM_RECORDS = 300
 
@@ -212,3 +225,58 @@ def test_a_builder_that_loses_the_race_uses_the_winners_entry(nums_dir, tokenize
     winner = publish(early, cache_dir, key, inputs, {})
     assert publish(late, cache_dir, key, inputs, {}) == winner
     assert (cache_dir / key / TRAIN).read_bytes() == b"early" and not late.exists()
+
+
+def _count_hashes(monkeypatch) -> list[str]:
+    hashed: list[str] = []
+    real = cache_module.sha256_file
+
+    def counting(path):
+        hashed.append(Path(path).name)
+        return real(path)
+
+    monkeypatch.setattr(cache_module, "sha256_file", counting)
+    return hashed
+
+
+def test_a_worker_trusts_the_drivers_full_check_of_unchanged_files(
+    nums_dir, tokenizer, tmp_path, monkeypatch
+):
+    cache_dir = tmp_path / "cache"
+    data = _data(nums_dir)
+    built = build_datasets(data, tokenizer, seed=0, default_cache_dir=cache_dir)  # publish hashes
+    hashed = _count_hashes(monkeypatch)
+    driver = build_datasets(data, tokenizer, seed=0, default_cache_dir=cache_dir)
+    assert sorted(hashed) == sorted([EVAL_EXAMPLES, EVAL, TRAIN])  # the driver always checks in full
+    hashed.clear()
+    worker = build_datasets(data, tokenizer, seed=0, default_cache_dir=cache_dir, trust_verified=True)
+    assert hashed == [] and worker == driver == built
+
+
+def _flip_keeping_mtime(entry: Path) -> None:
+    path = entry / TRAIN
+    before = path.stat()
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size and mtime: ctime moved
+
+
+@pytest.mark.parametrize("stamp", ["stale", "lost"])
+def test_a_worker_still_refuses_a_file_altered_since_the_check_by_name(
+    stamp, nums_dir, tokenizer, tmp_path, caplog
+):
+    cache_dir = tmp_path / "cache"
+    data = _data(nums_dir)
+    build_datasets(data, tokenizer, seed=0, default_cache_dir=cache_dir)
+    (key,) = _entries(cache_dir)
+    entry = cache_dir / key
+    _flip_keeping_mtime(entry)
+    if stamp == "lost":
+        (entry / VERIFIED).unlink()
+    with pytest.raises(CorruptCache, match=r"train\.arrow does not match its sha256"):
+        check_entry(entry, key, trust_verified=True)
+    with caplog.at_level(logging.WARNING, logger="clusterft.data.cache"):
+        again = build_datasets(data, tokenizer, seed=0, default_cache_dir=cache_dir, trust_verified=True)
+    assert f"dataset cache {entry} is unusable: train.arrow does not match its sha256" in caplog.text
+    assert again == build_datasets(data, tokenizer, seed=0)  # rebuilt
