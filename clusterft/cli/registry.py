@@ -1,4 +1,5 @@
-"""`clusterft registry list|show|promote|rollback|delete`: argparse wiring and handlers.
+"""`clusterft registry list|show|promote|rollback|delete|traffic|canary|canary-weight|canary-promote|
+canary-abort`: argparse wiring and handlers.
 
 `add_registry_commands(commands)` adds the `registry` command group to the CLI's subparsers; each
 handler takes the parsed `argparse.Namespace` and returns the exit code. Errors are `UserError`s,
@@ -15,7 +16,8 @@ from typing import Any
 
 from clusterft.cli.helpers import Subcommands, add_dir_option, add_group
 from clusterft.registry import DEFAULT_REGISTRY, REGISTRY_ENV
-from clusterft.registry.registry import ALIAS_NAMES, Registry, Version
+from clusterft.registry.registry import ALIAS_NAMES, AliasChange, Registry, Version
+from clusterft.registry.traffic import TrafficSplit
 
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -154,6 +156,70 @@ def registry_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def split_line(split: TrafficSplit) -> str:
+    """`production v0003 90%, canary v0004 10%`: where a model's requests go now."""
+    if not split.active:
+        return f"production {split.production or 'none'} 100%" + (
+            f", canary {split.canary} 0%" if split.canary else ""
+        )
+    return (
+        f"production {split.production} {100 - split.canary_weight}%, "
+        f"canary {split.canary} {split.canary_weight}%"
+    )
+
+
+def _print_change(name: str, change: AliasChange | None, registry: Registry) -> None:
+    if change is None:
+        print(f"{name}: nothing changed")
+    print(f"{name} traffic: {split_line(registry.traffic(name))}")
+
+
+def registry_traffic(args: argparse.Namespace) -> int:
+    """Where the model's requests go: production and canary versions and their weights."""
+    split = _registry(args).traffic(args.name)
+    if args.json:
+        print(json.dumps({**asdict(split), "weights": split.weights}, indent=2))
+    else:
+        print(split_line(split))
+    return 0
+
+
+def registry_canary(args: argparse.Namespace) -> int:
+    """Point the canary at a version and give it a share of the traffic."""
+    registry = _registry(args)
+    _print_change(args.name, registry.set_canary(args.name, args.version, args.weight), registry)
+    return 0
+
+
+def registry_canary_weight(args: argparse.Namespace) -> int:
+    """Change only the canary's share of the traffic."""
+    registry = _registry(args)
+    change = registry.set_canary_weight(args.name, args.weight, reason=args.reason)
+    _print_change(args.name, change, registry)
+    return 0
+
+
+def registry_canary_promote(args: argparse.Namespace) -> int:
+    """The canary's version becomes production, with all the traffic."""
+    registry = _registry(args)
+    _print_change(args.name, registry.promote_canary(args.name), registry)
+    return 0
+
+
+def registry_canary_abort(args: argparse.Namespace) -> int:
+    """The canary gets no more traffic (weight 0); it stays set, so `rollback --alias canary` undoes it."""
+    registry = _registry(args)
+    _print_change(args.name, registry.abort_canary(args.name, args.reason), registry)
+    return 0
+
+
+def _weight(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole percentage from 0 to 100") from None
+
+
 def registry_delete(args: argparse.Namespace) -> int:
     """Delete a version no alias points at."""
     version = _registry(args).delete(args.name, args.version)
@@ -198,6 +264,29 @@ def add_registry_commands(commands: Subcommands) -> None:
     sub = action("rollback", registry_rollback, "move an alias back to its previous version")
     sub.add_argument("name", help="model name")
     sub.add_argument("--alias", choices=ALIAS_NAMES, default="production", help="alias to move back")
+
+    sub = action("traffic", registry_traffic, "show how requests are split between production and canary")
+    sub.add_argument("name", help="model name")
+    sub.add_argument("--json", action="store_true", help="print JSON")
+
+    sub = action(
+        "canary", registry_canary, "point the canary at a version and send it --weight % of requests"
+    )
+    sub.add_argument("name", help="model name")
+    sub.add_argument("version", help="v3 or 3")
+    sub.add_argument("--weight", type=_weight, required=True, help="percent of sessions to the canary, 0-100")
+
+    sub = action("canary-weight", registry_canary_weight, "change the canary's share of requests")
+    sub.add_argument("name", help="model name")
+    sub.add_argument("weight", type=_weight, help="percent of sessions to the canary, 0-100")
+    sub.add_argument("--reason", help="recorded in the alias history")
+
+    sub = action("canary-promote", registry_canary_promote, "make the canary production (all traffic)")
+    sub.add_argument("name", help="model name")
+
+    sub = action("canary-abort", registry_canary_abort, "send the canary no more traffic (weight 0)")
+    sub.add_argument("name", help="model name")
+    sub.add_argument("--reason", default="aborted", help="recorded in the alias history")
 
     sub = action("delete", registry_delete, "delete a version no alias points at (its number is not reused)")
     sub.add_argument("name", help="model name")

@@ -2,12 +2,15 @@
 
     <root>/<name>/v0001/            files copied in + manifest.json (written last, atomically)
     <root>/<name>/v0002.deleted     tombstone: the number is never given out again
-    <root>/<name>/aliases.json      {"aliases": {"production": "v0001", ...}, "history": [...]}
+    <root>/<name>/aliases.json      {"aliases": {"production": "v0001", ...}, "weights": {"canary": 10},
+                                     "history": [...]}
     <root>/<name>/.lock             flock: numbering, alias moves and deletes are serialised
 
 A version is published by renaming a complete staging directory (its manifest already inside) into
 place, so a reader sees a whole version or none. Files are made read-only and `verify` recomputes
 every sha256, so an edited byte is found and named. Promotion is a pointer move in aliases.json.
+The canary alias also carries a traffic weight (traffic.py): its share of the requests the serving
+app gets; each move of it, weight changes included, is in the history, so rollback restores a split.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from clusterft.registry.manifest import (
     tree_sha256,
 )
 from clusterft.registry.serving import read_records
+from clusterft.registry.traffic import TrafficSplit, check_weight
 from clusterft.storage.fs import atomic_write_text, fsync_dir
 
 ALIASES = "aliases.json"
@@ -83,13 +87,18 @@ class Version:
 
 @dataclass(frozen=True)
 class AliasChange:
-    """One move of an alias, as kept in the aliases file's history (`at` is ISO 8601, UTC)."""
+    """One move of an alias, as kept in the aliases file's history (`at` is ISO 8601, UTC). A canary
+    move also names the canary's traffic weight after and before it; `weight` changes only the weight
+    (an automatic rollback of the canary is one, to 0, with the `reason`)."""
 
     alias: str
-    action: Literal["promote", "rollback"]
+    action: Literal["promote", "rollback", "weight"]
     version: str
     previous: str | None
     at: str
+    weight: int | None = None
+    previous_weight: int | None = None
+    reason: str | None = None
 
 
 # ---------------------------------------------------------------- the registry
@@ -303,12 +312,18 @@ class Registry:
     def _read_aliases(self, model_dir: Path) -> dict[str, Any]:
         path = model_dir / ALIASES
         if not path.exists():
-            return {"format": FORMAT, "aliases": dict.fromkeys(ALIAS_NAMES), "history": []}
-        return json.loads(path.read_text(encoding="utf-8"))
+            return {"format": FORMAT, "aliases": dict.fromkeys(ALIAS_NAMES), "weights": {}, "history": []}
+        data = json.loads(path.read_text(encoding="utf-8"))
+        data.setdefault("weights", {})  # written before canary weights existed
+        return data
 
     def aliases(self, name: str) -> dict[str, str | None]:
         """Alias → version it points at (None: not set)."""
         return dict(self._read_aliases(self._model_dir(name))["aliases"])
+
+    def traffic(self, name: str) -> TrafficSplit:
+        """How requests for `name` are split between its production and canary versions now."""
+        return _split(name, self._read_aliases(self._model_dir(name)))
 
     def alias_history(self, name: str) -> list[AliasChange]:
         """Every alias move of `name`, oldest first."""
@@ -319,11 +334,21 @@ class Registry:
         model_dir: Path,
         data: dict[str, Any],
         alias: str,
-        action: Literal["promote", "rollback"],
+        action: Literal["promote", "rollback", "weight"],
         version: str,
+        weight: int | None = None,
+        reason: str | None = None,
     ) -> AliasChange:
-        change = AliasChange(alias, action, version, data["aliases"].get(alias), self._now())
+        """Move `alias` to `version`; a canary keeps its weight unless `weight` is given."""
+        previous_weight = _weight_of(data, alias)
+        if alias == "canary" and weight is None:
+            weight = previous_weight
+        change = AliasChange(
+            alias, action, version, data["aliases"].get(alias), self._now(), weight, previous_weight, reason
+        )
         data["aliases"][alias] = version
+        if alias == "canary":
+            data["weights"]["canary"] = weight
         data["history"].append(asdict(change))
         atomic_write_text(model_dir / ALIASES, json.dumps(data, indent=2) + "\n")
         return change
@@ -350,19 +375,102 @@ class Registry:
 
     def rollback(self, name: str, alias: str = "production") -> AliasChange:
         """Move `alias` back to the version it pointed at before its last promotion (deleted
-        versions are skipped). Rolling back twice goes back two promotions."""
+        versions are skipped). Rolling back twice goes back two promotions. The canary's rollback
+        restores its previous (version, weight): a weight change is undone like a promotion."""
         self._check_alias(alias)
         with self._locked(name) as model_dir:
             data = self._read_aliases(model_dir)
             stack = _alias_stack(data["history"], alias)
             current = data["aliases"].get(alias)
-            for candidate in reversed(stack[:-1]):
-                if candidate != current and (model_dir / candidate / MANIFEST).exists():
-                    return self._move_alias(model_dir, data, alias, "rollback", candidate)
+            now = (current, _weight_of(data, alias))
+            for candidate, weight in reversed(stack[:-1]):
+                if (candidate, weight) != now and (model_dir / candidate / MANIFEST).exists():
+                    return self._move_alias(model_dir, data, alias, "rollback", candidate, weight)
         raise RegistryError(
             f"{alias} of {name} has no earlier version to roll back to (now: {current or 'none'}); "
             f"promote one instead: `clusterft registry promote {name} VERSION --alias {alias}`"
         )
+
+    # ------------------------------------------------------------ canary traffic
+
+    def set_canary(
+        self, name: str, ref: str, weight: int, *, reason: str | None = None, verify: bool = True
+    ) -> AliasChange | None:
+        """Point the canary at a version and send it `weight` percent of the traffic (production the
+        rest). None when it already is so. Refused without a production version to split with."""
+        check_weight(weight)
+        target = self.verify(name, ref) if verify else self.show(name, ref)
+        with self._locked(name) as model_dir:
+            if not (target.path / MANIFEST).exists():
+                raise RegistryError(f"{name} {target.version} was deleted meanwhile; nothing changed")
+            data = self._read_aliases(model_dir)
+            if weight and data["aliases"].get("production") is None:
+                raise RegistryError(
+                    f"{name} has no production version to split traffic with; promote one first: "
+                    f"`clusterft registry promote {name} VERSION`"
+                )
+            if (data["aliases"].get("canary"), _weight_of(data, "canary")) == (target.version, weight):
+                return None
+            action = "promote" if data["aliases"].get("canary") != target.version else "weight"
+            return self._move_alias(model_dir, data, "canary", action, target.version, weight, reason)
+
+    def set_canary_weight(self, name: str, weight: int, *, reason: str | None = None) -> AliasChange | None:
+        """Change only the canary's share of the traffic (0: none; the canary stays set). None when
+        it already is `weight`. An automatic rollback is this, to 0, with the reason."""
+        check_weight(weight)
+        with self._locked(name) as model_dir:
+            data = self._read_aliases(model_dir)
+            canary = data["aliases"].get("canary")
+            if canary is None:
+                raise RegistryError(
+                    f"{name} has no canary version; set one first: "
+                    f"`clusterft registry canary set {name} VERSION --weight {weight}`"
+                )
+            if weight and data["aliases"].get("production") is None:
+                raise RegistryError(
+                    f"{name} has no production version to split traffic with; promote one first: "
+                    f"`clusterft registry promote {name} VERSION`"
+                )
+            if _weight_of(data, "canary") == weight:
+                return None
+            return self._move_alias(model_dir, data, "canary", "weight", canary, weight, reason)
+
+    def promote_canary(self, name: str) -> AliasChange:
+        """The canary's version becomes production and takes all the traffic (canary weight 0), in
+        one write: no moment where the split sends the canary's share to the old production."""
+        with self._locked(name) as model_dir:
+            data = self._read_aliases(model_dir)
+            canary = data["aliases"].get("canary")
+            if canary is None or not (model_dir / canary / MANIFEST).exists():
+                raise RegistryError(
+                    f"{name} has no canary version to promote; set one first: "
+                    f"`clusterft registry canary set {name} VERSION --weight 10`"
+                )
+            self.verify(name, canary)  # reads only; the lock keeps the version from being deleted
+            change = AliasChange(
+                "production", "promote", canary, data["aliases"].get("production"), self._now()
+            )
+            data["history"].append(asdict(change))
+            data["aliases"]["production"] = canary
+            if _weight_of(data, "canary"):
+                moved = AliasChange(
+                    "canary",
+                    "weight",
+                    canary,
+                    canary,
+                    self._now(),
+                    0,
+                    _weight_of(data, "canary"),
+                    reason="promoted to production",
+                )
+                data["history"].append(asdict(moved))
+                data["weights"]["canary"] = 0
+            atomic_write_text(model_dir / ALIASES, json.dumps(data, indent=2) + "\n")
+            return change
+
+    def abort_canary(self, name: str, reason: str = "aborted") -> AliasChange | None:
+        """Send the canary no more traffic (weight 0), saying why; None when it had none."""
+        return self.set_canary_weight(name, 0, reason=reason)
 
     def delete(self, name: str, ref: str) -> Version:
         """Remove a version for good; its number is never reused. Refuses while an alias points at it
@@ -448,17 +556,31 @@ def _merge_record(report: Mapping[str, Any] | None) -> dict[str, Any] | None:
     return {**report, "adapter_sha256": tree_sha256(Path(report["adapter"]))}
 
 
-def _alias_stack(history: list[dict[str, Any]], alias: str) -> list[str]:
-    """Replay the alias's moves: a promotion pushes; a rollback pops down to its target."""
-    stack: list[str] = []
+def _weight_of(data: dict[str, Any], alias: str) -> int | None:
+    """The canary's traffic weight (0 where never set); None for aliases that carry none."""
+    return int(data["weights"].get("canary") or 0) if alias == "canary" else None
+
+
+def _split(name: str, data: dict[str, Any]) -> TrafficSplit:
+    aliases = data["aliases"]
+    return TrafficSplit(
+        name, aliases.get("production"), aliases.get("canary"), _weight_of(data, "canary") or 0
+    )
+
+
+def _alias_stack(history: list[dict[str, Any]], alias: str) -> list[tuple[str, int | None]]:
+    """Replay the alias's moves as (version, weight) states: a promotion or weight change pushes;
+    a rollback pops down to its target. Entries from before weights existed have weight 0."""
+    stack: list[tuple[str, int | None]] = []
     for entry in history:
         if entry["alias"] != alias:
             continue
-        if entry["action"] == "promote":
-            stack.append(entry["version"])
+        state = (entry["version"], int(entry.get("weight") or 0) if alias == "canary" else None)
+        if entry["action"] in ("promote", "weight"):
+            stack.append(state)
         else:
-            while stack and stack[-1] != entry["version"]:
+            while stack and stack[-1] != state:
                 stack.pop()
             if not stack:
-                stack.append(entry["version"])
+                stack.append(state)
     return stack
