@@ -167,6 +167,7 @@ class EngineLoop:
         out: RequestOutput, sent: dict[int, tuple[int, int]], params: SamplingParams
     ) -> dict[str, Any]:
         deltas = []
+        first = not sent  # nothing streamed yet: the prompt's logprobs go with the first delta
         for o in out.outputs:
             num_text, num_tokens = sent.get(o.index, (0, 0))
             token_ids = list(o.token_ids[num_tokens:])  # one slice: the step thread may be appending
@@ -193,6 +194,7 @@ class EngineLoop:
             "prompt_tokens": len(out.prompt_token_ids),
             "cached_tokens": out.num_cached_tokens,
             "finish_message": out.finish_message,
+            "prompt_logprobs": out.prompt_logprobs if first and deltas else None,
         }
 
     # ---- the step loop ---------------------------------------------------------------------------

@@ -280,6 +280,7 @@ class LLMEngine:
 
     def reset_prefix_cache(self) -> None:
         self.kv_cache_manager.reset_prefix_cache()
+        self.scheduler.prompt_logprobs_memo.clear()
 
 
 class LLM:

@@ -16,6 +16,7 @@ from clusterft.engine.lora import LoRAManager
 from clusterft.engine.models.layers import LoRAMapping
 from clusterft.engine.models.llama import LlamaForCausalLM
 from clusterft.engine.outputs import ModelRunnerOutput, SchedulerOutput
+from clusterft.engine.prompt_logprobs import PromptTokenLogprob, compute_prompt_logprobs
 from clusterft.engine.sampler import Sampler, SamplingRow
 from clusterft.engine.sampling_params import SamplingParams
 
@@ -110,6 +111,7 @@ class ModelRunner:
         input_ids, positions, meta = self._prepare_inputs(ordered, so.num_scheduled_tokens, len(decodes))
         lora = self._lora_mapping(ordered, so.num_scheduled_tokens)
         hidden = self.model(input_ids, positions, self.cache_engine.gpu_cache, meta, lora)
+        prompt_logprobs = self._prompt_logprobs(hidden, ordered, so.num_scheduled_tokens)
 
         # Rows to sample: requests whose computed tokens reach the end of their tokens.
         sample_states, logits_indices, end = [], [], 0
@@ -119,10 +121,31 @@ class ModelRunner:
             if state.num_computed_tokens + n == len(state.token_ids):
                 sample_states.append(state)
                 logits_indices.append(end - 1)
-        if not sample_states:
-            return ModelRunnerOutput([], [], [], [])
-        logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)]).cpu()
-        return self._sample(logits, sample_states, so)
+        out = ModelRunnerOutput([], [], [], [])
+        if sample_states:
+            logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)])
+            out = self._sample(logits.cpu(), sample_states, so)
+        out.prompt_logprobs = prompt_logprobs
+        return out
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, ordered: list[CachedRequestState], num_scheduled: dict[str, int]
+    ) -> dict[str, tuple[int, list[PromptTokenLogprob]]]:
+        """Entries of the prompt tokens this step's positions score, for requests asking for them:
+        position p (in the prompt, p + 1 too) scores prompt token p + 1. A request recomputed after
+        preemption scores its prompt again; the scheduler keeps the first entries."""
+        found: dict[str, tuple[int, list[PromptTokenLogprob]]] = {}
+        row = 0
+        for state in ordered:
+            n, start = num_scheduled[state.req_id], state.num_computed_tokens
+            k = state.sampling_params.prompt_logprobs
+            end = min(start + n, state.num_prompt_tokens - 1)  # last position scoring a prompt token
+            if k is not None and end > start:
+                logits = self.model.compute_logits(hidden[row : row + end - start]).cpu()  # (end-start, V)
+                next_ids = torch.tensor(state.token_ids[start + 1 : end + 1], dtype=torch.long)
+                found[state.req_id] = (start + 1, compute_prompt_logprobs(logits, next_ids, k))
+            row += n
+        return found
 
     def _sample(
         self, logits: torch.Tensor, states: list[CachedRequestState], so: SchedulerOutput

@@ -10,7 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from clusterft.engine.detokenizer import IncrementalDetokenizer
-from clusterft.engine.outputs import CompletionOutput, RequestOutput
+from clusterft.engine.outputs import CompletionOutput, Logprob, PromptLogprobs, RequestOutput
+from clusterft.engine.prompt_logprobs import PromptTokenLogprob
 from clusterft.engine.request import Request, RequestStatus
 from clusterft.engine.sampling_params import SamplingParams
 
@@ -36,6 +37,19 @@ class RequestState:
     num_cached_tokens: int = 0
     finish_message: str | None = None
     beam_results: list[CompletionOutput] | None = None
+    prompt_logprobs: PromptLogprobs | None = None
+
+
+def prompt_logprobs_output(token_ids: list[int], entries: list[PromptTokenLogprob | None]) -> PromptLogprobs:
+    """vLLM's shape: per prompt token, None for the first, else the token's Logprob then the top-k."""
+    out: PromptLogprobs = [None]
+    for token_id, entry in zip(token_ids[1:], entries[1:], strict=True):
+        assert entry is not None
+        ranked = {token_id: Logprob(entry.logprob, entry.rank)}
+        for rank, (top_id, logprob) in enumerate(entry.top, start=1):
+            ranked.setdefault(top_id, Logprob(logprob, rank))
+        out.append(ranked)
+    return out
 
 
 class OutputProcessor:
@@ -67,6 +81,11 @@ class OutputProcessor:
             seq.cumulative_logprob = request.cumulative_logprob
             seq.logprobs = list(request.logprobs) if params.logprobs is not None else None
             state.num_cached_tokens = max(request.num_cached_tokens, 0)
+            if params.prompt_logprobs is not None and state.prompt_logprobs is None:
+                assert request.has_prompt_logprobs, "a prompt is computed before its first output token"
+                state.prompt_logprobs = prompt_logprobs_output(
+                    state.prompt_token_ids, request.prompt_logprobs
+                )
             if request.is_finished:
                 seq.finish_reason, seq.stop_reason = request.status.finish_reason, request.stop_reason
                 state.finish_message = state.finish_message or request.finish_message
@@ -175,4 +194,5 @@ class OutputProcessor:
             finished=finished,
             num_cached_tokens=state.num_cached_tokens,
             finish_message=state.finish_message,
+            prompt_logprobs=state.prompt_logprobs,
         )

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from clusterft.engine.prompt_logprobs import PromptTokenLogprob
 from clusterft.engine.sampling_params import SamplingParams
 
 
@@ -58,6 +59,20 @@ class ModelRunnerOutput:
     top_logprobs: list[dict[int, float] | None]  # for requests asking for logprobs
     beam_logprobs: dict[str, torch.Tensor] = field(default_factory=dict)  # req_id -> (V,) log-softmax
     errors: dict[str, str] = field(default_factory=dict)  # req_id -> why sampling it failed
+    # req_id -> (index of the first prompt token scored, entries): this step's prompt positions
+    prompt_logprobs: dict[str, tuple[int, list[PromptTokenLogprob]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Logprob:
+    """A token's logprob and its rank among the vocab (1: the most likely), as vLLM returns them."""
+
+    logprob: float
+    rank: int
+
+
+# Per prompt token: None for the first, else {prompt token: Logprob, then the top-k: Logprob}.
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass
@@ -84,6 +99,7 @@ class RequestOutput:
     finished: bool
     num_cached_tokens: int = 0
     finish_message: str | None = None  # why a request ended early (e.g. it can never fit)
+    prompt_logprobs: PromptLogprobs | None = None  # with SamplingParams.prompt_logprobs
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from clusterft.engine.prompt_logprobs import PromptTokenLogprob
 from clusterft.engine.sampling_params import SamplingParams
 
 
@@ -60,6 +61,9 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)  # of this request's full blocks, chained
     cumulative_logprob: float = 0.0
     logprobs: list[dict[int, float]] = field(default_factory=list)
+    # with sampling_params.prompt_logprobs: entry i is prompt token i's (the first None), filled as
+    # the prompt is computed (or all at once from the memo); complete at num_prompt_tokens entries
+    prompt_logprobs: list[PromptTokenLogprob | None] = field(default_factory=list)
     stop_reason: int | str | None = None
     finish_message: str | None = None
     num_preemptions: int = 0
@@ -87,6 +91,14 @@ class Request:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    @property
+    def has_prompt_logprobs(self) -> bool:
+        """True once every prompt token's entry is in (or when none were asked for)."""
+        return (
+            self.sampling_params.prompt_logprobs is None
+            or len(self.prompt_logprobs) == self.num_prompt_tokens
+        )
+
     def append_output_token(self, token_id: int, logprob: float = 0.0) -> None:
         self.output_token_ids.append(token_id)
         self.all_token_ids.append(token_id)
@@ -111,6 +123,7 @@ class Request:
             block_hashes=list(self.block_hashes),
             cumulative_logprob=self.cumulative_logprob,
             logprobs=list(self.logprobs),
+            prompt_logprobs=list(self.prompt_logprobs),
             grammar=self.grammar.deep_copy() if self.grammar is not None else None,
         )
         child.all_token_ids = list(self.all_token_ids)

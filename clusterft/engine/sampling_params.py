@@ -28,6 +28,9 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # None: no logprobs; k: sampled token's logprob + top-k
+    # None: none; k: each prompt token's logprob given the tokens before it + the top-k there (the
+    # first token has none). Prefix-cache hits give the same numbers (see prompt_logprobs.py).
+    prompt_logprobs: int | None = None
     use_beam_search: bool = False  # beam width is best_of (or n)
     length_penalty: float = 1.0  # beam search: score / generated_len ** length_penalty (HF)
     early_stopping: bool | str = False  # beam search: True | False | "never" (HF semantics)
@@ -53,6 +56,8 @@ class SamplingParams:
                 raise ValueError("stop strings are not supported with use_beam_search; use stop_token_ids")
             if self.structured_outputs is not None:
                 raise ValueError("structured outputs are not supported with use_beam_search; drop one")
+            if self.prompt_logprobs is not None:
+                raise ValueError("prompt_logprobs are not supported with use_beam_search; drop one")
 
     def check_model_limits(self, vocab_size: int, num_eos_token_ids: int) -> None:
         """Raise ValueError for the bounds that depend on the model; the engine checks them when a
@@ -62,10 +67,12 @@ class SamplingParams:
                 f"top_k must be -1, 0 (off) or in [1, {vocab_size}] (the model's vocab size), "
                 f"got {self.top_k}"
             )
-        if self.logprobs is not None and self.logprobs > vocab_size:
-            raise ValueError(
-                f"logprobs must be in [0, {vocab_size}] (the model's vocab size) or None, got {self.logprobs}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value > vocab_size:
+                raise ValueError(
+                    f"{name} must be in [0, {vocab_size}] (the model's vocab size) or None, got {value}"
+                )
         # The first beam step ranks the prompt's one row: it needs max(2, 1 + #EOS) candidates per beam.
         max_width = vocab_size // max(2, 1 + num_eos_token_ids)
         if self.use_beam_search and self.num_sequences > max_width:
@@ -125,6 +132,7 @@ _FIELD_BOUNDS: tuple[tuple[str, str, Callable[[Any], bool]], ...] = (
     ("stop_token_ids", "integers >= 0", lambda v: all(_is_int(i) and i >= 0 for i in v)),
     ("ignore_eos", "True or False", lambda v: isinstance(v, bool)),
     ("logprobs", "an integer >= 0 or None", _optional(lambda v: _is_int(v) and v >= 0)),
+    ("prompt_logprobs", "an integer >= 0 or None", _optional(lambda v: _is_int(v) and v >= 0)),
     ("use_beam_search", "True or False", lambda v: isinstance(v, bool)),
     ("length_penalty", "a finite number", _is_real),
     ("early_stopping", "True, False or 'never'", lambda v: v in (True, False, "never")),

@@ -24,6 +24,7 @@ from clusterft.engine.outputs import (
     NewRequestData,
     SchedulerOutput,
 )
+from clusterft.engine.prompt_logprobs import MemoKey, PromptLogprobsMemo, PromptTokenLogprob
 from clusterft.engine.request import Request, RequestStatus
 
 
@@ -68,6 +69,11 @@ class Scheduler:
         self._arrivals = itertools.count()
         self._sequence_ids = itertools.count(1)  # `<root>#0` is the sequence a group starts with
         self.num_preemptions = {"recompute": 0, "swap": 0}
+        # Prompt logprobs of finished prompts, for prefix-cache hits (prompt_logprobs.py): a few
+        # numbers per position, bounded by the positions the KV cache itself holds.
+        self.prompt_logprobs_memo = PromptLogprobsMemo(
+            kv_cache_manager.block_pool.num_blocks * self.kv.block_size
+        )
 
     # ---- requests ------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -260,6 +266,8 @@ class Scheduler:
                 skipped.append(heapq.heappop(self.waiting))
                 continue
             max_cached = request.num_prompt_tokens - 2 if request.request_id in self.num_to_fork else None
+            if not self._take_memoized_prompt_logprobs(request):
+                max_cached = 0  # its prompt positions must run for their logits: no prefix-cache hit
             computed_blocks, num_cached = self.kv.get_computed_blocks(request, max_cached)
             num_new = self._num_new_tokens(request, request.num_tokens, num_cached)
             if not self.enable_chunked_prefill and num_new > budget:
@@ -288,6 +296,36 @@ class Scheduler:
             budget -= num_new
         for item in skipped:
             heapq.heappush(self.waiting, item)
+
+    def _memo_key(self, request: Request) -> MemoKey:
+        return (request.lora_name, self.kv.weight_version, tuple(request.prompt_token_ids))
+
+    def _take_memoized_prompt_logprobs(self, request: Request) -> bool:
+        """False when `request` must compute prompt logprobs it has not got: not memoized with its k."""
+        if request.has_prompt_logprobs:
+            return True
+        k = request.sampling_params.prompt_logprobs
+        assert k is not None
+        if request.num_prompt_tokens == 1:
+            request.prompt_logprobs = [None]
+            return True
+        memoized = self.prompt_logprobs_memo.get(self._memo_key(request), k)
+        if memoized is None:
+            return False
+        request.prompt_logprobs = memoized
+        return True
+
+    def _add_prompt_logprobs(self, request: Request, first: int, entries: list[PromptTokenLogprob]) -> None:
+        """Entries for prompt tokens first.. from a step; a recomputation's repeats are dropped."""
+        have = request.prompt_logprobs or [None]
+        if request.has_prompt_logprobs:
+            return
+        assert first <= len(have), "prompt positions are computed in order"
+        request.prompt_logprobs = have + entries[len(have) - first :]
+        if request.has_prompt_logprobs:
+            k = request.sampling_params.prompt_logprobs
+            assert k is not None
+            self.prompt_logprobs_memo.put(self._memo_key(request), k, request.prompt_logprobs)
 
     def _record(self, request: Request, num_new: int, changed, out: SchedulerOutput, scheduled) -> None:
         req_id = request.request_id
@@ -352,6 +390,10 @@ class Scheduler:
                 root = request.parent_id or req_id
                 update.failed[root] = f"sampling failed for this request ({error}); it was aborted"
                 self.finish_requests(root, RequestStatus.FINISHED_ABORTED)  # its siblings share its params
+        for req_id, (first, entries) in runner_out.prompt_logprobs.items():
+            request = self.requests.get(req_id)
+            if request is not None and request.status == RequestStatus.RUNNING:
+                self._add_prompt_logprobs(request, first, entries)
         beam_roots = set()
         for idx, req_id in enumerate(runner_out.req_ids):
             request = self.requests.get(req_id)
