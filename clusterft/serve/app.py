@@ -1,6 +1,8 @@
 """build_app(ServeSpec) -> serve.Application: the ingress bound to the engine deployment.
 
 HTTP :port --> ingress (FastAPI, 1 per app) --handle--> engine (num_replicas) --> TP workers
+or, with ingress: direct (clusterft/serve/direct.py), one hop:
+HTTP :port --> engine (num_replicas, FastAPI in each) --> TP workers
 
 The handle routes by prompt prefix (clusterft/serve/router.py) unless routing is pow2; the engine
 replicas scale on engine load (clusterft/serve/autoscaling.py) when the spec has autoscaling.
@@ -16,6 +18,7 @@ from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from clusterft.hf.loading import check_model_dir
 from clusterft.serve.autoscaling import POLICY_PATH
+from clusterft.serve.direct import DirectEngineDeployment
 from clusterft.serve.engine_deployment import EngineDeployment
 from clusterft.serve.ingress import OpenAIIngress
 from clusterft.serve.model_source import resolve
@@ -39,6 +42,11 @@ def build_app(spec: ServeSpec) -> serve.Application:
     if spec.engine.device == "cuda" and spec.tensor_parallel_size == 1:
         engine_options["num_gpus"] = 1  # the in-process worker needs the GPU itself
     health = {"health_check_period_s": spec.health_check_period_s, "health_check_timeout_s": 30}
+    if spec.ingress == "direct":  # the engine replicas are the HTTP ingress (one hop)
+        direct = DirectEngineDeployment.options(
+            ray_actor_options=engine_options, **health, **replica_options(spec)
+        )
+        return direct.bind(spec)
     engine = EngineDeployment.options(
         ray_actor_options=engine_options, **health, **replica_options(spec), **routing_options(spec)
     ).bind(spec)

@@ -58,9 +58,9 @@ def engine_loop(spec: ServeSpec, model: ModelVersion) -> EngineLoop:
     )
 
 
-@serve.deployment(name="engine", max_ongoing_requests=1024)
-class EngineDeployment:
-    """Thin Serve shell around ModelFollower (one engine per replica and model version)."""
+class EngineReplica:
+    """One engine replica's state and calls around ModelFollower (one engine per replica and model
+    version); the Serve deployments below and in clusterft/serve/direct.py are its two shapes."""
 
     def __init__(self, spec: ServeSpec) -> None:
         from clusterft.runtime import apply_runtime_defaults
@@ -123,3 +123,8 @@ class EngineDeployment:
         follower = getattr(self, "follower", None)  # None when __init__ failed
         if follower is not None:
             follower.close()
+
+
+@serve.deployment(name="engine", max_ongoing_requests=1024)
+class EngineDeployment(EngineReplica):
+    """The engine behind the separate ingress (clusterft/serve/ingress.py), reached by handle calls."""

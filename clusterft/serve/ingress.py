@@ -73,7 +73,7 @@ MAX_TOKENIZER_SWITCHES = 3  # a request sent back this often (versions switching
 
 
 def _edge_policy() -> EdgePolicy:
-    """The policy of the ingress replica this request reached (set in its __init__)."""
+    """The policy of the replica this request reached (set in OpenAIRoutes.__init__)."""
     return serve.get_replica_context().servable_object.edge_policy
 
 
@@ -101,9 +101,11 @@ def _raise_if_error(chunk: dict[str, Any]) -> None:
         raise APIError.from_chunk(chunk)
 
 
-@serve.deployment(name="ingress", max_ongoing_requests=1024)
-@serve.ingress(app)
-class OpenAIIngress(VersionRoutes):
+class OpenAIRoutes(VersionRoutes):
+    """The HTTP routes and their plumbing, mounted by two Serve shapes: the separate ingress below
+    (requests reach the engine through `engine`, a handle) and the direct engine deployment
+    (clusterft/serve/direct.py: the engine replica serves them itself, `engine` calls it in process)."""
+
     def __init__(self, spec: ServeSpec, engine: DeploymentHandle) -> None:
         from clusterft.runtime import apply_runtime_defaults
 
@@ -128,6 +130,20 @@ class OpenAIIngress(VersionRoutes):
     # ---- plumbing --------------------------------------------------------------------------------
     async def _in_tokenizer_thread(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._tokenizer_thread, fn, *args)
+
+    def _engine_stream(
+        self,
+        request_id: str,
+        ids: list[int],
+        params: SamplingParams,
+        model: str,
+        priority: int,
+        fingerprint: str | None,
+    ) -> Any:
+        """One prompt's engine stream (EngineDeployment.generate): a Ray streaming call here."""
+        return self.engine.options(stream=True).generate.remote(
+            request_id, ids, params, model, priority, fingerprint
+        )
 
     async def _model_info(self) -> dict[str, Any]:
         return await self._engine_call("model_info")
@@ -246,9 +262,7 @@ class OpenAIIngress(VersionRoutes):
             base = new_id("req")
             gens = [
                 # vLLM's priority (lower first) as the engine's (higher first)
-                self.engine.options(stream=True).generate.remote(
-                    f"{base}-{i}", ids, params, model, -priority, fingerprint
-                )
+                self._engine_stream(f"{base}-{i}", ids, params, model, -priority, fingerprint)
                 for i, ids in enumerate(prompts)
             ]
             merged = merge_streams(gens)
@@ -475,3 +489,9 @@ class OpenAIIngress(VersionRoutes):
         return StreamingResponse(
             events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
         )
+
+
+@serve.deployment(name="ingress", max_ongoing_requests=1024)
+@serve.ingress(app)
+class OpenAIIngress(OpenAIRoutes):
+    """The separate ingress: HTTP proxy -> this replica -> an engine replica through its handle."""

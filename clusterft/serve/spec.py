@@ -175,6 +175,13 @@ class ServeSpec(Section):
         "extra; Ray then binds every interface, so it needs an API key or insecure). Measured side "
         "by side by bench/serve_load.py --compare data-plane (README, Benchmarks).",
     )
+    ingress: Literal["separate", "direct"] = Field(
+        default="separate",
+        description="Where the HTTP routes run: separate is an ingress deployment that calls the "
+        "engine replicas (two hops, prefix routing, an OpenAI 503 when an engine replica dies under a "
+        "request); direct is the engine deployment serving them itself (one hop, Ray Serve LLM's direct "
+        "streaming; no prefix routing: with several replicas it needs routing pow2). README, Serving.",
+    )
     routing: Literal["prefix", "pow2"] = Field(
         default="prefix",
         description="How the ingress picks an engine replica: prefix sends requests sharing a prompt "
@@ -234,6 +241,16 @@ class ServeSpec(Section):
         return self
 
     @model_validator(mode="after")
+    def _direct_ingress_routing(self) -> ServeSpec:
+        if self.ingress == "direct" and self.routing == "prefix" and self.max_engine_replicas > 1:
+            raise ValueError(
+                "ingress direct with several engine replicas cannot route by prompt prefix: Serve's "
+                "HTTP proxy picks the replica before the prompt is tokenized. Set routing: pow2, use "
+                "one replica, or ingress: separate"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _replicas_within_autoscaling(self) -> ServeSpec:
         scaling = self.autoscaling
         if scaling is not None and not scaling.min_replicas <= self.num_replicas <= scaling.max_replicas:
@@ -270,6 +287,11 @@ class ServeSpec(Section):
             return self.registry.model_name
         assert self.model_dir is not None
         return os.path.basename(os.path.normpath(self.model_dir))
+
+    @property
+    def max_engine_replicas(self) -> int:
+        """The most engine replicas this app may run (num_replicas, or autoscaling's maximum)."""
+        return self.num_replicas if self.autoscaling is None else self.autoscaling.max_replicas
 
     def resolved_api_key(self) -> str | None:
         """The key to require: the spec's, else $CLUSTERFT_API_KEY, else None (open)."""

@@ -1,4 +1,4 @@
-"""Async stream helpers of the ingress (module-level so that Serve's pickled ingress class finds them)."""
+"""Async stream helpers of the OpenAI routes (module-level so that Serve's pickled classes find them)."""
 
 import asyncio
 from collections.abc import AsyncIterator
@@ -42,6 +42,10 @@ async def merge_streams(gens: list) -> AsyncIterator[tuple[int, dict[str, Any]]]
                 yield i, item
     finally:
         for gen in gens:
-            gen.cancel()
+            # A Ray stream is cancelled here (its engine request aborts in the engine replica); an
+            # in-process one (direct ingress) by cancelling its pump task below.
+            cancel = getattr(gen, "cancel", None)
+            if cancel is not None:
+                cancel()
         for task in tasks:
             task.cancel()

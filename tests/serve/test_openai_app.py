@@ -23,14 +23,16 @@ ADMIN_KEY = "test-admin-key-456"
 ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 
 
-@pytest.fixture(scope="module")
-def url(tiny_llama, tiny_adapter):
+@pytest.fixture(scope="module", params=["separate", "direct"])
+def url(request, tiny_llama, tiny_adapter):
+    """Every test runs against both shapes: a separate ingress, and the engine serving HTTP itself."""
     spec = make_spec(
         tiny_llama,
         api_key=API_KEY,
         admin_api_key=ADMIN_KEY,
         adapter_roots=[str(tiny_adapter.parent)],
         max_queued_requests=1000,
+        ingress=request.param,
     )
     with running_app(spec) as base:
         yield base

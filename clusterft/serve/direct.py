@@ -1,0 +1,62 @@
+"""The direct ingress (ServeSpec.ingress: direct): the engine deployment serves the OpenAI and
+Anthropic routes itself, so a request is HTTP proxy -> engine replica, one hop, and its tokens go from
+the replica's step loop to its HTTP response in process, with no actor message per chunk.
+
+HTTP :port --> engine (num_replicas, FastAPI + EngineLoop per replica) --> TP workers
+
+The routes are ingress.py's (OpenAIRoutes), mounted on this class; the handle they reach the engine
+through is this replica itself (InProcessHandle). What the one hop gives up is in the README (Serving,
+"Direct ingress"): Serve's proxy picks the replica before the prompt is tokenized, so there is no
+prefix routing (ServeSpec refuses routing: prefix with several replicas), and a request in flight on
+a replica that dies ends with the proxy's error rather than the OpenAI 503 the separate ingress sends.
+"""
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from ray import serve
+
+from clusterft.serve.engine_deployment import EngineReplica
+from clusterft.serve.ingress import OpenAIRoutes, app
+from clusterft.serve.spec import ServeSpec
+
+
+async def _value(value: Any) -> Any:
+    return value
+
+
+class _InProcessMethod:
+    def __init__(self, fn: Callable[..., Any]) -> None:
+        self.fn = fn
+
+    def remote(self, *args: Any, **kwargs: Any) -> Any:
+        """An async generator for a streaming method (generate), else an awaitable of its result."""
+        result = self.fn(*args, **kwargs)
+        return result if inspect.isasyncgen(result) or inspect.isawaitable(result) else _value(result)
+
+
+class InProcessHandle:
+    """What the routes call through `engine` (a DeploymentHandle to the engine in the separate shape),
+    answered by this replica's own EngineReplica methods: `engine.options(stream=True).generate.remote
+    (...)` is the replica's generate stream, `engine.status.remote()` an awaitable of its status.
+    Options (stream) need no translation: each method's shape is its own."""
+
+    def __init__(self, replica: EngineReplica) -> None:
+        self._replica = replica
+
+    def options(self, **_: Any) -> "InProcessHandle":
+        return self
+
+    def __getattr__(self, method: str) -> _InProcessMethod:
+        return _InProcessMethod(getattr(self._replica, method))
+
+
+@serve.deployment(name="engine", max_ongoing_requests=1024)
+@serve.ingress(app)
+class DirectEngineDeployment(OpenAIRoutes, EngineReplica):
+    """An engine replica that is also the HTTP ingress (Ray Serve LLM's direct streaming pattern)."""
+
+    def __init__(self, spec: ServeSpec) -> None:
+        EngineReplica.__init__(self, spec)
+        OpenAIRoutes.__init__(self, spec, InProcessHandle(self))  # the engine is this replica
