@@ -61,7 +61,11 @@ from clusterft.serve.responses import (
     assistant_reply,
     chat_logprobs,
     completion_logprobs,
+    echo_logprobs,
+    joined,
     sse_events,
+    vllm_prompt_logprobs,
+    without_generation,
 )
 from clusterft.serve.spec import ServeSpec
 from clusterft.serve.streams import merge_streams, prepend
@@ -202,6 +206,7 @@ class OpenAIRoutes(VersionRoutes):
         max_tokens: int | None,
         logprobs: int | None,
         structured: StructuredOutputsParams | None = None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         """The request's SamplingParams; a 400 naming the field for what the schema could not check
         alone (best_of < n, top_k over the vocab)."""
@@ -233,6 +238,7 @@ class OpenAIRoutes(VersionRoutes):
                 stop_token_ids=tuple(req.stop_token_ids or ()),
                 ignore_eos=req.ignore_eos,
                 logprobs=logprobs,
+                prompt_logprobs=prompt_logprobs,
                 use_beam_search=req.use_beam_search,
                 length_penalty=req.length_penalty,
                 early_stopping=req.early_stopping,
@@ -357,14 +363,9 @@ class OpenAIRoutes(VersionRoutes):
     async def completions(self, body: CompletionRequest, request: Request) -> Response:
         start = time.perf_counter()
         self._check_priority(body.priority, request)
-        if body.echo and body.logprobs is not None:
-            raise APIError(
-                400,
-                "echo with logprobs needs prompt logprobs, which are not computed; drop one",
-                "echo",
-            )
         structured = await self._in_tokenizer_thread(output_constraint, body, None)  # compiles a grammar
-        params = self._params(body, body.max_tokens, body.logprobs, structured)
+        max_tokens = 1 if body.echo_only else body.max_tokens  # the engine samples at least one
+        params = self._params(body, max_tokens, body.logprobs, structured, body.engine_prompt_logprobs)
 
         async def prepare(tok: VersionTokenizer) -> list[list[int]]:
             prompts = [await self._prompt_token_ids(tok, p, i) for i, p in enumerate(body.prompts())]
@@ -377,11 +378,12 @@ class OpenAIRoutes(VersionRoutes):
         if body.echo:
             echo = await self._in_tokenizer_thread(tok.tokenizer.batch_decode, prompts)
         counter = UsageCounter()
-        stream = self._timed(admitted, counter, start)
+        stream = self._timed(without_generation(admitted) if body.echo_only else admitted, counter, start)
         rid, created = new_id("cmpl"), now()
         if body.stream:
             head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
-            choices_of = CompletionChunkChoices(body.n, echo, body.logprobs, tok.token_text)
+            echoed = list(zip(echo, prompts, strict=True)) if body.echo else None
+            choices_of = CompletionChunkChoices(body.n, echoed, body.logprobs, tok.token_text)
             return self._sse_response(stream, head, choices_of, counter, body)
         acc = ChoiceAccumulator(body.n)
         async for i, chunk in stream:
@@ -389,15 +391,26 @@ class OpenAIRoutes(VersionRoutes):
             acc.add(i, chunk)
         choices = []
         for index, c in acc.ordered():
+            p = index // body.n
             lps = None
             if body.logprobs is not None:
-                lps = completion_logprobs(c.token_ids, c.logprobs, body.logprobs, tok.token_text, 0)
+                lps = completion_logprobs(
+                    c.token_ids, c.logprobs, body.logprobs, tok.token_text, len(echo[p])
+                )
+                if body.echo:
+                    prompt_lps = echo_logprobs(
+                        prompts[p], acc.prompt_logprobs[p], body.logprobs, tok.token_text
+                    )
+                    lps = joined(prompt_lps, lps)
             choices.append(
                 CompletionChoice(
                     index=index,
-                    text=echo[index // body.n] + "".join(c.text),
+                    text=echo[p] + "".join(c.text),
                     logprobs=lps,
                     finish_reason=c.finish_reason,
+                    prompt_logprobs=vllm_prompt_logprobs(acc.prompt_logprobs[p], tok.token_text)
+                    if body.prompt_logprobs is not None
+                    else None,
                 )
             )
         return JSONResponse(
@@ -417,7 +430,9 @@ class OpenAIRoutes(VersionRoutes):
         k = body.top_logprobs or 0
         tool_format = chat_tool_format(body, self.spec.chat_template, self.tokenizers.current.tokenizer)
         structured = await self._in_tokenizer_thread(output_constraint, body, tool_format)
-        params = self._params(body, max_tokens, k if body.logprobs else None, structured)
+        params = self._params(
+            body, max_tokens, k if body.logprobs else None, structured, body.prompt_logprobs
+        )
         messages = template_messages(body.messages)
         tools = [t.model_dump(exclude_none=True) for t in body.tools or []] or None
         reply_format = tool_format if uses_tools(body) else None
@@ -468,7 +483,14 @@ class OpenAIRoutes(VersionRoutes):
             )
         return JSONResponse(
             ChatCompletionResponse(
-                id=rid, created=created, model=body.model, choices=choices, usage=counter.usage()
+                id=rid,
+                created=created,
+                model=body.model,
+                choices=choices,
+                usage=counter.usage(),
+                prompt_logprobs=vllm_prompt_logprobs(acc.prompt_logprobs[0], tok.token_text)
+                if body.prompt_logprobs is not None
+                else None,
             ).model_dump()
         )
 

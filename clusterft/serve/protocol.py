@@ -2,7 +2,7 @@
 
 Requests forbid unknown fields so that a typo or an unsupported OpenAI feature is a 400 naming the
 field, not silently ignored. `priority`, `top_k`, `min_p`, `repetition_penalty`, `ignore_eos`,
-`stop_token_ids` and `structured_outputs` are extensions (vLLM's names).
+`stop_token_ids`, `structured_outputs` and `prompt_logprobs` are extensions (vLLM's names).
 
 Every sampling field is checked against the engine's own bounds (SamplingParams' `_FIELD_BOUNDS`, one
 table for both), so a value the engine would refuse is a 400 naming the field when the body is parsed.
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
@@ -43,6 +43,8 @@ def _engine_field(default: Any, name: str, **constraints: Any) -> Any:
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
+    # Fields where 0 passes though the engine refuses it: the request gives 0 its own meaning.
+    _zero_allowed: ClassVar[frozenset[str]] = frozenset()
 
     @field_validator("*")
     @classmethod
@@ -52,6 +54,8 @@ class _Request(BaseModel):
         assert info.field_name is not None
         name = _ENGINE_NAME.get(info.field_name, info.field_name)
         if name not in _ENGINE_BOUNDS or value is None or (name == "logprobs" and isinstance(value, bool)):
+            return value
+        if type(value) is int and value == 0 and info.field_name in cls._zero_allowed:
             return value
         allowed, ok = _ENGINE_BOUNDS[name]
         checked = (value,) if name == "stop" and isinstance(value, str) else value
@@ -99,6 +103,7 @@ class _SamplingFields(_Request):
     length_penalty: float = _engine_field(1.0, "length_penalty")
     early_stopping: bool | Literal["never"] = _engine_field(False, "early_stopping")
     structured_outputs: StructuredOutputs | None = None
+    prompt_logprobs: int | None = _engine_field(None, "prompt_logprobs", le=20)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -110,15 +115,46 @@ class _SamplingFields(_Request):
         "only with the admin key.",
     )
 
+    @model_validator(mode="after")
+    def _prompt_logprobs_not_streamed(self) -> _SamplingFields:
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError(
+                "prompt_logprobs: not available with stream=true (as in vLLM); drop one, or for "
+                "completions use echo=true with logprobs, which streams"
+            )
+        return self
+
 
 class CompletionRequest(_SamplingFields):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         description=f"Text, texts, token ids or lists of token ids (at most {MAX_PROMPTS} prompts); "
         "token ids in [0, vocab size)."
     )
+    _zero_allowed: ClassVar[frozenset[str]] = frozenset({"max_tokens"})
+
     max_tokens: int | None = _engine_field(16, "max_tokens")
     logprobs: int | None = _engine_field(None, "logprobs", le=20)
     echo: bool = False
+
+    @model_validator(mode="after")
+    def _zero_tokens_echo(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError(
+                "max_tokens: 0 generates nothing, which only makes sense with echo=true (scoring the "
+                "prompt, with logprobs); set echo=true or max_tokens >= 1"
+            )
+        return self
+
+    @property
+    def echo_only(self) -> bool:
+        """echo with max_tokens 0: the prompt scored, nothing generated (lm-eval-harness's loglikelihood)."""
+        return self.echo and self.max_tokens == 0
+
+    @property
+    def engine_prompt_logprobs(self) -> int | None:
+        """The top-k the engine scores the prompt with: prompt_logprobs's, or echo's logprobs'."""
+        wanted = [k for k in (self.prompt_logprobs, self.logprobs if self.echo else None) if k is not None]
+        return max(wanted, default=None)
 
     @field_validator("prompt")
     @classmethod
@@ -273,11 +309,23 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int] = Field(default_factory=list)
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry of `prompt_logprobs`, keyed by token id."""
+
+    logprob: float
+    rank: int
+    decoded_token: str
+
+
+PromptLogprobsList = list[dict[int, PromptLogprob] | None]  # first None: the first token has no prefix
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None = None
+    prompt_logprobs: PromptLogprobsList | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -323,6 +371,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobsList | None = None  # vLLM's: one prompt, so one list per response
 
 
 class Delta(BaseModel):

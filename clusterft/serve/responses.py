@@ -1,8 +1,9 @@
 """Engine deltas -> OpenAI response objects and SSE streams (no HTTP server, no Ray).
 
 The engine streams, per prompt, dicts `{"outputs": [{"index", "text", "token_ids", "logprobs",
-"finish_reason"}], "prompt_tokens", "cached_tokens", "finished"}`. A request with several prompts
-(completions) numbers its choices `prompt_index * n + index`, as OpenAI does.
+"finish_reason"}], "prompt_tokens", "cached_tokens", "finished", "prompt_logprobs"}` (the prompt's
+logprobs with the first delta, when asked for). A request with several prompts (completions)
+numbers its choices `prompt_index * n + index`, as OpenAI does.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from clusterft.engine.outputs import PromptLogprobs
 from clusterft.http import APIError
 from clusterft.serve.protocol import (
     AssistantMessage,
@@ -19,6 +21,8 @@ from clusterft.serve.protocol import (
     ChatLogprobs,
     CompletionLogprobs,
     Delta,
+    PromptLogprob,
+    PromptLogprobsList,
     PromptTokensDetails,
     TokenLogprob,
     TopLogprob,
@@ -54,6 +58,59 @@ def completion_logprobs(
         out.text_offset.append(offset)
         offset += len(token)
     return out
+
+
+def echo_logprobs(
+    prompt_ids: list[int], prompt_logprobs: PromptLogprobs, k: int, text: TokenText
+) -> CompletionLogprobs:
+    """The echoed prompt's tokens in the legacy completions shape, offsets from 0; the first token has
+    no prefix to score it, so its logprob and top_logprobs are null (as OpenAI's)."""
+    lps = [{} if e is None else {t: lp.logprob for t, lp in e.items()} for e in prompt_logprobs]
+    out = completion_logprobs(prompt_ids, lps, k, text, 0)
+    out.top_logprobs[0] = None
+    return out
+
+
+def joined(first: CompletionLogprobs, then: CompletionLogprobs) -> CompletionLogprobs:
+    return CompletionLogprobs(
+        tokens=first.tokens + then.tokens,
+        token_logprobs=first.token_logprobs + then.token_logprobs,
+        top_logprobs=first.top_logprobs + then.top_logprobs,
+        text_offset=first.text_offset + then.text_offset,
+    )
+
+
+def vllm_prompt_logprobs(prompt_logprobs: PromptLogprobs, text: TokenText) -> PromptLogprobsList:
+    """vLLM's `prompt_logprobs`: per prompt token, None for the first, else {token id: entry}."""
+    return [
+        None
+        if e is None
+        else {
+            t: PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=text(t)) for t, lp in e.items()
+        }
+        for e in prompt_logprobs
+    ]
+
+
+async def without_generation(
+    stream: AsyncIterator[tuple[int, dict[str, Any]]],
+) -> AsyncIterator[tuple[int, dict[str, Any]]]:
+    """Completions with echo and max_tokens 0: the engine always samples a token; drop it, so that a
+    choice is the prompt alone, finished by "length", with no completion tokens counted."""
+    async for i, chunk in stream:
+        if "error" not in chunk:
+            outputs = [
+                {
+                    **o,
+                    "text": "",
+                    "token_ids": [],
+                    "logprobs": None if o["logprobs"] is None else [],
+                    "finish_reason": o["finish_reason"] and "length",
+                }
+                for o in chunk["outputs"]
+            ]
+            chunk = {**chunk, "outputs": outputs}
+        yield i, chunk
 
 
 def chat_logprobs(
@@ -117,9 +174,12 @@ class ChoiceAccumulator:
         self.n = n
         self.choices: dict[int, ChoiceState] = {}
         self.counter = UsageCounter()
+        self.prompt_logprobs: dict[int, PromptLogprobs] = {}  # prompt index -> its logprobs
 
     def add(self, prompt_index: int, chunk: dict[str, Any]) -> None:
         self.counter.add(prompt_index, chunk)
+        if chunk.get("prompt_logprobs") is not None:
+            self.prompt_logprobs[prompt_index] = chunk["prompt_logprobs"]
         for o in chunk["outputs"]:
             state = self.choices.setdefault(prompt_index * self.n + o["index"], ChoiceState())
             state.text.append(o["text"])
@@ -154,25 +214,43 @@ def sse(payload: dict[str, Any] | str) -> str:
 
 
 class CompletionChunkChoices:
-    """A /v1/completions stream's engine chunk -> its `choices`: echoed prompt text before a choice's
-    first delta, text offsets of logprobs running on across chunks."""
+    """A /v1/completions stream's engine chunk -> its `choices`: echoed prompt text (and with logprobs,
+    the prompt's logprobs) before a choice's first delta, text offsets of logprobs running on across
+    chunks. `echo` is None without echo, else each prompt's text and token ids."""
 
-    def __init__(self, n: int, echo: list[str], num_logprobs: int | None, text: TokenText) -> None:
+    def __init__(
+        self,
+        n: int,
+        echo: list[tuple[str, list[int]]] | None,
+        num_logprobs: int | None,
+        text: TokenText,
+    ) -> None:
         self.n, self.echo, self.num_logprobs, self.text = n, echo, num_logprobs, text
         self._offsets: dict[int, int] = {}  # choice index -> characters streamed so far
+        self._prompt_logprobs: dict[int, PromptLogprobs] = {}  # prompt index -> its logprobs
 
     def __call__(self, prompt_index: int, chunk: dict[str, Any]) -> list[dict[str, Any]]:
+        if chunk.get("prompt_logprobs") is not None:
+            self._prompt_logprobs[prompt_index] = chunk["prompt_logprobs"]
         choices = []
         for o in chunk["outputs"]:
             index = prompt_index * self.n + o["index"]
             offset = self._offsets.get(index)
-            text = o["text"] if offset is not None else self.echo[prompt_index] + o["text"]
+            echoed, prompt_ids = self.echo[prompt_index] if self.echo and offset is None else ("", [])
+            text = echoed + o["text"]
+            start = len(echoed) if offset is None else offset
             lps = None
             if self.num_logprobs is not None:
-                lps = completion_logprobs(
-                    o["token_ids"], o["logprobs"] or [], self.num_logprobs, self.text, offset or 0
-                ).model_dump()
-            self._offsets[index] = (offset or 0) + len(o["text"])
+                logprobs = completion_logprobs(
+                    o["token_ids"], o["logprobs"] or [], self.num_logprobs, self.text, start
+                )
+                if prompt_ids:
+                    prompt_lps = self._prompt_logprobs[prompt_index]
+                    logprobs = joined(
+                        echo_logprobs(prompt_ids, prompt_lps, self.num_logprobs, self.text), logprobs
+                    )
+                lps = logprobs.model_dump()
+            self._offsets[index] = start + len(o["text"])
             choices.append(
                 {"index": index, "text": text, "logprobs": lps, "finish_reason": o["finish_reason"]}
             )
