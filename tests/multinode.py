@@ -60,8 +60,10 @@ class MultiNodeCluster:
     """A head and worker nodes started with `ray start`, each its own raylet, on free ports.
 
     `worker_nodes` maps each worker node's name to its CPUs; the name is also a custom resource
-    ({name: 1}) that pins work to the node. `env` is added to every node's environment (Ray
-    config such as RAY_health_check_period_ms goes there); workers inherit it."""
+    ({name: 1}) that pins work to the node; `resources` adds custom resources to named worker nodes
+    (a label several nodes share, e.g. {"drv_a": {"driver": 1}, "drv_b": {"driver": 1}}). `env` is
+    added to every node's environment (Ray config such as RAY_health_check_period_ms goes there);
+    workers inherit it."""
 
     def __init__(
         self,
@@ -69,6 +71,7 @@ class MultiNodeCluster:
         head_cpus: int = 0,
         env: dict[str, str] | None = None,
         root: Path | None = None,
+        resources: dict[str, dict[str, float]] | None = None,
     ):
         # short root: Ray's unix sockets live under it and a socket path has at most 107 bytes
         self.root = Path(root or tempfile.mkdtemp(prefix="cftmn", dir="/tmp"))
@@ -79,6 +82,10 @@ class MultiNodeCluster:
         for name, cpus in (worker_nodes or {"node_a": 1, "node_b": 1}).items():
             assert name != HEAD and name.isidentifier(), f"bad node name {name!r}"
             self.nodes[name] = Node(name, cpus, self.root / name)
+        self.resources = resources or {}
+        assert self.resources.keys() <= self.nodes.keys() - {HEAD}, (
+            f"resources for unknown nodes: {resources}"
+        )
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
 
@@ -128,7 +135,8 @@ class MultiNodeCluster:
             command += ["--head", f"--port={self.gcs_port}", f"--ray-client-server-port={free_port()}"]
             command += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
         else:
-            command += [f"--address={self.address}", f"--resources={json.dumps({name: 1})}"]
+            labels = {**self.resources.get(name, {}), name: 1}
+            command += [f"--address={self.address}", f"--resources={json.dumps(labels)}"]
         env = {**self.env, MARKER: self._marker(name)}
         done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
         node.log.append(done.stdout[-2000:] + done.stderr[-2000:])

@@ -24,7 +24,7 @@ from clusterft.controller.policy import (
     TickFailurePolicy,
     decide_after_tick_failure,
 )
-from clusterft.controller.ray_jobs import cluster_job_server
+from clusterft.controller.ray_jobs import DRIVER_RESOURCES_ENV, cluster_job_server, parse_driver_resources
 from clusterft.controller.store_backend import describe, store_location
 from clusterft.errors import UserError
 
@@ -75,7 +75,14 @@ class JobControllerActor:
     """The detached actor: builds a `Controller` and ticks it in a background thread. Ray restarts
     it after a crash or `ray.kill(..., no_restart=False)`; __init__ runs again and resumes."""
 
-    def __init__(self, root: str, registry_root: str, poll_s: float = 0.5, store_url: str | None = None):
+    def __init__(
+        self,
+        root: str,
+        registry_root: str,
+        poll_s: float = 0.5,
+        store_url: str | None = None,
+        driver_resources: dict[str, float] | None = None,
+    ):
         import ray
 
         from clusterft.runtime import apply_runtime_defaults
@@ -86,9 +93,10 @@ class JobControllerActor:
         env["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
         # Drivers are Ray jobs wherever the cluster runs a job server (the dashboard on its head):
         # then any controller, on any node, sees them, stops them and reads their logs. Without one,
-        # they are processes of this actor's host.
+        # they are processes of this actor's host. A restart on another node gets the same
+        # `driver_resources` (Ray keeps the constructor's arguments): drivers keep their placement.
         self.controller = Controller(
-            root, registry_root, env=env, store_url=store_url, ray_jobs=cluster_job_server()
+            root, registry_root, env=env, store_url=store_url, ray_jobs=cluster_job_server(driver_resources)
         )
         self.poll_s = poll_s
         self.started_at = time.time()
@@ -117,6 +125,9 @@ class JobControllerActor:
             "started_at": self.started_at,
             "runs": {job_id: run.name for job_id, run in self.controller.runs.items()},
             "job_server": self.controller.ray_jobs.address if self.controller.ray_jobs else None,
+            "driver_resources": self.controller.ray_jobs.driver_resources
+            if self.controller.ray_jobs
+            else None,
         }
 
 
@@ -140,11 +151,14 @@ def get_or_start_controller(
     poll_s: float = 0.5,
     store_url: str | None = None,
     scheduling_strategy: Any = None,
+    driver_resources: dict[str, float] | None = None,
 ) -> Any:
     """The running controller actor, or a new detached one (the caller is connected to Ray) keeping
     its jobs in `store_url` (default: SQLite in `root`). Refuses a controller that serves a different
     root, registry or store. `scheduling_strategy`: Ray's, for where a new one starts (e.g. a soft
-    node affinity: when that node is lost, Ray restarts the actor on another)."""
+    node affinity: when that node is lost, Ray restarts the actor on another). `driver_resources`: the
+    Ray resources each driver (a Ray job) needs, so Ray runs it on a node holding them and, after that
+    node is lost, runs the next attempt on another (ray_jobs.py); None: on the head node."""
     import ray
 
     root, registry_root = Path(root).resolve(), Path(registry_root).resolve()
@@ -155,14 +169,16 @@ def get_or_start_controller(
         lifetime="detached",
         get_if_exists=True,
         scheduling_strategy=scheduling_strategy,
-    ).remote(str(root), str(registry_root), poll_s, store_url)
+    ).remote(str(root), str(registry_root), poll_s, store_url, driver_resources)
     info = ray.get(actor.info.remote())
     check_same_controller(info, root, registry_root, describe(store_location(root, store_url)))
     return actor
 
 
 def connect_controller(root: str | Path, registry_root: str | Path, store_url: str | None = None) -> object:
-    """Join the running Ray cluster and return its controller actor (started if absent)."""
+    """Join the running Ray cluster and return its controller actor (started if absent, placing its
+    drivers by $CLUSTERFT_DRIVER_RESOURCES)."""
+    driver_resources = parse_driver_resources(os.environ.get(DRIVER_RESOURCES_ENV, ""))
     import ray
 
     if not ray.is_initialized():
@@ -173,4 +189,6 @@ def connect_controller(root: str | Path, registry_root: str | Path, store_url: s
                 f"no Ray cluster to run the controller on ({err}); start one with "
                 "`RAY_AUTH_MODE=disabled ray start --head --num-cpus=N` or set RAY_ADDRESS"
             ) from None
-    return get_or_start_controller(root, registry_root, store_url=store_url)
+    return get_or_start_controller(
+        root, registry_root, store_url=store_url, driver_resources=driver_resources or None
+    )

@@ -9,6 +9,14 @@ re-attaches to a live driver, stops it (cancel) or reads its logs (`clusterft jo
 being derived, not drawn, also makes a launch idempotent: a controller that died between submitting
 and recording finds its predecessor's submission ("already exists") instead of starting a second.
 
+Where a driver runs is Ray's choice unless the controller names `driver_resources`: Ray puts a job
+with no entrypoint resources on the head node, so losing the head loses the driver with the cluster.
+With `driver_resources` (e.g. {"clusterft_driver": 0.01}, a custom resource the nodes fit to host
+drivers declare: `ray start --resources='{"clusterft_driver": 1}'`) the driver goes to a live node
+holding it; when that node dies, the job server reports the job FAILED ("Job supervisor actor
+died"), the controller counts a failed attempt and submits the next one, which Ray places on
+another such node and which resumes from the newest valid checkpoint.
+
 Where no job server runs (a local cluster started without the dashboard, or no cluster: the
 controller used as a library), drivers are processes of the controller's host (runs.py), as before.
 
@@ -17,6 +25,7 @@ Ray is imported only here, and only when a job server is used.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shlex
@@ -30,6 +39,8 @@ from clusterft.controller.store_backend import is_store_url
 from clusterft.errors import UserError
 
 JOB_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+DRIVER_RESOURCES_ENV = "CLUSTERFT_DRIVER_RESOURCES"
+"""JSON object of the Ray resources each driver needs, e.g. {"clusterft_driver": 0.01}: where it runs."""
 """Where a client finds the job server (Ray's own variable; else $RAY_ADDRESS's cluster)."""
 AGENT_WAIT_S = 60.0
 """How long a submission waits for the cluster's job agents to come up."""
@@ -52,17 +63,42 @@ def pointed_submission(path: str) -> str | None:
     return path[len(SCHEME) :] if path.startswith(SCHEME) else None
 
 
-def cluster_job_server() -> RayJobs | None:
+def parse_driver_resources(text: str, source: str = DRIVER_RESOURCES_ENV) -> dict[str, float]:
+    """The driver resources a JSON object names ({} for empty text), checked: resource names to
+    positive amounts. `source` names where the text came from, for the error."""
+    if not text.strip():
+        return {}
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        value = err
+    if not isinstance(value, dict) or not all(
+        isinstance(name, str)
+        and isinstance(amount, int | float)
+        and not isinstance(amount, bool)
+        and amount > 0
+        for name, amount in value.items()
+    ):
+        raise UserError(
+            f"{source} must be a JSON object of Ray resource names to positive amounts, e.g. "
+            f'{{"clusterft_driver": 0.01}} for nodes started with --resources=\'{{"clusterft_driver": 1}}\'; '
+            f"got {text!r}"
+        )
+    return {name: float(amount) for name, amount in value.items()}
+
+
+def cluster_job_server(driver_resources: dict[str, float] | None = None) -> RayJobs | None:
     """The job server of the Ray cluster this process is connected to, checked to be that cluster's
     (same session: on a host running several clusters, a stale address may lead to another's); None
-    when the cluster has none that answers, and the drivers stay processes of this host."""
+    when the cluster has none that answers, and the drivers stay processes of this host.
+    `driver_resources`: the Ray resources each driver needs (where Ray places it; RayJobs)."""
     import ray
 
     address = job_server_address()
     if address is None:
         return None
     try:
-        server = RayJobs(address)
+        server = RayJobs(address, driver_resources)
         session = server.session_name()
     except (UserError, RuntimeError, ConnectionError):
         # e.g. a local cluster started without the dashboard still names where one would be
@@ -114,12 +150,15 @@ class DriverState:
 
 class RayJobs:
     """Launch, watch, stop and read the drivers through a Ray job server at `address`
-    (http://head:8265; None: the one of $RAY_ADDRESS's cluster, or of the local one)."""
+    (http://head:8265; None: the one of $RAY_ADDRESS's cluster, or of the local one). Each driver
+    needs `driver_resources` (Ray's entrypoint_resources: it runs on a node holding them); None or
+    {}: Ray's default, the head node."""
 
-    def __init__(self, address: str | None):
+    def __init__(self, address: str | None, driver_resources: dict[str, float] | None = None):
         from ray.job_submission import JobSubmissionClient
 
         self.address = address
+        self.driver_resources = dict(driver_resources or {})
         try:
             self._client = JobSubmissionClient(address)
         except (ConnectionError, RuntimeError) as err:
@@ -147,6 +186,7 @@ class RayJobs:
                     entrypoint=shlex.join(command),
                     submission_id=submission,
                     runtime_env={"env_vars": env} if env else None,
+                    entrypoint_resources=self.driver_resources or None,
                     metadata={"clusterft_job": job_id, "attempt": str(attempt), "phase": files.phase},
                 )
                 return submission

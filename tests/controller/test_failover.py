@@ -14,6 +14,7 @@ import time
 import pytest
 import torch
 
+from clusterft.config import JobSpec
 from clusterft.controller.actor import CONTROLLER_NAME, NAMESPACE, get_or_start_controller
 from clusterft.controller.jobs import Jobs
 from clusterft.controller.ray_jobs import RayJobs, pointer, submission_id
@@ -53,6 +54,27 @@ def controller_exists() -> bool:
     return True
 
 
+def controlled_job(steps: int) -> dict:
+    """The spec sections of a job the controller carries: `steps` steps, a bundle every 4, no
+    evaluation, promoted on success, relaunched after a failure (twice at most)."""
+    return {
+        "max_steps": steps,
+        "save_steps": 4,
+        "eval": {"enabled": False},
+        "promote": {"model_name": "tiny", "auto": True},
+        "failure": {"max_job_restarts": 2, "backoff_s": 0.2},
+    }
+
+
+def assert_same_weights(reference: JobSpec, spec: JobSpec) -> None:
+    """The final weights of `spec`'s run equal those of the uninterrupted `reference`, bit for bit."""
+    expected, actual = final_weights(reference), final_weights(spec)
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[k], actual[k]) for k in expected), (
+        "weights differ from the uninterrupted run"
+    )
+
+
 def wait_for(what: str, check, timeout_s: float, every_s: float = 0.2):
     deadline = time.monotonic() + timeout_s
     while not (value := check()):
@@ -67,15 +89,9 @@ def test_killing_the_controllers_node_mid_job_reattaches_to_the_running_driver(t
 
     nodes = {"ctl_a": 0, "ctl_b": 0, "train": 2}
     root, registry = tmp_path / "controller", tmp_path / "registry"
-    sections = {
-        # Long enough that the driver usually outlives the controller's takeover (~15 s here), so
-        # the live re-attach is what runs; a driver that ends first is read through the job server.
-        "max_steps": STEPS,
-        "save_steps": 4,
-        "eval": {"enabled": False},
-        "promote": {"model_name": "tiny", "auto": True},
-        "failure": {"max_job_restarts": 2, "backoff_s": 0.2},
-    }
+    # Long enough that the driver usually outlives the controller's takeover (~15 s here), so the live
+    # re-attach is what runs; a driver that ends first is read through the job server.
+    sections = controlled_job(STEPS)
     with MultiNodeCluster(worker_nodes=nodes, env=NODE_DEATH) as cluster:
         ray.init(address=cluster.address, namespace=NAMESPACE, log_to_driver=False)
         try:
@@ -148,8 +164,4 @@ def test_killing_the_controllers_node_mid_job_reattaches_to_the_running_driver(t
         finally:
             ray.kill(ray.get_actor(CONTROLLER_NAME, namespace=NAMESPACE), no_restart=True)
             ray.shutdown()
-    expected, actual = final_weights(reference), final_weights(spec)
-    assert expected.keys() == actual.keys()
-    assert all(torch.equal(expected[k], actual[k]) for k in expected), (
-        "weights differ from the uninterrupted run"
-    )
+    assert_same_weights(reference, spec)
