@@ -89,10 +89,14 @@ class EngineReplica:
         model: str,
         priority: int = 0,
         tokenizer: str | None = None,
+        session: str | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
         """ModelFollower.generate: `priority` is the engine's (higher runs first), `tokenizer` the
-        fingerprint of the tokenizer the prompt was made with (None: token ids from the client)."""
-        chunks = self.follower.generate(request_id, prompt_token_ids, params, model, priority, tokenizer)
+        fingerprint of the tokenizer the prompt was made with (None: token ids from the client),
+        `session` the request's routing key between production and canary."""
+        chunks = self.follower.generate(
+            request_id, prompt_token_ids, params, model, priority, tokenizer, session
+        )
         async for chunk in chunks:
             yield chunk
 

@@ -14,6 +14,13 @@ block hashes carry the version number as weight version: KV of one version is ne
 another. A version that fails to load leaves the old one serving; the error is logged, counted and
 shown by /health.
 
+Following production, a replica also serves the canary the registry gives traffic (`clusterft registry
+canary`): a second engine, loaded beside production's, and each request goes to one of the two by its
+routing key (the x-session-id header, else one random key per HTTP request), sticky per session
+(clusterft/registry/traffic.py). Chunks name the alias that served them. The replica counts its
+canary's outcomes and rolls it back through the registry when the spec's canary policy says so
+(clusterft/serve/canary.py); it stops routing to it first, so later requests never meet it.
+
 A follower of a registry alias also keeps a serving record (clusterft/registry/serving.py) next to
 the registry's versions: written at start, after every switch and at every poll (the heartbeat),
 removed by `close()`. The job controller reads it to move the version's job to `serving`.
@@ -33,13 +40,17 @@ from typing import Any
 
 from clusterft.engine import SamplingParams
 from clusterft.engine.async_llm import EngineLoop
+from clusterft.registry.registry import Registry
 from clusterft.registry.serving import (
     ServingRecord,
     remove_record,
     stale_after_s,
     write_record,
 )
+from clusterft.registry.traffic import TrafficSplit
+from clusterft.serve.canary import Outcomes, error_verdict, eval_verdict, is_server_error
 from clusterft.serve.model_source import AliasWatch, ModelVersion, tokenizer_fingerprint
+from clusterft.serve.routing import routing_key
 from clusterft.serve.spec import ServeSpec
 
 logger = logging.getLogger(__name__)
@@ -86,6 +97,14 @@ class ModelFollower:
         self._since = time.time()  # when the current version began serving here
         self._closed = False
         self._record_lock = threading.Lock()  # heartbeats write from a thread
+        # The canary beside production (None: no split); `split` is what routes to it.
+        self.canary: _Serving | None = None
+        self.split: TrafficSplit | None = None
+        self._vetoed: tuple[str, int] | None = None  # a split this replica rolled back: not resumed
+        self._failed_canary: str | None = None
+        self.outcomes = {"production": Outcomes(), "canary": Outcomes()}
+        self.num_canary_rollbacks = 0
+        self.last_canary_rollback: str | None = None
         self._publish()
 
     @property
@@ -101,23 +120,56 @@ class ModelFollower:
         model: str,
         priority: int,
         tokenizer: str | None = None,
+        session: str | None = None,
     ) -> AsyncIterator[dict[str, Any]]:
-        """EngineLoop.generate on the engine current at admission; every chunk names its version.
-        `tokenizer` is the fingerprint of the tokenizer the prompt was made with (None: token ids from
-        the client): another than the current version's is answered by one `tokenizer_changed` chunk."""
-        serving = self.current  # picked and counted with no await in between: a switch can't slip in
+        """EngineLoop.generate on the engine current at admission; every chunk names its version and
+        alias. `tokenizer` is the fingerprint of the tokenizer the prompt was made with (None: token ids
+        from the client): another than the version's is answered by one `tokenizer_changed` chunk.
+        `session` is the routing key between production and canary (None: the HTTP request's key where
+        the routes run in this process, else the request id's)."""
+        key = session or routing_key() or request_id.rsplit("-", 1)[0]
+        # picked and counted with no await in between: a switch can't slip in
+        serving, alias = self._pick(key)
         if tokenizer is not None and tokenizer != serving.tokenizer:
             yield tokenizer_changed(serving.model.version)
             return
         serving.num_in_flight += 1
+        failed = False
         try:
             async for chunk in serving.loop.generate(request_id, prompt_token_ids, params, model, priority):
                 chunk["model_version"] = serving.model.version
+                chunk["model_alias"] = alias
+                failed = failed or is_server_error(chunk)
                 yield chunk
+        except Exception:
+            failed = True
+            raise
         finally:
             serving.num_in_flight -= 1
-            if serving.num_in_flight == 0 and serving is not self.current:
+            if serving.num_in_flight == 0 and serving is not self.current and serving is not self.canary:
                 serving.idle.set()
+            self._count(serving, alias, failed)
+
+    def _pick(self, key: str) -> tuple[_Serving, str]:
+        """The engine (and alias) that serves routing key `key` now."""
+        if self.canary is not None and self.split is not None and self.split.route(key) == "canary":
+            return self.canary, "canary"
+        return self.current, self.spec.registry.alias if self.spec.registry else "local"
+
+    def _count(self, serving: _Serving, alias: str, failed: bool) -> None:
+        """Note how a request ended; a canary past the policy's bounds is rolled back."""
+        if alias != "canary":
+            outcome = self.outcomes["production"]
+        elif serving is self.canary:
+            outcome = self.outcomes["canary"]
+        else:
+            return  # a canary already replaced or rolled back: its late requests change nothing
+        outcome.requests += 1
+        outcome.errors += failed
+        if serving is self.canary and self.spec.registry is not None:
+            reason = error_verdict(self.spec.registry.canary, outcome)
+            if reason is not None:
+                self._roll_back_canary(reason)
 
     # ---- switching -------------------------------------------------------------------------------
     async def watch(self) -> None:
@@ -140,6 +192,90 @@ class ModelFollower:
                 continue
             if target is not None and target not in (self.version, self._failed_target):
                 await self.reload(target)
+            if self.spec.registry.alias == "production":
+                try:
+                    split = await asyncio.to_thread(
+                        Registry(self.spec.registry.root).traffic, self.spec.registry.model_name
+                    )
+                except Exception as exc:
+                    logger.warning("could not read the registry's traffic split: %s", exc)
+                    continue
+                await self.follow_split(split)
+
+    # ---- the canary ------------------------------------------------------------------------------
+    async def follow_split(self, split: TrafficSplit) -> None:
+        """Serve the canary of `split` beside production (loading it first), change its weight, or
+        retire it, as the registry says. A canary that fails to load, or fails the eval gate, gets
+        no traffic here; production serves everything meanwhile."""
+        assert self.spec.registry is not None
+        state = (split.canary, split.canary_weight)
+        if self._vetoed is not None and state != self._vetoed:
+            self._vetoed = None  # the registry moved on (rolled back, or set anew): follow it
+        wanted = (
+            split.canary if split.active and split.canary != self.version and self._vetoed is None else None
+        )
+        if wanted is None:
+            self._retire_canary()
+            return
+        if self.canary is None or self.canary.model.version != wanted:
+            if wanted == self._failed_canary:
+                return
+            async with self._switch_lock:
+                reason = await asyncio.to_thread(self._eval_gate, wanted)
+                if reason is not None:
+                    self._retire_canary()
+                    self._roll_back_canary(reason, state)
+                    return
+                try:
+                    model = await asyncio.to_thread(self._resolve, wanted)
+                    tokenizer = await asyncio.to_thread(tokenizer_fingerprint, model.model_dir)
+                    new = _Serving(model, await asyncio.to_thread(self._make_loop, model), tokenizer)
+                except Exception as exc:
+                    self.num_load_failures += 1
+                    self._failed_canary = wanted
+                    self.last_error = f"canary {wanted}: {type(exc).__name__}: {exc}"
+                    logger.error("could not load %s; production serves everything", self.last_error)
+                    return
+                self._retire_canary()
+                self.canary, self._failed_canary = new, None
+                self.outcomes["canary"] = Outcomes()
+                logger.info("canary %s %s loaded beside %s", self.spec.model_name, wanted, self.version)
+        self.split = split
+
+    def _eval_gate(self, canary: str) -> str | None:
+        """Why `canary`'s eval results rule it out against production's (None: they don't)."""
+        assert self.spec.registry is not None and self.version is not None
+        registry = Registry(self.spec.registry.root)
+        name = self.spec.registry.model_name
+        canary_eval = dict(registry.show(name, canary).manifest.eval)
+        return eval_verdict(
+            self.spec.registry.canary, canary_eval, dict(registry.show(name, self.version).manifest.eval)
+        )
+
+    def _retire_canary(self) -> None:
+        """Route nothing more to the canary; free its engine once its requests have finished."""
+        self.split = None
+        old, self.canary = self.canary, None
+        if old is not None:
+            self._retiring.append(old)
+            asyncio.get_running_loop().create_task(self._release(old))
+
+    def _roll_back_canary(self, reason: str, state: tuple[str | None, int] | None = None) -> None:
+        """Stop routing to the canary here at once, then set its weight to 0 in the registry (in a
+        thread; a failed write is logged, and this replica keeps it off until the registry moves)."""
+        assert self.spec.registry is not None
+        if state is None:
+            assert self.split is not None
+            state = (self.split.canary, self.split.canary_weight)
+        self._vetoed = state  # type: ignore[assignment]
+        self._retire_canary()
+        self.num_canary_rollbacks += 1
+        self.last_canary_rollback = reason
+        logger.warning("%s: %s", self.spec.model_name, reason)
+        source = self.spec.registry
+        asyncio.get_running_loop().create_task(
+            asyncio.to_thread(_abort_in_registry, source.root, source.model_name, reason)
+        )
 
     async def _heartbeat(self) -> None:
         assert self.spec.registry is not None
@@ -159,9 +295,14 @@ class ModelFollower:
                 model = await asyncio.to_thread(self._resolve, ref)
                 if model.version == previous:
                     return self.unchanged()
-                logger.info("loading %s %s while %s serves", self.spec.model_name, model.version, previous)
-                tokenizer = await asyncio.to_thread(tokenizer_fingerprint, model.model_dir)
-                new = _Serving(model, await asyncio.to_thread(self._make_loop, model), tokenizer)
+                if self.canary is not None and self.canary.model.version == model.version:
+                    new, self.canary, self.split = self.canary, None, None  # the promoted canary
+                else:
+                    logger.info(
+                        "loading %s %s while %s serves", self.spec.model_name, model.version, previous
+                    )
+                    tokenizer = await asyncio.to_thread(tokenizer_fingerprint, model.model_dir)
+                    new = _Serving(model, await asyncio.to_thread(self._make_loop, model), tokenizer)
             except Exception as exc:
                 self.num_load_failures += 1
                 target = model.version if model is not None else ref or "the alias target"
@@ -194,7 +335,8 @@ class ModelFollower:
 
     async def _release(self, old: _Serving) -> None:
         """Free the old engine once its last request has finished on it."""
-        if old.num_in_flight:
+        while old.num_in_flight:
+            old.idle.clear()  # set earlier by a request that ended while it still served
             await old.idle.wait()
         await asyncio.to_thread(old.loop.shutdown)  # a sharded engine stops its workers
         self._retiring.remove(old)
@@ -277,6 +419,17 @@ class ModelFollower:
             "num_load_failures": self.num_load_failures,
             "last_error": self.last_error,
             "last_switch": self.last_switch,
+            "canary": self.canary_status(),
+        }
+
+    def canary_status(self) -> dict[str, Any]:
+        """The canary this replica serves (None), its weight, and how requests ended per alias."""
+        return {
+            "version": self.canary.model.version if self.canary else None,
+            "weight": self.split.canary_weight if self.split and self.canary else 0,
+            "outcomes": {alias: vars(o).copy() for alias, o in self.outcomes.items()},
+            "num_rollbacks": self.num_canary_rollbacks,
+            "last_rollback": self.last_canary_rollback,
         }
 
     def stats(self) -> dict[str, Any]:
@@ -290,6 +443,13 @@ class ModelFollower:
 
     def check_health(self) -> None:
         self.current.loop.check_health()
+
+
+def _abort_in_registry(root: str, model_name: str, reason: str) -> None:
+    try:
+        Registry(root).abort_canary(model_name, reason)
+    except Exception as exc:  # storage down: this replica keeps the canary off regardless
+        logger.error("could not record the canary rollback of %s in the registry: %s", model_name, exc)
 
 
 def reload_result(

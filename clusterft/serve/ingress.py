@@ -67,6 +67,7 @@ from clusterft.serve.responses import (
     vllm_prompt_logprobs,
     without_generation,
 )
+from clusterft.serve.routing import routing_key
 from clusterft.serve.spec import ServeSpec
 from clusterft.serve.streams import merge_streams, prepend
 from clusterft.serve.tokenizers import Tokenizers, VersionTokenizer
@@ -146,7 +147,7 @@ class OpenAIRoutes(VersionRoutes):
     ) -> Any:
         """One prompt's engine stream (EngineDeployment.generate): a Ray streaming call here."""
         return self.engine.options(stream=True).generate.remote(
-            request_id, ids, params, model, priority, fingerprint
+            request_id, ids, params, model, priority, fingerprint, routing_key()
         )
 
     async def _model_info(self) -> dict[str, Any]:

@@ -12,11 +12,18 @@ labels counts each replica once. Engine replicas send their stats with their adm
 (clusterft/serve/admin.py, every 0.2 s): a scrape shows them at most that old, and a replica that
 stopped syncing drops out once it is no longer live.
 
+Requests an engine ran are also counted per model alias and version (production and canary of a
+traffic split), from the response's x-clusterft-model-alias/-version headers:
+
+    clusterft_version_requests_total{alias="canary",version="v0004",status="503"} 3
+    clusterft_version_request_latency_seconds_bucket{alias="canary",version="v0004",le="0.5"} 40
+
 A private CollectorRegistry per ingress: two apps in one process (tests) never share series.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -26,6 +33,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from ray.exceptions import TaskCancelledError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from clusterft.serve.version_routes import MODEL_ALIAS_HEADER, MODEL_VERSION_HEADER
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client that went away before the response ended
@@ -171,16 +180,24 @@ class RequestCounter:
         holder: dict[str, int] = {}
         token = _request_outcome.set(holder)
         counted = False
+        started = time.perf_counter()
+        served_by: dict[str, str] = {}  # alias and version, from the response head
 
         def count(status: int) -> None:
             nonlocal counted
             if not counted:
                 counted = True
-                self.metrics().requests.labels(str(status)).inc()
+                metrics = self.metrics()
+                metrics.requests.labels(str(status)).inc()
+                if "version" in served_by:
+                    labels = (served_by.get("alias", ""), served_by["version"])
+                    metrics.version_requests.labels(*labels, str(status)).inc()
+                    metrics.version_latency.labels(*labels).observe(time.perf_counter() - started)
 
         async def send_counting(message: Message) -> None:
             if message["type"] == "http.response.start":
                 holder.setdefault("status", message["status"])
+                served_by.update(_served_by(message))
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 count(holder["status"])
             await send(message)
@@ -195,6 +212,12 @@ class RequestCounter:
         finally:
             count(CLIENT_CLOSED_REQUEST)  # a no-op when the response ended
             _request_outcome.reset(token)
+
+
+def _served_by(start: Message) -> dict[str, str]:
+    """The model alias and version a response head names (set by version_routes' middleware)."""
+    names = {MODEL_VERSION_HEADER.encode(): "version", MODEL_ALIAS_HEADER.encode(): "alias"}
+    return {names[k]: v.decode() for k, v in start.get("headers", []) if k in names}
 
 
 class ServeMetrics:
@@ -214,6 +237,19 @@ class ServeMetrics:
             "Finished API requests (/v1) by how they ended: status, a stream's error status, 499 gone",
             ["status"],
             registry=self.registry,
+        )
+        self.version_requests = Counter(
+            "clusterft_version_requests",
+            "Finished API requests an engine ran, by model alias (production, canary), version and status",
+            ["alias", "version", "status"],
+            registry=self.registry,
+        )
+        self.version_latency = Histogram(
+            "clusterft_version_request_latency_seconds",
+            "Request arrival to its response's end, by the model alias and version that ran it",
+            ["alias", "version"],
+            registry=self.registry,
+            buckets=_LATENCY_BUCKETS,
         )
         self.engine = _EngineCollector()
         self.registry.register(self.engine)

@@ -62,6 +62,23 @@ class EngineSettings(Section):
         return EngineConfig(**self.model_dump(), lora_modules=tuple((lora_modules or {}).items()))
 
 
+class CanaryPolicy(Section):
+    """When a replica rolls the canary back by itself (its weight to 0, through the registry):
+    clusterft/serve/canary.py. Counted per replica over the requests since the canary took traffic."""
+
+    max_error_rate: float = Field(
+        default=0.05, ge=0, le=1, description="Roll back once the canary's server errors exceed this share..."
+    )
+    min_requests: int = Field(default=20, ge=1, description="...of at least this many canary requests.")
+    eval_metric: str | None = Field(
+        default=None,
+        description="An eval metric of the versions' manifests (e.g. exact_match): roll back at once "
+        "when the canary's is worse than production's by more than max_eval_regression.",
+    )
+    max_eval_regression: float = Field(default=0.0, ge=0, description="Allowed drop of eval_metric.")
+    higher_is_better: bool = Field(default=True, description="Whether a larger eval_metric is better.")
+
+
 class RegistrySource(Section):
     """Serve whatever version an alias of the model registry points at, and follow it when it moves."""
 
@@ -73,6 +90,11 @@ class RegistrySource(Section):
     alias: str = Field(default="production", description="The alias to follow (production, canary).")
     poll_interval_s: float = Field(
         default=0.5, gt=0, description="How often the engine replica checks whether the alias moved."
+    )
+    canary: CanaryPolicy = Field(
+        default_factory=CanaryPolicy,
+        description="Following production: the automatic rollback of a canary the registry gives "
+        "traffic (`clusterft registry canary`). README, Canary traffic.",
     )
 
 

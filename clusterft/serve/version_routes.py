@@ -1,7 +1,9 @@
 """The HTTP face of model versions: GET /health with the version story, POST /v1/admin/reload (switch
-now rather than at the next alias poll), and the x-clusterft-model-version header on every response
-that ran on an engine. Routes are methods of a mixin of the ingress class, so Serve binds them to the
-ingress replica like the ingress's own routes.
+now rather than at the next alias poll), the x-clusterft-model-version and x-clusterft-model-alias
+(production or canary) headers on every response that ran on an engine, and the request's routing key
+between production and canary (clusterft/serve/routing.py: one per HTTP request, so a request sent
+back for another tokenizer goes to the same version again). Routes are methods of a mixin of the
+ingress class, so Serve binds them to the ingress replica like the ingress's own routes.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clusterft.http import EdgePolicy
 from clusterft.serve.errors import APIError, engine_error
+from clusterft.serve.routing import SESSION_HEADER, reset_routing_key, set_routing_key
 
 MODEL_VERSION_HEADER = "x-clusterft-model-version"
+MODEL_ALIAS_HEADER = "x-clusterft-model-alias"
 router = APIRouter()
 # One holder per HTTP request: the ingress notes the version of the engine that admitted the request,
 # the middleware puts it in the response head. A mutable dict, so tasks spawned inside see it too.
@@ -30,6 +34,8 @@ def note_model_version(chunk: dict[str, Any]) -> None:
     holder = _request_version.get()
     if holder is not None and chunk.get("model_version"):
         holder["version"] = chunk["model_version"]
+        if chunk.get("model_alias"):
+            holder["alias"] = chunk["model_alias"]
 
 
 class ModelVersionHeader:
@@ -44,11 +50,14 @@ class ModelVersionHeader:
             return
         holder: dict[str, str] = {}
         token = _request_version.set(holder)
+        route_token = set_routing_key(dict(scope["headers"]).get(SESSION_HEADER.encode()))
 
         async def send_with_version(message: Message) -> None:
             if message["type"] == "http.response.start" and "version" in holder:
                 headers = list(message.get("headers", []))
                 headers.append((MODEL_VERSION_HEADER.encode(), holder["version"].encode()))
+                if "alias" in holder:
+                    headers.append((MODEL_ALIAS_HEADER.encode(), holder["alias"].encode()))
                 message = {**message, "headers": headers}
             await send(message)
 
@@ -56,6 +65,7 @@ class ModelVersionHeader:
             await self.app(scope, receive, send_with_version)
         finally:
             _request_version.reset(token)
+            reset_routing_key(route_token)
 
 
 class ReloadRequest(BaseModel):
