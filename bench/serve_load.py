@@ -17,10 +17,11 @@ machine's 1-minute load average before and after is reported: the phases share i
 TTFT is request sent -> first token chunk; ITL per request is (last chunk - first chunk) / (tokens - 1)
 (a chunk carries up to --stream-interval tokens, more when the client lags: the engine coalesces).
 
-Two side-by-side comparisons, each in one run:
+Three side-by-side comparisons, each in one run:
 
     python bench/serve_load.py --compare routing --json     # prefix-aware router vs Serve's pow2
     python bench/serve_load.py --compare data-plane --json  # Serve's default / throughput-optimised / HAProxy
+    python bench/serve_load.py --compare ingress --json     # separate vs direct ingress, x default / HAProxy
 
 routing: --replicas engine replicas (2), a workload of --system-prompts (8) system prompts of
 --prompt-len tokens, each followed by --users different user turns of 16 tokens, shuffled; the app is
@@ -29,7 +30,9 @@ per router: the engines' prefix-cache hit rate (tokens found cached / looked up,
 TTFT p50/p99. data-plane: the whole default measurement above, once per data plane, each in a child
 process that starts its own Ray cluster with that plane's flags (ServeSpec.data_plane); the planes
 alternate over --repeat repeats. Reported per plane: served throughput over offline, CPU-s per 1k
-tokens per process, TTFT/ITL p50/p99, errors.
+tokens per process, TTFT/ITL p50/p99, errors. ingress: the same, once per (ingress, data plane) of
+separate/direct x default/haproxy (ServeSpec.ingress: direct has no ingress process; its engine
+replica serves HTTP itself).
 """
 
 from __future__ import annotations
@@ -190,44 +193,62 @@ SERVE_ROLES = {
     "proxy": "ray::ProxyActor",
     "haproxy": "haproxy",  # RAY_SERVE_ENABLE_HA_PROXY: HAProxy's own process (path/to/haproxy -f ...)
 }
-REQUIRED_ROLES = {"engine", "ingress"}
 
 
-def serve_processes() -> dict:
-    """role -> psutil.Process of the app's engine replica, ingress replica and HTTP proxy / HAProxy
-    (found by the process titles Ray gives its actors, or HAProxy's binary name), and the load client
-    (this process). A role with no process (no proxy actor behind HAProxy) is left out."""
+def serve_processes(ingress: str = "separate") -> dict[str, list]:
+    """role -> the psutil.Processes of the app's engine replica, ingress replica and HTTP proxy /
+    HAProxy (found by the process titles Ray gives its actors, or HAProxy's binary name: its master
+    and worker), and the load client (this process). A role with no process (no proxy actor behind
+    HAProxy) is left out. Only this process's descendants are looked at (the local cluster it
+    started): another Serve app on a shared machine has processes of the same titles."""
     import psutil
 
-    found = {"client": psutil.Process()}
-    for process in psutil.process_iter(["cmdline"]):
-        cmdline = process.info["cmdline"] or ()
+    client = psutil.Process()
+    found: dict[str, list] = {"client": [client]}
+    for process in client.children(recursive=True):
+        try:
+            cmdline = process.cmdline()
+        except psutil.Error:  # ended meanwhile
+            continue
         title = " ".join(cmdline)
         for role, prefix in SERVE_ROLES.items():
             name = os.path.basename(cmdline[0]) if role == "haproxy" and cmdline else title
-            if name.startswith(prefix) and process.pid != found["client"].pid:
-                found[role] = process
-    missing = REQUIRED_ROLES - set(found)
+            if name.startswith(prefix):
+                found.setdefault(role, []).append(process)
+    required = {"engine", "ingress"} if ingress == "separate" else {"engine"}  # direct: engine is ingress
+    missing = required - set(found)
     assert not missing, f"no process found for {sorted(missing)}"
     return found
 
 
-def cpu_seconds(processes: dict) -> dict:
+def cpu_seconds(processes: dict[str, list]) -> dict[str, float]:
+    """CPU seconds of each role's processes so far, those they reaped included: HAProxy replaces its
+    worker when Ray rewrites its config, and the old worker's CPU then counts in its master."""
+    import psutil
+
     out = {}
-    for role, process in processes.items():
-        times = process.cpu_times()
-        out[role] = times.user + times.system
+    for role, members in processes.items():
+        out[role] = 0.0
+        for process in members:
+            try:
+                times = process.cpu_times()
+            except psutil.Error:  # a replaced HAProxy worker: its master counts it once reaped
+                continue
+            out[role] += times.user + times.system + times.children_user + times.children_system
     return out
 
 
 def cpu_per_1k_tokens(before: list[dict], after: list[dict], tokens: int) -> dict:
     """CPU seconds each role spent per 1,000 output tokens, summed over rounds."""
-    roles = before[0].keys()
-    spent = {role: sum(a[role] - b[role] for b, a in zip(before, after, strict=True)) for role in roles}
+    roles = sorted({role for sample in before for role in sample})  # a role may start after round 1
+    pairs = list(zip(before, after, strict=True))
+    spent = {role: sum(a.get(role, 0.0) - b.get(role, 0.0) for b, a in pairs) for role in roles}
     return {role: round(1000 * seconds / tokens, 3) for role, seconds in spent.items()}
 
 
-async def measure(url: str, llm, workloads: list[list[list[int]]], warmup, max_tokens, concurrency) -> dict:
+async def measure(
+    url: str, llm, workloads: list[list[list[int]]], warmup, max_tokens, concurrency, ingress: str
+) -> dict:
     """Alternate offline and served rounds (each round its own prompts, the same in both phases), so
     that load from elsewhere on the machine falls on both phases rather than on one of them. CPU
     seconds per process are counted per phase: offline, this process is the engine (nothing else
@@ -236,7 +257,7 @@ async def measure(url: str, llm, workloads: list[list[list[int]]], warmup, max_t
 
     offline, served = [], []
     cpu = {"offline": ([], []), "served": ([], [])}
-    processes = serve_processes()
+    processes = serve_processes(ingress)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await one_request(client, url, MODEL, warmup, WARMUP_TOKENS)  # connections, first step
@@ -244,6 +265,7 @@ async def measure(url: str, llm, workloads: list[list[list[int]]], warmup, max_t
             cpu["offline"][0].append(cpu_seconds({"engine": processes["client"]}))
             offline.append(await asyncio.to_thread(run_offline, llm, prompts, max_tokens))
             cpu["offline"][1].append(cpu_seconds({"engine": processes["client"]}))
+            processes = serve_processes(ingress)  # each round: HAProxy may have replaced its worker
             cpu["served"][0].append(cpu_seconds(processes))
             served.append(await run_clients(client, url, prompts, max_tokens, concurrency))
             cpu["served"][1].append(cpu_seconds(processes))
@@ -304,36 +326,57 @@ def measure_one_plane(args, model_dir: Path) -> dict:
         tensor_parallel_size=args.tensor_parallel_size,
         max_queued_requests=args.requests,
         data_plane=args.data_plane,
+        ingress=args.ingress,
         insecure=args.data_plane == "haproxy",  # HAProxy binds every interface; a bench needs no key
         **({"stream_interval": args.stream_interval} if args.stream_interval else {}),
     )
     llm = start_offline(model_dir, engine, warmup, max(1, int(spec.engine_num_cpus)))
     url = start_app(spec, log_to_driver=not args.json)
     try:
-        measured = asyncio.run(measure(url, llm, workloads, warmup, args.max_tokens, args.concurrency))
+        measured = asyncio.run(
+            measure(url, llm, workloads, warmup, args.max_tokens, args.concurrency, spec.ingress)
+        )
     finally:
         stop_app()
-    return {"stream_interval": spec.stream_interval, "data_plane": spec.data_plane, **measured}
+    return {
+        "stream_interval": spec.stream_interval,
+        "data_plane": spec.data_plane,
+        "ingress": spec.ingress,
+        **measured,
+    }
 
 
-def compare_data_planes(args) -> dict:
-    """measure_one_plane once per plane and repeat, each in a child process: Serve reads its flags
-    as its processes start, so each plane needs a Ray cluster of its own."""
-    planes = ["default", "throughput_optimized", "haproxy"]
-    runs: dict[str, list[dict]] = {plane: [] for plane in planes}
-    forwarded = [a for a in sys.argv[1:] if a not in ("--compare", "data-plane", "--json")]
+# --compare -> variant name -> the child's flags (ServeSpec.data_plane, ServeSpec.ingress)
+VARIANTS: dict[str, dict[str, list[str]]] = {
+    "data-plane": {
+        plane: ["--data-plane", plane] for plane in ("default", "throughput_optimized", "haproxy")
+    },
+    "ingress": {
+        f"{ingress}/{plane}": ["--ingress", ingress, "--data-plane", plane]
+        for plane in ("default", "haproxy")
+        for ingress in ("separate", "direct")
+    },
+}
+
+
+def compare_variants(args) -> dict:
+    """measure_one_plane once per variant and repeat, each in a child process: Serve reads its flags
+    as its processes start, so each variant needs a Ray cluster of its own; the variants alternate."""
+    variants = VARIANTS[args.compare]
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
+    forwarded = [a for a in sys.argv[1:] if a not in ("--compare", args.compare, "--json")]
     for _ in range(args.repeat):
-        for plane in planes:
-            cmd = [sys.executable, __file__, *forwarded, "--data-plane", plane, "--json"]
+        for name, flags in variants.items():
+            cmd = [sys.executable, __file__, *forwarded, *flags, "--json"]
             done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=False)
             if done.returncode not in (0, 1) or not done.stdout.strip():
-                runs[plane].append({"failed": f"exit {done.returncode}"})
+                runs[name].append({"failed": f"exit {done.returncode}"})
                 continue
-            runs[plane].append(json.loads(done.stdout))
+            runs[name].append(json.loads(done.stdout))
     summary = {}
-    for plane, results in runs.items():
+    for name, results in runs.items():
         ok = [r for r in results if "served" in r]
-        summary[plane] = {
+        summary[name] = {
             "served_over_offline": [r["served_over_offline_throughput"] for r in ok],
             "cpu_s_per_1k_tokens_served": [r["cpu_s_per_1k_tokens"]["served"] for r in ok],
             "ttft_ms": [r["served"]["ttft_ms"] for r in ok],
@@ -341,7 +384,7 @@ def compare_data_planes(args) -> dict:
             "errors": [r["served"]["errors"] for r in ok],
             "failed_runs": [r["failed"] for r in results if "failed" in r],
         }
-    return {"data_planes": summary, "runs": runs}
+    return {"variants": summary, "runs": runs}
 
 
 def routing_workload(args, vocab: int, seed: int) -> list[list[int]]:
@@ -458,9 +501,10 @@ def main() -> int:
     ap.add_argument(
         "--stream-interval", type=int, default=None, help="the app's stream_interval (default: ServeSpec's)"
     )
-    ap.add_argument("--compare", choices=["routing", "data-plane"], help="a side-by-side comparison")
+    ap.add_argument("--compare", choices=["routing", *VARIANTS], help="a side-by-side comparison")
     ap.add_argument("--data-plane", choices=["default", "throughput_optimized", "haproxy"], default="default")
-    ap.add_argument("--repeat", type=int, default=2, help="data-plane: repeats of the three planes")
+    ap.add_argument("--ingress", choices=["separate", "direct"], default="separate")
+    ap.add_argument("--repeat", type=int, default=2, help="data-plane, ingress: repeats of all variants")
     ap.add_argument("--replicas", type=int, default=2, help="routing: engine replicas")
     ap.add_argument("--system-prompts", type=int, default=8, help="routing: distinct system prompts")
     ap.add_argument("--users", type=int, default=12, help="routing: user turns per system prompt")
@@ -475,10 +519,10 @@ def main() -> int:
         model_dir = (
             Path(args.model_dir) if args.model_dir else make_tiny_model(Path(tmp) / "m", "llama", args.size)
         )
-        if args.compare == "data-plane":
+        if args.compare in VARIANTS:
             if not args.model_dir:  # every child serves this same model
                 sys.argv += ["--model-dir", str(model_dir)]
-            measured = compare_data_planes(args)
+            measured = compare_variants(args)
         elif args.compare == "routing":
             measured = compare_routing(args, model_dir)
         else:
