@@ -153,6 +153,31 @@ CHECKPOINT_SHAPES = {
 }
 
 
+# Issue 13's targets for a save, per rank: the bytes it writes within 10 % of its share of the
+# checkpoint (12Ψ/N), and the extra memory the save needs at most 1.25× that share.
+BYTES_TOLERANCE, PEAK_EXTRA_LIMIT = 0.10, 1.25
+
+
+def checkpoint_verdict(name: str, measured: dict[str, Any]) -> dict[str, Any]:
+    """One strategy's measured save next to the ZeRO formulas, and whether every rank meets the targets."""
+    ranks = measured["ranks"]
+    return {
+        "zero_formula_bytes": expected_state_bytes(name, ranks[0]["parameters"], len(ranks)),
+        "bytes_written_within_10pct_of_share": all(
+            abs(r["bytes_written_over_share"] - 1) <= BYTES_TOLERANCE for r in ranks
+        ),
+        "peak_extra_within_1_25x_share": all(r["peak_extra_over_share"] <= PEAK_EXTRA_LIMIT for r in ranks),
+    }
+
+
+def source_commit(source: str) -> str | None:
+    """The commit a measured checkout is at (None if it is not a git checkout), so a JSON names its code."""
+    import subprocess
+
+    proc = subprocess.run(["git", "-C", source, "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() or None
+
+
 def checkpoint_memory(args: argparse.Namespace) -> dict[str, Any]:
     from bench.checkpoint_memory import STAGES, measure
 
@@ -163,13 +188,19 @@ def checkpoint_memory(args: argparse.Namespace) -> dict[str, Any]:
     sources = {"after": str(ROOT)}
     if args.baseline_source:
         sources["before"] = args.baseline_source
-    results: dict[str, Any] = {"model": shape_name, "shape": CHECKPOINT_SHAPES[shape_name], "workers": 2}
+    results: dict[str, Any] = {
+        "model": shape_name,
+        "shape": CHECKPOINT_SHAPES[shape_name],
+        "workers": 2,
+        "sources": {label: {"path": src, "commit": source_commit(src)} for label, src in sources.items()},
+    }
     port = 29700 + os.getpid() % 200
     for label, source in sources.items():
         results[label] = {}
         for name in names:
             port += 1
-            results[label][name] = measure(name, CHECKPOINT_SHAPES[shape_name], source, port)
+            measured = measure(name, CHECKPOINT_SHAPES[shape_name], source, port)
+            results[label][name] = {**measured, **checkpoint_verdict(name, measured)}
     return results
 
 

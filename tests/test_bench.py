@@ -158,6 +158,37 @@ def test_train_bench():
     )
 
 
+def test_checkpoint_memory_bench():
+    """bench/train.py --checkpoint-memory --quick (this checkout only, a tiny llama): every rank of
+    ddp and ZeRO 1/2/3 writes its own share of the checkpoint. The code before sharded checkpoints
+    wrote 2.05x the share on rank 0 and 0.03x on rank 1 here, which fails the 10 % band. Peak memory
+    is reported, not asserted: at a 0.7 MB share the allocator's noise is larger than the save."""
+    result, _ = run_bench("train.py", "--checkpoint-memory", "--quick", timeout_s=600)
+    assert result["model"] == "quick" and result["workers"] == 2
+    assert set(result["sources"]) == {"after"} and "before" not in result
+    assert result["sources"]["after"]["path"] == str(ROOT)
+    assert set(result["after"]) == {"ddp", "zero1", "zero2", "zero3"}
+    for name, s in result["after"].items():
+        ranks = s["ranks"]
+        assert [r["rank"] for r in ranks] == [0, 1], name
+        psi = ranks[0]["parameters"]
+        assert positive(psi) and ranks[1]["parameters"] == psi, name
+        # README's checkpoint table: the share 12Ψ/N, the states held per the fp32 formula, the paper's.
+        assert s["saved_share_per_rank_bytes"] == pytest.approx(12 * psi / 2), name
+        assert s["held_per_rank_formula_bytes"] == pytest.approx(s["zero_formula_bytes"]["fp32"]), name
+        assert positive(s["zero_formula_bytes"]["paper_mixed_precision"]), name
+        for r in ranks:
+            assert r["bytes_written_over_share"] == pytest.approx(
+                r["bytes_written"] / s["saved_share_per_rank_bytes"], abs=1e-3
+            ), (name, r)
+            assert abs(r["bytes_written_over_share"] - 1) <= 0.10, (name, r)
+            assert r["peak_extra_during_save_bytes"] >= 0, (name, r)
+            # Rounded to the millisecond: a tiny restore may read 0.0.
+            assert r["save_s"] >= 0 and r["restore_optimizer_s"] >= 0, (name, r)
+        assert s["bytes_written_within_10pct_of_share"] is True, name
+        assert s["peak_extra_within_1_25x_share"] == all(r["peak_extra_over_share"] <= 1.25 for r in ranks)
+
+
 def test_serve_load_bench():
     """bench/serve_load.py on the tiny Llama: 4 streaming clients, 1 round of 8 requests of 16 prompt
     and 8 output tokens, through the offline engine and then over HTTP to a live Serve app."""
