@@ -321,11 +321,15 @@ class EvalSpec(Section):
     dataset: list[str] | None = Field(
         default=None, description="Eval datasets; default: the job's eval split."
     )
-    metrics: list[Literal["loss", "perplexity", "exact_match", "number_match"]] = Field(
-        default=["loss", "perplexity", "exact_match"],
-        description="Metrics to compute: loss and perplexity (teacher-forced), exact_match (the greedy "
-        "answer equals the reference up to whitespace), number_match (GSM8K style: the answer's final "
-        "number, after `####` or else the last one, equals the reference's).",
+    metrics: list[Literal["loss", "perplexity", "nll", "nll_perplexity", "exact_match", "number_match"]] = (
+        Field(
+            default=["loss", "perplexity", "exact_match"],
+            description="Metrics to compute: loss and perplexity (teacher-forced, HF forward), nll and "
+            "nll_perplexity (the same per-answer-token log-likelihood scored by the serving engine's "
+            "prompt_logprobs), exact_match (the greedy answer equals the reference up to whitespace), "
+            "number_match (GSM8K style: the answer's final number, after `####` or else the last one, "
+            "equals the reference's).",
+        )
     )
     max_new_tokens: int = Field(
         default=32, gt=0, description="Generation length for exact_match and number_match."

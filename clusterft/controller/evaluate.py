@@ -1,5 +1,7 @@
 """Evaluate a trained model or adapter: teacher-forced loss and perplexity on an eval set (HF forward
-pass, torch), and accuracy from greedy generation on clusterft's engine (never HF `generate`).
+pass, torch), the same log-likelihood scored by clusterft's engine (`nll`, `nll_perplexity`: its
+prompt_logprobs over each whole example, as an eval harness scores through the serving API), and
+accuracy from greedy generation on the engine (never HF `generate`).
 
 Two scores of the generated answers, each a metric of its own (eval.metrics, gates):
     exact_match   the demo task's metric: the answer equals the reference up to whitespace
@@ -23,6 +25,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from clusterft.data import Example, exact_match
+from clusterft.data.preprocess import IGNORE_INDEX, EncodedExample
 from clusterft.errors import UserError
 
 EVAL_FILE = "eval.json"
@@ -107,17 +110,24 @@ def evaluate(
 ) -> dict[str, Any]:
     """Score `ref` on `examples` on `device`, `batch_size` examples at a time (the loss pass's batch
     and the engine's running requests); returns (and with `save`, writes to eval.json next to the
-    model) `loss`, `perplexity`, `exact_match` and `number_match` as asked, plus `num_examples`."""
+    model) `loss`, `perplexity`, `nll`, `nll_perplexity`, `exact_match` and `number_match` as asked,
+    plus `num_examples`."""
     if not examples:
         raise UserError("nothing to evaluate: the eval set is empty (set eval.dataset or val_size)")
     from clusterft.hf.loading import load_tokenizer
 
     tokenizer = load_tokenizer(ref.tokenizer_dir)
     results: dict[str, Any] = {"num_examples": len(examples)}
+    likelihood = {"loss", "perplexity", "nll", "nll_perplexity"} & set(metrics)
+    encoded = encode_for_scoring(examples, tokenizer, template, cutoff_len) if likelihood else []
     if "loss" in metrics or "perplexity" in metrics:
-        loss = teacher_forced_loss(ref, examples, tokenizer, template, cutoff_len, batch_size, device)
+        loss = teacher_forced_loss(ref, encoded, tokenizer.pad_token_id, batch_size, device)
         results["loss"] = loss
-        results["perplexity"] = math.exp(loss) if loss < 700 else math.inf
+        results["perplexity"] = _perplexity(loss)
+    if "nll" in metrics or "nll_perplexity" in metrics:
+        nll = engine_nll(ref, encoded, batch_size, device)
+        results["nll"] = nll
+        results["nll_perplexity"] = _perplexity(nll)
     scores = {name: score for name, score in SCORES.items() if name in metrics}
     if scores:
         predictions = generate_answers(ref, examples, tokenizer, template, max_new_tokens, batch_size, device)
@@ -136,31 +146,19 @@ def evaluate(
 
 
 def teacher_forced_loss(
-    ref: ModelRef,
-    examples: Sequence[Example],
-    tokenizer: Any,
-    template: str,
-    cutoff_len: int,
-    batch_size: int,
-    device: Device = "cpu",
+    ref: ModelRef, encoded: list[EncodedExample], pad_token_id: int, batch_size: int, device: Device = "cpu"
 ) -> float:
     """Mean cross-entropy per answer token (the tokens training is scored on), over every example,
-    from forward passes of `batch_size` examples on `device`."""
+    from HF forward passes of `batch_size` examples on `device`."""
     import torch
 
-    from clusterft.config.spec import DataArgs
     from clusterft.data import collate
-    from clusterft.data.builder import encode_data
 
-    data = DataArgs(dataset=["eval"], template=template, cutoff_len=cutoff_len)
-    encoded = encode_data(data, tokenizer, list(examples))
-    if encoded.problems:
-        raise UserError(f"{len(encoded.problems)} eval examples cannot be scored: {encoded.problems[0]}")
     model = _load_hf(ref).to(device)
     total, count = 0.0, 0
     with torch.no_grad():
-        for start in range(0, len(encoded.encoded), batch_size):
-            batch = collate(encoded.encoded[start : start + batch_size], tokenizer.pad_token_id)
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start : start + batch_size], pad_token_id)
             batch = {key: value.to(device) for key, value in batch.items()}
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             # Token t predicts token t+1: shift so logits[:, t] is scored against labels[:, t+1].
@@ -171,9 +169,67 @@ def teacher_forced_loss(
             total += per_token.item()
             count += int((labels != -100).sum())
     del model
-    if device == "cuda":
-        torch.cuda.empty_cache()  # the engine that generates next sizes its KV cache from free memory
+    _release_device_memory(device)
     return total / max(count, 1)
+
+
+def _release_device_memory(device: Device) -> None:
+    """The engine that runs next sizes its KV cache from free memory: return what this pass held."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def engine_nll(
+    ref: ModelRef, encoded: list[EncodedExample], batch_size: int, device: Device = "cpu"
+) -> float:
+    """Mean negative log-likelihood per answer token (the tokens teacher_forced_loss scores), from
+    the engine's prompt_logprobs over each whole encoded example: the log-likelihood an eval harness
+    gets through the serving API (completions with echo and max_tokens 0), with no HF forward."""
+    from clusterft.engine import SamplingParams
+
+    llm, lora_name = _engine(ref, batch_size, device)
+    params = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)  # the one token is unused
+    outputs = llm.generate([e.input_ids for e in encoded], params, lora_name=lora_name)
+    total, count = 0.0, 0
+    for example, out in zip(encoded, outputs, strict=True):
+        assert out.prompt_logprobs is not None
+        # Entry p scores token p given tokens < p: the same pairs as the loss's shifted labels.
+        for pos in range(1, len(example.input_ids)):
+            if example.labels[pos] != IGNORE_INDEX:
+                total -= out.prompt_logprobs[pos][example.input_ids[pos]].logprob
+                count += 1
+    del llm
+    _release_device_memory(device)
+    return total / max(count, 1)
+
+
+def _perplexity(nll: float) -> float:
+    return math.exp(nll) if nll < 700 else math.inf
+
+
+def encode_for_scoring(
+    examples: Sequence[Example], tokenizer: Any, template: str, cutoff_len: int
+) -> list[EncodedExample]:
+    """The examples as training encodes them (template, cutoff, answer-only labels)."""
+    from clusterft.config.spec import DataArgs
+    from clusterft.data.builder import encode_data
+
+    data = DataArgs(dataset=["eval"], template=template, cutoff_len=cutoff_len)
+    encoded = encode_data(data, tokenizer, list(examples))
+    if encoded.problems:
+        raise UserError(f"{len(encoded.problems)} eval examples cannot be scored: {encoded.problems[0]}")
+    return encoded.encoded
+
+
+def _engine(ref: ModelRef, batch_size: int, device: Device) -> tuple[Any, str | None]:
+    """clusterft's engine over `ref` (an adapter loaded as the LoRA "candidate") and the lora name."""
+    from clusterft.engine import LLM
+
+    lora = (("candidate", str(ref.adapter_dir)),) if ref.adapter_dir is not None else ()
+    llm = LLM(ref.model_dir, lora_modules=lora, max_num_seqs=batch_size, device=device)
+    return llm, "candidate" if lora else None
 
 
 def _load_hf(ref: ModelRef) -> Any:
@@ -200,14 +256,13 @@ def generate_answers(
     """Greedy answers from clusterft's engine on `device`, at most `batch_size` requests running at
     once, in example order (the adapter loaded as a LoRA)."""
     from clusterft.data import get_template, render_prompt
-    from clusterft.engine import LLM, SamplingParams
+    from clusterft.engine import SamplingParams
 
-    lora = (("candidate", str(ref.adapter_dir)),) if ref.adapter_dir is not None else ()
-    llm = LLM(ref.model_dir, lora_modules=lora, max_num_seqs=batch_size, device=device)
+    llm, lora_name = _engine(ref, batch_size, device)
     stop = get_template(template, tokenizer).stop_words
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens, stop=tuple(stop))
     prompts = [render_prompt(e.prompt_messages, template, tokenizer) for e in examples]
-    outputs = llm.generate(prompts, params, lora_name="candidate" if lora else None)
+    outputs = llm.generate(prompts, params, lora_name=lora_name)
     return [out.outputs[0].text for out in outputs]
 
 

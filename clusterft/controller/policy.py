@@ -104,7 +104,7 @@ def check_completion(planned_steps: int, completed_steps: int) -> Complete | Fai
 # The metrics evaluation can compute, read from the spec so the two cannot drift apart.
 KNOWN_METRICS = frozenset(get_args(get_args(EvalSpec.model_fields["metrics"].annotation)[0]))
 HIGHER_IS_BETTER = frozenset({"exact_match", "number_match"})
-LOWER_IS_BETTER = frozenset({"loss", "perplexity"})
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "nll", "nll_perplexity"})
 assert KNOWN_METRICS == HIGHER_IS_BETTER | LOWER_IS_BETTER, "a new eval metric needs a direction here"
 
 OPS: Mapping[str, Callable[[float, float], bool]] = {

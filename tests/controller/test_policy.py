@@ -155,7 +155,9 @@ def test_malformed_gates_are_user_errors_with_the_grammar(text: str) -> None:
 def test_unknown_metric_is_named_with_a_suggestion() -> None:
     with pytest.raises(GateError, match=r"unknown metric 'exact_mach'; did you mean 'exact_match'\?"):
         parse_gate("exact_mach >= 0.8")
-    with pytest.raises(GateError, match=r"known: exact_match, loss, number_match, perplexity"):
+    with pytest.raises(
+        GateError, match=r"known: exact_match, loss, nll, nll_perplexity, number_match, perplexity"
+    ):
         parse_gate("bleu >= 30")
 
 
