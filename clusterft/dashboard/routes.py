@@ -9,6 +9,7 @@
     GET  /v1/dashboard/registry                   models, versions, aliases and their history
     POST /v1/dashboard/registry/{model}/promote   {"version", "alias"}    (admin key)
     POST /v1/dashboard/registry/{model}/rollback  {"alias"}               (admin key)
+    POST /v1/dashboard/registry/{model}/canary    {"weight", "version"?}  (admin key)
     GET  /v1/dashboard/serving                    the serve app's /metrics, summarized
     POST /v1/dashboard/validate                   {"spec_yaml"} → problems with their lines (admin key)
 
@@ -53,6 +54,13 @@ class PromoteRequest(BaseModel):
 
 class RollbackRequest(BaseModel):
     alias: str = Field(default="production", description="production or canary.")
+
+
+class CanaryRequest(BaseModel):
+    weight: int = Field(description="Percent of sessions the canary serves, 0-100; production the rest.")
+    version: str | None = Field(
+        default=None, description="Point the canary at this version first (v3 or 3); none: keep it."
+    )
 
 
 class ValidateRequest(BaseModel):
@@ -126,6 +134,14 @@ def dashboard_router(jobs: Jobs, serve_url: str | None = None) -> APIRouter:
     @router.post("/v1/dashboard/registry/{model}/rollback")
     def rollback(model: str, body: RollbackRequest) -> dict[str, Any]:
         return {"changed": True, "change": asdict(registry.rollback(model, body.alias))}
+
+    @router.post("/v1/dashboard/registry/{model}/canary")
+    def canary(model: str, body: CanaryRequest) -> dict[str, Any]:
+        if body.version is None:
+            change = registry.set_canary_weight(model, body.weight, reason="dashboard")
+        else:
+            change = registry.set_canary(model, body.version, body.weight, reason="dashboard")
+        return {"changed": change is not None, "change": change and asdict(change)}
 
     @router.get("/v1/dashboard/serving")
     def serving() -> dict[str, Any]:

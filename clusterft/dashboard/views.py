@@ -104,6 +104,7 @@ def registry_view(registry: Registry, now: float) -> dict[str, Any]:
                 "name": name,
                 "versions": versions,
                 "aliases": registry.aliases(name),
+                "canary_weight": registry.traffic(name).canary_weight,
                 "history": [asdict(change) for change in registry.alias_history(name)],
                 "serving": [{**asdict(r), "live": r.live(now)} for r in read_records(registry.root, name)],
             }
@@ -111,10 +112,10 @@ def registry_view(registry: Registry, now: float) -> dict[str, Any]:
     return {
         "models": models,
         "aliases": list(ALIAS_NAMES),
-        # What the registry can do, so the page shows only buttons that work: aliases move whole
-        # (promote, rollback); it has no traffic weights, so there is no canary-weight control.
-        "actions": ["promote", "rollback"],
-        "canary_weights": False,
+        # What the registry can do, so the page shows only controls that work: aliases move
+        # (promote, rollback), and the canary takes a share of the traffic (its weight).
+        "actions": ["promote", "rollback", "canary"],
+        "canary_weights": True,
     }
 
 

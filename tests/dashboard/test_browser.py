@@ -1,7 +1,8 @@
 """The dashboard in a real headless Chromium against a live controller (a local Ray cluster, the
 controller actor, a real training driver) behind the jobs API on a real port: every page loads,
-the loss curve grows while the job trains, promote and rollback work through the buttons, the
-editor marks a bad key at its line, and no page asks anything of any host but 127.0.0.1.
+the loss curve grows while the job trains, promote, rollback and the canary weight work through
+the buttons, the editor marks a bad key at its line, and no page asks anything of any host but
+127.0.0.1.
 Screenshots land in ARTIFACTS_DIR/dashboard (default tests/artifacts/dashboard)."""
 
 from __future__ import annotations
@@ -159,8 +160,21 @@ def test_promote_and_roll_back_with_the_buttons(page, screenshot):
     assert production.inner_text() == "v0001"
     history = model.locator("table.history").inner_text()
     assert history.count("promote") == 2 and history.count("rollback") == 1
-    assert "no traffic split" in page.locator("#canary-note").inner_text()
     screenshot(page, "rolled-back")
+
+    # canary: v0002 at 25% of the traffic, shown beside production's 75%, then rolled back to 0%
+    model.locator("button.promote[data-version='v0002'][data-alias='canary']").click()
+    canary_weight = "section[data-model='tiny-dash'] .traffic-weight[data-alias='canary']"
+    page.wait_for_function(f"document.querySelector(\"{canary_weight}\")?.textContent === '0%'")
+    model.locator("input.canary-weight-input").fill("25")
+    model.locator("button.set-canary-weight").click()
+    page.wait_for_function(f"document.querySelector(\"{canary_weight}\")?.textContent === '25%'")
+    assert model.locator(".traffic-weight[data-alias='production']").inner_text() == "75%"
+    assert "0% → 25%" in model.locator("table.history").inner_text()
+    screenshot(page, "canary")
+    model.locator("button.rollback[data-alias='canary']").click()
+    page.wait_for_function(f"document.querySelector(\"{canary_weight}\")?.textContent === '0%'")
+    assert model.locator(".traffic-weight[data-alias='production']").inner_text() == "100%"
 
 
 def test_the_serving_page_shows_the_apps_figures(page, screenshot):

@@ -81,13 +81,19 @@ def test_validate_names_each_problem_at_its_line(jobs: Jobs) -> None:
     assert client(jobs, KEY).post("/v1/dashboard/validate", json={"spec_yaml": text}).status_code == 401
 
 
-def test_promote_and_rollback_need_the_admin_key(jobs: Jobs, tmp_path: Path) -> None:
+def two_versions(jobs: Jobs, tmp_path: Path) -> Registry:
+    """The jobs' registry with two full versions of `tiny`, v0001 and v0002."""
     model = tmp_path / "model"
     model.mkdir()
     registry = Registry(jobs.registry_root)
     for n in (1, 2):
         (model / "weights.bin").write_bytes(bytes([n]) * 16)
         registry.register("tiny", model, kind="full")
+    return registry
+
+
+def test_promote_and_rollback_need_the_admin_key(jobs: Jobs, tmp_path: Path) -> None:
+    two_versions(jobs, tmp_path)
     reader, admin = client(jobs, KEY), client(jobs, ADMIN)
     body = {"version": "v1", "alias": "production"}
     assert reader.post("/v1/dashboard/registry/tiny/promote", json=body).status_code == 401
@@ -105,9 +111,30 @@ def test_promote_and_rollback_need_the_admin_key(jobs: Jobs, tmp_path: Path) -> 
         ("promote", "v0002"),
         ("rollback", "v0001"),
     ]
-    assert (view["actions"], view["canary_weights"]) == (["promote", "rollback"], False)
+    assert (view["actions"], view["canary_weights"]) == (["promote", "rollback", "canary"], True)
     refused = admin.post("/v1/dashboard/registry/tiny/rollback", json={"alias": "canary"})
     assert refused.status_code == 400 and "no earlier version" in refused.json()["error"]["message"]
+
+
+def test_the_canary_weight_needs_the_admin_key_and_a_whole_percentage(jobs: Jobs, tmp_path: Path) -> None:
+    registry = two_versions(jobs, tmp_path)
+    registry.promote("tiny", "v1")
+    reader, admin = client(jobs, KEY), client(jobs, ADMIN)
+    url = "/v1/dashboard/registry/tiny/canary"
+    assert reader.post(url, json={"weight": 10, "version": "v2"}).status_code == 401
+    no_canary = admin.post(url, json={"weight": 10})
+    assert no_canary.status_code == 400 and "set one first" in no_canary.json()["error"]["message"]
+    assert admin.post(url, json={"weight": 10, "version": "v2"}).json()["changed"] is True
+    for bad in (101, -5):
+        refused = admin.post(url, json={"weight": bad})
+        assert refused.status_code == 400 and "0 to 100" in refused.json()["error"]["message"]
+    assert admin.post(url, json={"weight": 2.5}).status_code == 400
+    changed = admin.post(url, json={"weight": 30}).json()
+    assert changed["change"]["previous_weight"] == 10 and changed["change"]["reason"] == "dashboard"
+    (tiny,) = reader.get("/v1/dashboard/registry").json()["models"]
+    assert (tiny["aliases"]["canary"], tiny["canary_weight"]) == ("v0002", 30)
+    back = admin.post("/v1/dashboard/registry/tiny/rollback", json={"alias": "canary"}).json()
+    assert back["change"]["weight"] == 10 and registry.traffic("tiny").weights == {"v0001": 90, "v0002": 10}
 
 
 def test_serving_figures_from_the_apps_prometheus_text() -> None:

@@ -189,13 +189,17 @@ function registryView() {
   };
   async function draw() {
     const reg = await api("/v1/dashboard/registry");
+    // A poll does not redraw under a weight being typed (it would drop the typing).
+    if (document.activeElement?.classList.contains("canary-weight-input")) return;
     const sections = reg.models.map((m) => el("section", { class: "model", "data-model": m.name },
       el("h3", {}, m.name),
-      table(["alias", "version", ""], reg.aliases.map((a) => [a,
+      table(["alias", "version", "traffic", ""], reg.aliases.map((a) => [a,
         el("span", { class: "alias-version", "data-alias": a }, m.aliases[a] ?? "–"),
-        reg.actions.includes("rollback") && m.aliases[a] ? el("button",
+        el("span", { class: "traffic-weight", "data-alias": a }, trafficOf(m, a)),
+        [reg.actions.includes("rollback") && m.aliases[a] ? el("button",
           { class: "rollback", "data-alias": a, onclick: () => act(`/v1/dashboard/registry/${m.name}/rollback`, { alias: a }) },
-          `roll back ${a}`) : ""])),
+          `roll back ${a}`) : "",
+        a === "canary" && m.aliases.canary && reg.actions.includes("canary") ? canaryControl(m) : ""]])),
       table(["version", "kind", "created", "job", "eval", "promote"], m.versions.map((v) => [
         v.version, v.kind, v.created_at, v.job_id ?? "–",
         Object.entries(v.eval).map(([k, x]) => `${k}=${fmt(x)}`).join(" "),
@@ -204,15 +208,27 @@ function registryView() {
           onclick: () => act(`/v1/dashboard/registry/${m.name}/promote`, { version: v.version, alias: a }),
         }, `→ ${a}`))])),
       el("h4", {}, "Alias history"),
-      table(["at", "alias", "action", "version", "previous"],
-        m.history.slice().reverse().map((h) => [h.at, h.alias, h.action, h.version, h.previous ?? "–"]),
+      table(["at", "alias", "action", "version", "previous", "weight", "reason"],
+        m.history.slice().reverse().map((h) => [h.at, h.alias, h.action, h.version, h.previous ?? "–",
+          h.weight === null || h.weight === undefined ? "–" : `${h.previous_weight ?? 0}% → ${h.weight}%`,
+          h.reason ?? "–"]),
         { class: "history" }),
       m.serving.length ? table(["replica", "app", "host", "version", "alias", "live"],
         m.serving.map((r) => [r.replica, r.app, r.host, r.version, r.alias, r.live ? "yes" : "stale"])) : ""));
-    body.replaceChildren(...(sections.length ? sections : [el("p", { class: "note" }, "No model registered yet.")]),
-      reg.canary_weights ? "" : el("p", { class: "note", id: "canary-note" },
-        "Canary traffic weights: the registry moves aliases whole (promote, roll back); it keeps no " +
-        "traffic split, so there is no weight control here."));
+    body.replaceChildren(...(sections.length ? sections : [el("p", { class: "note" }, "No model registered yet.")]));
+  }
+  // The share of requests an alias's version serves: the canary its weight, production the rest.
+  function trafficOf(m, alias) {
+    if (!m.aliases[alias]) return "–";
+    const canary = m.aliases.canary ? m.canary_weight : 0;
+    return `${alias === "canary" ? canary : 100 - canary}%`;
+  }
+  function canaryControl(m) {
+    const input = el("input", { type: "number", min: 0, max: 100, step: 1, class: "canary-weight-input",
+      value: m.canary_weight, "aria-label": "canary weight (%)" });
+    return el("span", {}, input, el("button", { class: "set-canary-weight",
+      onclick: () => act(`/v1/dashboard/registry/${m.name}/canary`, { weight: input.valueAsNumber }) },
+    "set canary weight"));
   }
   every(5 * POLL_MS, draw);
 }
