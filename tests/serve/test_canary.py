@@ -1,8 +1,9 @@
-"""Canary traffic on the real app (Ray + Serve on 127.0.0.1, the official openai client): one app serves
-production and the canary the registry gives 50% of the traffic; each session id sticks to one version,
-the split over 400 session ids is the registry's routing and within the binomial bound, every response
-names its alias and version, the metrics count requests per alias and version, and a canary whose eval
-metric regresses is rolled back by the app itself with no failed request."""
+"""Canary traffic on the real app (Ray + Serve on 127.0.0.1, the official openai client; the separate
+ingress and the direct one): one app serves production and the canary the registry gives 50% of the
+traffic; each session id sticks to one version, the split over 400 session ids is the registry's
+routing and within the binomial bound, every response names its alias and version, the metrics count
+requests per alias and version, and a canary whose eval metric regresses is rolled back by the app
+itself with no failed request."""
 
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def metric(text: str, name: str, **labels: str) -> float:
     return float(match[1]) if match else 0.0
 
 
-def test_one_app_serves_a_sticky_weighted_split_and_rolls_back_a_regressed_canary(tmp_path):
+@pytest.mark.parametrize("ingress", ["separate", "direct"])
+def test_one_app_serves_a_sticky_weighted_split_and_rolls_back_a_regressed_canary(tmp_path, ingress):
     from clusterft.hf.tiny import make_tiny_model
 
     registry = Registry(tmp_path / "registry")
@@ -76,6 +78,7 @@ def test_one_app_serves_a_sticky_weighted_split_and_rolls_back_a_regressed_canar
             root=str(registry.root), model_name="quick", poll_interval_s=0.25, canary=policy
         ),
         port=free_port(),
+        ingress=ingress,  # direct: the engine replica reads the routing key in process
         engine=ENGINE,
         engine_num_cpus=0.5,
         worker_num_cpus=0.5,
