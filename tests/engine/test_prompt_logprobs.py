@@ -1,6 +1,8 @@
 """prompt_logprobs: each prompt token's logprob given its prefix, equal to an HF forward's log-softmax,
 through chunked prefill, preemption and prefix-cache hits (which give the cold request's numbers)."""
 
+from collections import Counter
+
 import pytest
 import torch
 
@@ -118,19 +120,56 @@ def test_warm_after_a_request_without_prompt_logprobs(llama_dir):
     assert third.num_cached_tokens == 0
 
 
+def count_scored_entries(llm: LLM) -> Counter:
+    """request id -> prompt entries the model runner produced, repeats included (a spy on the step)."""
+    scored = Counter()
+    execute = llm.engine.executor.execute_model
+
+    def counting(so):
+        out = execute(so)
+        for req_id, (_, entries) in out.prompt_logprobs.items():
+            scored[req_id] += len(entries)
+        return out
+
+    llm.engine.executor.execute_model = counting
+    return scored
+
+
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_preemption_never_repeats_entries(model_dirs, arch):
-    """Recompute preemption (during prefill chunks and during decode) runs prompts again: each entry
-    is still emitted once and matches HF."""
+def test_preemption_never_repeats_entries(model_dirs, arch, mode):
+    """Preemption in prefill chunks and in decode: a recomputed prompt is scored again by the model
+    runner (counted here), a swapped one carries on; each entry is still emitted once and matches HF."""
     prompts = random_prompts([40, 42, 44, 46], seed=16)
     params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True, prompt_logprobs=2)
-    llm = LLM(model_dirs[arch], num_gpu_blocks=12, preemption_mode="recompute", max_num_batched_tokens=32,
-              enable_prefix_caching=False)  # fmt: skip
+    llm = LLM(model_dirs[arch], num_gpu_blocks=12, num_cpu_blocks=16, preemption_mode=mode,
+              max_num_batched_tokens=32, enable_prefix_caching=False)  # fmt: skip
+    scored = count_scored_entries(llm)
     outputs = llm.generate(prompts, params)
-    assert llm.engine.get_stats().num_preemptions_recompute > 0
+    assert getattr(llm.engine.get_stats(), f"num_preemptions_{mode}") > 0
+    num_entries = sum(len(p) - 1 for p in prompts)
+    if mode == "recompute":
+        assert sum(scored.values()) > num_entries, scored  # some prompt was scored twice
+    else:
+        assert sum(scored.values()) == num_entries, scored
     for prompt, out in zip(prompts, outputs, strict=True):
         assert_matches_hf(model_dirs[arch], prompt, out.prompt_logprobs, k=2)
         assert len(out.outputs[0].token_ids) == 24
+
+
+def test_preemption_mid_prefill_keeps_the_first_entries(llama_dir):
+    """A request preempted (recompute) between prefill chunks scores its first chunks again when it
+    comes back: the repeats are dropped, so each prompt has exactly one entry per token."""
+    prompts = random_prompts([60, 62, 64, 58], seed=16)
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, prompt_logprobs=1)
+    llm = LLM(llama_dir, num_gpu_blocks=12, preemption_mode="recompute", max_num_batched_tokens=16,
+              enable_prefix_caching=False)  # fmt: skip
+    scored = count_scored_entries(llm)
+    outputs = llm.generate(prompts, params)
+    assert llm.engine.get_stats().num_preemptions_recompute > 0
+    assert sum(scored.values()) > sum(len(p) - 1 for p in prompts), scored
+    for prompt, out in zip(prompts, outputs, strict=True):
+        assert_matches_hf(llama_dir, prompt, out.prompt_logprobs, k=1)
 
 
 def test_parallel_sampling_shares_prompt_logprobs(llama_dir):
