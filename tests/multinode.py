@@ -39,6 +39,12 @@ import pytest
 from tests.ray_processes import free_port
 
 MARKER = "CLUSTERFT_TEST_NODE"
+# The GCS declares a node dead after `failure_threshold` health checks in a row, one every
+# `period_ms`, fail. Ray's defaults (5 of 3 s, after a 5 s initial delay) take ~15 s to notice a lost
+# node; 10 of 1 s take ~10 s here. Fewer checks would notice sooner but declare live nodes of this
+# loaded machine dead (a raylet stalled for seconds); real clusters set the same keys through
+# `ray start --system-config` or RAY_health_check_* (k8s/raycluster.yaml).
+NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "10"}
 HEAD = "head"
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).parent / "ray")
@@ -190,20 +196,23 @@ class MultiNodeCluster:
     def alive(self) -> dict[str, bool]:
         """Whether the GCS lists each node as alive (a killed node stays alive there until its
         health checks fail)."""
+        live = set(self.live_node_ids().values())
+        return {name: name in live for name in self.nodes}
+
+    def live_node_ids(self) -> dict[str, str]:
+        """Node id (hex) -> name of every node the GCS lists as alive (a restarted node has a new id)."""
         from ray._raylet import GcsClient
         from ray.core.generated.gcs_pb2 import GcsNodeInfo
 
         infos = GcsClient(address=self.address).get_all_node_info(timeout=10).values()
-        alive = dict.fromkeys(self.nodes, False)
+        live = {}
         for info in infos:
             if info.state != GcsNodeInfo.GcsNodeState.ALIVE:
                 continue
-            if info.is_head_node:
-                alive[HEAD] = True
-            for name in self.nodes:
-                if info.resources_total.get(name):
-                    alive[name] = True
-        return alive
+            names = [HEAD] if info.is_head_node else [n for n in self.nodes if info.resources_total.get(n)]
+            for name in names:
+                live[info.node_id.hex()] = name
+        return live
 
     def wait_alive(self, names: list[str] | None = None, timeout_s: float = 120) -> None:
         """Wait until the GCS lists every node in `names` (default all) as alive."""

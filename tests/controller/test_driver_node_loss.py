@@ -20,8 +20,8 @@ from clusterft.controller.ray_jobs import DRIVER_RESOURCES_ENV, RayJobs, parse_d
 from clusterft.controller.state import JobState
 from clusterft.errors import UserError
 from clusterft.train.launcher import run_training
-from tests.controller.test_failover import NODE_DEATH, assert_same_weights, controlled_job, wait_for
-from tests.multinode import HEAD, MultiNodeCluster
+from tests.controller.test_failover import assert_same_weights, controlled_job, wait_for
+from tests.multinode import HEAD, NODE_DEATH, MultiNodeCluster
 from tests.train.helpers import bundles, make_job
 
 DRIVER_NODES = ("drv_a", "drv_b")

@@ -20,14 +20,11 @@ from clusterft.controller.jobs import Jobs
 from clusterft.controller.ray_jobs import RayJobs, pointer, submission_id
 from clusterft.controller.state import JobState
 from clusterft.train.launcher import run_training
-from tests.multinode import MultiNodeCluster
+from tests.multinode import NODE_DEATH, MultiNodeCluster
 from tests.train.helpers import bundles, final_weights, make_job
 
 pytestmark = pytest.mark.slow
 SETTLED = {JobState.REGISTERED, JobState.PROMOTED, JobState.SERVING, JobState.ERROR, JobState.CANCELLED}
-# The GCS declares a killed node dead after 10 missed 1 s health checks (Ray's default: 5 of 3 s);
-# fewer declare live nodes of a loaded machine dead.
-NODE_DEATH = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "10"}
 CONTROLLER_NODES = ("ctl_a", "ctl_b")
 STEPS = 60
 
