@@ -102,7 +102,8 @@ def wait_for_record(registry: Registry, version: str, timeout_s: float = 10) -> 
         time.sleep(0.05)
 
 
-def test_promote_and_rollback_under_load_lose_no_request(tmp_path):
+@pytest.mark.parametrize("ingress", ["separate", "direct"])
+def test_promote_and_rollback_under_load_lose_no_request(tmp_path, ingress):
     from clusterft.hf.tiny import make_tiny_model
 
     registry = Registry(tmp_path / "registry")
@@ -121,6 +122,7 @@ def test_promote_and_rollback_under_load_lose_no_request(tmp_path):
         engine_num_cpus=0.5,
         worker_num_cpus=0.5,
         ingress_num_cpus=0.25,
+        ingress=ingress,  # direct: the engine replica that switches versions is the HTTP ingress too
     )
     results: list[Result] = []
     stop = threading.Event()
@@ -178,4 +180,4 @@ def test_promote_and_rollback_under_load_lose_no_request(tmp_path):
             r.version == "v0001" for r in results if promoted_at <= r.ended < rolled_back_at
         ),
     }
-    print("promotion switch:", json.dumps(figures))
+    print(f"promotion switch ({ingress} ingress):", json.dumps(figures))
