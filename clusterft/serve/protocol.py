@@ -43,8 +43,9 @@ def _engine_field(default: Any, name: str, **constraints: Any) -> Any:
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    # Fields where 0 passes though the engine refuses it: the request gives 0 its own meaning.
-    _zero_allowed: ClassVar[frozenset[str]] = frozenset()
+    # field -> the earlier boolean field with which 0 passes though the engine refuses it (the
+    # request gives 0 its own meaning then)
+    _zero_needs: ClassVar[dict[str, str]] = {}
 
     @field_validator("*")
     @classmethod
@@ -55,9 +56,12 @@ class _Request(BaseModel):
         name = _ENGINE_NAME.get(info.field_name, info.field_name)
         if name not in _ENGINE_BOUNDS or value is None or (name == "logprobs" and isinstance(value, bool)):
             return value
-        if type(value) is int and value == 0 and info.field_name in cls._zero_allowed:
-            return value
         allowed, ok = _ENGINE_BOUNDS[name]
+        needs = cls._zero_needs.get(info.field_name)
+        if needs is not None and type(value) is int and value == 0:
+            if info.data.get(needs):
+                return value
+            raise ValueError(f"{info.field_name} must be {allowed} (0 only with {needs}=true), got 0")
         checked = (value,) if name == "stop" and isinstance(value, str) else value
         if not ok(tuple(checked) if isinstance(checked, list) else checked):
             raise ValueError(f"{info.field_name} must be {allowed}, got {value!r}")
@@ -130,18 +134,18 @@ class CompletionRequest(_SamplingFields):
         description=f"Text, texts, token ids or lists of token ids (at most {MAX_PROMPTS} prompts); "
         "token ids in [0, vocab size)."
     )
-    _zero_allowed: ClassVar[frozenset[str]] = frozenset({"max_tokens"})
+    _zero_needs: ClassVar[dict[str, str]] = {"max_tokens": "echo"}
 
+    echo: bool = False  # before max_tokens: max_tokens 0 needs it (validated in field order)
     max_tokens: int | None = _engine_field(16, "max_tokens")
     logprobs: int | None = _engine_field(None, "logprobs", le=20)
-    echo: bool = False
 
     @model_validator(mode="after")
-    def _zero_tokens_echo(self) -> CompletionRequest:
-        if self.max_tokens == 0 and not self.echo:
+    def _echo_scoring(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None and self.use_beam_search:
             raise ValueError(
-                "max_tokens: 0 generates nothing, which only makes sense with echo=true (scoring the "
-                "prompt, with logprobs); set echo=true or max_tokens >= 1"
+                "echo with logprobs scores the prompt, which beam search does not support; drop "
+                "use_beam_search, echo or logprobs"
             )
         return self
 

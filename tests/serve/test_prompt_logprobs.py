@@ -165,8 +165,10 @@ def test_cold_and_warm_requests_give_the_same_numbers(client):
         ({"prompt_logprobs": -1}, "prompt_logprobs", "an integer >= 0 or None"),
         ({"prompt_logprobs": "two"}, "prompt_logprobs", "integer"),
         ({"prompt_logprobs": 1, "stream": True}, None, "not available with stream=true"),
-        ({"max_tokens": 0}, None, "echo=true"),
+        ({"max_tokens": 0}, "max_tokens", "(0 only with echo=true)"),
         ({"max_tokens": -1, "echo": True}, "max_tokens", "an integer >= 1 or None"),
+        ({"echo": True, "logprobs": 1, "use_beam_search": True, "temperature": 0}, None, "beam search"),
+        ({"prompt_logprobs": 1, "use_beam_search": True, "temperature": 0}, "prompt_logprobs", "beam"),
     ],
 )
 def test_bad_values_are_openai_400s(client, keyed_url, body, param, needle):
