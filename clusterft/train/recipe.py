@@ -19,6 +19,7 @@ import json
 import math
 import os
 import resource
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -86,6 +87,22 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     )
     recipe.setup()
     recipe.train()
+
+
+def import_deepspeed() -> Any:
+    """`import deepspeed` without the `import mlflow` its autotuner makes whenever mlflow is installed:
+    ~1.1 of deepspeed's ~1.3 CPU-s import in every worker process, for autotuning clusterft never
+    runs (report_to: mlflow tracks in the driver, which imports mlflow itself)."""
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # type: ignore[assignment]  # `import mlflow` raises ImportError
+    try:
+        import deepspeed
+    finally:
+        del sys.modules["mlflow"]
+    return deepspeed
 
 
 class Recipe:
@@ -184,8 +201,9 @@ class Recipe:
 
     def _build_engine(self, resumed: LoadedBundle | None):
         """Model → method → saved weights → DeepSpeed engine (with optimizer and LR schedule)."""
-        import deepspeed
         from transformers import get_scheduler
+
+        deepspeed = import_deepspeed()
 
         spec = self.spec
         # DeepSpeed adopts the gloo/nccl process group Ray Train created (PipelineModule needs it first).
