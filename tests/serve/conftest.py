@@ -57,10 +57,11 @@ def running_app(spec: ServeSpec) -> Iterator[str]:
         ray.shutdown()
 
 
-@pytest.fixture(scope="module")
-def keyed_url(tiny_llama) -> Iterator[str]:
-    """The tiny model's app behind API_KEY, one per test module: its base URL."""
-    with running_app(make_spec(tiny_llama, api_key=API_KEY)) as base:
+@pytest.fixture(scope="module", params=["separate", "direct"])
+def keyed_url(request, tiny_llama) -> Iterator[str]:
+    """The tiny model's app behind API_KEY, one per test module and ingress shape (a separate ingress,
+    and the engine serving HTTP itself): its base URL."""
+    with running_app(make_spec(tiny_llama, api_key=API_KEY, ingress=request.param)) as base:
         yield base
 
 
