@@ -20,6 +20,8 @@ from clusterft.engine.prompt_logprobs import PromptTokenLogprob, compute_prompt_
 from clusterft.engine.sampler import Sampler, SamplingRow
 from clusterft.engine.sampling_params import SamplingParams
 
+PROMPT_LOGITS_ROWS = 256  # prompt positions whose logits are computed at once (prompt_logprobs)
+
 
 @dataclass
 class CachedRequestState:
@@ -141,9 +143,15 @@ class ModelRunner:
             k = state.sampling_params.prompt_logprobs
             end = min(start + n, state.num_prompt_tokens - 1)  # last position scoring a prompt token
             if k is not None and end > start:
-                logits = self.model.compute_logits(hidden[row : row + end - start]).cpu()  # (end-start, V)
-                next_ids = torch.tensor(state.token_ids[start + 1 : end + 1], dtype=torch.long)
-                found[state.req_id] = (start + 1, compute_prompt_logprobs(logits, next_ids, k))
+                entries: list[PromptTokenLogprob] = []
+                # A few rows of (rows, V) logits at a time: a long prompt chunk never holds its whole
+                # logits matrix (2,048 positions of a 152k vocab would be 1.2 GB).
+                for lo in range(start, end, PROMPT_LOGITS_ROWS):
+                    hi = min(lo + PROMPT_LOGITS_ROWS, end)
+                    logits = self.model.compute_logits(hidden[row + lo - start : row + hi - start]).cpu()
+                    next_ids = torch.tensor(state.token_ids[lo + 1 : hi + 1], dtype=torch.long)
+                    entries += compute_prompt_logprobs(logits, next_ids, k)
+                found[state.req_id] = (start + 1, entries)
             row += n
         return found
 

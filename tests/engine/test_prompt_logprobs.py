@@ -190,3 +190,15 @@ def test_bad_prompt_logprobs_values(llama_dir):
     vocab = llm.engine.model_args.vocab_size
     with pytest.raises(ValueError, match=rf"prompt_logprobs must be in \[0, {vocab}\]"):
         llm.generate([[1, 2]], SamplingParams(prompt_logprobs=vocab + 1))
+
+
+def test_long_chunks_are_scored_a_few_rows_at_a_time(llama_dir, monkeypatch):
+    """Logits of a chunk's prompt positions are computed in slices of PROMPT_LOGITS_ROWS: the slices
+    (5 rows here, inside 16-token chunks) join up to one entry per token, equal to HF's."""
+    import clusterft.engine.model_runner as model_runner
+
+    monkeypatch.setattr(model_runner, "PROMPT_LOGITS_ROWS", 5)
+    prompt = random_prompts([45], seed=18)[0]
+    llm = LLM(llama_dir, num_gpu_blocks=64, max_num_batched_tokens=16)
+    [out] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2))
+    assert_matches_hf(llama_dir, prompt, out.prompt_logprobs, k=2)
