@@ -11,8 +11,9 @@ mid-run: time from the kill to the first step after the resume.
 --checkpoint-memory measures only checkpointing (bench/checkpoint_memory.py: two gloo processes, a
 ~112M-parameter llama; --model llama-42m a smaller one, --quick a tiny one): per rank the peak extra
 RSS during a save, the bytes it writes and save/restore seconds, for ddp and ZeRO 1/2/3, "after" with
-this checkout and "before" with the clusterft of --baseline-source (a `git worktree add DIR adc71f5`:
-the commit before sharded checkpoints, whose every rank gathered the full state and rank 0 wrote it all).
+this checkout and "before" with the clusterft of --baseline-source (a `git worktree add DIR 223728d`:
+the parent of 1b5c8fa, sharded checkpoints, whose every rank gathered the full state and rank 0 wrote
+it all; adc71f5 has the same checkpoint code), next to the ZeRO formulas and the issue's targets.
 
 ZeRO paper formulas (mixed precision, Adam, Ψ parameters, N data-parallel ranks): DDP 16Ψ,
 ZeRO-1 4Ψ + 12Ψ/N, ZeRO-2 2Ψ + 14Ψ/N, ZeRO-3 16Ψ/N. In fp32 on CPU the same accounting is
