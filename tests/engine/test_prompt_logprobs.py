@@ -202,3 +202,14 @@ def test_long_chunks_are_scored_a_few_rows_at_a_time(llama_dir, monkeypatch):
     llm = LLM(llama_dir, num_gpu_blocks=64, max_num_batched_tokens=16)
     [out] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=1, prompt_logprobs=2))
     assert_matches_hf(llama_dir, prompt, out.prompt_logprobs, k=2)
+
+
+def test_tensor_parallel_shards_score_the_prompt_like_hf(llama_dir):
+    """Two shards (threads standing in for worker actors, as in test_tensor_parallel): rank 0's
+    prompt logprobs, from its replicated lm_head over all-reduced hidden states, match HF."""
+    from tests.engine.test_tensor_parallel import ThreadExecutor
+
+    llm = LLM(llama_dir, num_gpu_blocks=64, max_num_batched_tokens=16, executor_factory=ThreadExecutor)
+    prompt = random_prompts([37], seed=19)[0]
+    [out] = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=2, prompt_logprobs=3))
+    assert_matches_hf(llama_dir, prompt, out.prompt_logprobs, k=3)
