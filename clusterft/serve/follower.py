@@ -102,6 +102,8 @@ class ModelFollower:
         self.split: TrafficSplit | None = None
         self._vetoed: tuple[str, int] | None = None  # a split this replica rolled back: not resumed
         self._failed_canary: str | None = None
+        self._split: TrafficSplit | None = None  # the registry's, as last read
+        self._split_key: tuple[int, int, int] | None = None  # the aliases file's stat at that read
         self.outcomes = {"production": Outcomes(), "canary": Outcomes()}
         self.num_canary_rollbacks = 0
         self.last_canary_rollback: str | None = None
@@ -186,21 +188,31 @@ class ModelFollower:
         while True:
             await asyncio.sleep(self.spec.registry.poll_interval_s)
             try:
-                target = await asyncio.to_thread(self._watch.target)
+                target, split = await asyncio.to_thread(self._read_registry)
             except Exception as exc:  # a half-written file on a flaky mount: look again next poll
                 logger.warning("could not read the registry alias: %s", exc)
                 continue
             if target is not None and target not in (self.version, self._failed_target):
                 await self.reload(target)
-            if self.spec.registry.alias == "production":
-                try:
-                    split = await asyncio.to_thread(
-                        Registry(self.spec.registry.root).traffic, self.spec.registry.model_name
-                    )
-                except Exception as exc:
-                    logger.warning("could not read the registry's traffic split: %s", exc)
-                    continue
+            if split is not None:
                 await self.follow_split(split)
+
+    def _read_registry(self) -> tuple[str | None, TrafficSplit | None]:
+        """One poll, in a thread: the followed alias's target and, following production, the traffic
+        split (re-read only when the aliases file changed, as AliasWatch does for the target)."""
+        assert self._watch is not None and self.spec.registry is not None
+        target = self._watch.target()
+        if self.spec.registry.alias != "production":
+            return target, None
+        try:
+            st = os.stat(self._watch.path)
+            key: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            key = None
+        if key is None or key != self._split_key:
+            self._split = Registry(self.spec.registry.root).traffic(self.spec.registry.model_name)
+            self._split_key = key
+        return target, self._split
 
     # ---- the canary ------------------------------------------------------------------------------
     async def follow_split(self, split: TrafficSplit) -> None:
