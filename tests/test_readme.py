@@ -74,6 +74,7 @@ CONTROLLER_JOB = (
 TRAIN_JOB = "tests/train/test_job_submit.py::test_ray_job_submit_trains"
 DEMO = "tests/test_demo.py::test_demo_runs_end_to_end"
 CHECKOUT = "tests/test_readme_commands.py::test_validate_and_preview_the_quickstart_job"
+CANARY_CLI = "tests/registry/test_canary.py::test_cli_sets_shows_and_aborts_the_split"
 # README command line (words joined by one space) -> PATH::NAME of the test, fixture, make target or
 # demo step that runs it (tests/test_demo.py runs the demo).
 EXERCISED_BY = {
@@ -102,6 +103,12 @@ EXERCISED_BY = {
     ): SERVE_TOUR,
     "clusterft registry promote quickstart v0002": SERVE_TOUR,
     "clusterft registry rollback quickstart --alias production": SERVE_TOUR,
+    "clusterft registry canary quickstart v0004 --weight 10": CANARY_CLI,
+    "clusterft registry canary-weight quickstart 25": CANARY_CLI,
+    "clusterft registry traffic quickstart": CANARY_CLI,
+    "clusterft registry canary-promote quickstart": CANARY_CLI,
+    "clusterft registry canary-abort quickstart --reason ...": CANARY_CLI,
+    "clusterft registry rollback quickstart --alias canary": CANARY_CLI,
     "kill $RAY_HEAD": "tests/train/test_job_submit.py::head_cluster",  # its teardown
     (
         "ray job submit --address http://127.0.0.1:8265 --working-dir . -- "

@@ -112,6 +112,9 @@ def test_cli_sets_shows_and_aborts_the_split(three: Registry, capsys: pytest.Cap
     assert cli([*root, "canary", "demo", "v2", "--weight", "10"]) == 0
     assert "production v0001 90%, canary v0002 10%" in capsys.readouterr().out
     assert cli([*root, "canary-weight", "demo", "40"]) == 0
+    capsys.readouterr()
+    assert cli([*root, "traffic", "demo"]) == 0
+    assert "production v0001 60%, canary v0002 40%" in capsys.readouterr().out
     assert cli([*root, "traffic", "demo", "--json"]) == 0
     out = capsys.readouterr().out
     assert json.loads(out[out.index("{") :])["weights"] == {"v0001": 60, "v0002": 40}
@@ -121,6 +124,9 @@ def test_cli_sets_shows_and_aborts_the_split(three: Registry, capsys: pytest.Cap
     assert "whole percentage from 0 to 100" in capsys.readouterr().err
     assert cli([*root, "canary-promote", "demo"]) == 0
     assert "production v0002 100%" in capsys.readouterr().out
+    # Rolling the canary alias back restores its previous (version, weight): v0002 at 0 % (aborted).
+    assert cli([*root, "rollback", "demo", "--alias", "canary"]) == 0
+    assert three.traffic("demo").canary == "v0002"
 
 
 def test_sessions_are_sticky_and_split_by_weight() -> None:
