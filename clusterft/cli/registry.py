@@ -270,7 +270,7 @@ def add_registry_commands(commands: Subcommands) -> None:
     sub.add_argument("--json", action="store_true", help="print JSON")
 
     sub = action(
-        "canary", registry_canary, "point the canary at a version and send it --weight % of requests"
+        "canary", registry_canary, "point the canary at a version and send it --weight percent of requests"
     )
     sub.add_argument("name", help="model name")
     sub.add_argument("version", help="v3 or 3")
