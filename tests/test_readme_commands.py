@@ -133,7 +133,7 @@ def test_serve_the_registry_query_promote_rollback_and_stop(checkout: Path) -> N
         promoted = run(shown("clusterft registry promote"), checkout).stdout
         assert promoted == "production of quickstart: v0001 -> v0002\n"
         wait_until_served(url, "v0002")
-        rolled_back = run(shown("clusterft registry rollback"), checkout).stdout
+        rolled_back = run(shown("clusterft registry rollback quickstart --alias production"), checkout).stdout
         assert rolled_back == "production of quickstart rolled back: v0002 -> v0001\n"
         wait_until_served(url, "v0001")
 
