@@ -102,8 +102,6 @@ class ModelFollower:
         self.split: TrafficSplit | None = None
         self._vetoed: tuple[str, int] | None = None  # a split this replica rolled back: not resumed
         self._failed_canary: str | None = None
-        self._split: TrafficSplit | None = None  # the registry's, as last read
-        self._split_key: tuple[int, int, int] | None = None  # the aliases file's stat at that read
         self.outcomes = {"production": Outcomes(), "canary": Outcomes()}
         self.num_canary_rollbacks = 0
         self.last_canary_rollback: str | None = None
@@ -199,20 +197,9 @@ class ModelFollower:
 
     def _read_registry(self) -> tuple[str | None, TrafficSplit | None]:
         """One poll, in a thread: the followed alias's target and, following production, the traffic
-        split (re-read only when the aliases file changed, as AliasWatch does for the target)."""
-        assert self._watch is not None and self.spec.registry is not None
-        target = self._watch.target()
-        if self.spec.registry.alias != "production":
-            return target, None
-        try:
-            st = os.stat(self._watch.path)
-            key: tuple[int, int, int] | None = (st.st_ino, st.st_mtime_ns, st.st_size)
-        except FileNotFoundError:
-            key = None
-        if key is None or key != self._split_key:
-            self._split = Registry(self.spec.registry.root).traffic(self.spec.registry.model_name)
-            self._split_key = key
-        return target, self._split
+        split (one stat of the aliases file; a read only when it changed)."""
+        assert self._watch is not None
+        return self._watch.target(), self._watch.split()
 
     # ---- the canary ------------------------------------------------------------------------------
     async def follow_split(self, split: TrafficSplit) -> None:
@@ -239,9 +226,7 @@ class ModelFollower:
                     self._roll_back_canary(reason, state)
                     return
                 try:
-                    model = await asyncio.to_thread(self._resolve, wanted)
-                    tokenizer = await asyncio.to_thread(tokenizer_fingerprint, model.model_dir)
-                    new = _Serving(model, await asyncio.to_thread(self._make_loop, model), tokenizer)
+                    new = await self._load(await asyncio.to_thread(self._resolve, wanted))
                 except Exception as exc:
                     self.num_load_failures += 1
                     self._failed_canary = wanted
@@ -313,8 +298,7 @@ class ModelFollower:
                     logger.info(
                         "loading %s %s while %s serves", self.spec.model_name, model.version, previous
                     )
-                    tokenizer = await asyncio.to_thread(tokenizer_fingerprint, model.model_dir)
-                    new = _Serving(model, await asyncio.to_thread(self._make_loop, model), tokenizer)
+                    new = await self._load(model)
             except Exception as exc:
                 self.num_load_failures += 1
                 target = model.version if model is not None else ref or "the alias target"
@@ -344,6 +328,11 @@ class ModelFollower:
             asyncio.get_running_loop().create_task(self._release(old))
             await asyncio.to_thread(self._publish)
             return self.last_switch
+
+    async def _load(self, model: ModelVersion) -> _Serving:
+        """An engine for `model`, with its tokenizer's fingerprint (off the event loop)."""
+        tokenizer = await asyncio.to_thread(tokenizer_fingerprint, model.model_dir)
+        return _Serving(model, await asyncio.to_thread(self._make_loop, model), tokenizer)
 
     async def _release(self, old: _Serving) -> None:
         """Free the old engine once its last request has finished on it."""

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clusterft.registry.registry import ALIASES, Registry
+from clusterft.registry.traffic import TrafficSplit
 from clusterft.serve.spec import RegistrySource, ServeSpec
 
 
@@ -92,6 +93,7 @@ class AliasWatch:
         self.path = Path(source.root) / source.model_name / ALIASES
         self._seen: tuple[int, int, int] | None = None
         self._target: str | None = None
+        self._split: TrafficSplit | None = None
 
     def _stat(self) -> tuple[int, int, int] | None:
         try:
@@ -100,11 +102,25 @@ class AliasWatch:
             return None
         return (st.st_ino, st.st_mtime_ns, st.st_size)
 
+    def _refresh(self) -> None:
+        key = self._stat()
+        if key is not None and key == self._seen:
+            return
+        registry = Registry(self.source.root)
+        aliases = registry.aliases(self.source.model_name) if key else {}
+        self._target = aliases.get(self.source.alias)
+        # Only an app following production serves a canary beside it.
+        following_production = self.source.alias == "production"
+        self._split = registry.traffic(self.source.model_name) if following_production else None
+        self._seen = key
+
     def target(self) -> str | None:
         """The version the alias points at now (None: unset), re-read only when the file changed."""
-        key = self._stat()
-        if key != self._seen:
-            aliases = Registry(self.source.root).aliases(self.source.model_name) if key else {}
-            self._target = aliases.get(self.source.alias)
-            self._seen = key
+        self._refresh()
         return self._target
+
+    def split(self) -> TrafficSplit | None:
+        """Following production, how requests are split with the canary now (None: following another
+        alias), read in the same pass as the target."""
+        self._refresh()
+        return self._split
