@@ -424,7 +424,7 @@ class Registry:
             if canary is None:
                 raise RegistryError(
                     f"{name} has no canary version; set one first: "
-                    f"`clusterft registry canary set {name} VERSION --weight {weight}`"
+                    f"`clusterft registry canary {name} VERSION --weight {weight}`"
                 )
             if weight and data["aliases"].get("production") is None:
                 raise RegistryError(
@@ -444,7 +444,7 @@ class Registry:
             if canary is None or not (model_dir / canary / MANIFEST).exists():
                 raise RegistryError(
                     f"{name} has no canary version to promote; set one first: "
-                    f"`clusterft registry canary set {name} VERSION --weight 10`"
+                    f"`clusterft registry canary {name} VERSION --weight 10`"
                 )
             self.verify(name, canary)  # reads only; the lock keeps the version from being deleted
             change = AliasChange(

@@ -83,9 +83,14 @@ def test_a_split_needs_existing_versions_and_a_production(
     register(registry, tmp_path, base)
     with pytest.raises(RegistryError, match="no production version to split traffic with; promote one"):
         registry.set_canary("demo", "v1", 10)
-    with pytest.raises(RegistryError, match="no canary version; set one first"):
+    # The fix each error names is a command the CLI has (`registry canary NAME VERSION --weight W`).
+    with pytest.raises(
+        RegistryError, match="no canary version; set one first: `clusterft registry canary demo V"
+    ):
         registry.set_canary_weight("demo", 10)
-    with pytest.raises(RegistryError, match="no canary version to promote"):
+    with pytest.raises(
+        RegistryError, match="no canary version to promote; set one first: `clusterft registry canary demo V"
+    ):
         registry.promote_canary("demo")
     registry.promote("demo", "v1")
     with pytest.raises(RegistryError, match="has no version v0007"):
