@@ -404,11 +404,7 @@ class Registry:
             if not (target.path / MANIFEST).exists():
                 raise RegistryError(f"{name} {target.version} was deleted meanwhile; nothing changed")
             data = self._read_aliases(model_dir)
-            if weight and data["aliases"].get("production") is None:
-                raise RegistryError(
-                    f"{name} has no production version to split traffic with; promote one first: "
-                    f"`clusterft registry promote {name} VERSION`"
-                )
+            _check_split_has_production(name, data, weight)
             if (data["aliases"].get("canary"), _weight_of(data, "canary")) == (target.version, weight):
                 return None
             action = "promote" if data["aliases"].get("canary") != target.version else "weight"
@@ -426,11 +422,7 @@ class Registry:
                     f"{name} has no canary version; set one first: "
                     f"`clusterft registry canary {name} VERSION --weight {weight}`"
                 )
-            if weight and data["aliases"].get("production") is None:
-                raise RegistryError(
-                    f"{name} has no production version to split traffic with; promote one first: "
-                    f"`clusterft registry promote {name} VERSION`"
-                )
+            _check_split_has_production(name, data, weight)
             if _weight_of(data, "canary") == weight:
                 return None
             return self._move_alias(model_dir, data, "canary", "weight", canary, weight, reason)
@@ -566,6 +558,15 @@ def _split(name: str, data: dict[str, Any]) -> TrafficSplit:
     return TrafficSplit(
         name, aliases.get("production"), aliases.get("canary"), _weight_of(data, "canary") or 0
     )
+
+
+def _check_split_has_production(name: str, data: dict[str, Any], weight: int) -> None:
+    """A canary share needs a production version to serve the rest."""
+    if weight and data["aliases"].get("production") is None:
+        raise RegistryError(
+            f"{name} has no production version to split traffic with; promote one first: "
+            f"`clusterft registry promote {name} VERSION`"
+        )
 
 
 def _alias_stack(history: list[dict[str, Any]], alias: str) -> list[tuple[str, int | None]]:
