@@ -39,9 +39,9 @@ from clusterft.controller.store_backend import is_store_url
 from clusterft.errors import UserError
 
 JOB_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
+"""Where a client finds the job server (Ray's own variable; else $RAY_ADDRESS's cluster)."""
 DRIVER_RESOURCES_ENV = "CLUSTERFT_DRIVER_RESOURCES"
 """JSON object of the Ray resources each driver needs, e.g. {"clusterft_driver": 0.01}: where it runs."""
-"""Where a client finds the job server (Ray's own variable; else $RAY_ADDRESS's cluster)."""
 AGENT_WAIT_S = 60.0
 """How long a submission waits for the cluster's job agents to come up."""
 logger = logging.getLogger(__name__)
