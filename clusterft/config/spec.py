@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -337,6 +337,14 @@ class EvalSpec(Section):
     max_samples: int | None = Field(default=None, gt=0, description="Evaluate at most this many examples.")
 
     _split = field_validator("dataset", mode="before")(_split_csv)
+
+
+# Which way each eval metric improves: promotion gates (controller/policy.py) and the canary's
+# automatic rollback (serve/canary.py) read it here, so the two cannot disagree.
+EVAL_METRICS = frozenset(get_args(get_args(EvalSpec.model_fields["metrics"].annotation)[0]))
+HIGHER_IS_BETTER = frozenset({"exact_match", "number_match"})
+LOWER_IS_BETTER = frozenset({"loss", "perplexity", "nll", "nll_perplexity"})
+assert EVAL_METRICS == HIGHER_IS_BETTER | LOWER_IS_BETTER, "a new eval metric needs a direction here"
 
 
 class PromoteSpec(Section):

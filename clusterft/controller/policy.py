@@ -14,9 +14,8 @@ import operator
 import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
-from typing import get_args
 
-from clusterft.config.spec import EvalSpec, JobSpec
+from clusterft.config.spec import EVAL_METRICS, LOWER_IS_BETTER, JobSpec
 from clusterft.controller.state import Job, Promoted, Registered, Serving
 from clusterft.errors import UserError
 from clusterft.registry.registry import AliasChange
@@ -101,11 +100,7 @@ def check_completion(planned_steps: int, completed_steps: int) -> Complete | Fai
 
 # ---------------------------------------------------------------- promotion gates
 
-# The metrics evaluation can compute, read from the spec so the two cannot drift apart.
-KNOWN_METRICS = frozenset(get_args(get_args(EvalSpec.model_fields["metrics"].annotation)[0]))
-HIGHER_IS_BETTER = frozenset({"exact_match", "number_match"})
-LOWER_IS_BETTER = frozenset({"loss", "perplexity", "nll", "nll_perplexity"})
-assert KNOWN_METRICS == HIGHER_IS_BETTER | LOWER_IS_BETTER, "a new eval metric needs a direction here"
+KNOWN_METRICS = EVAL_METRICS  # the metrics evaluation can compute (the spec's list)
 
 OPS: Mapping[str, Callable[[float, float], bool]] = {
     ">=": operator.ge,

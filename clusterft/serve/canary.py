@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from clusterft.config.spec import HIGHER_IS_BETTER
 from clusterft.serve.spec import CanaryPolicy
 
 
@@ -49,7 +50,7 @@ def eval_verdict(
     if metric is None or metric not in canary_eval or metric not in production_eval:
         return None
     canary, production = float(canary_eval[metric]), float(production_eval[metric])
-    drop = production - canary if policy.higher_is_better else canary - production
+    drop = production - canary if metric in HIGHER_IS_BETTER else canary - production
     if drop <= policy.max_eval_regression:
         return None
     return (

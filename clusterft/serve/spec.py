@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from clusterft.config.spec import Section, known_template
+from clusterft.config.spec import EVAL_METRICS, HIGHER_IS_BETTER, Section, known_template
 from clusterft.engine.async_llm import adapter_conflict
 from clusterft.engine.config import EngineConfig
 from clusterft.http import ADMIN_API_KEY_ENV, API_KEY_ENV, is_loopback
@@ -76,7 +76,31 @@ class CanaryPolicy(Section):
         "when the canary's is worse than production's by more than max_eval_regression.",
     )
     max_eval_regression: float = Field(default=0.0, ge=0, description="Allowed drop of eval_metric.")
-    higher_is_better: bool = Field(default=True, description="Whether a larger eval_metric is better.")
+    higher_is_better: bool | None = Field(
+        default=None,
+        description="Whether a larger eval_metric is better; default: the metric's own direction (as "
+        "promotion gates read it: exact_match and number_match higher, loss, perplexity, nll and "
+        "nll_perplexity lower). A value that contradicts it is refused.",
+    )
+
+    @model_validator(mode="after")
+    def _metric_direction(self) -> CanaryPolicy:
+        metric = self.eval_metric
+        if metric is None:
+            return self
+        if metric not in EVAL_METRICS:
+            raise ValueError(
+                f"eval_metric {metric!r} is not an eval metric clusterft computes, so no version's "
+                f"manifest has it and the canary would never be judged on it; use one of "
+                f"{', '.join(sorted(EVAL_METRICS))}"
+            )
+        known = metric in HIGHER_IS_BETTER
+        if self.higher_is_better is not None and self.higher_is_better != known:
+            raise ValueError(
+                f"higher_is_better: {str(self.higher_is_better).lower()} contradicts {metric}, where "
+                f"{'higher' if known else 'lower'} is better; leave higher_is_better out"
+            )
+        return self
 
 
 class RegistrySource(Section):
