@@ -34,7 +34,7 @@ demo: setup
 	$(BIN)/clusterft demo
 
 test: setup
-	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=20
+	$(BIN)/python -m pytest -q -p no:cacheprovider --durations=40
 
 lint: setup
 	$(BIN)/ruff check clusterft tests bench
