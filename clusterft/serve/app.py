@@ -18,7 +18,7 @@ from ray.serve.config import AutoscalingConfig, RequestRouterConfig
 
 from clusterft.hf.loading import check_model_dir
 from clusterft.serve.autoscaling import POLICY_PATH
-from clusterft.serve.direct import DirectEngineDeployment
+from clusterft.serve.direct import DIRECT_REPLICA_ENV, DirectEngineDeployment
 from clusterft.serve.engine_deployment import EngineDeployment
 from clusterft.serve.ingress import OpenAIIngress
 from clusterft.serve.model_source import resolve
@@ -43,8 +43,9 @@ def build_app(spec: ServeSpec) -> serve.Application:
         engine_options["num_gpus"] = 1  # the in-process worker needs the GPU itself
     health = {"health_check_period_s": spec.health_check_period_s, "health_check_timeout_s": 30}
     if spec.ingress == "direct":  # the engine replicas are the HTTP ingress (one hop)
+        direct_options = {**engine_options, "runtime_env": {"env_vars": DIRECT_REPLICA_ENV}}
         direct = DirectEngineDeployment.options(
-            ray_actor_options=engine_options, **health, **replica_options(spec)
+            ray_actor_options=direct_options, **health, **replica_options(spec)
         )
         return direct.bind(spec)
     engine = EngineDeployment.options(

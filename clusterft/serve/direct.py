@@ -49,7 +49,17 @@ class InProcessHandle:
         return self
 
     def __getattr__(self, method: str) -> _InProcessMethod:
+        if method == "generate":  # the follower's stream itself: EngineReplica.generate only re-yields it
+            return _InProcessMethod(self._replica.follower.generate)
         return _InProcessMethod(getattr(self._replica, method))
+
+
+# The replica's environment (ray_actor_options' runtime_env, set in app.py): Serve runs the routes on
+# the event loop that serves HTTP, not on a second loop in its own thread, so a streamed chunk goes
+# straight to the socket instead of through a cross-thread message queue (the largest per-chunk cost
+# in the profile, README Benchmarks "Direct ingress"). The routes never block that loop: engine steps
+# and tokenizing run in threads.
+DIRECT_REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
 
 
 @serve.deployment(name="engine", max_ongoing_requests=1024)

@@ -17,10 +17,8 @@ from clusterft.engine.outputs import PromptLogprobs
 from clusterft.http import APIError
 from clusterft.serve.protocol import (
     AssistantMessage,
-    ChatChunkChoice,
     ChatLogprobs,
     CompletionLogprobs,
-    Delta,
     PromptLogprob,
     PromptLogprobsList,
     PromptTokensDetails,
@@ -257,6 +255,30 @@ class CompletionChunkChoices:
         return choices
 
 
+def chat_chunk_choice(
+    index: int,
+    role: str | None,
+    content: str,
+    tool_calls: list[dict[str, Any]],
+    logprobs: ChatLogprobs | None,
+    finish_reason: str | None,
+) -> dict[str, Any]:
+    """`ChatChunkChoice(...).model_dump(exclude_none=True)` built as a plain dict: a stream builds one
+    per choice per chunk, and pydantic's construction and dump were most of our own per-chunk cost."""
+    delta: dict[str, Any] = {}
+    if role is not None:
+        delta["role"] = role
+    delta["content"] = content
+    if tool_calls:
+        delta["tool_calls"] = tool_calls
+    choice: dict[str, Any] = {"index": index, "delta": delta}
+    if logprobs is not None:
+        choice["logprobs"] = logprobs.model_dump(exclude_none=True)
+    if finish_reason is not None:
+        choice["finish_reason"] = finish_reason
+    return choice
+
+
 class ChatChunkChoices:
     """A /v1/chat/completions stream's engine chunk -> its `choices`; a choice's first delta names the
     role, as OpenAI's does."""
@@ -280,15 +302,8 @@ class ChatChunkChoices:
             if self.num_logprobs is not None:
                 lps = chat_logprobs(o["token_ids"], o["logprobs"] or [], self.num_logprobs, self.text)
             content, tool_calls, finish = self._tool_calls(index, o["text"], o["finish_reason"])
-            choices.append(
-                ChatChunkChoice(
-                    index=index,
-                    delta=Delta(role=role, content=content, tool_calls=tool_calls or None),
-                    logprobs=lps,
-                    finish_reason=finish,
-                )
-            )
-        return [c.model_dump(exclude_none=True) for c in choices]
+            choices.append(chat_chunk_choice(index, role, content, tool_calls, lps, finish))
+        return choices
 
     def _tool_calls(
         self, index: int, text: str, finish_reason: str | None

@@ -16,7 +16,15 @@ async def prepend(first, rest: AsyncIterator) -> AsyncIterator:
 
 async def merge_streams(gens: list) -> AsyncIterator[tuple[int, dict[str, Any]]]:
     """Interleave the engine streams of a request's prompts; cancelling this cancels them all (client
-    disconnects abort every prompt's engine request, which frees its blocks)."""
+    disconnects abort every prompt's engine request, which frees its blocks). One stream (every chat
+    request, most completions) is passed through as it is: no pump task and queue hop per chunk."""
+    if len(gens) == 1:
+        try:
+            async for chunk in gens[0]:
+                yield 0, chunk
+        finally:
+            await _close(gens[0])
+        return
     queue: asyncio.Queue = asyncio.Queue()
     done = object()
 
@@ -42,10 +50,19 @@ async def merge_streams(gens: list) -> AsyncIterator[tuple[int, dict[str, Any]]]
                 yield i, item
     finally:
         for gen in gens:
-            # A Ray stream is cancelled here (its engine request aborts in the engine replica); an
-            # in-process one (direct ingress) by cancelling its pump task below.
             cancel = getattr(gen, "cancel", None)
-            if cancel is not None:
+            if cancel is not None:  # a Ray stream: its engine request aborts in the engine replica
                 cancel()
-        for task in tasks:
+        for task in tasks:  # an in-process stream (direct ingress): cancelled with its pump task
             task.cancel()
+
+
+async def _close(gen) -> None:
+    """End a stream its consumer left: a Ray stream is cancelled (its engine request aborts in the
+    engine replica), an in-process one (direct ingress) closed, which aborts its engine request."""
+    cancel = getattr(gen, "cancel", None)
+    if cancel is not None:
+        cancel()
+    aclose = getattr(gen, "aclose", None)
+    if aclose is not None:
+        await aclose()
