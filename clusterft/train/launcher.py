@@ -11,12 +11,14 @@ export the newest valid bundle → output_dir (peft adapter or HF model), loss.p
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -228,13 +230,38 @@ def _fit(
             outcome["error"] = err
 
     thread = threading.Thread(target=fit, name="clusterft-fit", daemon=True)
-    thread.start()
     tracker = ProgressTracker(where.output_dir, CallbackRunner.for_run(spec, where.output_dir), show_progress)
-    while thread.is_alive():
-        tracker.drain(progress, timeout=0.2)
+    with _elastic_start_timeout(cluster.elastic):  # read by fit() as it creates its controller
+        thread.start()
+        while thread.is_alive():
+            tracker.drain(progress, timeout=0.2)
     tracker.drain(progress, timeout=0)
     tracker.close()
     return _finish(spec, where, BundleStore(start.bundle_root), tracker, started, outcome.get("error"))
+
+
+# Ray Train reads this in the driver when fit() creates its controller, and passes it on to it.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# Elastic: how long a worker group sized from Ray's view of free resources waits for them before Ray
+# Train decides its size again (its default is 60 s). That view still counts a lost node until the
+# autoscaling coordinator's next tick (20 s) after the GCS marks it dead, so a shrink after a node
+# loss first tried the old size and waited the whole 60 s (tests/train/test_node_loss.py); a retry is
+# cheap (a controller error, not one of max_failures), so it is short. Your own value of the env wins.
+ELASTIC_START_TIMEOUT_S = "10"
+
+
+@contextlib.contextmanager
+def _elastic_start_timeout(elastic: bool) -> Iterator[None]:
+    """Sets START_TIMEOUT_ENV to ELASTIC_START_TIMEOUT_S during an elastic run unless it is set
+    already; restores the environment after (a test process runs many jobs)."""
+    if not elastic or START_TIMEOUT_ENV in os.environ:
+        yield
+        return
+    os.environ[START_TIMEOUT_ENV] = ELASTIC_START_TIMEOUT_S
+    try:
+        yield
+    finally:
+        os.environ.pop(START_TIMEOUT_ENV, None)
 
 
 def _finish(

@@ -18,7 +18,13 @@ import torch
 
 from clusterft.config import JobSpec
 from clusterft.train.export import read_metrics
-from clusterft.train.launcher import RunSummary, locate, run_training
+from clusterft.train.launcher import (
+    ELASTIC_START_TIMEOUT_S,
+    START_TIMEOUT_ENV,
+    RunSummary,
+    locate,
+    run_training,
+)
 from tests.multinode import HEAD, NODE_DEATH, MultiNodeCluster
 from tests.train.helpers import bundles, final_weights, make_job
 
@@ -51,9 +57,11 @@ class StepClock:
     """A user callback (named by dotted path) stamping each step the driver hears of."""
 
     steps: ClassVar[list[tuple[float, dict]]] = []
+    start_timeouts: ClassVar[set[str | None]] = set()  # Ray Train's worker-group start timeout env
 
     def on_step_end(self, metrics: dict) -> None:
         self.steps.append((time.time(), metrics))
+        self.start_timeouts.add(os.environ.get(START_TIMEOUT_ENV))
 
 
 def first_step_after(moment: float, attempt_after: int = 1) -> tuple[float, dict]:
@@ -86,6 +94,7 @@ class Scenario(threading.Thread):
 
 def train_through(spec: JobSpec, scenario: Scenario) -> RunSummary:
     StepClock.steps.clear()
+    StepClock.start_timeouts.clear()
     scenario.start()
     summary = run_training(spec, show_progress=False)
     scenario.join(timeout=180)
@@ -132,14 +141,15 @@ def running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def back_while_paused(
+def back_while_throttled(
     cluster: MultiNodeCluster, node: str, spec: JobSpec, back_at: list[float], timeout_s: float = 150
 ) -> Callable[[], None]:
-    """Restarts `node` with the run's lone worker SIGSTOPped until Ray Train's resize shuts that
-    worker down. Ray's autoscaling coordinator sees a new node only on its 20 s tick
-    (`_AutoscalingCoordinatorActor.TICK_INTERVAL_S`) and a node start takes 10-40 s here, so a
-    worker left running can finish the whole run first and the grow-back never comes (it did so
-    in CI). A stopped worker is a slow step to Ray Train (its health-check timeout is 600 s).
+    """Restarts `node` with the run's lone worker throttled (SIGSTOP, and SIGCONT for 50 ms of every
+    500 ms) until Ray Train's resize shuts that worker down. Ray's autoscaling coordinator sees a
+    new node only on its 20 s tick (`_AutoscalingCoordinatorActor.TICK_INTERVAL_S`) and a node start
+    takes 10-40 s here, so a worker at full speed can finish the whole run first and the grow-back
+    never comes (it did so in CI). Throttled, not stopped: it must still answer Ray's health checks
+    and shut its process group down when the resize comes (stopped, that waited out a 30 s timeout).
     Stamps `back_at` when the GCS lists the node alive again."""
 
     def act() -> None:
@@ -150,7 +160,12 @@ def back_while_paused(
             back_at.append(time.time())
             deadline = time.time() + timeout_s
             while running(pid) and time.time() < deadline:
-                time.sleep(0.1)
+                os.kill(pid, signal.SIGCONT)
+                time.sleep(0.05)
+                os.kill(pid, signal.SIGSTOP)
+                time.sleep(0.45)
+        except ProcessLookupError:
+            pass  # shut down by the resize between the check and the signal
         finally:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGCONT)
@@ -273,7 +288,7 @@ def test_elastic_run_shrinks_to_the_surviving_node_and_grows_back(cluster, tiny_
             (lambda infos: bool(infos) and infos[-1].step >= 2, killed_at(cluster, "node_b")),
             (
                 lambda infos: any(i.meta.get("world_size") == 1 for i in infos),
-                back_while_paused(cluster, "node_b", spec, back_at),
+                back_while_throttled(cluster, "node_b", spec, back_at),
             ),
         ],
     )
@@ -282,6 +297,9 @@ def test_elastic_run_shrinks_to_the_surviving_node_and_grows_back(cluster, tiny_
         summary = train_through(spec, scenario)
     assert summary.ok, summary.error
     assert (summary.planned_steps, summary.completed_steps) == (STEPS, STEPS)
+    # Ray Train's controller waited ELASTIC_START_TIMEOUT_S, not its 60 s, for the old size's
+    # resources that Ray's stale view of the cluster promised; the run leaves the env as it was.
+    assert StepClock.start_timeouts == {ELASTIC_START_TIMEOUT_S} and START_TIMEOUT_ENV not in os.environ
     sizes = [(info.step, info.meta["world_size"]) for info in bundles(spec).list(verify=False)]
     changes = [size for i, (_, size) in enumerate(sizes) if i == 0 or size != sizes[i - 1][1]]
     assert changes == [2, 1, 2], sizes
