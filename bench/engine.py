@@ -52,10 +52,11 @@ def make_workload(
     return requests
 
 
-def run_engine(model_dir: Path, requests, max_num_seqs: int):
+def run_engine(model_dir: Path, requests, max_num_seqs: int, attention_backend: str = "auto"):
     from clusterft.engine import LLM, SamplingParams
 
-    llm = LLM(model_dir, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, enable_prefix_caching=False)
+    llm = LLM(model_dir, max_num_seqs=max_num_seqs, max_num_batched_tokens=2048, enable_prefix_caching=False,
+              attention_backend=attention_backend)  # fmt: skip
     params = [
         SamplingParams(temperature=0, max_tokens=n, ignore_eos=True, detokenize=False) for _, n in requests
     ]
@@ -314,7 +315,7 @@ def decode_report(args) -> dict:
 
 # Where the engine's time goes, by the innermost frame of each py-spy sample that names one of these.
 PROFILE_CATEGORIES = [
-    ("attention: decode", ("_decode_attention",)),
+    ("attention: decode", ("_decode_attention", "paged_decode_attention")),
     ("attention: prefill", ("paged_attention",)),
     ("KV write", ("write_kv",)),
     ("matmuls (linear layers, lm_head)", ("PackedLinear.forward",)),
@@ -322,7 +323,8 @@ PROFILE_CATEGORIES = [
     ("model glue (embedding, views, residuals)",
      ("Attention.forward", "DecoderLayer.forward", "LlamaForCausalLM.forward", "compute_logits")),
     ("runner: input prep (ids, slots, block reads)",
-     ("_prepare_inputs", "_decode_blocks", "plan_decode_blocks", "_update_states", "_lora_mapping")),
+     ("_prepare_inputs", "_decode_blocks", "_decode_tables", "plan_decode_blocks", "_update_states",
+      "_lora_mapping")),
     ("sampler", ("sampler.py", "ModelRunner._sample")),
     ("scheduler + KV block manager", ("scheduler.py", "kv_cache_manager.py", "block_pool.py")),
     ("output processor", ("output_processor.py", "detokenizer.py")),
@@ -360,7 +362,8 @@ def profile_engine(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "stacks.txt"
         child = [sys.executable, __file__, "--engine-only", "--num-requests", str(args.num_requests),
-                 "--seed", str(args.seed), "--threads", str(args.threads)]  # fmt: skip
+                 "--seed", str(args.seed), "--threads", str(args.threads),
+                 "--attention", args.attention]  # fmt: skip
         if args.quick:
             child.append("--quick")
         subprocess.run(["py-spy", "record", "-r", "200", "-f", "raw", "-o", str(raw), "--", *child],
@@ -387,6 +390,8 @@ def main() -> None:
                         help="--decode only")  # fmt: skip
     parser.add_argument("--shape", choices=["small", "1b"], default="small", help="--decode's random model")
     parser.add_argument("--profile", action="store_true", help="where the engine's time goes (py-spy)")
+    parser.add_argument("--attention", choices=["auto", "fused", "torch"], default="auto",
+                        help="decode attention backend (EngineConfig.attention_backend)")  # fmt: skip
     parser.add_argument("--engine-only", action="store_true", help="the engine's run alone (for --profile)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -415,7 +420,9 @@ def main() -> None:
     pad_id = hf.generation_config.pad_token_id or 0
     requests = make_workload(num_requests, hf.config.vocab_size, args.seed, 512, mean_out, max_out)
 
-    engine_outputs, engine_tps, engine_cpu_tps, stats = run_engine(model_dir, requests, max_num_seqs=256)
+    engine_outputs, engine_tps, engine_cpu_tps, stats = run_engine(
+        model_dir, requests, max_num_seqs=256, attention_backend=args.attention
+    )
     if args.engine_only:
         print(json.dumps({"engine_tokens_per_cpu_s": round(engine_cpu_tps, 1)}), file=RESULT, flush=True)
         return
@@ -458,6 +465,7 @@ def main() -> None:
         "greedy_match_hf_requests": sum(a == b for a, b in zip(engine_outputs, reference, strict=True)),
         "greedy_reference_batch_size": min(hf_outputs),
         "threads": args.threads,
+        "attention_backend": args.attention,
         "int8": int8,
     }
     print(json.dumps(result, indent=None if args.json else 2), file=RESULT, flush=True)

@@ -15,6 +15,11 @@ read the cache in place, over a few ranges of block ids that cover the decodes' 
 (plan_decode_blocks): decode attention is bound by reading K/V, and copying blocks out first
 tripled that traffic (read, write, read again) on CPU. Each prefill chunk attends over its cached
 prefix plus itself, causally, with SDPA.
+
+On CPU the decodes normally take the fused kernel instead (fused_attention.py, csrc/): one pass per
+(request, KV head) over its block table with an online softmax, no score tensors. The metadata then
+carries padded block tables and context lengths and no plan; the path here stays the reference the
+kernel is tested against, and the fallback where it cannot be built, and the path on CUDA.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from clusterft.engine.fused_attention import paged_decode_attention
 
 # An idle run of more blocks than this between two blocks the decodes read starts a new in-place
 # range instead of being read for nothing: a range costs a few ops per layer, about what reading
@@ -64,6 +71,10 @@ class AttentionMetadata:
     decode_blocks: list[DecodeBlocks]
     prefills: list[PrefillChunk]
     sliding_window: int | None = None  # key j is visible to query i only if i - W < j <= i
+    # Fused decode kernel: (D, max_blocks) int32 block tables, padded, and (D,) int32 context lengths
+    # (the decode token included). Set instead of decode_blocks when the fused backend is active.
+    decode_block_tables: torch.Tensor | None = None
+    decode_context_lens: torch.Tensor | None = None
 
 
 def plan_decode_blocks(
@@ -143,7 +154,12 @@ def paged_attention(
     num_kv_heads = k.shape[1]
     out = torch.empty_like(q)
     d = meta.num_decodes
-    if d:
+    if d and meta.decode_block_tables is not None:
+        out[:d] = paged_decode_attention(
+            q[:d], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale,
+            meta.sliding_window,
+        )  # fmt: skip
+    elif d:
         out[:d] = _decode_attention(q[:d], k_cache, v_cache, meta.decode_blocks, scale)
     for chunk in meta.prefills:
         s, n = chunk.query_start, chunk.query_len

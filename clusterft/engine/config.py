@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 PreemptionMode = Literal["recompute", "swap", "auto"]
+AttentionBackend = Literal["auto", "fused", "torch"]
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,9 @@ class EngineConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: Literal["cpu", "cuda"] = "cpu"
     seed: int = 0  # seeds the sampler of requests without their own seed
+    # Decode attention: fused = the C++ CPU kernel (JIT-built once), torch = the reference path;
+    # auto = fused on CPU when it builds (else torch, with one warning), torch on CUDA.
+    attention_backend: AttentionBackend = "auto"
 
     def __post_init__(self) -> None:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
@@ -73,5 +77,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32|bfloat16|float16, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.attention_backend not in ("auto", "fused", "torch"):
+            raise ValueError(f"attention_backend must be auto|fused|torch, got {self.attention_backend!r}")
         object.__setattr__(self, "lora_modules", tuple(tuple(m) for m in self.lora_modules))
         object.__setattr__(self, "quant_exclude_modules", tuple(self.quant_exclude_modules))

@@ -95,7 +95,9 @@ def build_model_runner(
     lora_manager = LoRAManager(model, config.max_loras, torch.device(config.device), dtype, pc)
     for name, path in config.lora_modules:
         lora_manager.add_lora(name, path)
-    return ModelRunner(model, cache, config.block_size, Sampler(config.seed), lora_manager)
+    return ModelRunner(
+        model, cache, config.block_size, Sampler(config.seed), lora_manager, config.attention_backend
+    )
 
 
 class LoRARegistry(Protocol):

@@ -12,6 +12,7 @@ import torch
 
 from clusterft.engine.attention import AttentionMetadata, PrefillChunk, plan_decode_blocks
 from clusterft.engine.cache_engine import CacheEngine
+from clusterft.engine.fused_attention import use_fused
 from clusterft.engine.lora import LoRAManager
 from clusterft.engine.models.layers import LoRAMapping
 from clusterft.engine.models.llama import LlamaForCausalLM
@@ -56,6 +57,7 @@ class ModelRunner:
         block_size: int,
         sampler: Sampler,
         lora_manager: LoRAManager | None = None,
+        attention_backend: str = "auto",
     ) -> None:
         self.model = model
         self.cache_engine = cache_engine
@@ -65,6 +67,7 @@ class ModelRunner:
         self.device = cache_engine.device
         self.requests: dict[str, CachedRequestState] = {}
         self._kv_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # decode gather scratch
+        self.fused_decode = use_fused(attention_backend, self.device)
 
     def _decode_kv_buffers(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(num_blocks, kvh, bs, hd) views of scratch buffers that grow by doubling and are reused."""
@@ -213,9 +216,11 @@ class ModelRunner:
         slot_mapping = torch.tensor(block_of_token, dtype=torch.long) * bs + pos % bs
 
         dev = self.device
-        decode_blocks = (
-            self._decode_blocks(ordered[:num_decodes], pos[:num_decodes] + 1) if num_decodes else []
-        )
+        decode_blocks, tables, context_lens = [], None, None
+        if num_decodes and self.fused_decode:
+            tables, context_lens = self._decode_tables(ordered[:num_decodes], positions[:num_decodes])
+        elif num_decodes:
+            decode_blocks = self._decode_blocks(ordered[:num_decodes], pos[:num_decodes] + 1)
         prefills, start_idx = [], num_decodes
         for state in ordered[num_decodes:]:
             n = num_scheduled[state.req_id]
@@ -231,8 +236,22 @@ class ModelRunner:
             decode_blocks=decode_blocks,
             prefills=prefills,
             sliding_window=self.model.args.sliding_window,
+            decode_block_tables=tables,
+            decode_context_lens=context_lens,
         )
         return torch.tensor(input_ids, dtype=torch.long, device=dev), pos.to(dev), meta
+
+    def _decode_tables(
+        self, decode_states: list[CachedRequestState], positions: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused kernel's inputs: each decode's blocks up to its token, padded with block 0 (never
+        read: the kernel stops at the context length), and its context length."""
+        bs = self.block_size
+        counts = [p // bs + 1 for p in positions]
+        width = max(counts)
+        rows = [s.block_ids[:n] + [0] * (width - n) for s, n in zip(decode_states, counts, strict=True)]
+        tables = torch.tensor(rows, dtype=torch.int32)
+        return tables, torch.tensor(positions, dtype=torch.int32) + 1
 
     def _decode_blocks(self, decode_states: list[CachedRequestState], context_lens: torch.Tensor):
         return plan_decode_blocks(
