@@ -56,6 +56,11 @@ class EngineSettings(Section):
         "built (one config file for a laptop and a GPU cluster), else cpu.",
     )
     seed: int = Field(default=0, description="Seeds sampling of requests without their own seed.")
+    attention_backend: Literal["auto", "fused", "torch"] = Field(
+        default="auto",
+        description="Decode attention: auto (the fused C++ kernel on CPU when it builds, else the torch "
+        "path, with one warning), fused (an error when it cannot be built), torch.",
+    )
 
     def to_engine_config(self, lora_modules: dict[str, str] | None = None) -> EngineConfig:
         """The EngineConfig these settings describe (ValueError from the engine names the bad knob)."""

@@ -25,6 +25,11 @@ def test_spec_defaults_bind_localhost_and_map_to_engine_config(tiny_llama, monke
     assert spec.resolved_api_key() == "from-env"
     config = spec.engine.to_engine_config({"a": "/x"})
     assert config.lora_modules == (("a", "/x"),) and config.block_size == 16
+    assert config.attention_backend == "auto"
+    torch_path = ServeSpec(model_dir="m", engine={"attention_backend": "torch"}).engine.to_engine_config()
+    assert torch_path.attention_backend == "torch"
+    with pytest.raises(ValidationError, match="attention_backend"):
+        ServeSpec(model_dir="m", engine={"attention_backend": "flash"})
     with pytest.raises(ValidationError, match="tensor_parallel_size"):
         ServeSpec(model_dir="m", tensor_parallel_size=0)
     with pytest.raises(ValidationError, match="chat_template"):
