@@ -6,6 +6,7 @@ that each replica reconciles, and an admin call that waits until every live repl
          │                      ▲  sync(replica, applied generation, errors, reload result)
          │                      │  ◄── the desired state, when newer than what the replica applied
          └─ waits until every live replica reports g (bounded), then answers with their errors
+            (a reload: the one version they all serve now, else an error naming who serves what)
       engine replica, every SYNC_INTERVAL_S: sync ─► Reconciler.apply(desired) on its current loop
       GET /metrics: the engine stats each live replica sent with its last sync (at most that old)
 
@@ -20,10 +21,14 @@ refuses others before any replica sees them, and each replica's engine checks th
 base model before the call answers (a broken one: 400, taken back from the record).
 
 Adapters are state: a replica's served set is made equal to the record's, whenever it started. A
-reload is a command: replicas live when it was issued run it once; a replica starting later has just
-resolved the alias itself and skips it. The record is detached (it must outlive every replica); it
-exits by itself once no replica has synced for IDLE_EXIT_S (the app was deleted or redeployed with
-another spec, which gets a record of its own).
+reload is a command: replicas live when it was issued run it once. A replica's first sync can come
+after a reload although the replica started before it (the record is started lazily and runs its
+calls out of order), so at its first sync a replica runs the newest reload of the alias anyway (it
+re-reads where the alias points: at worst a no-op) and a reload of a pinned version when it was
+issued after the replica started; a replica started later skips that one and the reload's answer
+says so. The record is detached (it must outlive every replica); it exits by itself once no replica
+has synced for IDLE_EXIT_S (the app was deleted or redeployed with another spec, which gets a record
+of its own).
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ class ReplicaReport:
     applied: int  # the generation whose state the replica serves
     last_sync: float
     errors: list[str] = field(default_factory=list)  # what failed applying `applied`
-    reload_result: dict[str, Any] | None = None  # of the last reload command it ran
+    reload_result: dict[str, Any] | None = None  # of the last reload command it ran; None: none
     stats: dict[str, Any] | None = None  # its engine's stats at this sync (ModelFollower.stats)
 
 
@@ -72,6 +77,7 @@ class AdminState:
     generation: int = 0
     reload_generation: int = 0  # the generation that issued the newest reload; 0: none
     reload_ref: str | None = None
+    reload_issued_at: float = 0.0  # time.time() of the newest reload
     replicas: dict[str, ReplicaReport] = field(default_factory=dict)
     created: float = field(default_factory=time.time)
 
@@ -89,8 +95,9 @@ class AdminState:
             raise APIError(404, f"adapter `{name}` does not exist", "name")
         return self._bump()
 
-    def reload(self, ref: str | None) -> int:
+    def reload(self, ref: str | None, now: float | None = None) -> int:
         self.reload_ref = ref
+        self.reload_issued_at = time.time() if now is None else now
         self.reload_generation = self._bump()
         return self.reload_generation
 
@@ -105,6 +112,7 @@ class AdminState:
             "adapters": dict(self.adapters),
             "reload_generation": self.reload_generation,
             "reload_ref": self.reload_ref,
+            "reload_issued_at": self.reload_issued_at,
         }
 
     def sync(
@@ -129,15 +137,15 @@ class AdminState:
         return {r: rep.stats for r, rep in self.live(now).items() if rep.stats is not None}
 
     def progress(self, generation: int, now: float) -> dict[str, Any]:
-        """Which live replicas have not applied `generation` yet; the errors and reload results of
-        those that have."""
+        """Which live replicas have not applied `generation` yet; the errors of those that have, and
+        the result of the last reload each of them ran (by replica; None: it has run none)."""
         live = self.live(now)
         done = {r: rep for r, rep in live.items() if rep.applied >= generation}
         return {
             "num_live": len(live),
             "pending": sorted(set(live) - set(done)),
             "errors": [e for rep in done.values() for e in rep.errors],
-            "reload_results": [rep.reload_result for rep in done.values() if rep.reload_result],
+            "reload_results": {r: rep.reload_result for r, rep in sorted(done.items())},
         }
 
     def idle(self, now: float) -> bool:
@@ -237,21 +245,36 @@ class Reconciler:
 
     def __init__(self, follower: ModelFollower) -> None:
         self.follower = follower
+        self.forget_record()
+
+    def forget_record(self) -> None:
+        """Start over with a new record (the old one is gone): its generations are not the old's."""
         self.applied = -1  # -1: never synced; the first desired state is always applied
         self.errors: list[str] = []
-        self.reload_result: dict[str, Any] | None = None
+        self.reload_result: dict[str, Any] | None = None  # of the last reload run; None: none yet
         self._reload_seen: int | None = None  # None until the first sync
+
+    def _runs_reload(self, desired: dict[str, Any]) -> bool:
+        """Whether the record's newest reload is this replica's to run now. At the first sync the
+        replica can't tell whether it was live when the reload was issued (its first sync may come
+        seconds after it started), so: a reload of the alias always (re-resolving it is right either
+        way, and the reload's answer then names what the alias points at now, not what it pointed at
+        when this replica started); a pinned version only when issued after the replica started (an
+        older pin is not brought back by a replacement replica)."""
+        generation = desired["reload_generation"]
+        if self._reload_seen is not None:
+            return generation > self._reload_seen
+        if generation == 0:
+            return False
+        return desired["reload_ref"] is None or desired["reload_issued_at"] >= self.follower.started_at
 
     async def apply(self, desired: dict[str, Any]) -> None:
         errors: list[str] = []
-        if self._reload_seen is None:  # a new replica resolved the alias at start: old reloads are moot
-            self._reload_seen = desired["reload_generation"]
-            self.reload_result = self.follower.unchanged()
-        elif desired["reload_generation"] > self._reload_seen:
+        if self._runs_reload(desired):
             self.reload_result = await self.follower.reload(desired["reload_ref"])
-            self._reload_seen = desired["reload_generation"]
             if self.reload_result["error"]:
                 errors.append(f"could not load {self.reload_result['error']}")
+        self._reload_seen = desired["reload_generation"]
         served, wanted = self.follower.adapters, desired["adapters"]
         for name in [n for n in served if wanted.get(n) != served[n]]:
             self.follower.remove_adapter(name)
@@ -292,7 +315,8 @@ async def sync_forever(
                 applying = asyncio.get_running_loop().create_task(reconciler.apply(desired))
         except RayActorError:
             logger.exception("the admin record is gone; starting a new one from the spec")
-            record, reconciler.applied = record_handle(spec), -1
+            record = record_handle(spec)
+            reconciler.forget_record()
         except Exception:  # a busy cluster: try again at the next sync
             logger.exception("admin record sync failed")
         await asyncio.sleep(SYNC_INTERVAL_S)
@@ -322,3 +346,43 @@ async def change_everywhere(record, op: str, *args: Any) -> dict[str, Any]:
                 f"{APPLY_TIMEOUT_S:.0f}s; it is recorded and they apply it when they can",
             )
         await asyncio.sleep(SYNC_INTERVAL_S / 2)
+
+
+def reload_answer(progress: dict[str, Any]) -> dict[str, Any]:
+    """The answer to a reload that every live replica has applied (`progress` of its generation):
+    the one version they all serve after it (the other fields: the first replica's). A 422 when one
+    could not load the version (it still serves its old one); a 409 naming the replicas when they
+    did not all run it or ended on different versions (the alias moved between their reloads): the
+    first answer would name one replica's version as everyone's."""
+    results: dict[str, dict[str, Any] | None] = progress["reload_results"]
+    ran = {replica: result for replica, result in results.items() if result is not None}
+    for result in ran.values():
+        if result["error"]:
+            raise APIError(
+                422,
+                f"could not load version {result['error']}; still serving {result['version']}",
+                "version",
+                code="version_load_failed",
+            )
+    skipped = sorted(set(results) - set(ran))
+    if skipped:
+        raise APIError(
+            409,
+            f"engine replicas {skipped} started after this reload was issued and did not run it (they "
+            "serve the alias's version): send the reload again to switch them too",
+            code="replicas_disagree",
+        )
+    replicas_by_version: dict[str | None, list[str]] = {}
+    for replica, result in ran.items():
+        replicas_by_version.setdefault(result["version"], []).append(replica)
+    if len(replicas_by_version) > 1:
+        serving = "; ".join(f"{version} on {replicas}" for version, replicas in replicas_by_version.items())
+        raise APIError(
+            409,
+            f"engine replicas ended this reload on different versions ({serving}): the alias moved "
+            "while they reloaded; send the reload again",
+            code="replicas_disagree",
+        )
+    assert ran, "change_everywhere answers once a live replica has applied the reload"
+    first = next(iter(ran.values()))
+    return {**first, "num_replicas": progress["num_live"]}

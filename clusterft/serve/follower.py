@@ -83,6 +83,8 @@ class ModelFollower:
         self.spec = spec
         self._resolve = resolve
         self._make_loop = make_loop
+        # Before resolving: a reload issued after this moment may have missed the version resolved here.
+        self.started_at = time.time()
         model = resolve(None)
         self.current = _Serving(model, make_loop(model), tokenizer_fingerprint(model.model_dir))
         self._retiring: list[_Serving] = []

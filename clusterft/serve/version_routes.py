@@ -18,7 +18,7 @@ from ray.exceptions import RayError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from clusterft.http import EdgePolicy
-from clusterft.serve.errors import APIError, engine_error
+from clusterft.serve.errors import engine_error
 from clusterft.serve.routing import SESSION_HEADER, reset_routing_key, set_routing_key
 
 MODEL_VERSION_HEADER = "x-clusterft-model-version"
@@ -103,18 +103,8 @@ class VersionRoutes:
         """Switch every engine replica to the alias's version (or `version`) now, rather than at its
         next alias poll; answers once all live replicas have run the reload. A version that could not
         be loaded is a 422 naming it and why (the admin may see the error; it is not a server fault:
-        the previous version still serves)."""
-        from clusterft.serve.admin import change_everywhere
+        the previous version still serves); replicas that end on different versions are a 409 naming
+        them (admin.reload_answer)."""
+        from clusterft.serve.admin import change_everywhere, reload_answer
 
-        progress = await change_everywhere(self.admin, "reload", body.version if body else None)
-        results = progress["reload_results"]
-        failed = [r for r in results if r["error"]]
-        result = failed[0] if failed else results[0]
-        if result["error"]:
-            raise APIError(
-                422,
-                f"could not load version {result['error']}; still serving {result['version']}",
-                "version",
-                code="version_load_failed",
-            )
-        return {**result, "num_replicas": progress["num_live"]}
+        return reload_answer(await change_everywhere(self.admin, "reload", body.version if body else None))
