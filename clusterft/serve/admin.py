@@ -260,7 +260,8 @@ class Reconciler:
         seconds after it started), so: a reload of the alias always (re-resolving it is right either
         way, and the reload's answer then names what the alias points at now, not what it pointed at
         when this replica started); a pinned version only when issued after the replica started (an
-        older pin is not brought back by a replacement replica)."""
+        older pin is not brought back by a replacement replica; the record's and the replica's wall
+        clocks are compared, so within their skew either answer is one a reload may give)."""
         generation = desired["reload_generation"]
         if self._reload_seen is not None:
             return generation > self._reload_seen
