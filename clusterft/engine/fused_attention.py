@@ -1,7 +1,9 @@
-"""Loader of the fused paged decode-attention kernel (csrc/paged_attention.cpp).
+"""Loader of the attention layer's fused CPU kernels (csrc/paged_attention.cpp): paged decode
+attention, rotary embedding in place, and the K/V cache write.
 
-The kernel is JIT-compiled once into TORCH_EXTENSIONS_DIR (the way DeepSpeed builds its CPU ops) and
-registered as `torch.ops.clusterft.paged_decode_attention`. Later processes load the cached library.
+The library is JIT-compiled once into TORCH_EXTENSIONS_DIR (the way DeepSpeed builds its CPU ops) and
+registers `torch.ops.clusterft.{paged_decode_attention,rotary_embedding_,write_kv}`. Later processes
+load the cached library. One switch (`attention_backend`) takes all three or none.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "paged_attention.cpp"
 # -fopenmp-simd: the `omp simd` reductions vectorise without -ffast-math (no OpenMP runtime).
-CFLAGS = ["-O3", "-fopenmp-simd"]
+# -ffp-contract=off: no fused multiply-add, so the element-wise kernels round as torch does.
+CFLAGS = ["-O3", "-fopenmp-simd", "-ffp-contract=off"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,3 +98,25 @@ def paged_decode_attention(
         scale,
         -1 if sliding_window is None else sliding_window,
     )
+
+
+def rotary_embedding_(
+    q: torch.Tensor,  # (T, h, hd), rows contiguous: rotated in place
+    k: torch.Tensor,  # (T, kvh, hd)
+    positions: torch.Tensor,  # (T,) int64
+    cos: torch.Tensor,  # (max_positions, hd) float32
+    sin: torch.Tensor,
+) -> None:
+    load()
+    torch.ops.clusterft.rotary_embedding_(q, k, positions, cos, sin)
+
+
+def write_kv(
+    k: torch.Tensor,  # (T, kvh, hd)
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # (num_blocks, kvh, block_size, hd), written in place
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,  # (T,) int64: block * block_size + offset
+) -> None:
+    load()
+    torch.ops.clusterft.write_kv(k, v, k_cache, v_cache, slots)

@@ -67,7 +67,7 @@ class ModelRunner:
         self.device = cache_engine.device
         self.requests: dict[str, CachedRequestState] = {}
         self._kv_buffers: tuple[torch.Tensor, torch.Tensor] | None = None  # decode gather scratch
-        self.fused_decode = use_fused(attention_backend, self.device)
+        self.fused = use_fused(attention_backend, self.device)
 
     def _decode_kv_buffers(self, num_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(num_blocks, kvh, bs, hd) views of scratch buffers that grow by doubling and are reused."""
@@ -217,7 +217,7 @@ class ModelRunner:
 
         dev = self.device
         decode_blocks, tables, context_lens = [], None, None
-        if num_decodes and self.fused_decode:
+        if num_decodes and self.fused:
             tables, context_lens = self._decode_tables(ordered[:num_decodes], positions[:num_decodes])
         elif num_decodes:
             decode_blocks = self._decode_blocks(ordered[:num_decodes], pos[:num_decodes] + 1)
@@ -238,6 +238,7 @@ class ModelRunner:
             sliding_window=self.model.args.sliding_window,
             decode_block_tables=tables,
             decode_context_lens=context_lens,
+            fused_kernels=self.fused,
         )
         return torch.tensor(input_ids, dtype=torch.long, device=dev), pos.to(dev), meta
 

@@ -1,5 +1,5 @@
-"""The fused C++ decode kernel equals the torch reference path, and the backend choice falls back
-(or fails) clearly when the kernel cannot be built."""
+"""The fused C++ kernels (decode attention, rotary, K/V write) equal the torch reference path, and the
+backend choice falls back (or fails) clearly when they cannot be built."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from clusterft.engine import LLM, SamplingParams, fused_attention
-from clusterft.engine.attention import _decode_attention, plan_decode_blocks
+from clusterft.engine.attention import _decode_attention, plan_decode_blocks, write_kv
+from clusterft.engine.models.layers import RotaryEmbedding
 from tests.engine.helpers import random_prompts
 
 BS = 4
@@ -99,6 +100,51 @@ def test_table_shorter_than_context_is_refused():
         fused_attention.paged_decode_attention(q, k_cache, v_cache, short, lens, 1.0, None)
 
 
+def packed_qkv(tokens: int, heads: int, kv_heads: int, hd: int, dtype, seed: int):
+    """q, k, v as the model makes them: (T, heads, hd) views into one packed projection output, so
+    rows are strided, not contiguous."""
+    gen = torch.Generator().manual_seed(seed)
+    qkv = (torch.randn(tokens, (heads + 2 * kv_heads) * hd, generator=gen) * 3).to(dtype)
+    q, k, v = qkv.split([heads * hd, kv_heads * hd, kv_heads * hd], dim=-1)
+    return q.view(tokens, heads, hd), k.view(tokens, kv_heads, hd), v.reshape(tokens, kv_heads, hd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_rotary_and_kv_write_match_the_torch_path_bit_for_bit(dtype):
+    """Element-wise kernels: the same bits as the torch ops, every dtype (each op rounds to it), on
+    the strided views the model passes, including GQA and positions past the first block of tables."""
+    hd, tokens = 32, 37
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, hd, 2).float() / hd))
+    rotary = RotaryEmbedding(inv_freq, attention_scaling=0.9, max_positions=4096)
+    q, k, v = packed_qkv(tokens, 8, 2, hd, dtype, seed=1)
+    positions = torch.randint(0, 4096, (tokens,), generator=torch.Generator().manual_seed(2))
+    want_q, want_k = rotary.at(positions, fused=False)(q, k)
+    got_q, got_k = rotary.at(positions, fused=True)(q, k)  # in place
+    assert got_q.data_ptr() == q.data_ptr() and got_k.data_ptr() == k.data_ptr()
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+    caches = [torch.zeros(12, 2, BS, hd, dtype=dtype) for _ in range(4)]
+    slots = torch.randperm(12 * BS, generator=torch.Generator().manual_seed(3))[:tokens]
+    write_kv(caches[0], caches[1], k, v, slots)
+    write_kv(caches[2], caches[3], k, v, slots, fused=True)
+    assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
+    assert caches[2].abs().sum() > 0  # something was written
+
+
+def test_rotary_and_kv_write_refuse_bad_input():
+    q, k, v = packed_qkv(3, 2, 1, 8, torch.float32, seed=0)
+    cos = sin = torch.ones(16, 8)
+    with pytest.raises(RuntimeError, match="positions must lie in \\[0, 16\\)"):
+        fused_attention.rotary_embedding_(q, k, torch.tensor([0, 5, 16]), cos, sin)
+    with pytest.raises(RuntimeError, match="float32 tables"):
+        fused_attention.rotary_embedding_(q, k, torch.tensor([0, 1, 2]), cos.double(), sin.double())
+    k_cache = v_cache = torch.zeros(2, 1, BS, 8)
+    with pytest.raises(RuntimeError, match="slots must lie in"):
+        fused_attention.write_kv(k, v, k_cache, v_cache, torch.tensor([0, 1, 2 * BS]))
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        fused_attention.write_kv(k.half(), v.half(), k_cache, v_cache, torch.tensor([0, 1, 2]))
+
+
 def test_backend_choice(monkeypatch, caplog):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert fused_attention.use_fused("auto", cpu)  # g++ is here: the kernel builds
@@ -129,6 +175,6 @@ def test_engine_backends_generate_the_same_tokens(model_dirs):
         results = {}
         for backend in ("fused", "torch"):
             llm = LLM(model_dirs[arch], num_gpu_blocks=64, attention_backend=backend)
-            assert llm.engine.executor.runner.fused_decode is (backend == "fused")
+            assert llm.engine.executor.runner.fused is (backend == "fused")
             results[backend] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
         assert results["fused"] == results["torch"]

@@ -2,14 +2,20 @@
 // block in turn), online softmax (running max and sum per head, the accumulator rescaled once per
 // block), no score tensors; fp32 accumulation for bf16/fp16 caches.
 // The torch path in attention.py (_decode_attention) is the reference it is tested against.
+// Beside it, the attention layer's two per-token element-wise steps, each one pass instead of the
+// torch path's 5-10 small ops per layer: rotary embedding in place, and writing K/V into the cache.
+// Both compute exactly what the torch path computes (built with -ffp-contract=off: no FMA merges a
+// multiply and an add), so fp32 results match it bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -182,11 +188,113 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   return out;
 }
 
+// x[t, h] = x * cos + rotate_half(x) * sin for x (T, heads, hd) with unit stride in hd, the tables
+// (P, hd) float32 read at positions[t]. Every op rounds to scalar_t, as the torch path's do: the
+// tables are cast first, then each product and the sum.
+template <typename scalar_t>
+void rotate_in_place(const at::Tensor& x, const int64_t* pos, const float* cos, const float* sin) {
+  const int64_t tokens = x.size(0), heads = x.size(1), hd = x.size(2), half = hd / 2;
+  const int64_t st = x.stride(0), sh = x.stride(1);
+  scalar_t* base = x.data_ptr<scalar_t>();
+  at::parallel_for(0, tokens, 64, [&](int64_t lo, int64_t hi) {
+    std::vector<scalar_t> c(hd), s(hd);
+    for (int64_t t = lo; t < hi; ++t) {
+      const float* ct = cos + pos[t] * hd;
+      const float* stab = sin + pos[t] * hd;
+      for (int64_t d = 0; d < hd; ++d) {
+        c[d] = static_cast<scalar_t>(ct[d]);
+        s[d] = static_cast<scalar_t>(stab[d]);
+      }
+      for (int64_t h = 0; h < heads; ++h) {
+        scalar_t* xh = base + t * st + h * sh;
+        for (int64_t i = 0; i < half; ++i) {
+          const scalar_t x1 = xh[i], x2 = xh[i + half];
+          const scalar_t a = x1 * c[i], b = -x2 * s[i];
+          const scalar_t e = x2 * c[i + half], f = x1 * s[i + half];
+          xh[i] = a + b;
+          xh[i + half] = e + f;
+        }
+      }
+    }
+  });
+}
+
+void check_rows(const at::Tensor& x, const char* name) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.stride(2) == 1,
+              name, " must be a CPU tensor (T, heads, head_dim) with contiguous rows");
+}
+
+void rotary_embedding_(const at::Tensor& q, const at::Tensor& k, const at::Tensor& positions,
+                       const at::Tensor& cos, const at::Tensor& sin) {
+  check_rows(q, "q");
+  check_rows(k, "k");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(2) == k.size(2) && q.size(2) % 2 == 0 &&
+                  q.scalar_type() == k.scalar_type(),
+              "q and k must have the same tokens, head_dim (even) and dtype");
+  TORCH_CHECK(cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat && cos.is_contiguous() &&
+                  sin.is_contiguous() && cos.dim() == 2 && cos.sizes() == sin.sizes() &&
+                  cos.size(1) == q.size(2),
+              "cos and sin must be contiguous float32 tables (max_positions, head_dim)");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.numel() == q.size(0),
+              "positions must be int64, one per token");
+  const at::Tensor pos = positions.contiguous();
+  if (pos.numel()) {
+    TORCH_CHECK(pos.min().item<int64_t>() >= 0 && pos.max().item<int64_t>() < cos.size(0),
+                "positions must lie in [0, ", cos.size(0), "), the rotary tables' length");
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rotary_embedding_", [&] {
+    rotate_in_place<scalar_t>(q, pos.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>());
+    rotate_in_place<scalar_t>(k, pos.data_ptr<int64_t>(), cos.data_ptr<float>(), sin.data_ptr<float>());
+  });
+}
+
+// cache[slot / bs, h, slot % bs] = x[t, h] for k and v (T, kvh, hd) into (num_blocks, kvh, bs, hd).
+void write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cache, const at::Tensor& v_cache,
+              const at::Tensor& slots) {
+  check_rows(k, "k");
+  check_rows(v, "v");
+  TORCH_CHECK(k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes() && k_cache.is_contiguous() &&
+                  v_cache.is_contiguous(),
+              "k_cache and v_cache must be contiguous (num_blocks, kvh, block_size, hd)");
+  TORCH_CHECK(k.sizes() == v.sizes() && k.size(1) == k_cache.size(1) && k.size(2) == k_cache.size(3),
+              "k and v must be (T, kvh, hd) with the cache's kvh and hd");
+  TORCH_CHECK(k.scalar_type() == k_cache.scalar_type() && v.scalar_type() == k_cache.scalar_type() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "k, v and the caches must share a dtype");
+  TORCH_CHECK(slots.scalar_type() == at::kLong && slots.numel() == k.size(0), "slots must be int64, one per token");
+  const at::Tensor sl = slots.contiguous();
+  const int64_t bs = k_cache.size(2), heads = k.size(1), hd = k.size(2);
+  if (sl.numel()) {
+    TORCH_CHECK(sl.min().item<int64_t>() >= 0 && sl.max().item<int64_t>() < k_cache.size(0) * bs,
+                "slots must lie in [0, num_blocks * block_size)");
+  }
+  const int64_t* slot = sl.data_ptr<int64_t>();
+  const size_t row = hd * k.element_size();
+  const int64_t block_stride = heads * bs * hd, head_stride = bs * hd;
+  for (const auto& [src, dst] : {std::pair{&k, &k_cache}, std::pair{&v, &v_cache}}) {
+    const char* x = static_cast<const char*>(src->data_ptr());
+    char* cache = static_cast<char*>(dst->data_ptr());
+    const int64_t st = src->stride(0) * src->element_size(), sh = src->stride(1) * src->element_size();
+    for (int64_t t = 0; t < src->size(0); ++t) {
+      const int64_t off = (slot[t] / bs) * block_stride + (slot[t] % bs) * hd;
+      for (int64_t h = 0; h < heads; ++h) {
+        std::memcpy(cache + (off + h * head_stride) * src->element_size(), x + t * st + h * sh, row);
+      }
+    }
+  }
+}
+
 }  // namespace
 
 TORCH_LIBRARY(clusterft, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale, int sliding_window) -> Tensor");
+  m.def("rotary_embedding_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos, Tensor sin) -> ()");
+  m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(clusterft, CPU, m) { m.impl("paged_decode_attention", &paged_decode_attention); }
+TORCH_LIBRARY_IMPL(clusterft, CPU, m) {
+  m.impl("paged_decode_attention", &paged_decode_attention);
+  m.impl("rotary_embedding_", &rotary_embedding_);
+  m.impl("write_kv", &write_kv);
+}

@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clusterft.engine.fused_attention import rotary_embedding_
 from clusterft.hf.quant import dequantize_int8, quantize_int8
+
+Rotated = tuple[torch.Tensor, torch.Tensor]
 
 
 def _identity(x: torch.Tensor) -> torch.Tensor:
@@ -63,9 +66,26 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q: (T, h, hd), k: (T, kvh, hd) -> rotated q, k."""
-        cos = self.cos[positions].unsqueeze(1).to(q.dtype)  # (T, 1, hd)
-        sin = self.sin[positions].unsqueeze(1).to(q.dtype)
-        return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        return self.at(positions, fused=False)(q, k)
+
+    def at(self, positions: torch.Tensor, fused: bool) -> Callable[[torch.Tensor, torch.Tensor], Rotated]:
+        """The rotation of one step's positions, made once per step and applied in every layer: the
+        torch path gathers cos/sin once; the fused kernel rotates q and k in place (same results)."""
+        if fused:
+
+            def rotate_in_place(q: torch.Tensor, k: torch.Tensor) -> Rotated:
+                rotary_embedding_(q, k, positions, self.cos, self.sin)
+                return q, k
+
+            return rotate_in_place
+        cos = self.cos[positions].unsqueeze(1)  # (T, 1, hd)
+        sin = self.sin[positions].unsqueeze(1)
+
+        def rotate(q: torch.Tensor, k: torch.Tensor) -> Rotated:
+            c, s = cos.to(q.dtype), sin.to(q.dtype)
+            return q * c + _rotate_half(q) * s, k * c + _rotate_half(k) * s
+
+        return rotate
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -115,7 +115,7 @@ class Attention(nn.Module):
         )
         self.pc = pc
 
-    def forward(self, positions, x, kv_cache, meta: AttentionMetadata, rotary, lora) -> torch.Tensor:
+    def forward(self, x, kv_cache, meta: AttentionMetadata, rotate, lora) -> torch.Tensor:
         num_tokens = x.shape[0]
         qkv = self.qkv_proj(x, lora)  # (T, (h + 2 kvh) * hd)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -123,9 +123,9 @@ class Attention(nn.Module):
         q = q.view(num_tokens, self.num_heads, self.head_dim)
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)
-        q, k = rotary(positions, q, k)
+        q, k = rotate(q, k)
         k_cache, v_cache = kv_cache
-        write_kv(k_cache, v_cache, k, v, meta.slot_mapping)
+        write_kv(k_cache, v_cache, k, v, meta.slot_mapping, meta.fused_kernels)
         o = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale)  # (T, h, hd)
         return self.pc.all_reduce(self.o_proj(o.reshape(num_tokens, q_size), lora))
 
@@ -158,9 +158,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, positions, x, kv_cache, meta, rotary, lora) -> torch.Tensor:
+    def forward(self, x, kv_cache, meta, rotate, lora) -> torch.Tensor:
         residual = x
-        x = self.self_attn(positions, self.input_layernorm(x), kv_cache, meta, rotary, lora)
+        x = self.self_attn(self.input_layernorm(x), kv_cache, meta, rotate, lora)
         x = residual + x
         residual = x
         x = self.mlp(self.post_attention_layernorm(x), lora)
@@ -196,8 +196,9 @@ class LlamaForCausalLM(nn.Module):
         lora: LoRAMapping | None = None,
     ) -> torch.Tensor:  # (T, hidden)
         x = self.embed_tokens(input_ids)
+        rotate = self.rotary.at(positions, meta.fused_kernels)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(positions, x, kv_cache, meta, self.rotary, lora)
+            x = layer(x, kv_cache, meta, rotate, lora)
         return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, hidden) -> (N, V) float32
