@@ -1,9 +1,9 @@
-"""Loader of the attention layer's fused CPU kernels (csrc/paged_attention.cpp): paged decode
-attention, rotary embedding in place, and the K/V cache write.
+"""Loader of the decoder's fused CPU kernels (csrc/paged_attention.cpp): paged decode attention,
+rotary embedding in place, the K/V cache write, and the residual add with RMSNorm.
 
 The library is JIT-compiled once into TORCH_EXTENSIONS_DIR (the way DeepSpeed builds its CPU ops) and
-registers `torch.ops.clusterft.{paged_decode_attention,rotary_embedding_,write_kv}`. Later processes
-load the cached library. One switch (`attention_backend`) takes all three or none.
+registers `torch.ops.clusterft.{paged_decode_attention,rotary_embedding_,write_kv,add_rms_norm}`.
+Later processes load the cached library. One switch (`attention_backend`) takes all or none.
 """
 
 from __future__ import annotations
@@ -120,3 +120,13 @@ def write_kv(
 ) -> None:
     load()
     torch.ops.clusterft.write_kv(k, v, k_cache, v_cache, slots)
+
+
+def add_rms_norm(
+    hidden: torch.Tensor,  # (T, H) float32: the residual stream
+    delta: torch.Tensor,  # (T, H) float32: a sublayer's output, added to it
+    weight: torch.Tensor,  # (H,) float32
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # (hidden + delta, RMSNorm(hidden + delta))
+    load()
+    return torch.ops.clusterft.add_rms_norm(hidden, delta, weight, eps)

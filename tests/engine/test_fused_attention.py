@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from clusterft.engine import LLM, SamplingParams, fused_attention
 from clusterft.engine.attention import _decode_attention, plan_decode_blocks, write_kv
-from clusterft.engine.models.layers import RotaryEmbedding
+from clusterft.engine.models.layers import RMSNorm, RotaryEmbedding
 from tests.engine.helpers import random_prompts
 
 BS = 4
@@ -129,6 +129,24 @@ def test_rotary_and_kv_write_match_the_torch_path_bit_for_bit(dtype):
     write_kv(caches[2], caches[3], k, v, slots, fused=True)
     assert torch.equal(caches[0], caches[2]) and torch.equal(caches[1], caches[3])
     assert caches[2].abs().sum() > 0  # something was written
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 300])
+def test_add_rms_norm_matches_the_torch_path_bit_for_bit(tokens):
+    """The residual add and the norm after it in one call: the same bits as the torch path (its mean
+    of squares is ATen's own reduction); bf16 falls back to the torch path."""
+    gen = torch.Generator().manual_seed(tokens)
+    norm = RMSNorm(256, 1e-6)
+    norm.weight.data = torch.randn(256, generator=gen)
+    hidden, delta = torch.randn(tokens, 256, generator=gen) * 5, torch.randn(tokens, 256, generator=gen)
+    want = norm.add_norm(hidden, delta, fused=False)
+    got = norm.add_norm(hidden, delta, fused=True)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(want[0], hidden + delta)
+    half = norm.add_norm(hidden.bfloat16(), delta.bfloat16(), fused=True)  # not the kernel's dtype
+    assert half[1].dtype == torch.float32 and torch.equal(half[0], hidden.bfloat16() + delta.bfloat16())
+    with pytest.raises(RuntimeError, match="float32"):
+        fused_attention.add_rms_norm(hidden.double(), delta.double(), norm.weight, 1e-6)
 
 
 def test_rotary_and_kv_write_refuse_bad_input():

@@ -2,10 +2,10 @@
 // block in turn), online softmax (running max and sum per head, the accumulator rescaled once per
 // block), no score tensors; fp32 accumulation for bf16/fp16 caches.
 // The torch path in attention.py (_decode_attention) is the reference it is tested against.
-// Beside it, the attention layer's two per-token element-wise steps, each one pass instead of the
-// torch path's 5-10 small ops per layer: rotary embedding in place, and writing K/V into the cache.
-// Both compute exactly what the torch path computes (built with -ffp-contract=off: no FMA merges a
-// multiply and an add), so fp32 results match it bit for bit.
+// Beside it, a decoder layer's per-token element-wise steps, each one call instead of the torch
+// path's 5-10 small ops per layer: rotary embedding in place, writing K/V into the cache, and the
+// residual add with the RMSNorm after it. All compute exactly what the torch path computes (built
+// with -ffp-contract=off: no FMA merges a multiply and an add), so results match it bit for bit.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -284,6 +285,43 @@ void write_kv(const at::Tensor& k, const at::Tensor& v, const at::Tensor& k_cach
   }
 }
 
+// (hidden + delta, RMSNorm(hidden + delta) * weight), fp32, in HF's op order: the mean of squares
+// by the same ATen reduction the torch path calls (its summation order is ATen's), then
+// x * (1 / sqrt(var + eps)) and weight * that, each rounded as torch's element-wise ops round.
+std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& hidden, const at::Tensor& delta,
+                                                const at::Tensor& weight, double eps) {
+  TORCH_CHECK(hidden.device().is_cpu() && hidden.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
+              "add_rms_norm takes float32 CPU tensors; other dtypes take the torch path");
+  TORCH_CHECK(hidden.dim() == 2 && delta.sizes() == hidden.sizes() && delta.scalar_type() == at::kFloat &&
+                  weight.dim() == 1 && weight.size(0) == hidden.size(1),
+              "expected hidden and delta (T, H) and weight (H,)");
+  const at::Tensor h = hidden.contiguous(), d = delta.contiguous(), w = weight.contiguous();
+  at::Tensor sum = at::empty_like(h);
+  const int64_t tokens = h.size(0), width = h.size(1);
+  {
+    const float *a = h.data_ptr<float>(), *b = d.data_ptr<float>();
+    float* o = sum.data_ptr<float>();
+    for (int64_t i = 0; i < tokens * width; ++i) o[i] = a[i] + b[i];
+  }
+  const at::Tensor var = at::mean(at::pow(sum, 2), -1, true);
+  at::Tensor out = at::empty_like(h);
+  const float *x = sum.data_ptr<float>(), *v = var.data_ptr<float>(), *wt = w.data_ptr<float>();
+  float* o = out.data_ptr<float>();
+  const float e = static_cast<float>(eps);
+  at::parallel_for(0, tokens, 64, [&](int64_t lo, int64_t hi) {
+    for (int64_t t = lo; t < hi; ++t) {
+      const float r = 1.f / std::sqrt(v[t] + e);
+      const float* xt = x + t * width;
+      float* ot = o + t * width;
+      for (int64_t i = 0; i < width; ++i) {
+        const float n = xt[i] * r;
+        ot[i] = wt[i] * n;
+      }
+    }
+  });
+  return {sum, out};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(clusterft, m) {
@@ -291,10 +329,12 @@ TORCH_LIBRARY(clusterft, m) {
         "Tensor context_lens, float scale, int sliding_window) -> Tensor");
   m.def("rotary_embedding_(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos, Tensor sin) -> ()");
   m.def("write_kv(Tensor k, Tensor v, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slots) -> ()");
+  m.def("add_rms_norm(Tensor hidden, Tensor delta, Tensor weight, float eps) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(clusterft, CPU, m) {
   m.impl("paged_decode_attention", &paged_decode_attention);
   m.impl("rotary_embedding_", &rotary_embedding_);
   m.impl("write_kv", &write_kv);
+  m.impl("add_rms_norm", &add_rms_norm);
 }

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clusterft.engine.fused_attention import rotary_embedding_
+from clusterft.engine.fused_attention import add_rms_norm, rotary_embedding_
 from clusterft.hf.quant import dequantize_int8, quantize_int8
 
 Rotated = tuple[torch.Tensor, torch.Tensor]
@@ -52,6 +52,19 @@ class RMSNorm(nn.Module):
         variance = x.pow(2).mean(-1, keepdim=True)
         x = x * torch.rsqrt(variance + self.eps)
         return self.weight * x.to(dtype)
+
+    def add_norm(
+        self, hidden: torch.Tensor, delta: torch.Tensor | None, fused: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden + delta, this norm of it): a sublayer's output joins the residual stream, and the
+        next sublayer's input is normed from it (delta None: hidden as it is). The fused kernel does
+        both in one call for fp32, with the same results."""
+        if delta is None:
+            return hidden, self(hidden)
+        if fused and hidden.dtype == delta.dtype == self.weight.dtype == torch.float32:
+            return add_rms_norm(hidden, delta, self.weight, self.eps)
+        hidden = hidden + delta
+        return hidden, self(hidden)
 
 
 class RotaryEmbedding(nn.Module):

@@ -158,13 +158,15 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x, kv_cache, meta, rotate, lora) -> torch.Tensor:
-        residual = x
-        x = self.self_attn(self.input_layernorm(x), kv_cache, meta, rotate, lora)
-        x = residual + x
-        residual = x
-        x = self.mlp(self.post_attention_layernorm(x), lora)
-        return residual + x
+    def forward(self, hidden, delta, kv_cache, meta, rotate, lora) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden: the residual stream; delta: the previous layer's MLP output, not yet added to it
+        (None before the first layer). Returns both for the next layer, whose norm adds them (HF adds
+        at the end of each layer; the sums are the same, and the add fuses with the norm)."""
+        fused = meta.fused_kernels
+        hidden, x = self.input_layernorm.add_norm(hidden, delta, fused)
+        x = self.self_attn(x, kv_cache, meta, rotate, lora)
+        hidden, x = self.post_attention_layernorm.add_norm(hidden, x, fused)
+        return hidden, self.mlp(x, lora)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -195,11 +197,11 @@ class LlamaForCausalLM(nn.Module):
         meta: AttentionMetadata,
         lora: LoRAMapping | None = None,
     ) -> torch.Tensor:  # (T, hidden)
-        x = self.embed_tokens(input_ids)
+        hidden, delta = self.embed_tokens(input_ids), None
         rotate = self.rotary.at(positions, meta.fused_kernels)
         for layer, kv_cache in zip(self.layers, kv_caches, strict=True):
-            x = layer(x, kv_cache, meta, rotate, lora)
-        return self.norm(x)
+            hidden, delta = layer(hidden, delta, kv_cache, meta, rotate, lora)
+        return self.norm.add_norm(hidden, delta, meta.fused_kernels)[1]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # (N, hidden) -> (N, V) float32
         return self.lm_head(hidden).float()
