@@ -220,10 +220,16 @@ class AdminRecord:
         return self.state.engine_stats(time.time())
 
 
+# The shape of AdminRecord's calls and replies. Bump it when they change: the record is detached and
+# outlives a redeploy, and replicas of new code must not reach a record still running old code.
+RECORD_PROTOCOL = 2  # 2: desired state carries reload_issued_at; progress maps replicas to results
+
+
 def record_name(app_name: str, spec: ServeSpec) -> str:
-    """One record per app and spec: a redeploy with another spec starts from that spec's adapters."""
+    """One record per app, spec and protocol: a redeploy with another spec (or with code speaking
+    another protocol) starts from the spec's adapters."""
     digest = hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:12]
-    return f"clusterft-admin-{app_name}-{digest}"
+    return f"clusterft-admin-{app_name}-p{RECORD_PROTOCOL}-{digest}"
 
 
 def record_handle(spec: ServeSpec):
