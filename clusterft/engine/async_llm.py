@@ -11,11 +11,16 @@ message carries several tokens: per-token message hops are what a small model's 
 A step that raises (a tensor-parallel worker died) fails exactly the requests in flight, with the
 reason, and the engine is rebuilt before the next request is stepped. Closing a stream early (the
 client went away) aborts its request, which frees its KV blocks.
+
+New requests and aborts go through an inbox that the step thread empties before each step, so the
+event loop never waits on the engine lock for a step to end: it serves HTTP while the engine steps
+(a request the engine refuses gets its 400 on its stream, from the step thread).
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -98,6 +103,11 @@ class EngineLoop:
         self._retiring: set[str] = set()  # removed from service, still used by requests in flight
         self._request_loras: dict[str, str | None] = {}
         self._lock = threading.Lock()  # engine calls happen on the loop thread and the step thread
+        # ("add", request_id, ids, params, priority, lora_name, stream) | ("abort", request_id): applied
+        # by whoever holds the lock next, before stepping (deque appends and pops are atomic).
+        self._inbox: collections.deque[tuple[Any, ...]] = collections.deque()
+        self._num_waiting = 0  # after the last step; the admission bound counts the inbox's adds too
+        self._loop: asyncio.AbstractEventLoop | None = None  # where streams live (set by generate)
         self._streams: dict[str, _Stream] = {}
         self._task: asyncio.Task | None = None
         self._ready = asyncio.Event()  # cleared while a failed engine is being rebuilt
@@ -121,23 +131,17 @@ class EngineLoop:
                 yield request_error(404, f"The model `{model}` does not exist.", "model")
                 return
             lora_name = model
-        with self._lock:
-            num_waiting = self.engine.get_stats().num_waiting
-            if num_waiting >= self.max_queued_requests:
-                yield request_error(
-                    503,
-                    f"server overloaded: {num_waiting} requests waiting (max_queued_requests="
-                    f"{self.max_queued_requests}); retry later",
-                )
-                return
-            try:
-                self.engine.add_request(
-                    request_id, prompt_token_ids, params, priority=priority, lora_name=lora_name
-                )
-            except ValueError as exc:
-                yield request_error(400, str(exc))
-                return
+        num_waiting = self._num_waiting + sum(1 for op in self._inbox if op[0] == "add")
+        if num_waiting >= self.max_queued_requests:
+            yield request_error(
+                503,
+                f"server overloaded: {num_waiting} requests waiting (max_queued_requests="
+                f"{self.max_queued_requests}); retry later",
+            )
+            return
+        self._loop = asyncio.get_running_loop()
         queue = (stream := _Stream()).queue
+        self._inbox.append(("add", request_id, prompt_token_ids, params, priority, lora_name, stream))
         self._streams[request_id] = stream
         self._request_loras[request_id] = lora_name
         if self._task is None or self._task.done():
@@ -158,9 +162,13 @@ class EngineLoop:
         finally:
             self._request_loras.pop(request_id, None)
             self._streams.pop(request_id, None)
-            if not finished:  # the client went away: free its blocks now
-                with self._lock:
-                    self.engine.abort_request(request_id)
+            if not finished:  # the client went away: free its blocks at the next step
+                self._inbox.append(("abort", request_id))
+                if self._lock.acquire(blocking=False):  # no step running: free them now
+                    try:
+                        self._apply_inbox()
+                    finally:
+                        self._lock.release()
 
     @staticmethod
     def _delta(
@@ -198,11 +206,36 @@ class EngineLoop:
         }
 
     # ---- the step loop ---------------------------------------------------------------------------
+    def _apply_inbox(self) -> None:
+        """Hand the engine the requests and aborts that came since the last step; the caller holds
+        the lock. A request the engine refuses (too long, unknown adapter) gets a 400 on its stream."""
+        loop = self._loop
+        while self._inbox:
+            op = self._inbox.popleft()
+            if op[0] == "abort":
+                self.engine.abort_request(op[1])
+                continue
+            _, request_id, ids, params, priority, lora_name, stream = op
+            try:
+                self.engine.add_request(request_id, ids, params, priority=priority, lora_name=lora_name)
+            except ValueError as exc:
+                loop.call_soon_threadsafe(stream.queue.put_nowait, request_error(400, str(exc)))
+
     def _step(self) -> list[RequestOutput]:
         with self._lock:
-            return self.engine.step()
+            self._apply_inbox()
+            outputs = self.engine.step()
+            self._num_waiting = self.engine.get_stats().num_waiting
+            return outputs
 
     async def _run(self) -> None:
+        try:
+            await self._step_while_streaming()
+        finally:
+            with self._lock:  # aborts of the last streams: no step is running, the lock is free
+                self._apply_inbox()
+
+    async def _step_while_streaming(self) -> None:
         while self._streams:
             try:
                 outputs = await asyncio.to_thread(self._step)
@@ -228,6 +261,7 @@ class EngineLoop:
         for stream in self._streams.values():
             stream.queue.put_nowait(request_error(503, message))
         self._streams.clear()
+        self._inbox.clear()  # their adds and aborts were for the failed engine
         self._ready.clear()
         try:
             self.engine.shutdown()

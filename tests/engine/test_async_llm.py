@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import defaultdict
 
 import pytest
@@ -93,7 +94,11 @@ def test_closing_a_stream_aborts_its_request_and_frees_its_blocks(llama_dir):
         short_params = SamplingParams(temperature=0, max_tokens=5)
         short = [c async for c in loop.generate("short", prompt[:10], short_params, "tiny")]
         assert not first["finished"] and pool.num_free_blocks < free
-        await stream.aclose()
+        await stream.aclose()  # the abort is applied before the next step, or now if none runs
+        for _ in range(500):
+            if pool.num_free_blocks == free:
+                break
+            await asyncio.sleep(0.01)
         assert pool.num_free_blocks == free
         assert short[-1]["finished"] and sum(len(c["outputs"][0]["token_ids"]) for c in short) <= 5
         stats = loop.engine.get_stats()
@@ -122,5 +127,51 @@ def test_cancelled_consumer_aborts_request(llama_dir):
             await task
         assert not seen[-1]["finished"] and not loop.engine.scheduler.requests
         assert loop.engine.kv_cache_manager.block_pool.num_free_blocks == 32
+
+    asyncio.run(main())
+
+
+def test_requests_arriving_mid_step_neither_block_the_loop_nor_escape_their_checks(llama_dir):
+    """The event loop (a replica's HTTP loop) never waits for a step: a request arriving while the
+    engine steps goes to the inbox, and the step thread hands it to the engine before the next step.
+    One the engine refuses (too long) still gets its 400 as its stream's only item; the admission
+    bound counts requests still in the inbox."""
+
+    async def main():
+        loop = EngineLoop(
+            lambda: LLMEngine(llama_dir, num_gpu_blocks=32, max_model_len=64),
+            base_model="tiny",
+            max_queued_requests=2,
+        )
+        real_step = loop.engine.step
+
+        def slow_step():
+            time.sleep(0.5)  # holds the engine lock, as a long step does
+            return real_step()
+
+        loop.engine.step = slow_step
+        params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+        first = asyncio.create_task(drain(loop.generate("a", PROMPT, params, "tiny")))
+        await asyncio.sleep(0.1)  # the first step is running
+        started = time.perf_counter()
+        too_long = asyncio.create_task(drain(loop.generate("b", list(range(7, 107)), params, "tiny")))
+        queued = [
+            asyncio.create_task(drain(loop.generate(f"q{i}", PROMPT, params, "tiny"))) for i in range(3)
+        ]
+        await asyncio.sleep(0)  # each generate ran up to its first wait
+        assert time.perf_counter() - started < 0.2, "admission waited for the running step"
+        refused = await too_long
+        assert len(refused) == 1 and refused[0]["error"]["status"] == 400
+        assert "max_model_len" in refused[0]["error"]["message"]
+        results = [await t for t in queued]
+        # b and q0 wait in the inbox (b is not known to be refused yet): q1 and q2 find the queue full
+        assert ["error" in r[0] for r in results] == [False, True, True]
+        assert {r[0]["error"]["status"] for r in results[1:]} == {503} and results[0][-1]["finished"]
+        assert (await first)[-1]["finished"]
+        stats = loop.engine.get_stats()
+        assert stats.num_running == 0 and stats.num_waiting == 0
+
+    async def drain(stream) -> list[dict]:
+        return [chunk async for chunk in stream]
 
     asyncio.run(main())
