@@ -131,7 +131,9 @@ class EngineLoop:
                 yield request_error(404, f"The model `{model}` does not exist.", "model")
                 return
             lora_name = model
-        num_waiting = self._num_waiting + sum(1 for op in self._inbox if op[0] == "add")
+        # list() copies the deque in one C call (the step thread may pop it meanwhile; iterating it
+        # directly could raise "deque mutated during iteration").
+        num_waiting = self._num_waiting + sum(1 for op in list(self._inbox) if op[0] == "add")
         if num_waiting >= self.max_queued_requests:
             yield request_error(
                 503,
