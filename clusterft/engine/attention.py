@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from clusterft.engine import fused_attention
 from clusterft.engine.fused_attention import paged_decode_attention
+from clusterft.engine.fused_attention import write_kv as fused_write_kv
 
 # An idle run of more blocks than this between two blocks the decodes read starts a new in-place
 # range instead of being read for nothing: a range costs a few ops per layer, about what reading
@@ -140,7 +140,7 @@ def write_kv(
 ) -> None:
     """k_cache, v_cache: (num_blocks, kvh, block_size, hd); k, v: (T, kvh, hd)."""
     if fused:  # one copy loop instead of two advanced-index writes (~35 us each per layer)
-        fused_attention.write_kv(k, v, k_cache, v_cache, slots)
+        fused_write_kv(k, v, k_cache, v_cache, slots)
         return
     block_size = k_cache.shape[2]
     blocks, offsets = slots // block_size, slots % block_size
