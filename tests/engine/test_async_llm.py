@@ -82,6 +82,13 @@ def test_n2_seeded_sampling_batched_equals_per_token(engine):
     assert all(choice["finish"] == "length" for choice in joined(batched).values())
 
 
+async def applied(done, timeout_s: float = 5.0) -> None:
+    """Wait until `done()`: an abort is applied before the next step (at once only when none runs)."""
+    deadline = time.monotonic() + timeout_s
+    while not done() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 def test_closing_a_stream_aborts_its_request_and_frees_its_blocks(llama_dir):
     async def main():
         loop = EngineLoop(lambda: LLMEngine(llama_dir, num_gpu_blocks=32), base_model="tiny")
@@ -94,11 +101,8 @@ def test_closing_a_stream_aborts_its_request_and_frees_its_blocks(llama_dir):
         short_params = SamplingParams(temperature=0, max_tokens=5)
         short = [c async for c in loop.generate("short", prompt[:10], short_params, "tiny")]
         assert not first["finished"] and pool.num_free_blocks < free
-        await stream.aclose()  # the abort is applied before the next step, or now if none runs
-        for _ in range(500):
-            if pool.num_free_blocks == free:
-                break
-            await asyncio.sleep(0.01)
+        await stream.aclose()
+        await applied(lambda: pool.num_free_blocks == free)
         assert pool.num_free_blocks == free
         assert short[-1]["finished"] and sum(len(c["outputs"][0]["token_ids"]) for c in short) <= 5
         stats = loop.engine.get_stats()
@@ -125,6 +129,7 @@ def test_cancelled_consumer_aborts_request(llama_dir):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await applied(lambda: not loop.engine.scheduler.requests)
         assert not seen[-1]["finished"] and not loop.engine.scheduler.requests
         assert loop.engine.kv_cache_manager.block_pool.num_free_blocks == 32
 
