@@ -227,7 +227,7 @@ class EngineLoop:
         with self._lock:
             self._apply_inbox()
             outputs = self.engine.step()
-            self._num_waiting = self.engine.get_stats().num_waiting
+            self._num_waiting = self.engine.num_waiting()  # not get_stats: this is every step
             return outputs
 
     async def _run(self) -> None:

@@ -262,11 +262,16 @@ class LLMEngine:
             self._peak_blocks = used
             self._kv_utilization_at_peak = tokens / (used * self.config.block_size)
 
+    def num_waiting(self) -> int:
+        """Requests admitted but not yet scheduled (get_stats' count, without its other figures)."""
+        s = self.scheduler
+        return sum(1 for _, r in s.waiting if not r.is_finished and r.request_id in s.requests)
+
     def get_stats(self) -> EngineStats:
         s, kv = self.scheduler, self.kv_cache_manager
         return EngineStats(
             num_running=len(s.running),
-            num_waiting=sum(1 for _, r in s.waiting if not r.is_finished and r.request_id in s.requests),
+            num_waiting=self.num_waiting(),
             num_swapped=len(s.swapped),
             kv_usage=kv.usage(),
             prefix_cache_hit_rate=kv.prefix_cache_hit_rate(),
