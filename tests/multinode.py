@@ -36,7 +36,7 @@ from typing import Any
 
 import pytest
 
-from tests.ray_processes import free_port
+from tests.ray_processes import free_ports
 
 MARKER = "CLUSTERFT_TEST_NODE"
 # The GCS declares a node dead after `failure_threshold` health checks in a row, one every
@@ -92,8 +92,7 @@ class MultiNodeCluster:
         assert self.resources.keys() <= self.nodes.keys() - {HEAD}, (
             f"resources for unknown nodes: {resources}"
         )
-        self.gcs_port = free_port()
-        self.dashboard_port = free_port()
+        self.gcs_port, self.dashboard_port = free_ports(2)
 
     @property
     def address(self) -> str:
@@ -130,15 +129,16 @@ class MultiNodeCluster:
         assert not self.node_pids(name), f"{name} is still running: kill_node it first"
         node.temp_dir.mkdir(parents=True, exist_ok=True)
         command = [RAY, "start", f"--num-cpus={node.num_cpus}", f"--temp-dir={node.temp_dir}"]
-        command += ["--disable-usage-stats", f"--node-manager-port={free_port()}"]
-        command += [f"--object-manager-port={free_port()}", f"--metrics-export-port={free_port()}"]
+        ports = iter(free_ports(7))
+        command += ["--disable-usage-stats", f"--node-manager-port={next(ports)}"]
+        command += [f"--object-manager-port={next(ports)}", f"--metrics-export-port={next(ports)}"]
         command += [
-            f"--dashboard-agent-listen-port={free_port()}",
-            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--dashboard-agent-listen-port={next(ports)}",
+            f"--dashboard-agent-grpc-port={next(ports)}",
         ]
-        command += [f"--runtime-env-agent-port={free_port()}"]
+        command += [f"--runtime-env-agent-port={next(ports)}"]
         if name == HEAD:
-            command += ["--head", f"--port={self.gcs_port}", f"--ray-client-server-port={free_port()}"]
+            command += ["--head", f"--port={self.gcs_port}", f"--ray-client-server-port={next(ports)}"]
             command += ["--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}"]
         else:
             labels = {**self.resources.get(name, {}), name: 1}

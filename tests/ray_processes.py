@@ -18,11 +18,27 @@ from typing import Any
 
 import httpx
 
+_ISSUED: set[int] = set()
+
+
+def free_ports(count: int) -> list[int]:
+    """`count` distinct free ports, none issued before in this process. Each bound socket is held
+    until all are picked: the OS may hand a just-closed port out again, so ports picked one at a time
+    can repeat, and `ray start` refuses a port given to two of its components."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < count:
+            sock = stack.enter_context(socket.socket())
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+            if port not in _ISSUED:
+                ports.append(port)
+        _ISSUED.update(ports)
+        return ports
+
 
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def http_ok(url: str) -> bool:

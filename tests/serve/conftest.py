@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,18 +12,13 @@ import pytest
 
 from clusterft.runtime import apply_runtime_defaults
 from clusterft.serve.spec import EngineSettings, ServeSpec
+from tests.ray_processes import free_port
 
 apply_runtime_defaults()
 
 API_KEY = "test-key-123"
 # Small engine: 64 streams of a few tokens fit at once; max_model_len small enough to hit in a test.
 ENGINE = EngineSettings(num_gpu_blocks=512, max_model_len=256, max_num_seqs=64, max_num_batched_tokens=1024)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

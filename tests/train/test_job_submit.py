@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.ray_processes import free_port, started, stop_and_check
+from tests.ray_processes import free_ports, started, stop_and_check
 from tests.train.helpers import EXAMPLES
 
 pytestmark = pytest.mark.slow
@@ -41,14 +41,14 @@ FIXED_PORTS = (
 @pytest.fixture(scope="module")
 def head_cluster():
     temp_dir = tempfile.mkdtemp(prefix="cfthead", dir="/tmp")
-    dashboard_port = free_port()
+    gcs_port, dashboard_port, *ports = free_ports(2 + len(FIXED_PORTS))
     command = [
         *(RAY, "start", "--head", "--num-cpus=2", "--block", f"--temp-dir={temp_dir}"),
-        *(f"--port={free_port()}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"),
+        *(f"--port={gcs_port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"),
         "--disable-usage-stats",
         # Every listening port of its own: with the defaults (e.g. the job agent's 52365) a second Ray
         # cluster on the machine leaves this one without a job agent ("No available agent").
-        *(f"--{name}-port={free_port()}" for name in FIXED_PORTS),
+        *(f"--{name}-port={port}" for name, port in zip(FIXED_PORTS, ports, strict=True)),
     ]
     dashboard = f"http://127.0.0.1:{dashboard_port}"
     with started(command, temp_dir, f"{dashboard}/api/version") as head:
