@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from clusterft.engine.core_process import EngineCoreClient
 from clusterft.engine.llm_engine import LLMEngine
 from clusterft.engine.outputs import RequestOutput
 from clusterft.engine.sampling_params import SamplingParams
@@ -82,7 +83,7 @@ class EngineLoop:
 
     def __init__(
         self,
-        engine_factory: Callable[[], LLMEngine],
+        engine_factory: Callable[[], LLMEngine | EngineCoreClient],
         *,
         base_model: str,
         adapters: Mapping[str, str] | None = None,

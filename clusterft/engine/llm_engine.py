@@ -114,6 +114,11 @@ class LLMEngine:
         """The registered adapters' names, in registration order (vLLM's `list_loras`)."""
         return list(self.lora_manager.paths)
 
+    def resident_adapters(self) -> list[str]:
+        """The adapters whose weights are loaded now, least recently used first (an executor that
+        keeps them in its workers reports none)."""
+        return list(getattr(self.lora_manager, "resident", ()))
+
     def remove_lora(self, name: str) -> None:
         """Forget adapter `name`; call reset_prefix_cache() before a new adapter takes its name."""
         self.lora_manager.remove_lora(name)
