@@ -17,11 +17,12 @@ machine's 1-minute load average before and after is reported: the phases share i
 TTFT is request sent -> first token chunk; ITL per request is (last chunk - first chunk) / (tokens - 1)
 (a chunk carries up to --stream-interval tokens, more when the client lags: the engine coalesces).
 
-Three side-by-side comparisons, each in one run:
+Four side-by-side comparisons, each in one run:
 
     python bench/serve_load.py --compare routing --json     # prefix-aware router vs Serve's pow2
     python bench/serve_load.py --compare data-plane --json  # Serve's default / throughput-optimised / HAProxy
     python bench/serve_load.py --compare ingress --json     # separate vs direct ingress, x default / HAProxy
+    python bench/serve_load.py --compare engine-process --json  # engine in the replica vs in a child
 
 routing: --replicas engine replicas (2), a workload of --system-prompts (8) system prompts of
 --prompt-len tokens, each followed by --users different user turns of 16 tokens, shuffled; the app is
@@ -32,7 +33,9 @@ process that starts its own Ray cluster with that plane's flags (ServeSpec.data_
 alternate over --repeat repeats. Reported per plane: served throughput over offline, CPU-s per 1k
 tokens per process, TTFT/ITL p50/p99, errors. ingress: the same, once per (ingress, data plane) of
 separate/direct x default/haproxy (ServeSpec.ingress: direct has no ingress process; its engine
-replica serves HTTP itself).
+replica serves HTTP itself). engine-process: the same on direct/HAProxy, the replica's engine in
+the replica's process vs in a child process of its own (ServeSpec.engine_process; the child's CPU is
+reported as engine_core).
 """
 
 from __future__ import annotations
@@ -192,6 +195,7 @@ SERVE_ROLES = {
     "ingress": "ray::ServeReplica:clusterft:ingress",
     "proxy": "ray::ProxyActor",
     "haproxy": "haproxy",  # RAY_SERVE_ENABLE_HA_PROXY: HAProxy's own process (path/to/haproxy -f ...)
+    "engine_core": "-m clusterft.engine.core_process",  # ServeSpec.engine_process: the replica's child
 }
 
 
@@ -212,8 +216,12 @@ def serve_processes(ingress: str = "separate") -> dict[str, list]:
             continue
         title = " ".join(cmdline)
         for role, prefix in SERVE_ROLES.items():
-            name = os.path.basename(cmdline[0]) if role == "haproxy" and cmdline else title
-            if name.startswith(prefix):
+            if role == "engine_core":
+                matched = prefix in title
+            else:
+                name = os.path.basename(cmdline[0]) if role == "haproxy" and cmdline else title
+                matched = name.startswith(prefix)
+            if matched:
                 found.setdefault(role, []).append(process)
     required = {"engine", "ingress"} if ingress == "separate" else {"engine"}  # direct: engine is ingress
     missing = required - set(found)
@@ -327,6 +335,7 @@ def measure_one_plane(args, model_dir: Path) -> dict:
         max_queued_requests=args.requests,
         data_plane=args.data_plane,
         ingress=args.ingress,
+        engine_process=args.engine_process,
         insecure=args.data_plane == "haproxy",  # HAProxy binds every interface; a bench needs no key
         **({"stream_interval": args.stream_interval} if args.stream_interval else {}),
     )
@@ -342,6 +351,7 @@ def measure_one_plane(args, model_dir: Path) -> dict:
         "stream_interval": spec.stream_interval,
         "data_plane": spec.data_plane,
         "ingress": spec.ingress,
+        "engine_process": spec.engine_process,
         **measured,
     }
 
@@ -355,6 +365,11 @@ VARIANTS: dict[str, dict[str, list[str]]] = {
         f"{ingress}/{plane}": ["--ingress", ingress, "--data-plane", plane]
         for plane in ("default", "haproxy")
         for ingress in ("separate", "direct")
+    },
+    # The replica's engine in its own process or not, on the fastest plane measured (direct/haproxy).
+    "engine-process": {
+        "in-replica": ["--ingress", "direct", "--data-plane", "haproxy"],
+        "engine-process": ["--ingress", "direct", "--data-plane", "haproxy", "--engine-process"],
     },
 }
 
@@ -504,6 +519,9 @@ def main() -> int:
     ap.add_argument("--compare", choices=["routing", *VARIANTS], help="a side-by-side comparison")
     ap.add_argument("--data-plane", choices=["default", "throughput_optimized", "haproxy"], default="default")
     ap.add_argument("--ingress", choices=["separate", "direct"], default="separate")
+    ap.add_argument(
+        "--engine-process", action="store_true", help="ServeSpec.engine_process: the engine in a child"
+    )
     ap.add_argument("--repeat", type=int, default=2, help="data-plane, ingress: repeats of all variants")
     ap.add_argument("--replicas", type=int, default=2, help="routing: engine replicas")
     ap.add_argument("--system-prompts", type=int, default=8, help="routing: distinct system prompts")

@@ -13,6 +13,7 @@ from ray import serve
 
 from clusterft.engine import LLMEngine, SamplingParams
 from clusterft.engine.async_llm import EngineLoop
+from clusterft.engine.core_process import EngineCoreClient
 from clusterft.serve.admin import Reconciler, sync_forever
 from clusterft.serve.autoscaling import engine_load
 from clusterft.serve.follower import ModelFollower
@@ -26,16 +27,18 @@ def version_adapter_name(spec: ServeSpec, model: ModelVersion) -> str | None:
     return f"{spec.model_name}@{model.version}" if model.adapter_dir is not None else None
 
 
-def build_engine(spec: ServeSpec, model: ModelVersion) -> LLMEngine:
-    """The engine of one replica for one model version: in-process for tensor_parallel_size 1, else
-    sharded over workers. Its weight version is the registry's, so its prefix-cache block hashes
-    never equal another version's."""
+def build_engine(spec: ServeSpec, model: ModelVersion) -> LLMEngine | EngineCoreClient:
+    """The engine of one replica for one model version: in-process for tensor_parallel_size 1 (in a
+    child process with engine_process), else sharded over workers. Its weight version is the
+    registry's, so its prefix-cache block hashes never equal another version's."""
     adapters = dict(spec.adapters)
     lora = version_adapter_name(spec, model)
     if lora is not None:
         assert model.adapter_dir is not None
         adapters[lora] = model.adapter_dir
     config = spec.engine.to_engine_config(adapters)
+    if spec.engine_process:
+        return EngineCoreClient(model.model_dir, config, model.weight_version)
     if spec.tensor_parallel_size == 1:
         engine = LLMEngine(model.model_dir, config)
     else:
@@ -113,8 +116,7 @@ class EngineReplica:
         """What clusterft.serve.router's PrefixAffinityRouter prefers replicas by besides prefixes:
         the LoRA adapters resident in this replica's engine now (a sharded engine's residency lives
         in its workers: none reported, so its adapters get no affinity beyond their prefixes)."""
-        lora_manager = self.follower.current.loop.engine.lora_manager
-        return {"resident_adapters": list(getattr(lora_manager, "resident", ()))}
+        return {"resident_adapters": self.follower.current.loop.engine.resident_adapters()}
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """The engine's load for clusterft.serve.autoscaling's policy (Serve averages each over

@@ -254,6 +254,13 @@ class ServeSpec(Section):
         "and the last ones, so one message carries several tokens (4: about twice the served "
         "throughput of 1 for a small model, bench/serve_load.py; a chunk every 4 decode steps).",
     )
+    engine_process: bool = Field(
+        default=False,
+        description="Run each replica's engine (scheduler, model, detokenizer) in a child process of its "
+        "own, as vLLM V1's EngineCore: the replica's HTTP and stream work then runs beside the engine's "
+        "steps instead of between them (bench/serve_load.py --compare engine-process). "
+        "tensor_parallel_size 1 only.",
+    )
     chat_template: str = Field(
         default="tokenizer", description="Chat template: the tokenizer's own, or a clusterft template name."
     )
@@ -278,6 +285,16 @@ class ServeSpec(Section):
             raise ValueError(
                 "give exactly one of model_dir (a fixed HF model directory) or registry "
                 "({root, model_name, alias}: follow a registry alias)"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _engine_process_unsharded(self) -> ServeSpec:
+        if self.engine_process and self.tensor_parallel_size > 1:
+            raise ValueError(
+                "engine_process runs an engine of tensor_parallel_size 1 in a child process; a sharded "
+                "engine's workers are Ray actors already. Set engine_process: false or "
+                "tensor_parallel_size: 1"
             )
         return self
 
