@@ -73,3 +73,10 @@ def test_the_engine_in_a_child_process_serves_fails_and_stops_like_one_in_proces
     while new_core.is_running() and new_core.status() != psutil.STATUS_ZOMBIE:
         assert time.monotonic() < deadline, "the engine core outlived the app"
         time.sleep(0.1)
+
+
+def test_a_sharded_engine_cannot_run_in_a_child(tiny_llama):
+    """A sharded engine's workers are Ray actors, which a child outside Ray could not call."""
+    with pytest.raises(ValueError, match=r"engine_process .* tensor_parallel_size: 1"):
+        make_spec(tiny_llama, engine_process=True, tensor_parallel_size=2)
+    assert make_spec(tiny_llama).engine_process is False
