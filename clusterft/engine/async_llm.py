@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from clusterft.engine.core_process import EngineCoreClient
+from clusterft.engine.core_process import EngineCoreClient, EngineCoreDied
 from clusterft.engine.llm_engine import LLMEngine
 from clusterft.engine.outputs import RequestOutput
 from clusterft.engine.sampling_params import SamplingParams
@@ -216,7 +216,10 @@ class EngineLoop:
         while self._inbox:
             op = self._inbox.popleft()
             if op[0] == "abort":
-                self.engine.abort_request(op[1])
+                try:
+                    self.engine.abort_request(op[1])
+                except EngineCoreDied as exc:  # nothing left to free; the next step rebuilds it
+                    logger.warning("abort of %s: %s", op[1], exc)
                 continue
             _, request_id, ids, params, priority, lora_name, stream = op
             try:

@@ -31,6 +31,8 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from clusterft.engine.config import EngineConfig
 from clusterft.engine.outputs import CompletionOutput, EngineStats, RequestOutput
 from clusterft.engine.sampling_params import SamplingParams
@@ -118,13 +120,19 @@ class _Received:
 
 
 class _OutputDecoder:
-    """The replica's side: each request's prompt and tokens so far, rebuilt into RequestOutputs."""
+    """The replica's side: each request's prompt and tokens so far, rebuilt into RequestOutputs.
+
+    A step sent ahead (see EngineCoreClient.step) may carry outputs of a request aborted meanwhile:
+    `forget` notes the last step sent before the abort, and that step's outputs of it are dropped."""
 
     def __init__(self) -> None:
         self._requests: dict[str, _Received] = {}
+        self._aborted: dict[str, int] = {}  # request -> the last step that may still carry it
 
-    def decode(self, wire: _Wire) -> RequestOutput:
+    def decode(self, wire: _Wire, step: int) -> RequestOutput | None:
         request_id, prompt, prompt_ids, prompt_logprobs, finished, cached, message, sequences = wire
+        if request_id in self._aborted:
+            return None
         got = self._requests.get(request_id)
         if got is None:
             got = self._requests[request_id] = _Received(prompt, prompt_ids, prompt_logprobs)
@@ -143,20 +151,20 @@ class _OutputDecoder:
             outputs.append(CompletionOutput(index, text, list(token_ids), cumulative, logprobs, reason, stop))
         if finished:
             del self._requests[request_id]
+        prompt_logprobs = got.prompt_logprobs
         return RequestOutput(
-            request_id,
-            got.prompt,
-            got.prompt_token_ids,
-            outputs,
-            finished,
-            cached,
-            message,
-            got.prompt_logprobs,
+            request_id, got.prompt, got.prompt_token_ids, outputs, finished, cached, message, prompt_logprobs
         )
 
-    def forget(self, request_ids: Any) -> None:
+    def forget(self, request_ids: Any, last_step: int) -> None:
+        """Drop aborted requests; steps up to `last_step` (sent before the abort) may still name them."""
         for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
             self._requests.pop(request_id, None)
+            self._aborted[request_id] = last_step
+
+    def step_done(self, step: int) -> None:
+        """Step `step` is decoded: aborts that only earlier steps could carry are done with."""
+        self._aborted = {r: last for r, last in self._aborted.items() if last > step}
 
 
 class EngineCoreDied(RuntimeError):
@@ -165,7 +173,12 @@ class EngineCoreDied(RuntimeError):
 
 class EngineCoreClient:
     """The part of LLMEngine's interface that EngineLoop uses, answered by an LLMEngine in a child
-    process. Calls are serialized (one in flight); `step` blocks without holding the GIL."""
+    process. Calls are serialized; `step` blocks without holding the GIL.
+
+    A step's reply says whether the engine has work left; if so the next step is requested before
+    this one's outputs are handed back, so the child computes step N+1 while the replica streams
+    step N (vLLM V1's engine core steps on its own the same way). What arrives meanwhile (a new
+    request, an abort) reaches the engine one step later than in process."""
 
     def __init__(self, model_dir: str | Path, config: EngineConfig, weight_version: int = 0) -> None:
         ours, theirs = multiprocessing.Pipe(duplex=True)  # a Unix socket pair
@@ -177,8 +190,9 @@ class EngineCoreClient:
         self._num_waiting = 0
         self._resident: tuple[str, ...] = ()
         self._outputs = _OutputDecoder()
-        import torch
-
+        self._steps_sent = 0
+        self._step_in_flight = False  # a step requested ahead whose reply is not read yet
+        self._step_reply: tuple[bool, Any] | None = None  # its reply, read before another call's
         try:
             # The child computes with the threads this process would have used (Ray sets them from
             # the replica's CPUs; a test may have set them itself).
@@ -194,20 +208,39 @@ class EngineCoreClient:
     def pid(self) -> int:
         return self._proc.pid
 
+    def _send(self, method: str, *args: Any, **kwargs: Any) -> None:
+        try:
+            self._conn.send((method, args, kwargs))
+        except OSError as exc:
+            raise self._died(method) from exc
+        if method == "step":
+            self._steps_sent += 1
+            self._step_in_flight = True
+
+    def _recv(self, method: str) -> tuple[bool, Any]:
+        """The next reply; replies come in the order of the calls, so a step sent ahead is first."""
+        try:
+            if self._step_in_flight:
+                self._step_reply = self._conn.recv()
+                self._step_in_flight = False
+            return self._conn.recv() if method != "step" else self._step_reply  # type: ignore[return-value]
+        except (EOFError, OSError) as exc:
+            raise self._died(method) from exc
+
+    def _died(self, method: str) -> EngineCoreDied:
+        try:
+            code: int | None = self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            code = None
+        return EngineCoreDied(
+            f"the engine core process (pid {self._proc.pid}) exited with code {code} during "
+            f"{method}; its requests were lost (see the replica's log for why)"
+        )
+
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
-            try:
-                self._conn.send((method, args, kwargs))
-                ok, value = self._conn.recv()
-            except (EOFError, OSError) as exc:
-                try:
-                    code: int | None = self._proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    code = None
-                raise EngineCoreDied(
-                    f"the engine core process (pid {self._proc.pid}) exited with code {code} during "
-                    f"{method}; its requests were lost (see the replica's log for why)"
-                ) from exc
+            self._send(method, *args, **kwargs)
+            ok, value = self._recv(method)
         if not ok:
             raise value
         return value
@@ -226,11 +259,23 @@ class EngineCoreClient:
 
     def abort_request(self, request_ids: Any) -> None:
         self._call("abort_request", request_ids)
-        self._outputs.forget(request_ids)
+        self._outputs.forget(request_ids, last_step=self._steps_sent)
 
     def step(self) -> list[RequestOutput]:
-        wires, self._num_waiting, self._resident = self._call("step")
-        return [self._outputs.decode(wire) for wire in wires]
+        with self._lock:
+            if self._step_reply is None and not self._step_in_flight:
+                self._send("step")
+            ok, value = self._recv("step")
+            self._step_reply = None
+            step = self._steps_sent  # one step at most is out at a time: this one is the last sent
+            if ok and value[3]:  # work left: the child starts the next step now
+                self._send("step")
+        if not ok:
+            raise value
+        wires, self._num_waiting, self._resident, _ = value
+        outputs = [out for wire in wires if (out := self._outputs.decode(wire, step)) is not None]
+        self._outputs.step_done(step)
+        return outputs
 
     def num_waiting(self) -> int:
         """Requests waiting for admission as of the last step (EngineLoop asks right after it)."""
@@ -295,8 +340,6 @@ def _portable(exc: BaseException) -> BaseException:
 
 
 def _serve(conn: Connection) -> None:
-    import torch
-
     from clusterft.engine.llm_engine import LLMEngine
 
     engine: LLMEngine | None = None
@@ -322,7 +365,8 @@ def _serve(conn: Connection) -> None:
                 raise RuntimeError(f"engine core: no call {method!r} before start")
             elif method == "step":
                 wires = [outputs.encode(out) for out in engine.step()]
-                value = (wires, engine.num_waiting(), tuple(engine.resident_adapters()))
+                resident = tuple(engine.resident_adapters())
+                value = (wires, engine.num_waiting(), resident, engine.has_unfinished_requests())
             elif method == "abort_request":
                 engine.abort_request(*args)
                 outputs.forget(*args)

@@ -98,6 +98,29 @@ def test_errors_cross_as_their_own_type_and_the_child_serves_on(client):
     assert run_all(client, [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))[-1][0].finished
 
 
+def test_requests_added_and_aborted_while_the_next_step_runs(client, llama_dir):
+    """After a step with work left, the next one is already running in the child: an abort then
+    must not leak that step's outputs of the aborted request, and a request added then is served as
+    in process (one step later)."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    client.add_request("keep", [5, 6, 7, 8], params)
+    client.add_request("drop", [9, 10, 11], params)
+    assert {o.request_id for o in client.step()} == {"keep", "drop"}
+    client.abort_request("drop")
+    client.add_request("late", [12, 13, 14], params)
+    seen, finished = [], {}
+    while len(finished) < 2:
+        for out in client.step():
+            seen.append(out.request_id)
+            if out.finished:
+                finished[out.request_id] = out.outputs[0].token_ids
+    assert "drop" not in seen and set(finished) == {"keep", "late"}
+    local = LLMEngine(llama_dir, CONFIG)
+    expected = run_all(local, [[12, 13, 14]], params)[-1][0].outputs[0].token_ids
+    assert finished["late"] == expected
+    assert client._outputs._requests == {} and client._outputs._aborted == {}
+
+
 def test_waiting_count_comes_with_each_step(llama_dir):
     engine = EngineCoreClient(llama_dir, EngineConfig(num_gpu_blocks=256, max_model_len=128, max_num_seqs=2))
     try:
@@ -195,5 +218,5 @@ def test_a_step_sends_only_what_the_replica_lacks():
     [(_, text, token_start, new_ids, logprob_start, new_logprobs, *_)] = second[-1]
     assert (token_start, new_ids, logprob_start, len(new_logprobs)) == (3, [103, 104], 3, 2)
     assert text == "ab" * 5
-    assert [decoder.decode(first), decoder.decode(second)] == [output(3), output(5, finished=True)]
+    assert [decoder.decode(first, 1), decoder.decode(second, 2)] == [output(3), output(5, finished=True)]
     assert encoder._sent == {} and decoder._requests == {}  # finished: nothing kept on either side
