@@ -19,7 +19,7 @@ from clusterft.engine.kv_cache_manager import KVCacheManager
 from clusterft.engine.models import LlamaForCausalLM, ModelConfig
 from clusterft.engine.output_processor import OutputProcessor, RequestState
 from clusterft.engine.outputs import EngineStats, RequestOutput, SchedulerOutput
-from clusterft.engine.request import Request, RequestStatus
+from clusterft.engine.request import Request, RequestStatus, request_id_list
 from clusterft.engine.sampling_params import SamplingParams
 from clusterft.engine.scheduler import Scheduler, SchedulerUpdate
 from clusterft.engine.structured import GrammarCompiler
@@ -186,7 +186,7 @@ class LLMEngine:
 
     def abort_request(self, request_ids: str | Sequence[str]) -> None:
         """Stop requests now; their blocks return to the pool at once."""
-        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        ids = request_id_list(request_ids)
         self.scheduler.finish_requests(ids, RequestStatus.FINISHED_ABORTED)
         for root in ids:
             self.output_processor.abort(root)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,11 @@ import torch
 
 from clusterft.engine.prompt_logprobs import PromptTokenLogprob
 from clusterft.engine.sampling_params import SamplingParams
+
+
+def request_id_list(request_ids: str | Iterable[str]) -> list[str]:
+    """One request id or many (as abort calls take them), as a list."""
+    return [request_ids] if isinstance(request_ids, str) else list(request_ids)
 
 
 class RequestStatus(enum.IntEnum):

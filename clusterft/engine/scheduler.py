@@ -25,7 +25,7 @@ from clusterft.engine.outputs import (
     SchedulerOutput,
 )
 from clusterft.engine.prompt_logprobs import MemoKey, PromptLogprobsMemo, PromptTokenLogprob
-from clusterft.engine.request import Request, RequestStatus
+from clusterft.engine.request import Request, RequestStatus, request_id_list
 
 
 @dataclass
@@ -127,7 +127,7 @@ class Scheduler:
 
     def finish_requests(self, request_ids, status: RequestStatus) -> None:
         """Finish (abort, or stop on a stop string) sequences or whole groups by id; frees their blocks."""
-        for req_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+        for req_id in request_id_list(request_ids):
             for seq_id in self.group_members.get(req_id, [req_id]):
                 request = self.requests.get(seq_id)
                 if request is not None and not request.is_finished:
