@@ -167,11 +167,7 @@ class EngineLoop:
             self._streams.pop(request_id, None)
             if not finished:  # the client went away: free its blocks at the next step
                 self._inbox.append(("abort", request_id))
-                if self._lock.acquire(blocking=False):  # no step running: free them now
-                    try:
-                        self._apply_inbox()
-                    finally:
-                        self._lock.release()
+                self._apply_inbox_unless_stepping(wait=False)  # no step running: free them now
 
     @staticmethod
     def _delta(
@@ -212,7 +208,6 @@ class EngineLoop:
     def _apply_inbox(self) -> None:
         """Hand the engine the requests and aborts that came since the last step; the caller holds
         the lock. A request the engine refuses (too long, unknown adapter) gets a 400 on its stream."""
-        loop = self._loop
         while self._inbox:
             op = self._inbox.popleft()
             if op[0] == "abort":
@@ -225,21 +220,38 @@ class EngineLoop:
             try:
                 self.engine.add_request(request_id, ids, params, priority=priority, lora_name=lora_name)
             except ValueError as exc:
-                loop.call_soon_threadsafe(stream.queue.put_nowait, request_error(400, str(exc)))
+                self._refuse(stream, exc)
+
+    def _apply_inbox_unless_stepping(self, wait: bool) -> None:
+        """Apply the inbox now if no step holds the lock (or, with `wait`, once none does)."""
+        if self._lock.acquire(blocking=wait):
+            try:
+                self._apply_inbox()
+            finally:
+                self._lock.release()
+
+    def _refuse(self, stream: _Stream | None, exc: Exception) -> None:
+        """Fail a request the engine would not take (from the step thread): a ValueError is the
+        request's fault (400), anything else the server's (500)."""
+        if stream is not None and self._loop is not None:
+            status = 400 if isinstance(exc, ValueError) else 500
+            self._loop.call_soon_threadsafe(stream.queue.put_nowait, request_error(status, str(exc)))
 
     def _step(self) -> list[RequestOutput]:
         with self._lock:
             self._apply_inbox()
             outputs = self.engine.step()
             self._num_waiting = self.engine.num_waiting()  # not get_stats: this is every step
+            if isinstance(self.engine, EngineCoreClient):  # its refusals come with a step
+                for request_id, exc in self.engine.take_rejected():
+                    self._refuse(self._streams.get(request_id), exc)
             return outputs
 
     async def _run(self) -> None:
         try:
             await self._step_while_streaming()
         finally:
-            with self._lock:  # aborts of the last streams: no step is running, the lock is free
-                self._apply_inbox()
+            self._apply_inbox_unless_stepping(wait=True)  # aborts of the last streams
 
     async def _step_while_streaming(self) -> None:
         while self._streams:

@@ -1,14 +1,18 @@
 """An LLMEngine in a process of its own (vLLM V1's EngineCore shape), driven over a socket pair.
 
-    replica process (event loop: HTTP, streams)        engine core process (python -m this module)
-    EngineLoop --step()--> EngineCoreClient ==pickle==> LLMEngine.step(): schedule, model, detokenize
-               <--outputs--                  <=========
+    replica process (event loop: HTTP, streams)          engine core process (python -m this module)
+    EngineLoop --add/abort (no reply)--> EngineCoreClient ==pickle==> busy loop: take input, step,
+               <--step(): reports so far--                <========= report (outputs, counts)
 
 In one process, the engine's Python (scheduler, sampler, detokenizer, the glue between torch ops) and
 the replica's HTTP and stream work take turns on one GIL, so every chunk a step hands its streams is
-paid for between steps. Here the step runs in the child while the replica serves the last step's
-chunks: the client blocks in `recv` (no GIL held) for the step's reply. The child is started with
-`python -m`, not forked: the replica process holds Ray's threads and a fork would copy their locks.
+paid for between steps. Here the child steps on its own for as long as it has requests: between
+steps it takes whatever input has come (new requests, aborts) without waiting, and it sends each
+step's outputs as a report the replica reads when it is ready (`step()` returns every report that
+has come). Neither side waits on the other while there is work, and new requests and aborts cost no
+round trip. A request the engine refuses (too long, unknown adapter) comes back in the next report
+(`take_rejected`). The child is started with `python -m`, not forked: the replica process holds
+Ray's threads and a fork would copy their locks.
 
 The child dies with its replica: it exits when its end of the socket reads EOF, which the kernel
 delivers when the replica's process is gone, however it ended. A child that dies under a call (killed,
@@ -18,6 +22,8 @@ requests in flight get a 503 and the engine is rebuilt, in a new child.
 
 from __future__ import annotations
 
+import collections
+import itertools
 import logging
 import multiprocessing
 import os
@@ -28,6 +34,7 @@ import threading
 import traceback
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
 from pathlib import Path
 from typing import Any
 
@@ -35,16 +42,23 @@ import torch
 
 from clusterft.engine.config import EngineConfig
 from clusterft.engine.outputs import CompletionOutput, EngineStats, RequestOutput
+from clusterft.engine.request import request_id_list
 from clusterft.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# What the client may call: the LLMEngine methods EngineLoop and the serve replica use.
+# The wire, replica -> child:
+#   ("ops", [("add", args, kwargs) | ("abort", [ids], {}), ...])   applied in order; no reply
+#   ("call", method, args, kwargs)                                  answered by one ("reply", ok, value)
+#   ("shutdown",)
+# child -> replica:
+#   ("report", wires, num_waiting, resident_adapters, work_left, ops_seen, [(request_id, error), ...])
+#       after each step, and after input that made no step (so the replica learns it was seen)
+#   ("failed", error)    a step raised; the child steps no more (the replica rebuilds it)
+#   ("reply", ok, value)
+# What the replica may call (requests and aborts go as ops, steps happen on their own).
 _METHODS = frozenset(
     {
-        "add_request",
-        "abort_request",
-        "step",
         "get_stats",
         "add_lora",
         "remove_lora",
@@ -105,8 +119,8 @@ class _OutputEncoder:
         head = (out.prompt, out.prompt_token_ids, out.prompt_logprobs) if first else (None, None, None)
         return (out.request_id, *head, out.finished, out.num_cached_tokens, out.finish_message, sequences)
 
-    def forget(self, request_ids: Any) -> None:
-        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+    def forget(self, request_ids: list[str]) -> None:
+        for request_id in request_ids:
             self._sent.pop(request_id, None)
 
 
@@ -122,14 +136,15 @@ class _Received:
 class _OutputDecoder:
     """The replica's side: each request's prompt and tokens so far, rebuilt into RequestOutputs.
 
-    A step sent ahead (see EngineCoreClient.step) may carry outputs of a request aborted meanwhile:
-    `forget` notes the last step sent before the abort, and that step's outputs of it are dropped."""
+    The child steps on while an abort is on its way: reports made before it applied the abort may
+    still carry the request. `forget` notes the abort's ops number; a report stamped with fewer ops
+    seen is from before it, and its outputs of that request are dropped."""
 
     def __init__(self) -> None:
         self._requests: dict[str, _Received] = {}
-        self._aborted: dict[str, int] = {}  # request -> the last step that may still carry it
+        self._aborted: dict[str, int] = {}  # request -> the ops number of its abort
 
-    def decode(self, wire: _Wire, step: int) -> RequestOutput | None:
+    def decode(self, wire: _Wire) -> RequestOutput | None:
         request_id, prompt, prompt_ids, prompt_logprobs, finished, cached, message, sequences = wire
         if request_id in self._aborted:
             return None
@@ -156,15 +171,16 @@ class _OutputDecoder:
             request_id, got.prompt, got.prompt_token_ids, outputs, finished, cached, message, prompt_logprobs
         )
 
-    def forget(self, request_ids: Any, last_step: int) -> None:
-        """Drop aborted requests; steps up to `last_step` (sent before the abort) may still name them."""
-        for request_id in [request_ids] if isinstance(request_ids, str) else request_ids:
+    def forget(self, request_ids: list[str], ops_number: int) -> None:
+        """Drop aborted requests; reports that saw fewer than `ops_number` ops may still name them."""
+        for request_id in request_ids:
             self._requests.pop(request_id, None)
-            self._aborted[request_id] = last_step
+            self._aborted[request_id] = ops_number
 
-    def step_done(self, step: int) -> None:
-        """Step `step` is decoded: aborts that only earlier steps could carry are done with."""
-        self._aborted = {r: last for r, last in self._aborted.items() if last > step}
+    def ops_seen(self, ops_seen: int) -> None:
+        """A report that saw `ops_seen` ops is decoded: aborts among them are done with."""
+        if self._aborted:
+            self._aborted = {r: n for r, n in self._aborted.items() if n > ops_seen}
 
 
 class EngineCoreDied(RuntimeError):
@@ -173,12 +189,12 @@ class EngineCoreDied(RuntimeError):
 
 class EngineCoreClient:
     """The part of LLMEngine's interface that EngineLoop uses, answered by an LLMEngine in a child
-    process. Calls are serialized; `step` blocks without holding the GIL.
+    process that steps on its own (see the module docstring). Thread-safe; `step` blocks without
+    holding the GIL.
 
-    A step's reply says whether the engine has work left; if so the next step is requested before
-    this one's outputs are handed back, so the child computes step N+1 while the replica streams
-    step N (vLLM V1's engine core steps on its own the same way). What arrives meanwhile (a new
-    request, an abort) reaches the engine one step later than in process."""
+    Unlike LLMEngine, `add_request` does not raise for a request the engine refuses: the refusal
+    comes with a later `step()`, and `take_rejected()` hands it out. Requests added between two
+    `step()` calls reach the child together, as one message, when the next one begins."""
 
     def __init__(self, model_dir: str | Path, config: EngineConfig, weight_version: int = 0) -> None:
         ours, theirs = multiprocessing.Pipe(duplex=True)  # a Unix socket pair
@@ -187,12 +203,16 @@ class EngineCoreClient:
         theirs.close()  # the child's copy is the only one left: its EOF is ours, ours is its
         self._conn = ours
         self._lock = threading.Lock()
+        self._request_ids = itertools.count()
+        self._pending: list[tuple[str, tuple, dict]] = []  # ops not sent yet
+        self._ops_sent = 0  # ops messages sent
+        self._ops_seen = 0  # of them, seen by the child as of the last report
+        self._work_left = False  # as of the last report: requests unfinished, so reports will come
+        self._backlog: collections.deque[tuple] = collections.deque()  # reports read by a call
+        self._rejected: list[tuple[str, Exception]] = []
         self._num_waiting = 0
         self._resident: tuple[str, ...] = ()
         self._outputs = _OutputDecoder()
-        self._steps_sent = 0
-        self._step_in_flight = False  # a step requested ahead whose reply is not read yet
-        self._step_reply: tuple[bool, Any] | None = None  # its reply, read before another call's
         try:
             # The child computes with the threads this process would have used (Ray sets them from
             # the replica's CPUs; a test may have set them itself).
@@ -208,39 +228,43 @@ class EngineCoreClient:
     def pid(self) -> int:
         return self._proc.pid
 
-    def _send(self, method: str, *args: Any, **kwargs: Any) -> None:
+    # ---- the wire (the caller holds the lock) ----------------------------------------------------
+    def _send(self, message: tuple, what: str) -> None:
         try:
-            self._conn.send((method, args, kwargs))
+            self._conn.send(message)
         except OSError as exc:
-            raise self._died(method) from exc
-        if method == "step":
-            self._steps_sent += 1
-            self._step_in_flight = True
+            raise self._died(what) from exc
 
-    def _recv(self, method: str) -> tuple[bool, Any]:
-        """The next reply; replies come in the order of the calls, so a step sent ahead is first."""
+    def _recv(self, what: str) -> tuple:
         try:
-            if self._step_in_flight:
-                self._step_reply = self._conn.recv()
-                self._step_in_flight = False
-            return self._conn.recv() if method != "step" else self._step_reply  # type: ignore[return-value]
+            return self._conn.recv()
         except (EOFError, OSError) as exc:
-            raise self._died(method) from exc
+            raise self._died(what) from exc
 
-    def _died(self, method: str) -> EngineCoreDied:
+    def _flush(self) -> None:
+        """Send the ops queued since the last flush, as one message."""
+        if self._pending:
+            ops, self._pending = self._pending, []
+            self._send(("ops", ops), ops[0][0])
+            self._ops_sent += 1
+
+    def _died(self, what: str) -> EngineCoreDied:
         try:
             code: int | None = self._proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             code = None
         return EngineCoreDied(
             f"the engine core process (pid {self._proc.pid}) exited with code {code} during "
-            f"{method}; its requests were lost (see the replica's log for why)"
+            f"{what}; its requests were lost (see the replica's log for why)"
         )
 
     def _call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         with self._lock:
-            self._send(method, *args, **kwargs)
-            ok, value = self._recv(method)
+            self._flush()  # a call sees the requests and aborts made before it
+            self._send(("call", method, args, kwargs), method)
+            while (message := self._recv(method))[0] != "reply":
+                self._backlog.append(message)  # a report: the next step() decodes it, in order
+        _, ok, value = message
         if not ok:
             raise value
         return value
@@ -255,34 +279,56 @@ class EngineCoreClient:
         priority: int = 0,
         lora_name: str | None = None,
     ) -> str:
-        return self._call("add_request", request_id, prompt, params, priority=priority, lora_name=lora_name)
+        """Queue a request for the child; it is sent when the next step() (or call) begins."""
+        request_id = request_id if request_id is not None else f"core-{next(self._request_ids)}"
+        with self._lock:
+            self._pending.append(
+                ("add", (request_id, prompt, params), {"priority": priority, "lora_name": lora_name})
+            )
+        return request_id
 
     def abort_request(self, request_ids: Any) -> None:
-        self._call("abort_request", request_ids)
-        self._outputs.forget(request_ids, last_step=self._steps_sent)
+        """Abort now (sent at once, so the blocks are freed even if no step follows)."""
+        ids = request_id_list(request_ids)
+        with self._lock:
+            self._pending.append(("abort", (ids,), {}))
+            self._flush()
+            self._outputs.forget(ids, ops_number=self._ops_sent)
 
     def step(self) -> list[RequestOutput]:
+        """Every step's outputs that have come since the last call, in order; waits for the next
+        report only when one is owed (requests running, or input not yet seen by the child)."""
         with self._lock:
-            if self._step_reply is None and not self._step_in_flight:
-                self._send("step")
-            ok, value = self._recv("step")
-            self._step_reply = None
-            step = self._steps_sent  # one step at most is out at a time: this one is the last sent
-            if ok and value[3]:  # work left: the child starts the next step now
-                self._send("step")
-        if not ok:
-            raise value
-        wires, self._num_waiting, self._resident, _ = value
-        outputs = [out for wire in wires if (out := self._outputs.decode(wire, step)) is not None]
-        self._outputs.step_done(step)
-        return outputs
+            self._flush()
+            reports = list(self._backlog)
+            self._backlog.clear()
+            if not reports and (self._work_left or self._ops_seen < self._ops_sent):
+                reports.append(self._recv("step"))
+            while self._conn.poll():  # and what else has come: a replica that fell behind catches up
+                reports.append(self._recv("step"))
+            outputs = []
+            for report in reports:
+                if report[0] == "failed":
+                    raise report[1]
+                _, wires, self._num_waiting, self._resident, self._work_left, ops_seen, rejected = report
+                outputs += [out for wire in wires if (out := self._outputs.decode(wire)) is not None]
+                self._outputs.ops_seen(ops_seen)
+                self._ops_seen = ops_seen
+                self._rejected += rejected
+            return outputs
+
+    def take_rejected(self) -> list[tuple[str, Exception]]:
+        """(request_id, error) for the requests the engine refused, reported since the last call:
+        a ValueError where LLMEngine.add_request would have raised one."""
+        rejected, self._rejected = self._rejected, []
+        return rejected
 
     def num_waiting(self) -> int:
-        """Requests waiting for admission as of the last step (EngineLoop asks right after it)."""
+        """Requests waiting for admission as of the last report (EngineLoop asks after each step)."""
         return self._num_waiting
 
     def resident_adapters(self) -> list[str]:
-        """The LoRA adapters resident in the engine as of the last step (no call: routing asks
+        """The LoRA adapters resident in the engine as of the last report (no call: routing asks
         for them while a step may be running)."""
         return list(self._resident)
 
@@ -318,9 +364,11 @@ class EngineCoreClient:
         if self._proc.poll() is None:
             try:
                 with self._lock:
-                    self._conn.send(("shutdown", (), {}))
+                    self._conn.send(("shutdown",))
             except OSError:
                 pass
+            # Closed at once: a child blocked sending a report gets EPIPE instead of waiting on us.
+            self._conn.close()
             try:
                 self._proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
@@ -339,56 +387,116 @@ def _portable(exc: BaseException) -> BaseException:
         return RuntimeError(f"{type(exc).__name__}: {exc}")
 
 
-def _serve(conn: Connection) -> None:
-    from clusterft.engine.llm_engine import LLMEngine
+class _EngineCore:
+    """The child's state: the engine, what the replica has been sent, the ops seen and reported."""
 
-    engine: LLMEngine | None = None
-    outputs = _OutputEncoder()
-    while True:
-        try:
-            method, args, kwargs = conn.recv()
-        except (EOFError, OSError):
-            break  # the replica is gone
-        if method == "shutdown":
-            break
+    def __init__(self) -> None:
+        from clusterft.engine.llm_engine import LLMEngine
+
+        self._engine_class = LLMEngine
+        self.engine: LLMEngine | None = None
+        self.outputs = _OutputEncoder()
+        self.ops_seen = 0
+        self.ops_reported = 0
+        self.rejected: list[tuple[str, BaseException]] = []
+        self.failed = False  # a step raised: the engine's state is unknown, so it steps no more
+
+    def has_work(self) -> bool:
+        return self.engine is not None and not self.failed and self.engine.has_unfinished_requests()
+
+    def apply(self, ops: list[tuple[str, tuple, dict]]) -> None:
+        assert self.engine is not None
+        for kind, args, kwargs in ops:
+            if kind == "abort":
+                self.engine.abort_request(args[0])
+                self.outputs.forget(args[0])
+                continue
+            try:
+                self.engine.add_request(*args, **kwargs)
+            except Exception as exc:  # the replica fails this request (400 for a ValueError)
+                if not isinstance(exc, ValueError):
+                    logger.error("engine core: add_request failed:\n%s", traceback.format_exc())
+                self.rejected.append((args[0], _portable(exc)))
+        self.ops_seen += 1
+
+    def call(self, method: str, args: tuple, kwargs: dict) -> tuple:
         try:
             if method == "start":
                 model_dir, config, weight_version, num_threads = args
                 torch.set_num_threads(num_threads)
-                engine = LLMEngine(model_dir, config)
-                engine.weight_version = weight_version
+                self.engine = self._engine_class(model_dir, config)
+                self.engine.weight_version = weight_version
                 value: Any = {
-                    "max_model_len": engine.max_model_len,
-                    "num_gpu_blocks": engine.num_gpu_blocks,
+                    "max_model_len": self.engine.max_model_len,
+                    "num_gpu_blocks": self.engine.num_gpu_blocks,
                 }
-            elif engine is None or method not in _METHODS:
-                raise RuntimeError(f"engine core: no call {method!r} before start")
-            elif method == "step":
-                wires = [outputs.encode(out) for out in engine.step()]
-                resident = tuple(engine.resident_adapters())
-                value = (wires, engine.num_waiting(), resident, engine.has_unfinished_requests())
-            elif method == "abort_request":
-                engine.abort_request(*args)
-                outputs.forget(*args)
-                value = None
+            elif method not in _METHODS:
+                raise RuntimeError(f"engine core: unknown call {method!r}")
+            elif self.engine is None:
+                raise RuntimeError(f"engine core: {method!r} before start")
             elif method == "set_weight_version":
-                engine.weight_version = args[0]
+                self.engine.weight_version = args[0]
                 value = None
             else:
-                value = getattr(engine, method)(*args, **kwargs)
-            reply: tuple[bool, Any] = (True, value)
+                value = getattr(self.engine, method)(*args, **kwargs)
+            return ("reply", True, value)
         except Exception as exc:
-            if method in ("start", "step"):  # the replica logs a one-line reason; this is the why
-                logger.error("engine core: %s failed:\n%s", method, traceback.format_exc())
-            reply = (False, _portable(exc))
-        try:
-            conn.send(reply)
-        except (BrokenPipeError, ConnectionResetError):
-            break
-        except Exception as exc:  # the value did not pickle (pickling precedes any write)
-            conn.send((False, RuntimeError(f"engine core: {method}'s result could not be sent: {exc}")))
-    if engine is not None:
-        engine.shutdown()
+            if method == "start":  # the replica logs a one-line reason; this is the why
+                logger.error("engine core: start failed:\n%s", traceback.format_exc())
+            return ("reply", False, _portable(exc))
+
+    def report(self) -> tuple | None:
+        """Step if there is work; the report of it, or of input seen without a step, or None."""
+        engine = self.engine
+        if engine is None:
+            return None
+        wires: list[_Wire] = []
+        if self.has_work():
+            try:
+                wires = [self.outputs.encode(out) for out in engine.step()]
+            except Exception as exc:
+                logger.error("engine core: step failed:\n%s", traceback.format_exc())
+                self.failed = True
+                return ("failed", _portable(exc))
+        elif self.ops_seen == self.ops_reported and not self.rejected:
+            return None
+        self.ops_reported = self.ops_seen
+        rejected, self.rejected = self.rejected, []
+        resident = tuple(engine.resident_adapters())
+        work_left = engine.has_unfinished_requests() and not self.failed
+        return ("report", wires, engine.num_waiting(), resident, work_left, self.ops_seen, rejected)
+
+
+def _pickled_reply(method: str, reply: tuple) -> bytes:
+    try:
+        return bytes(ForkingPickler.dumps(reply))
+    except Exception as exc:  # the value does not pickle: the caller gets why
+        error = RuntimeError(f"engine core: {method}'s result could not be sent: {exc}")
+        return bytes(ForkingPickler.dumps(("reply", False, error)))
+
+
+def _serve(conn: Connection) -> None:
+    """Take input (waiting for it only when there is nothing to step), answer calls, step, report."""
+    core = _EngineCore()
+    try:
+        while True:
+            messages = [] if core.has_work() else [conn.recv()]
+            while conn.poll():
+                messages.append(conn.recv())
+            for message in messages:
+                if message[0] == "shutdown":
+                    return
+                if message[0] == "ops":
+                    core.apply(message[1])
+                    continue
+                conn.send_bytes(_pickled_reply(message[1], core.call(*message[1:])))
+            if (report := core.report()) is not None:
+                conn.send(report)
+    except (EOFError, OSError):
+        return  # the replica is gone
+    finally:
+        if core.engine is not None:
+            core.engine.shutdown()
 
 
 def main() -> None:

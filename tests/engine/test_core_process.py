@@ -54,16 +54,19 @@ def client(llama_dir):
     assert gone(engine.pid, 10)
 
 
-def run_all(engine, prompts: list[list[int]], params: SamplingParams) -> list[list[RequestOutput]]:
-    """Every step's outputs until all `prompts` have finished (the outputs are dataclasses: equal
-    when every field is, cumulative token ids, text, logprobs and prompt logprobs included)."""
+def run_all(engine, prompts: list[list[int]], params: SamplingParams) -> list[RequestOutput]:
+    """Every output, in order, until all `prompts` have finished (the outputs are dataclasses: equal
+    when every field is, cumulative token ids, text, logprobs and prompt logprobs included). The
+    child steps on its own and one step() hands out every step's outputs that have come, so the
+    steps' outputs are compared joined."""
     for i, prompt in enumerate(prompts):
         engine.add_request(f"q{i}", prompt, params)
-    steps, finished = [], 0
+    outputs, finished = [], 0
     while finished < len(prompts):
-        steps.append(engine.step())
-        finished += sum(out.finished for out in steps[-1])
-    return steps
+        step = engine.step()
+        outputs += step
+        finished += sum(out.finished for out in step)
+    return outputs
 
 
 def test_the_child_answers_exactly_what_the_engine_in_process_answers(client, llama_dir):
@@ -78,7 +81,7 @@ def test_the_child_answers_exactly_what_the_engine_in_process_answers(client, ll
         SamplingParams(temperature=0, max_tokens=16, stop=["e"]),
     ):
         served, expected = run_all(client, prompts, params), run_all(local, prompts, params)
-        assert served == expected and sum(map(len, served)) >= len(prompts), params
+        assert served == expected and len(served) >= len(prompts), params
     assert client.max_model_len == local.max_model_len == 128
     assert client.num_gpu_blocks == local.num_gpu_blocks == 256
     assert client.weight_version == 3
@@ -87,25 +90,64 @@ def test_the_child_answers_exactly_what_the_engine_in_process_answers(client, ll
     assert client.num_waiting() == 0 and client.list_loras() == [] and client.resident_adapters() == []
 
 
-def test_errors_cross_as_their_own_type_and_the_child_serves_on(client):
-    with pytest.raises(ValueError, match="max_model_len"):
-        client.add_request("long", list(range(1, 300)), SamplingParams(max_tokens=4))
+def test_the_child_steps_on_its_own_and_one_step_call_catches_up(client):
+    """No request per step: while it has work the child steps and reports; a replica that was busy
+    elsewhere gets every step's outputs, in order, from its next step() call."""
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    steps_before = client.get_stats().num_steps
+    client.add_request("alone", [5, 6, 7], params)
+    first = client.step()
+    deadline = time.monotonic() + 60
+    while (stats := client.get_stats()).num_running:  # calls are answered between steps
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.05)
+    rest = client.step()
+    outputs = first + rest
+    assert [len(o.outputs[0].token_ids) for o in outputs] == list(range(1, 21))
+    assert outputs[-1].finished and len(rest) > 1
+    assert stats.num_steps - steps_before == 20
+    assert client.step() == []  # nothing running, nothing owed: no wait
+
+
+def test_refusals_come_with_the_next_step_and_the_child_serves_on(client, llama_dir):
+    """add_request does not wait for the child; a request it refuses is handed out by
+    take_rejected() after the next step, as the error LLMEngine.add_request raises (EngineLoop
+    answers it with a 400). A call's error is raised as its own type."""
+    with pytest.raises(ValueError, match="max_model_len") as in_process:
+        LLMEngine(llama_dir, CONFIG).add_request("long", list(range(1, 300)))
+    client.add_request("long", list(range(1, 300)), SamplingParams(max_tokens=4))
+    client.add_request("twice", [5, 6], SamplingParams(max_tokens=40, ignore_eos=True))
+    client.add_request("twice", [5, 6], SamplingParams(max_tokens=4))
+    client.step()
+    rejected = dict(client.take_rejected())
+    assert set(rejected) == {"long", "twice"} and client.take_rejected() == []
+    assert type(rejected["long"]) is ValueError and str(rejected["long"]) == str(in_process.value)
+    assert "already in use" in str(rejected["twice"])
+    client.abort_request("twice")
     with pytest.raises(FileNotFoundError):
         client.add_lora("nope", "/nonexistent/adapter")
     client.add_request("after", [5, 6, 7], SamplingParams(temperature=0, max_tokens=3))
     client.abort_request("after")
     assert client.step() == []
-    assert run_all(client, [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))[-1][0].finished
+    assert run_all(client, [[5, 6, 7]], SamplingParams(temperature=0, max_tokens=3))[-1].finished
+
+    loop = EngineLoop(lambda: client, base_model="tiny")
+
+    async def refused() -> list[dict]:
+        return [c async for c in loop.generate("big", list(range(1, 300)), SamplingParams(), "tiny")]
+
+    [chunk] = asyncio.run(refused())
+    assert chunk["error"]["status"] == 400 and "max_model_len" in chunk["error"]["message"]
 
 
-def test_requests_added_and_aborted_while_the_next_step_runs(client, llama_dir):
-    """After a step with work left, the next one is already running in the child: an abort then
-    must not leak that step's outputs of the aborted request, and a request added then is served as
-    in process (one step later)."""
+def test_requests_added_and_aborted_while_the_child_steps(client, llama_dir):
+    """The child steps on while an abort is on its way: the reports it made before the abort must
+    not leak outputs of the aborted request, and a request added meanwhile is served as in process."""
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     client.add_request("keep", [5, 6, 7, 8], params)
     client.add_request("drop", [9, 10, 11], params)
     assert {o.request_id for o in client.step()} == {"keep", "drop"}
+    time.sleep(0.2)  # the child runs ahead: its reports of "drop" are on their way
     client.abort_request("drop")
     client.add_request("late", [12, 13, 14], params)
     seen, finished = [], {}
@@ -116,20 +158,21 @@ def test_requests_added_and_aborted_while_the_next_step_runs(client, llama_dir):
                 finished[out.request_id] = out.outputs[0].token_ids
     assert "drop" not in seen and set(finished) == {"keep", "late"}
     local = LLMEngine(llama_dir, CONFIG)
-    expected = run_all(local, [[12, 13, 14]], params)[-1][0].outputs[0].token_ids
+    expected = run_all(local, [[12, 13, 14]], params)[-1].outputs[0].token_ids
     assert finished["late"] == expected
     assert client._outputs._requests == {} and client._outputs._aborted == {}
 
 
-def test_waiting_count_comes_with_each_step(llama_dir):
+def test_waiting_count_comes_with_each_report(llama_dir):
     engine = EngineCoreClient(llama_dir, EngineConfig(num_gpu_blocks=256, max_model_len=128, max_num_seqs=2))
     try:
         for i in range(5):
-            engine.add_request(f"w{i}", [3, 4, 5, i + 6], SamplingParams(max_tokens=4))
+            engine.add_request(f"w{i}", [3, 4, 5, i + 6], SamplingParams(max_tokens=100, ignore_eos=True))
         engine.step()
         assert engine.num_waiting() == 3 == engine.get_stats().num_waiting
     finally:
         engine.shutdown()
+    assert gone(engine.pid, 10), "a child stepping when told to shut down must still stop"
 
 
 def test_a_child_killed_mid_stream_fails_its_requests_and_the_loop_rebuilds_it(llama_dir):
@@ -218,5 +261,5 @@ def test_a_step_sends_only_what_the_replica_lacks():
     [(_, text, token_start, new_ids, logprob_start, new_logprobs, *_)] = second[-1]
     assert (token_start, new_ids, logprob_start, len(new_logprobs)) == (3, [103, 104], 3, 2)
     assert text == "ab" * 5
-    assert [decoder.decode(first, 1), decoder.decode(second, 2)] == [output(3), output(5, finished=True)]
+    assert [decoder.decode(first), decoder.decode(second)] == [output(3), output(5, finished=True)]
     assert encoder._sent == {} and decoder._requests == {}  # finished: nothing kept on either side
