@@ -51,6 +51,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -190,12 +191,19 @@ def latency_ms(values_s: list[float], digits: int) -> dict:
     }
 
 
-SERVE_ROLES = {
-    "engine": "ray::ServeReplica:clusterft:engine",
-    "ingress": "ray::ServeReplica:clusterft:ingress",
-    "proxy": "ray::ProxyActor",
-    "haproxy": "haproxy",  # RAY_SERVE_ENABLE_HA_PROXY: HAProxy's own process (path/to/haproxy -f ...)
-    "engine_core": "-m clusterft.engine.core_process",  # ServeSpec.engine_process: the replica's child
+def _titled(prefix: str) -> Callable[[list[str]], bool]:
+    return lambda cmdline: " ".join(cmdline).startswith(prefix)
+
+
+# role -> whether a process (by its command line) plays it.
+SERVE_ROLES: dict[str, Callable[[list[str]], bool]] = {
+    "engine": _titled("ray::ServeReplica:clusterft:engine"),
+    "ingress": _titled("ray::ServeReplica:clusterft:ingress"),
+    "proxy": _titled("ray::ProxyActor"),
+    # RAY_SERVE_ENABLE_HA_PROXY: HAProxy's own process (path/to/haproxy -f ...), master and worker.
+    "haproxy": lambda cmdline: bool(cmdline) and os.path.basename(cmdline[0]).startswith("haproxy"),
+    # ServeSpec.engine_process: the replica's child (python -m clusterft.engine.core_process FD).
+    "engine_core": lambda cmdline: cmdline[1:3] == ["-m", "clusterft.engine.core_process"],
 }
 
 
@@ -214,14 +222,8 @@ def serve_processes(ingress: str = "separate") -> dict[str, list]:
             cmdline = process.cmdline()
         except psutil.Error:  # ended meanwhile
             continue
-        title = " ".join(cmdline)
-        for role, prefix in SERVE_ROLES.items():
-            if role == "engine_core":
-                matched = prefix in title
-            else:
-                name = os.path.basename(cmdline[0]) if role == "haproxy" and cmdline else title
-                matched = name.startswith(prefix)
-            if matched:
+        for role, plays in SERVE_ROLES.items():
+            if plays(cmdline):
                 found.setdefault(role, []).append(process)
     required = {"engine", "ingress"} if ingress == "separate" else {"engine"}  # direct: engine is ingress
     missing = required - set(found)
