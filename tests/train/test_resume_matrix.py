@@ -10,7 +10,12 @@ and ends with trainable weights bitwise equal to an uninterrupted run's (CPU, fp
 
 Each cell runs the job twice on the module's 2-CPU Ray cluster, 4 steps with a bundle every step:
 once uninterrupted, once with worker rank 1 SIGKILLed as soon as the step-2 bundle is published.
-LoRA dropout is on, so the restored RNG states matter. The qwen2 half is marked slow.
+LoRA dropout is on, so the restored RNG states matter. The qwen2 cells are marked slow.
+
+What qwen2 adds meets the resume where weights are trained whole: its tied embeddings and qkv biases
+are frozen under LoRA, and GQA only changes the adapters' shapes. So qwen2 runs every full cell, and
+of the LoRA cells only zero3 with offload (partitioned and offloaded adapters, the most involved
+save); its other LoRA cells would repeat llama's (about a minute each on CI's 2 cores).
 """
 
 from __future__ import annotations
@@ -36,12 +41,14 @@ METHODS = {
     "lora": {"finetuning_type": "lora"},
     "full": {"finetuning_type": "full", "learning_rate": 2e-3},
 }
+QWEN2_LORA = ("zero3_offload",)
 CELLS = [
     pytest.param(arch, strategy, method, marks=[pytest.mark.slow] if arch == "qwen2" else [])
     for arch in ("llama", "qwen2")
     for strategy in STRATEGIES
     for method in METHODS
     if not (strategy in MODEL_PARALLEL and method == "lora")
+    and not (arch == "qwen2" and method == "lora" and strategy not in QWEN2_LORA)
 ]
 
 
