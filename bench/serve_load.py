@@ -273,12 +273,16 @@ async def measure(
         await one_request(client, url, MODEL, warmup, WARMUP_TOKENS)  # connections, first step
         for prompts in workloads:
             cpu["offline"][0].append(cpu_seconds({"engine": processes["client"]}))
+            steps_before = llm.engine.num_steps
             offline.append(await asyncio.to_thread(run_offline, llm, prompts, max_tokens))
+            offline[-1]["steps"] = llm.engine.num_steps - steps_before
             cpu["offline"][1].append(cpu_seconds({"engine": processes["client"]}))
             processes = serve_processes(ingress)  # each round: HAProxy may have replaced its worker
+            steps_before = await settled_steps(url, None)
             cpu["served"][0].append(cpu_seconds(processes))
             served.append(await run_clients(client, url, prompts, max_tokens, concurrency))
             cpu["served"][1].append(cpu_seconds(processes))
+            served[-1]["steps"] = await settled_steps(url, steps_before) - steps_before
     errors = [e for r in served for e in r["errors"]]
     ratios = [
         (s["output_tokens"] / s["wall_s"]) / (o["output_tokens"] / o["wall_s"])
@@ -298,6 +302,14 @@ async def measure(
             for phase, rounds in (("offline", offline), ("served", served))
         },
         "round_ratios": [round(r, 3) for r in ratios],
+        # Engine steps per round, and output tokens per step: the mean decode batch (a prefill step
+        # makes one token per request). Fewer tokens per step served than offline is batch lost
+        # between requests (a closed-loop client's next request arrives a round trip after its last).
+        "engine_steps": {"offline": [r["steps"] for r in offline], "served": [r["steps"] for r in served]},
+        "output_tokens_per_step": {
+            phase: round(sum(r["output_tokens"] for r in rounds) / max(1, sum(r["steps"] for r in rounds)), 2)
+            for phase, rounds in (("offline", offline), ("served", served))
+        },
         "served_over_offline_throughput": round(statistics.median(ratios), 3),
     }
 
@@ -415,19 +427,37 @@ def routing_workload(args, vocab: int, seed: int) -> list[list[int]]:
     return prompts
 
 
-def prefix_counters(url: str) -> tuple[float, float]:
-    """(prompt tokens found in the engines' prefix caches, looked up), all replicas."""
+def engine_counters(url: str, *names: str) -> list[float]:
+    """Counters summed over every engine replica, from the app's /metrics (0 for one not seen yet)."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    values = {}
+    values = dict.fromkeys(names, 0.0)
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics", timeout=30).text):
         for sample in family.samples:
-            if sample.name in ("clusterft_prefix_cache_hits_total", "clusterft_prefix_cache_queries_total"):
-                values[sample.name] = sample.value
-    return values.get("clusterft_prefix_cache_hits_total", 0.0), values.get(
-        "clusterft_prefix_cache_queries_total", 0.0
-    )
+            if sample.name in values:
+                values[sample.name] += sample.value
+    return [values[name] for name in names]
+
+
+def prefix_counters(url: str) -> tuple[float, float]:
+    """(prompt tokens found in the engines' prefix caches, looked up), all replicas."""
+    names = ("clusterft_prefix_cache_hits_total", "clusterft_prefix_cache_queries_total")
+    hits, queries = engine_counters(url, *names)
+    return hits, queries
+
+
+async def settled_steps(url: str, before: float | None) -> float:
+    """The engines' step counter once their stats (sent every 0.2 s) have stopped moving, and have
+    moved past `before` when one is given (a round's steps are all counted)."""
+    last = None
+    deadline = time.monotonic() + 30
+    while True:
+        (steps,) = await asyncio.to_thread(engine_counters, url, "clusterft_engine_steps_total")
+        if (steps == last and (before is None or steps > before)) or time.monotonic() > deadline:
+            return steps
+        last = steps
+        await asyncio.sleep(0.5)
 
 
 async def settled_counters(url: str, expected_queries: float) -> tuple[float, float]:

@@ -215,6 +215,14 @@ def test_serve_load_bench():
     assert len(result["round_ratios"]) == 1
     ratio = served["output_tokens_per_s"] / offline["output_tokens_per_s"]
     assert result["served_over_offline_throughput"] == pytest.approx(ratio, rel=0.02, abs=0.002)
+    # Engine steps: offline, 2 full waves of 4 requests x 8 tokens (one prefill step + 7 decodes each);
+    # served, at least as many (a wave that arrives over several steps takes more of them), counted
+    # from the app's /metrics.
+    steps = result["engine_steps"]
+    assert steps["offline"] == [16]
+    assert len(steps["served"]) == 1 and steps["served"][0] >= 16
+    assert result["output_tokens_per_step"]["offline"] == 4.0
+    assert result["output_tokens_per_step"]["served"] == round(64 / steps["served"][0], 2)
     # README's CPU seconds per 1,000 output tokens: the offline engine; served engine replica, its
     # engine core, ingress, HTTP proxy and load client.
     cpu = result["cpu_s_per_1k_tokens"]
