@@ -406,6 +406,9 @@ class _EngineCore:
 
     def apply(self, ops: list[tuple[str, tuple, dict]]) -> None:
         assert self.engine is not None
+        self.ops_seen += 1
+        if self.failed:  # the replica is rebuilding the engine: nothing more goes into this one
+            return
         for kind, args, kwargs in ops:
             if kind == "abort":
                 self.engine.abort_request(args[0])
@@ -417,7 +420,6 @@ class _EngineCore:
                 if not isinstance(exc, ValueError):
                     logger.error("engine core: add_request failed:\n%s", traceback.format_exc())
                 self.rejected.append((args[0], _portable(exc)))
-        self.ops_seen += 1
 
     def call(self, method: str, args: tuple, kwargs: dict) -> tuple:
         try:

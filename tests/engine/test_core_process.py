@@ -140,6 +140,44 @@ def test_refusals_come_with_the_next_step_and_the_child_serves_on(client, llama_
     assert chunk["error"]["status"] == 400 and "max_model_len" in chunk["error"]["message"]
 
 
+def test_a_step_that_raises_is_raised_by_step_and_the_child_takes_nothing_more(llama_dir, adapters, tmp_path):
+    """A registered adapter whose weights vanish before its first use (shared storage cleaned up
+    under a replica) makes LLMEngine.step raise when it loads them. The child reports that step as
+    failed: the client's step() raises the same error, and the child steps no more and takes no
+    more requests (EngineLoop rebuilds the engine), yet still answers calls."""
+    import shutil
+
+    from clusterft.engine.lora import ADAPTER_WEIGHTS
+
+    def vanishing(name: str) -> str:
+        where = tmp_path / name
+        shutil.copytree(adapters["a"][0], where)
+        return str(where)
+
+    in_process = LLMEngine(llama_dir, CONFIG)
+    in_process.add_lora("gone", vanishing("in_process"))
+    (tmp_path / "in_process" / ADAPTER_WEIGHTS).unlink()
+    in_process.add_request("r", [5, 6, 7], SamplingParams(max_tokens=4), lora_name="gone")
+    with pytest.raises(FileNotFoundError) as expected:
+        in_process.step()
+
+    client = EngineCoreClient(llama_dir, CONFIG)
+    try:
+        client.add_lora("gone", vanishing("child"))
+        (tmp_path / "child" / ADAPTER_WEIGHTS).unlink()
+        client.add_request("r", [5, 6, 7], SamplingParams(max_tokens=4), lora_name="gone")
+        with pytest.raises(FileNotFoundError) as raised:
+            client.step()
+        assert str(raised.value) == str(expected.value).replace("in_process", "child")
+        client.add_request("later", [5, 6, 7], SamplingParams(max_tokens=4))
+        assert client.step() == []  # the child saw it (no wait), and dropped it
+        stats = client.get_stats()
+        assert (stats.num_running, stats.num_waiting, stats.num_steps) == (1, 0, 0)
+    finally:
+        client.shutdown()
+    assert gone(client.pid, 10)
+
+
 def test_requests_added_and_aborted_while_the_child_steps(client, llama_dir):
     """The child steps on while an abort is on its way: the reports it made before the abort must
     not leak outputs of the aborted request, and a request added meanwhile is served as in process."""
