@@ -271,6 +271,8 @@ async def measure(
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=600, limits=limits) as client:
         await one_request(client, url, MODEL, warmup, WARMUP_TOKENS)  # connections, first step
+        # The served engines step only in served rounds: a round's count ends where the next begins.
+        served_steps = await settled_steps(url, -1)
         for prompts in workloads:
             cpu["offline"][0].append(cpu_seconds({"engine": processes["client"]}))
             steps_before = llm.engine.num_steps
@@ -278,11 +280,11 @@ async def measure(
             offline[-1]["steps"] = llm.engine.num_steps - steps_before
             cpu["offline"][1].append(cpu_seconds({"engine": processes["client"]}))
             processes = serve_processes(ingress)  # each round: HAProxy may have replaced its worker
-            steps_before = await settled_steps(url, None)
             cpu["served"][0].append(cpu_seconds(processes))
             served.append(await run_clients(client, url, prompts, max_tokens, concurrency))
             cpu["served"][1].append(cpu_seconds(processes))
-            served[-1]["steps"] = await settled_steps(url, steps_before) - steps_before
+            steps_before, served_steps = served_steps, await settled_steps(url, served_steps)
+            served[-1]["steps"] = served_steps - steps_before
     errors = [e for r in served for e in r["errors"]]
     ratios = [
         (s["output_tokens"] / s["wall_s"]) / (o["output_tokens"] / o["wall_s"])
@@ -440,34 +442,35 @@ def engine_counters(url: str, *names: str) -> list[float]:
     return [values[name] for name in names]
 
 
-def prefix_counters(url: str) -> tuple[float, float]:
-    """(prompt tokens found in the engines' prefix caches, looked up), all replicas."""
-    names = ("clusterft_prefix_cache_hits_total", "clusterft_prefix_cache_queries_total")
-    hits, queries = engine_counters(url, *names)
-    return hits, queries
+PREFIX_COUNTERS = ("clusterft_prefix_cache_hits_total", "clusterft_prefix_cache_queries_total")
+STEPS_COUNTER = "clusterft_engine_steps_total"
 
 
-async def settled_steps(url: str, before: float | None) -> float:
-    """The engines' step counter once their stats (sent every 0.2 s) have stopped moving, and have
-    moved past `before` when one is given (a round's steps are all counted)."""
-    last = None
+async def settled(
+    url: str, names: tuple[str, ...], ready: Callable[[list[float], list[float] | None], bool], every_s: float
+) -> list[float]:
+    """`names`' counters once `ready(this read, the read before)` holds (or after 30 s): the
+    replicas send their stats every 0.2 s, so a read right after a round may not cover it yet."""
+    previous = None
     deadline = time.monotonic() + 30
     while True:
-        (steps,) = await asyncio.to_thread(engine_counters, url, "clusterft_engine_steps_total")
-        if (steps == last and (before is None or steps > before)) or time.monotonic() > deadline:
-            return steps
-        last = steps
-        await asyncio.sleep(0.5)
+        values = await asyncio.to_thread(engine_counters, url, *names)
+        if ready(values, previous) or time.monotonic() > deadline:
+            return values
+        previous = values
+        await asyncio.sleep(every_s)
+
+
+async def settled_steps(url: str, before: float) -> float:
+    """The engines' step counter once it has moved past `before` and stopped moving."""
+    (steps,) = await settled(url, (STEPS_COUNTER,), lambda now, last: now == last and now[0] > before, 0.5)
+    return steps
 
 
 async def settled_counters(url: str, expected_queries: float) -> tuple[float, float]:
-    """The counters once every replica's stats (sent every 0.2 s) cover `expected_queries`."""
-    deadline = time.monotonic() + 30
-    while True:
-        hits, queries = await asyncio.to_thread(prefix_counters, url)
-        if queries >= expected_queries or time.monotonic() > deadline:
-            return hits, queries
-        await asyncio.sleep(0.2)
+    """(prefix-cache hits, queries) once every replica's stats cover `expected_queries`."""
+    hits, queries = await settled(url, PREFIX_COUNTERS, lambda now, _: now[1] >= expected_queries, 0.2)
+    return hits, queries
 
 
 async def routed_round(url: str, prompts: list[list[int]], warmup: list[int], args) -> dict:
