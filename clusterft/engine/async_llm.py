@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextvars
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
@@ -148,7 +149,11 @@ class EngineLoop:
         self._streams[request_id] = stream
         self._request_loras[request_id] = lora_name
         if self._task is None or self._task.done():
-            self._task = asyncio.get_running_loop().create_task(self._run())
+            # A context of its own: the loop serves every request, not the one that started it. In a
+            # Serve replica that request's context names its Ray task, which the step thread's Ray
+            # calls (tensor-parallel workers) would inherit as their parent, so a client going away
+            # would cancel them (Ray cancels a cancelled task's children) and fail every request.
+            self._task = asyncio.get_running_loop().create_task(self._run(), context=contextvars.Context())
         sent: dict[int, tuple[int, int]] = {}
         finished = False
         try:
@@ -159,6 +164,14 @@ class EngineLoop:
                 if isinstance(item, dict):  # the engine failed under this request
                     finished = True
                     yield item
+                    return
+                if (
+                    item.finished
+                    and item.finish_message
+                    and all(o.finish_reason == "abort" for o in item.outputs)
+                ):
+                    finished = True  # the engine aborted this request only (its adapter, its sampling)
+                    yield request_error(500, item.finish_message)
                     return
                 finished = item.finished
                 yield self._delta(item, sent, params)

@@ -111,12 +111,18 @@ class BlockPool:
         return blocks
 
     def _maybe_evict_cached_block(self, block: KVCacheBlock) -> None:
-        if block.block_hash is None:
-            return
-        if self.cached_block_hash_to_block.get(block.block_hash) is block:
-            del self.cached_block_hash_to_block[block.block_hash]
+        if block.block_hash is not None and self.uncache(block):
             self.num_evictions += 1
+
+    def uncache(self, block: KVCacheBlock) -> bool:
+        """Forget the block's hash: no lookup finds it any more. True if it was the cached one."""
+        if block.block_hash is None:
+            return False
+        cached = self.cached_block_hash_to_block.get(block.block_hash) is block
+        if cached:
+            del self.cached_block_hash_to_block[block.block_hash]
         block.reset_hash()
+        return cached
 
     def get_cached_block(self, block_hash: int, hash_key: tuple) -> KVCacheBlock | None:
         """The cached block for `block_hash`, if its hashed content really is `hash_key`."""

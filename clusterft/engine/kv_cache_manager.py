@@ -130,6 +130,12 @@ class KVCacheManager:
         self.cpu_block_pool.free_blocks(reversed(self.req_to_cpu_blocks.pop(request.request_id, [])))
         self.num_cached_block.pop(request.request_id, None)
 
+    def uncache_blocks(self, request: Request, from_token: int) -> None:
+        """Take the request's blocks holding token `from_token` and later out of the prefix cache:
+        their KV is not known to match their hashes (written by a step that failed the request)."""
+        for block in self.req_to_blocks.get(request.request_id, [])[from_token // self.block_size :]:
+            self.block_pool.uncache(block)
+
     def get_block_ids(self, request: Request) -> list[int]:
         return [b.block_id for b in self.req_to_blocks.get(request.request_id, [])]
 

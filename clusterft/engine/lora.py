@@ -207,7 +207,9 @@ class LoRAManager:
             self.free_slots.append(slot)
 
     def activate(self, name: str) -> int:
-        """The slot of adapter `name`, loading it (and evicting the least recently used) if needed."""
+        """The slot of adapter `name`, loading it (and evicting the least recently used) if needed.
+        A load reads the adapter's files again, which may have changed since add_lora: it raises
+        (KeyError for a name no longer registered) with the slot left free."""
         if name in self.resident:
             self.resident.move_to_end(name)
             return self.resident[name]
@@ -218,7 +220,12 @@ class LoRAManager:
         else:
             _, slot = self.resident.popitem(last=False)
             self._unload(slot)
-        self._load(name, slot)
+        try:
+            self._load(name, slot)
+        except BaseException:
+            self._unload(slot)  # a half-loaded slot must not serve anyone
+            self.free_slots.append(slot)
+            raise
         self.resident[name] = slot
         self.num_loads += 1
         return slot

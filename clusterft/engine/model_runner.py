@@ -114,7 +114,7 @@ class ModelRunner:
         prefills = [s for s in states if so.num_scheduled_tokens[s.req_id] > 1]
         ordered = decodes + prefills
         input_ids, positions, meta = self._prepare_inputs(ordered, so.num_scheduled_tokens, len(decodes))
-        lora = self._lora_mapping(ordered, so.num_scheduled_tokens)
+        lora, unloadable = self._lora_mapping(ordered, so.num_scheduled_tokens)
         hidden = self.model(input_ids, positions, self.cache_engine.gpu_cache, meta, lora)
         prompt_logprobs = self._prompt_logprobs(hidden, ordered, so.num_scheduled_tokens)
 
@@ -131,6 +131,9 @@ class ModelRunner:
             logits = self.model.compute_logits(hidden[torch.tensor(logits_indices, device=self.device)])
             out = self._sample(logits.cpu(), sample_states, so)
         out.prompt_logprobs = prompt_logprobs
+        for state in ordered:  # their rows ran without the adapter: tokens and KV are not theirs
+            if state.lora_name in unloadable:
+                out.errors[state.req_id] = unloadable[state.lora_name]
         return out
 
     def _prompt_logprobs(
@@ -185,7 +188,7 @@ class ModelRunner:
         sampled = self.sampler(logits[indices] if len(indices) < n else logits, rows, bitmask)
         for row, (i, state) in enumerate(sampling):
             if row in sampled.errors:
-                out.errors[state.req_id] = sampled.errors[row]
+                out.errors[state.req_id] = f"sampling failed for this request ({sampled.errors[row]})"
                 continue
             state.token_ids.append(sampled.token_ids[row])
             out.sampled_token_ids[i] = sampled.token_ids[row]
@@ -266,19 +269,31 @@ class ModelRunner:
 
     def _lora_mapping(
         self, ordered: list[CachedRequestState], num_scheduled: dict[str, int]
-    ) -> LoRAMapping | None:
+    ) -> tuple[LoRAMapping | None, dict[str, str]]:
+        """Which rows each resident adapter applies to, and {name: why} for the adapters that could
+        not be loaded (their files changed or vanished since add_lora, or the name was removed).
+        Those rows still run, on the base model, so that the batch is the same on every
+        tensor-parallel rank whichever of them failed; the runner fails their requests."""
+        unloadable: dict[str, str] = {}
         if self.lora_manager is None or not any(s.lora_name for s in ordered):
-            return None
+            return None, unloadable
         ranges: dict[int, list[torch.Tensor]] = {}
         start = 0
         for state in ordered:
-            n = num_scheduled[state.req_id]
-            if state.lora_name:
-                slot = self.lora_manager.activate(state.lora_name)
-                ranges.setdefault(slot, []).append(torch.arange(start, start + n))
+            n, name = num_scheduled[state.req_id], state.lora_name
+            if name and name not in unloadable:
+                try:
+                    slot = self.lora_manager.activate(name)
+                except Exception as exc:
+                    unloadable[name] = (
+                        f"LoRA adapter {name!r} could not be loaded ({type(exc).__name__}: {exc}); "
+                        "restore its files, or register it again"
+                    )
+                else:
+                    ranges.setdefault(slot, []).append(torch.arange(start, start + n))
             start += n
         groups = []
         for slot, parts in ranges.items():
             index = torch.cat(parts)
             groups.append((slot, None if len(index) == start else index.to(self.device)))
-        return LoRAMapping(groups)
+        return (LoRAMapping(groups) if groups else None), unloadable

@@ -58,7 +58,7 @@ class ModelRunnerOutput:
     sampled_logprobs: list[float]  # log-softmax of the raw logits at the sampled token
     top_logprobs: list[dict[int, float] | None]  # for requests asking for logprobs
     beam_logprobs: dict[str, torch.Tensor] = field(default_factory=dict)  # req_id -> (V,) log-softmax
-    errors: dict[str, str] = field(default_factory=dict)  # req_id -> why sampling it failed
+    errors: dict[str, str] = field(default_factory=dict)  # req_id -> why it failed (sampling, its adapter)
     # req_id -> (index of the first prompt token scored, entries): this step's prompt positions
     prompt_logprobs: dict[str, tuple[int, list[PromptTokenLogprob]]] = field(default_factory=dict)
 

@@ -385,10 +385,16 @@ class Scheduler:
         self, sched_out: SchedulerOutput, runner_out: ModelRunnerOutput
     ) -> SchedulerUpdate:
         update = SchedulerUpdate()
+        # A failed request's KV written this step may not be what its block hashes say (its adapter
+        # did not load): those blocks leave the prefix cache before any request is freed.
+        for req_id in runner_out.errors:
+            if (request := self.requests.get(req_id)) is not None:
+                written_from = request.num_computed_tokens - sched_out.num_scheduled_tokens.get(req_id, 0)
+                self.kv.uncache_blocks(request, written_from)
         for req_id, error in runner_out.errors.items():
             if (request := self.requests.get(req_id)) is not None:  # else a sibling's failure aborted it
                 root = request.parent_id or req_id
-                update.failed[root] = f"sampling failed for this request ({error}); it was aborted"
+                update.failed[root] = f"{error}; it was aborted"
                 self.finish_requests(root, RequestStatus.FINISHED_ABORTED)  # its siblings share its params
         for req_id, (first, entries) in runner_out.prompt_logprobs.items():
             request = self.requests.get(req_id)

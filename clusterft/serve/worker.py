@@ -84,7 +84,9 @@ class TPWorker:
         self.runner = build_model_runner(self.model, self.config, num_gpu_blocks, num_cpu_blocks, self.pc)
         return True
 
-    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | None:
+    def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput | dict[str, str]:
+        """Rank 0's output; another rank's failed requests (an adapter it could not load while rank 0
+        could), which the group adds to rank 0's."""
         out = self.runner.execute_model(so)
         if self.world_size > 1 and out.req_ids:
             sampled = torch.tensor([-1 if t is None else t for t in out.sampled_token_ids], dtype=torch.long)
@@ -93,7 +95,7 @@ class TPWorker:
                 for req_id, token_id in zip(out.req_ids, sampled.tolist(), strict=True):
                     if token_id >= 0:
                         self.runner.requests[req_id].token_ids[-1] = token_id
-        return out if self.rank == 0 else None
+        return out if self.rank == 0 else out.errors
 
     def add_lora(self, name: str, path: str) -> None:
         self.runner.lora_manager.add_lora(name, path)
@@ -191,7 +193,11 @@ class WorkerGroup(Executor):
         return ray.get(refs)
 
     def execute_model(self, so: SchedulerOutput) -> ModelRunnerOutput:
-        return self.call("execute_model", so)[0]
+        out, *others = self.call("execute_model", so)
+        for errors in others:
+            for req_id, error in errors.items():
+                out.errors.setdefault(req_id, error)
+        return out
 
     def check_health(self) -> None:
         self.call("ping")

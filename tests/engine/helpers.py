@@ -78,3 +78,18 @@ def make_adapter(base_dir, out_dir, seed):
                 p.normal_(0, 0.5)
     peft_model.save_pretrained(out_dir)
     return out_dir, peft_model.eval()
+
+
+FAILING_REQUEST = "boom"  # a step that schedules this request id raises (failing_forward)
+
+
+def failing_forward(execute_model):
+    """ModelRunner.execute_model that raises, as a device out of memory or a kernel error would, on
+    a step that schedules the request FAILING_REQUEST: a fault of the whole step, not of one request."""
+
+    def execute(runner, so):
+        if FAILING_REQUEST in so.num_scheduled_tokens:
+            raise RuntimeError("the forward pass failed (injected)")
+        return execute_model(runner, so)
+
+    return execute

@@ -7,14 +7,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import shutil
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
 from clusterft.engine import LLMEngine, SamplingParams
 from clusterft.engine.async_llm import EngineLoop
-from tests.engine.helpers import random_prompts
+from clusterft.engine.lora import ADAPTER_WEIGHTS
+from tests.engine.helpers import hf_greedy, random_prompts
 
 PROMPT = [5, 17, 42, 9, 33, 8]
 
@@ -180,3 +183,39 @@ def test_requests_arriving_mid_step_neither_block_the_loop_nor_escape_their_chec
         return [chunk async for chunk in stream]
 
     asyncio.run(main())
+
+
+def test_a_request_the_engine_fails_alone_ends_in_an_error_and_the_others_stream_on(
+    llama_dir, adapters, tmp_path
+):
+    """A request whose adapter no longer loads (its weights vanished after registration) ends in one
+    500 error naming the adapter, as the HTTP edge sends it; a base-model request in the same steps
+    streams to its end, and the engine is not rebuilt (the step did not fail)."""
+    broken = Path(shutil.copytree(adapters["a"][0], tmp_path / "broken"))
+    built = []
+
+    def factory() -> LLMEngine:
+        built.append(LLMEngine(llama_dir, num_gpu_blocks=64, lora_modules=[("broken", str(broken))]))
+        return built[-1]
+
+    loop = EngineLoop(factory, base_model="tiny", adapters={"broken": str(broken)})
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+
+    (broken / ADAPTER_WEIGHTS).unlink()  # after the engine registered it
+
+    async def run() -> tuple[list[dict], list[dict]]:
+        return await asyncio.gather(
+            collected(loop.generate("base", PROMPT, params, "tiny")),
+            collected(loop.generate("lora", PROMPT, params, "broken")),
+        )
+
+    base, lora = asyncio.run(run())
+    assert len(built) == 1 and loop.num_engine_failures == 0
+    assert joined(base)[0]["token_ids"] == hf_greedy(llama_dir, PROMPT, 8) and base[-1]["finished"]
+    [error] = lora
+    assert error["error"]["status"] == 500
+    assert error["error"]["message"].startswith("LoRA adapter 'broken' could not be loaded (FileNotFound")
+
+
+async def collected(stream) -> list[dict]:
+    return [chunk async for chunk in stream]

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -20,8 +21,11 @@ import pytest
 from clusterft.engine import EngineConfig, LLMEngine, SamplingParams
 from clusterft.engine.async_llm import EngineLoop
 from clusterft.engine.core_process import EngineCoreClient
+from clusterft.engine.model_runner import ModelRunner
 from clusterft.engine.outputs import RequestOutput
-from tests.engine.helpers import random_prompts
+from tests.engine.helpers import FAILING_REQUEST, failing_forward, random_prompts
+
+ROOT = Path(__file__).resolve().parents[2]  # the repo: the child's sitecustomize imports tests.engine
 
 CONFIG = EngineConfig(num_gpu_blocks=256, max_model_len=128, max_num_seqs=16)
 
@@ -140,36 +144,38 @@ def test_refusals_come_with_the_next_step_and_the_child_serves_on(client, llama_
     assert chunk["error"]["status"] == 400 and "max_model_len" in chunk["error"]["message"]
 
 
-def test_a_step_that_raises_is_raised_by_step_and_the_child_takes_nothing_more(llama_dir, adapters, tmp_path):
-    """A registered adapter whose weights vanish before its first use (shared storage cleaned up
-    under a replica) makes LLMEngine.step raise when it loads them. The child reports that step as
-    failed: the client's step() raises the same error, and the child steps no more and takes no
-    more requests (EngineLoop rebuilds the engine), yet still answers calls."""
-    import shutil
+def test_a_step_that_raises_is_raised_by_step_and_the_child_takes_nothing_more(
+    llama_dir, tmp_path, monkeypatch
+):
+    """A step whose forward pass raises (what a device out of memory looks like; injected into the
+    child at its start through sitecustomize) is reported as failed: the client's step() raises the
+    error the in-process engine raises, and the child steps no more and takes no more requests
+    (EngineLoop rebuilds the engine), yet still answers calls."""
+    params = SamplingParams(max_tokens=4)
+    with monkeypatch.context() as patch:
+        patch.setattr(ModelRunner, "execute_model", failing_forward(ModelRunner.execute_model))
+        in_process = LLMEngine(llama_dir, CONFIG)
+        in_process.add_request(FAILING_REQUEST, [5, 6, 7], params)
+        with pytest.raises(RuntimeError) as expected:
+            in_process.step()
 
-    from clusterft.engine.lora import ADAPTER_WEIGHTS
-
-    def vanishing(name: str) -> str:
-        where = tmp_path / name
-        shutil.copytree(adapters["a"][0], where)
-        return str(where)
-
-    in_process = LLMEngine(llama_dir, CONFIG)
-    in_process.add_lora("gone", vanishing("in_process"))
-    (tmp_path / "in_process" / ADAPTER_WEIGHTS).unlink()
-    in_process.add_request("r", [5, 6, 7], SamplingParams(max_tokens=4), lora_name="gone")
-    with pytest.raises(FileNotFoundError) as expected:
-        in_process.step()
-
+    (tmp_path / "sitecustomize.py").write_text(
+        textwrap.dedent(f"""
+            import sys
+            sys.path.insert(0, {str(ROOT)!r})
+            from clusterft.engine.model_runner import ModelRunner
+            from tests.engine.helpers import failing_forward
+            ModelRunner.execute_model = failing_forward(ModelRunner.execute_model)
+        """)
+    )
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))
     client = EngineCoreClient(llama_dir, CONFIG)
     try:
-        client.add_lora("gone", vanishing("child"))
-        (tmp_path / "child" / ADAPTER_WEIGHTS).unlink()
-        client.add_request("r", [5, 6, 7], SamplingParams(max_tokens=4), lora_name="gone")
-        with pytest.raises(FileNotFoundError) as raised:
+        client.add_request(FAILING_REQUEST, [5, 6, 7], params)
+        with pytest.raises(RuntimeError) as raised:
             client.step()
-        assert str(raised.value) == str(expected.value).replace("in_process", "child")
-        client.add_request("later", [5, 6, 7], SamplingParams(max_tokens=4))
+        assert str(raised.value) == str(expected.value) == "the forward pass failed (injected)"
+        client.add_request("later", [5, 6, 7], params)
         assert client.step() == []  # the child saw it (no wait), and dropped it
         stats = client.get_stats()
         assert (stats.num_running, stats.num_waiting, stats.num_steps) == (1, 0, 0)

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from clusterft.engine import LLM, LLMEngine, SamplingParams
 from clusterft.engine.async_llm import EngineLoop
+from clusterft.engine.lora import ADAPTER_WEIGHTS
 from tests.engine.helpers import hf_greedy, random_prompts
 
 
@@ -48,6 +49,49 @@ def test_base_and_two_adapters_in_one_batch_match_peft(llama_dir, adapters):
         ref = hf_greedy(llama_dir, prompt, 16) if name is None else peft_greedy(adapters[name][1], prompt, 16)
         assert tokens == ref
     assert outputs[1] != hf_greedy(llama_dir, prompts[1], 16)  # the adapter changes the output
+
+
+@pytest.mark.parametrize("fault", ["vanished", "truncated"])
+def test_an_adapter_that_no_longer_loads_fails_only_its_requests(llama_dir, adapters, tmp_path, fault):
+    """An adapter whose weights vanish or are cut short after add_lora (shared storage cleaned or
+    rewritten under a replica) fails only its own requests, with a message naming it and the fix;
+    the base-model and other-adapter requests of the same steps get the tokens they get alone. The KV
+    computed for the failed requests without their adapter leaves the prefix cache: once the files
+    are back, the same prompt gets the adapter's own tokens, computed afresh."""
+    broken = Path(shutil.copytree(adapters["a"][0], tmp_path / "broken"))
+    file = broken / ADAPTER_WEIGHTS
+    good = file.read_bytes()
+    llm = LLM(
+        llama_dir, num_gpu_blocks=64, max_loras=1,
+        lora_modules=[("broken", str(broken)), ("b", str(adapters["b"][0]))],
+    )  # fmt: skip
+    if fault == "vanished":
+        file.unlink()
+    else:
+        file.write_bytes(good[:-100])
+    prompts = random_prompts([40, 14, 20, 33], seed=32)
+    names = ["broken", None, "b", "broken"]
+    params = SamplingParams(temperature=0, max_tokens=12)
+    engine = llm.engine
+    for i, (prompt, name) in enumerate(zip(prompts, names, strict=True)):
+        engine.add_request(f"r{i}", prompt, params, lora_name=name)
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update((out.request_id, out) for out in engine.step() if out.finished)
+    error = "FileNotFoundError: " if fault == "vanished" else "ValueError: "
+    for i in (0, 3):
+        failed = finished[f"r{i}"]
+        assert [o.finish_reason for o in failed.outputs] == ["abort"]
+        assert failed.finish_message.startswith(f"LoRA adapter 'broken' could not be loaded ({error}")
+        assert failed.finish_message.endswith("restore its files, or register it again; it was aborted")
+    assert finished["r1"].outputs[0].token_ids == hf_greedy(llama_dir, prompts[1], 12)
+    assert finished["r2"].outputs[0].token_ids == peft_greedy(adapters["b"][1], prompts[2], 12)
+    assert engine.resident_adapters() == ["b"]  # the failed load left no half-filled slot
+
+    file.write_bytes(good)
+    again = llm.generate(prompts[0], params, lora_name="broken")[0]
+    assert again.num_cached_tokens == 0
+    assert again.outputs[0].token_ids == peft_greedy(adapters["a"][1], prompts[0], 12)
 
 
 def test_adapter_prefix_cache_is_separate_from_base(llama_dir, adapters):

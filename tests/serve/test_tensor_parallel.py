@@ -4,12 +4,15 @@ queue limit's 503, and a killed worker failing only the requests in flight befor
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
+from pathlib import Path
 
 import httpx
 import openai
 import pytest
 
+from clusterft.engine.lora import ADAPTER_WEIGHTS
 from tests.serve.conftest import ENGINE, make_spec, offline_texts, running_app
 
 pytestmark = pytest.mark.slow
@@ -19,13 +22,19 @@ SMALL = ENGINE.model_copy(update={"max_num_seqs": 2})
 
 
 @pytest.fixture(scope="module")
-def url(tiny_llama, tiny_adapter):
+def fragile(tiny_adapter, tmp_path_factory) -> Path:
+    """A copy of tiny_adapter that a test breaks after the app registered it, then mends."""
+    return Path(shutil.copytree(tiny_adapter, tmp_path_factory.mktemp("fragile") / "fragile"))
+
+
+@pytest.fixture(scope="module")
+def url(tiny_llama, tiny_adapter, fragile):
     spec = make_spec(
         tiny_llama,
         tensor_parallel_size=2,
         engine=SMALL,
         max_queued_requests=2,
-        adapters={"ada": str(tiny_adapter)},
+        adapters={"ada": str(tiny_adapter), "fragile": str(fragile)},
         health_check_period_s=2,
     )
     with running_app(spec) as base:
@@ -38,6 +47,44 @@ def test_tp2_equals_tp1(url, tiny_llama, tiny_adapter):
     assert [c.text for c in got.choices] == offline_texts(tiny_llama, PROMPTS[:2], 6)
     ada = client.completions.create(model="ada", prompt=PROMPTS[0], max_tokens=6, temperature=0)
     assert [ada.choices[0].text] == offline_texts(tiny_llama, PROMPTS[:1], 6, lora=("ada", tiny_adapter))
+
+
+def test_an_adapter_whose_weights_vanish_fails_only_its_requests(url, tiny_llama, tiny_adapter, fragile):
+    """Both ranks fail to load an adapter whose weights vanished after registration: its request is a
+    500 naming it, while a base-model request in the same steps is served; once the weights are back,
+    the adapter serves its own outputs. Three rounds: when the failing request was the one that
+    started the engine's step loop, the ingress leaving its stream once cancelled the loop's worker
+    calls too (the base request got a 503), and which request starts the loop varies."""
+    weights = fragile / ADAPTER_WEIGHTS
+    good = weights.read_bytes()
+    weights.unlink()
+
+    async def both():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        f"{url}/v1/completions",
+                        json={"model": model, "prompt": PROMPTS[0], "max_tokens": 6, "temperature": 0},
+                    )
+                    for model in ("fragile", "tiny")
+                )
+            )
+
+    try:
+        rounds = [asyncio.run(both()) for _ in range(3)]
+    finally:
+        weights.write_bytes(good)
+    for broken, base in rounds:
+        assert broken.status_code == 500, broken.text
+        assert broken.json()["error"]["message"].startswith(
+            "LoRA adapter 'fragile' could not be loaded (FileNotFound"
+        )
+        assert base.status_code == 200, base.text
+        assert [base.json()["choices"][0]["text"]] == offline_texts(tiny_llama, PROMPTS[:1], 6)
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused")
+    mended = client.completions.create(model="fragile", prompt=PROMPTS[0], max_tokens=6, temperature=0)
+    assert [mended.choices[0].text] == offline_texts(tiny_llama, PROMPTS[:1], 6, lora=("ada", tiny_adapter))
 
 
 def test_queue_over_limit_is_503_with_retry_after(url):
