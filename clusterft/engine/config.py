@@ -29,6 +29,7 @@ class EngineConfig:
     preemption_mode: PreemptionMode = "auto"  # auto: swap while the CPU pool has room, else recompute
     enable_prefix_caching: bool = True
     max_loras: int = 4  # adapters resident at once (LRU beyond)
+    max_cpu_loras: int | None = None  # adapters whose checked weights stay in host memory; None: max_loras
     lora_modules: tuple[tuple[str, str], ...] = ()  # (name, peft adapter dir) registered at start-up
     quantization: Literal["int8"] | None = None  # weight-only int8 on linear layers
     quant_group_size: int = 128
@@ -73,6 +74,11 @@ class EngineConfig:
             raise ValueError(f"quant_group_size must be >= 1, got {self.quant_group_size}")
         if self.max_loras < 1:
             raise ValueError(f"max_loras must be >= 1, got {self.max_loras}")
+        if self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras:
+            raise ValueError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras}): every "
+                "resident adapter is also kept in host memory; raise it or leave it unset"
+            )
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32|bfloat16|float16, got {self.dtype!r}")
         if self.device not in ("cpu", "cuda"):

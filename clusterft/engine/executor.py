@@ -92,7 +92,9 @@ def build_model_runner(
         args.num_layers, args.num_kv_heads // pc.tp_size, args.head_dim, config.block_size,
         num_gpu_blocks, num_cpu_blocks, dtype, config.device,
     )  # fmt: skip
-    lora_manager = LoRAManager(model, config.max_loras, torch.device(config.device), dtype, pc)
+    lora_manager = LoRAManager(
+        model, config.max_loras, torch.device(config.device), dtype, pc, config.max_cpu_loras
+    )
     for name, path in config.lora_modules:
         lora_manager.add_lora(name, path)
     return ModelRunner(

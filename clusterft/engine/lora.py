@@ -7,7 +7,9 @@ On a tensor-parallel shard each adapter is sliced like the weights it adapts (se
 
 An adapter is read and checked against the base model when it is registered (`read_adapter`: rank,
 target modules, every weight's key, shape and values), so a broken one is refused with the reason
-instead of crashing the first step that uses it.
+instead of crashing the first step that uses it; the checked weights stay in a host-memory LRU cache
+(`max_cpu_loras`) from which slots are filled. One read again later (out of the cache) that fails
+fails only the requests of that adapter (ModelRunner._lora_mapping).
 """
 
 from __future__ import annotations
@@ -173,7 +175,22 @@ def _full_sizes(model, layer: int, proj: str, pc: ParallelContext) -> tuple[int,
     return packed.in_features, (end - start) * pc.tp_size
 
 
+@dataclass
+class _HostAdapter:
+    """An adapter ready to be made resident: peft's scale, and per adapted projection its packed
+    layer, output columns [start, end) there, and this rank's A and B in the model's dtype."""
+
+    scale: float
+    pairs: list[tuple[object, int, int, torch.Tensor, torch.Tensor]]
+
+
 class LoRAManager:
+    """Adapters by name: `max_loras` resident in slots on the device (LRU), and the checked weights of
+    up to `max_cpu_loras` kept in host memory (LRU; vLLM's max_cpu_loras), already sliced for this
+    tensor-parallel rank and cast to the model's dtype. Making a cached adapter resident reads no file:
+    an LRU swap costs no disk read or check inside a step, and it serves the weights add_lora checked
+    even if the files change or vanish later. An adapter out of the cache is read and checked again."""
+
     def __init__(
         self,
         model,
@@ -181,26 +198,35 @@ class LoRAManager:
         device: torch.device,
         dtype: torch.dtype,
         pc: ParallelContext | None = None,
+        max_cpu_loras: int | None = None,
     ) -> None:
         self.model = model
         self.max_loras = max_loras
+        self.max_cpu_loras = max_loras if max_cpu_loras is None else max_cpu_loras
+        assert self.max_cpu_loras >= max_loras, "every resident adapter fits the host cache"
         self.device = device
         self.dtype = dtype
         self.pc = pc or ParallelContext()
         self.paths: dict[str, Path] = {}
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self.free_slots = list(range(max_loras))
-        self.num_loads = 0
+        self.host: OrderedDict[str, _HostAdapter] = OrderedDict()  # least recently used first
+        self.num_loads = 0  # adapters made resident
+        self.num_reads = 0  # adapters read from their files (registration included)
 
     def add_lora(self, name: str, path: str | Path) -> None:
         """Register a peft adapter dir under `name` once it is read and checked against the model
-        (`read_adapter`: ValueError / FileNotFoundError naming the problem); loaded on first use."""
-        read_adapter(name, path, self.model, self.pc)
+        (`read_adapter`: ValueError / FileNotFoundError naming the problem); made resident on first
+        use. A name registered again serves the new adapter from its next use on."""
+        host = self._read(name, path)
+        self.remove_lora(name)
         self.paths[name] = Path(path)
+        self._cache(name, host)
 
     def remove_lora(self, name: str) -> None:
         """Forget adapter `name` and free its slot if it is resident."""
         self.paths.pop(name, None)
+        self.host.pop(name, None)
         slot = self.resident.pop(name, None)
         if slot is not None:
             self._unload(slot)
@@ -208,8 +234,8 @@ class LoRAManager:
 
     def activate(self, name: str) -> int:
         """The slot of adapter `name`, loading it (and evicting the least recently used) if needed.
-        A load reads the adapter's files again, which may have changed since add_lora: it raises
-        (KeyError for a name no longer registered) with the slot left free."""
+        An adapter no longer in the host cache is read from its files again, which may have changed
+        since add_lora: it raises (KeyError for a name no longer registered) with the slot left free."""
         if name in self.resident:
             self.resident.move_to_end(name)
             return self.resident[name]
@@ -238,13 +264,32 @@ class LoRAManager:
             module.loras.pop(slot, None)
 
     def _load(self, name: str, slot: int) -> None:
-        adapter = read_adapter(name, self.paths[name], self.model, self.pc)
+        host = self.host.get(name)
+        if host is None:
+            host = self._read(name, self.paths[name])
+            self._cache(name, host)
+        self.host.move_to_end(name)
+        for packed, start, end, a, b in host.pairs:
+            packed.loras.setdefault(slot, []).append(
+                (a.to(self.device), b.to(self.device), host.scale, start, end)
+            )
+
+    def _read(self, name: str, path: str | Path) -> _HostAdapter:
+        """Adapter `name` read, checked, sliced for this rank and cast, in host memory."""
+        adapter = read_adapter(name, path, self.model, self.pc)
+        self.num_reads += 1
+        pairs = []
         for (layer, proj), (a, b) in adapter.pairs.items():
             packed = getattr(getattr(self.model.layers[layer], _BLOCK_OF[proj]), _PACKED_INTO[proj])
             start, end = packed.offsets[proj]
             a, b = self._shard(proj, a, b)
-            lora = (a.to(self.device, self.dtype), b.to(self.device, self.dtype), adapter.scale, start, end)
-            packed.loras.setdefault(slot, []).append(lora)
+            pairs.append((packed, start, end, a.to(dtype=self.dtype), b.to(dtype=self.dtype)))
+        return _HostAdapter(adapter.scale, pairs)
+
+    def _cache(self, name: str, host: _HostAdapter) -> None:
+        self.host[name] = host
+        while len(self.host) > self.max_cpu_loras:
+            self.host.popitem(last=False)
 
     def _shard(self, proj: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's part of A (r, in) and B (out, r): the B rows of its output slice for

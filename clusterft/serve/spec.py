@@ -46,6 +46,12 @@ class EngineSettings(Section):
         default="auto", description="What happens to a request preempted when blocks run out."
     )
     max_loras: int = Field(default=4, ge=1, description="LoRA adapters resident at once (LRU beyond).")
+    max_cpu_loras: int | None = Field(
+        default=None,
+        ge=1,
+        description="LoRA adapters whose checked weights stay in host memory, so that making one "
+        "resident reads no file (LRU beyond; vLLM's max_cpu_loras); None: max_loras. At least max_loras.",
+    )
     quantization: Literal["int8"] | None = Field(default=None, description="Weight-only int8 linears.")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32", description="Weights/KV dtype."

@@ -188,17 +188,19 @@ def test_requests_arriving_mid_step_neither_block_the_loop_nor_escape_their_chec
 def test_a_request_the_engine_fails_alone_ends_in_an_error_and_the_others_stream_on(
     llama_dir, adapters, tmp_path
 ):
-    """A request whose adapter no longer loads (its weights vanished after registration) ends in one
-    500 error naming the adapter, as the HTTP edge sends it; a base-model request in the same steps
-    streams to its end, and the engine is not rebuilt (the step did not fail)."""
+    """A request whose adapter no longer loads (its weights vanished after registration, and the
+    adapter registered after it took its one host-cache place) ends in one 500 error naming the
+    adapter, as the HTTP edge sends it; a base-model request in the same steps streams to its end,
+    and the engine is not rebuilt (the step did not fail)."""
     broken = Path(shutil.copytree(adapters["a"][0], tmp_path / "broken"))
     built = []
 
     def factory() -> LLMEngine:
-        built.append(LLMEngine(llama_dir, num_gpu_blocks=64, lora_modules=[("broken", str(broken))]))
+        built.append(LLMEngine(llama_dir, num_gpu_blocks=64, max_loras=1, lora_modules=list(served.items())))
         return built[-1]
 
-    loop = EngineLoop(factory, base_model="tiny", adapters={"broken": str(broken)})
+    served = {"broken": str(broken), "other": str(adapters["b"][0])}
+    loop = EngineLoop(factory, base_model="tiny", adapters=served)
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
 
     (broken / ADAPTER_WEIGHTS).unlink()  # after the engine registered it

@@ -51,13 +51,41 @@ def test_base_and_two_adapters_in_one_batch_match_peft(llama_dir, adapters):
     assert outputs[1] != hf_greedy(llama_dir, prompts[1], 16)  # the adapter changes the output
 
 
+def test_cached_adapters_become_resident_without_reading_their_files(llama_dir, adapters, tmp_path):
+    """max_cpu_loras keeps checked weights in host memory: with one slot and both adapters cached,
+    alternating them swaps the slot four times but reads each adapter's files once (at add_lora),
+    so the files may even vanish meanwhile; the outputs are peft's. A name registered again serves
+    its new adapter."""
+    copies = {n: Path(shutil.copytree(adapters[n][0], tmp_path / n)) for n in ("a", "b")}
+    llm = LLM(
+        llama_dir, num_gpu_blocks=64, max_loras=1, max_cpu_loras=2,
+        lora_modules=[(n, str(p)) for n, p in copies.items()],
+    )  # fmt: skip
+    for path in copies.values():
+        shutil.rmtree(path)
+    prompt = random_prompts([12], seed=33)[0]
+    params = SamplingParams(temperature=0, max_tokens=8)
+    for name in ["a", "b", "a", "b"]:
+        got = llm.generate(prompt, params, lora_name=name)[0].outputs[0].token_ids
+        assert got == peft_greedy(adapters[name][1], prompt, 8)
+    manager = llm.engine.lora_manager
+    assert (manager.num_loads, manager.num_reads) == (4, 2)
+
+    llm.engine.add_lora("b", str(adapters["a"][0]))  # "b" resident now: its slot must not serve on
+    got = llm.generate(prompt, params, lora_name="b")[0].outputs[0].token_ids
+    assert got == peft_greedy(adapters["a"][1], prompt, 8)
+    with pytest.raises(ValueError, match=r"max_cpu_loras \(1\) must be >= max_loras \(2\)"):
+        LLM(llama_dir, num_gpu_blocks=64, max_loras=2, max_cpu_loras=1)
+
+
 @pytest.mark.parametrize("fault", ["vanished", "truncated"])
 def test_an_adapter_that_no_longer_loads_fails_only_its_requests(llama_dir, adapters, tmp_path, fault):
     """An adapter whose weights vanish or are cut short after add_lora (shared storage cleaned or
     rewritten under a replica) fails only its own requests, with a message naming it and the fix;
     the base-model and other-adapter requests of the same steps get the tokens they get alone. The KV
     computed for the failed requests without their adapter leaves the prefix cache: once the files
-    are back, the same prompt gets the adapter's own tokens, computed afresh."""
+    are back, the same prompt gets the adapter's own tokens, computed afresh. (One host-cache place:
+    "b", registered after it, pushed "broken" out, so its first use reads its files.)"""
     broken = Path(shutil.copytree(adapters["a"][0], tmp_path / "broken"))
     file = broken / ADAPTER_WEIGHTS
     good = file.read_bytes()

@@ -18,7 +18,7 @@ from tests.serve.conftest import ENGINE, make_spec, offline_texts, running_app
 pytestmark = pytest.mark.slow
 
 PROMPTS = [f"count {i} and" for i in range(8)]
-SMALL = ENGINE.model_copy(update={"max_num_seqs": 2})
+SMALL = ENGINE.model_copy(update={"max_num_seqs": 2, "max_loras": 1})
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,8 @@ def url(tiny_llama, tiny_adapter, fragile):
         tensor_parallel_size=2,
         engine=SMALL,
         max_queued_requests=2,
-        adapters={"ada": str(tiny_adapter), "fragile": str(fragile)},
+        # fragile first: ada, registered after it, takes the one host-cache place (max_cpu_loras)
+        adapters={"fragile": str(fragile), "ada": str(tiny_adapter)},
         health_check_period_s=2,
     )
     with running_app(spec) as base:
@@ -50,7 +51,8 @@ def test_tp2_equals_tp1(url, tiny_llama, tiny_adapter):
 
 
 def test_an_adapter_whose_weights_vanish_fails_only_its_requests(url, tiny_llama, tiny_adapter, fragile):
-    """Both ranks fail to load an adapter whose weights vanished after registration: its request is a
+    """Both ranks fail to load an adapter whose weights vanished after registration (out of the host
+    cache, it is read again at its first use): its request is a
     500 naming it, while a base-model request in the same steps is served; once the weights are back,
     the adapter serves its own outputs. Three rounds: when the failing request was the one that
     started the engine's step loop, the ingress leaving its stream once cancelled the loop's worker
