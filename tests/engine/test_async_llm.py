@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from clusterft.engine import LLMEngine, SamplingParams
+from clusterft.engine import EngineConfig, LLMEngine, SamplingParams
 from clusterft.engine.async_llm import EngineLoop
+from clusterft.engine.core_process import EngineCoreClient
 from clusterft.engine.lora import ADAPTER_WEIGHTS
 from tests.engine.helpers import hf_greedy, random_prompts
 
@@ -185,18 +186,23 @@ def test_requests_arriving_mid_step_neither_block_the_loop_nor_escape_their_chec
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("where", ["in_process", "child"])
 def test_a_request_the_engine_fails_alone_ends_in_an_error_and_the_others_stream_on(
-    llama_dir, adapters, tmp_path
+    llama_dir, adapters, tmp_path, where
 ):
     """A request whose adapter no longer loads (its weights vanished after registration, and the
     adapter registered after it took its one host-cache place) ends in one 500 error naming the
     adapter, as the HTTP edge sends it; a base-model request in the same steps streams to its end,
-    and the engine is not rebuilt (the step did not fail)."""
+    and the engine is not rebuilt (the step did not fail). The same with the engine in a child
+    process (engine_process), whose outputs carry the abort's message."""
     broken = Path(shutil.copytree(adapters["a"][0], tmp_path / "broken"))
     built = []
 
-    def factory() -> LLMEngine:
-        built.append(LLMEngine(llama_dir, num_gpu_blocks=64, max_loras=1, lora_modules=list(served.items())))
+    def factory() -> LLMEngine | EngineCoreClient:
+        config = EngineConfig(num_gpu_blocks=64, max_loras=1, lora_modules=tuple(served.items()))
+        built.append(
+            LLMEngine(llama_dir, config) if where == "in_process" else EngineCoreClient(llama_dir, config)
+        )
         return built[-1]
 
     served = {"broken": str(broken), "other": str(adapters["b"][0])}
@@ -211,7 +217,10 @@ def test_a_request_the_engine_fails_alone_ends_in_an_error_and_the_others_stream
             collected(loop.generate("lora", PROMPT, params, "broken")),
         )
 
-    base, lora = asyncio.run(run())
+    try:
+        base, lora = asyncio.run(run())
+    finally:
+        loop.shutdown()
     assert len(built) == 1 and loop.num_engine_failures == 0
     assert joined(base)[0]["token_ids"] == hf_greedy(llama_dir, PROMPT, 8) and base[-1]["finished"]
     [error] = lora
