@@ -251,10 +251,12 @@ class Reconciler:
 
     def __init__(self, follower: ModelFollower) -> None:
         self.follower = follower
+        self.record_epoch = 0  # bumped by forget_record: an apply begun before then reports nothing
         self.forget_record()
 
     def forget_record(self) -> None:
         """Start over with a new record (the old one is gone): its generations are not the old's."""
+        self.record_epoch += 1
         self.applied = -1  # -1: never synced; the first desired state is always applied
         self.errors: list[str] = []
         self.reload_result: dict[str, Any] | None = None  # of the last reload run; None: none yet
@@ -278,7 +280,14 @@ class Reconciler:
     async def apply(self, desired: dict[str, Any]) -> None:
         errors: list[str] = []
         if self._runs_reload(desired):
-            self.reload_result = await self.follower.reload(desired["reload_ref"])
+            epoch = self.record_epoch
+            result = await self.follower.reload(desired["reload_ref"])
+            if epoch != self.record_epoch:
+                # The record was lost during the reload: this state was the old record's. Writing its
+                # generation back would tell the new record a state it never had was applied (its own
+                # changes up to that generation would then never reach this replica).
+                return
+            self.reload_result = result
             if self.reload_result["error"]:
                 errors.append(f"could not load {self.reload_result['error']}")
         self._reload_seen = desired["reload_generation"]

@@ -151,3 +151,35 @@ def test_record_reads_runtime_adapters_only_from_under_the_adapter_roots(tmp_pat
     assert state.generation == 0
     assert state.add_adapter("a", str(root / "team")) == 1
     assert state.add_adapter("b", str(root)) == 2  # the root itself
+
+
+def test_an_apply_under_way_when_the_record_is_lost_reports_nothing_to_the_new_record(
+    tiny_llama, tiny_adapter
+):
+    """The record (a detached actor) can die while a replica is running a reload of its state; the
+    replica then starts over with a new record (forget_record). The old apply must not write its
+    generation back when it ends: the new record would take that generation as applied and never
+    send the replica its own changes up to it."""
+    spec = make_spec(tiny_llama)
+    old = AdminState("tiny", {}, adapter_roots=(str(tiny_adapter.parent),))
+    r = replica(spec)
+
+    async def main() -> None:
+        await sync(old, "a", r, now=0)
+        old.reload(None)
+        for _ in range(3):  # the old record's generation runs ahead of the new one's
+            old.add_adapter("x", str(tiny_adapter))
+            old.remove_adapter("x")
+        desired = old.sync("a", r.applied, r.errors, r.reload_result, now=1)
+        applying = asyncio.get_running_loop().create_task(r.apply(desired))
+        await asyncio.sleep(0)  # the reload is under way (resolving the version in a thread)
+        r.forget_record()  # the record is gone; a new one starts from the spec
+        await applying
+        assert (r.applied, r.reload_result) == (-1, None)
+
+        new = AdminState("tiny", {}, adapter_roots=(str(tiny_adapter.parent),))
+        added = new.add_adapter("ada", str(tiny_adapter))
+        await sync(new, "a", r, now=2)
+        assert r.applied == added and served(r) == {"ada": str(tiny_adapter)}
+
+    asyncio.run(main())
