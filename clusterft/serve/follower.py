@@ -90,7 +90,11 @@ class ModelFollower:
         self._retiring: list[_Serving] = []
         self._switch_lock = asyncio.Lock()  # one version is built at a time
         self._watch = AliasWatch(spec.registry) if spec.registry is not None else None
-        self._failed_target: str | None = None  # not retried by polling until the alias moves again
+        # The alias's (target, number of moves) at the last poll: polling switches only when the alias
+        # moves, so a version pinned by a reload (POST /v1/admin/reload {"version"}) stays until the
+        # alias moves again (even away and back), and a target that failed to load is not retried
+        # every poll.
+        self._alias_seen = (model.version, self._watch.moves()) if self._watch is not None else None
         self.num_switches = 0
         self.num_load_failures = 0
         self.last_error: str | None = None
@@ -188,20 +192,21 @@ class ModelFollower:
         while True:
             await asyncio.sleep(self.spec.registry.poll_interval_s)
             try:
-                target, split = await asyncio.to_thread(self._read_registry)
+                target, moves, split = await asyncio.to_thread(self._read_registry)
             except Exception as exc:  # a half-written file on a flaky mount: look again next poll
                 logger.warning("could not read the registry alias: %s", exc)
                 continue
-            if target is not None and target not in (self.version, self._failed_target):
+            moved, self._alias_seen = (target, moves) != self._alias_seen, (target, moves)
+            if target is not None and moved and target != self.version:
                 await self.reload(target)
             if split is not None:
                 await self.follow_split(split)
 
-    def _read_registry(self) -> tuple[str | None, TrafficSplit | None]:
-        """One poll, in a thread: the followed alias's target and, following production, the traffic
-        split (one stat of the aliases file; a read only when it changed)."""
+    def _read_registry(self) -> tuple[str | None, int, TrafficSplit | None]:
+        """One poll, in a thread: the followed alias's target and number of moves and, following
+        production, the traffic split (one stat of the aliases file; a read only when it changed)."""
         assert self._watch is not None
-        return self._watch.target(), self._watch.split()
+        return self._watch.target(), self._watch.moves(), self._watch.split()
 
     # ---- the canary ------------------------------------------------------------------------------
     async def follow_split(self, split: TrafficSplit) -> None:
@@ -305,7 +310,6 @@ class ModelFollower:
                 self.num_load_failures += 1
                 target = model.version if model is not None else ref or "the alias target"
                 self.last_error = f"{target}: {type(exc).__name__}: {exc}"
-                self._failed_target = model.version if model is not None else ref
                 logger.error("could not load %s; still serving %s", self.last_error, previous)
                 return reload_result(previous, previous, False, self.last_error, time.monotonic() - started)
             dropped: dict[str, str] = {}  # runtime adapters stay served, where they fit the new weights
@@ -317,7 +321,7 @@ class ModelFollower:
             old, self.current = self.current, new
             self._since = time.time()
             self.num_switches += 1
-            self.last_error = self._failed_target = None
+            self.last_error = None
             load_s = time.monotonic() - started
             self.last_switch = reload_result(model.version, previous, True, None, load_s)
             if dropped:  # said in the reload's answer and /health, not only in the log

@@ -93,6 +93,7 @@ class AliasWatch:
         self.path = Path(source.root) / source.model_name / ALIASES
         self._seen: tuple[int, int, int] | None = None
         self._target: str | None = None
+        self._moves = 0
         self._split: TrafficSplit | None = None
 
     def _stat(self) -> tuple[int, int, int] | None:
@@ -109,6 +110,11 @@ class AliasWatch:
         registry = Registry(self.source.root)
         aliases = registry.aliases(self.source.model_name) if key else {}
         self._target = aliases.get(self.source.alias)
+        self._moves = sum(
+            1
+            for change in (registry.alias_history(self.source.model_name) if key else [])
+            if change.alias == self.source.alias and change.action != "weight"
+        )
         # Only an app following production serves a canary beside it.
         following_production = self.source.alias == "production"
         self._split = registry.traffic(self.source.model_name) if following_production else None
@@ -118,6 +124,12 @@ class AliasWatch:
         """The version the alias points at now (None: unset), re-read only when the file changed."""
         self._refresh()
         return self._target
+
+    def moves(self) -> int:
+        """How many times the alias has been moved (promotes and rollbacks): a move away and back
+        between two polls changes it, though not the target."""
+        self._refresh()
+        return self._moves
 
     def split(self) -> TrafficSplit | None:
         """Following production, how requests are split with the canary now (None: following another

@@ -8,6 +8,7 @@ record was lost runs the new record's reloads."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -162,5 +163,42 @@ def test_a_replica_whose_record_was_lost_runs_the_new_records_reloads(registry: 
         await sync(new, "a", a)
         assert answer(new, first)["version"] == "v0002" == a.follower.version
         close(a)
+
+    asyncio.run(scenario())
+
+
+def test_a_pinned_version_stays_served_until_the_alias_moves(registry: Registry) -> None:
+    """A reload to a version (POST /v1/admin/reload {"version"}) is not undone by the replica's
+    alias poll (it was, within one poll interval, while the alias pointed elsewhere); the replica
+    follows the alias again when the alias moves, or with a reload of the alias."""
+    set_production(registry, "v2")
+    source = RegistrySource(root=str(registry.root), model_name="quick", poll_interval_s=0.05)
+    spec = ServeSpec(registry=source, engine=ENGINE)
+
+    async def until(follower: ModelFollower, version: str) -> None:
+        deadline = time.monotonic() + 60
+        while follower.version != version:
+            assert time.monotonic() < deadline, f"still serving {follower.version}, not {version}"
+            await asyncio.sleep(0.05)
+
+    async def scenario() -> None:
+        follower = ModelFollower(
+            spec, lambda ref: resolve_version(source, ref), lambda m: engine_loop(spec, m), ("test", "pin")
+        )
+        watching = asyncio.get_running_loop().create_task(follower.watch())
+        try:
+            assert (await follower.reload("v1"))["version"] == "v0001"
+            await asyncio.sleep(0.5)  # ten polls of an alias that still points at v2
+            assert follower.version == "v0001"
+            assert (await follower.reload(None))["version"] == "v0002"  # follow the alias again
+
+            await follower.reload("v1")
+            registry.rollback("quick")  # the alias moves to v1: the version served already
+            registry.promote("quick", "v2")  # and on to v2, which the poll follows
+            await until(follower, "v0002")
+        finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
+            follower.close()
 
     asyncio.run(scenario())
