@@ -329,6 +329,12 @@ class Registry:
         """Every alias move of `name`, oldest first."""
         return [AliasChange(**entry) for entry in self._read_aliases(self._model_dir(name))["history"]]
 
+    def alias_view(self, name: str) -> tuple[dict[str, str | None], list[AliasChange], TrafficSplit]:
+        """aliases(), alias_history() and traffic() of `name` from one read of its aliases file, so
+        the three agree even while the file is being replaced."""
+        data = self._read_aliases(self._model_dir(name))
+        return dict(data["aliases"]), [AliasChange(**entry) for entry in data["history"]], _split(name, data)
+
     def _move_alias(
         self,
         model_dir: Path,

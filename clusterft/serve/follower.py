@@ -206,7 +206,7 @@ class ModelFollower:
         """One poll, in a thread: the followed alias's target and number of moves and, following
         production, the traffic split (one stat of the aliases file; a read only when it changed)."""
         assert self._watch is not None
-        return self._watch.target(), self._watch.moves(), self._watch.split()
+        return self._watch.poll()
 
     # ---- the canary ------------------------------------------------------------------------------
     async def follow_split(self, split: TrafficSplit) -> None:

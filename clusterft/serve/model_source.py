@@ -107,23 +107,23 @@ class AliasWatch:
         key = self._stat()
         if key is not None and key == self._seen:
             return
-        registry = Registry(self.source.root)
-        aliases = registry.aliases(self.source.model_name) if key else {}
+        # No file (key None): the registry's defaults, no alias set and no canary.
+        aliases, history, split = Registry(self.source.root).alias_view(self.source.model_name)
         self._target = aliases.get(self.source.alias)
-        self._moves = sum(
-            1
-            for change in (registry.alias_history(self.source.model_name) if key else [])
-            if change.alias == self.source.alias and change.action != "weight"
-        )
+        self._moves = sum(1 for c in history if c.alias == self.source.alias and c.action != "weight")
         # Only an app following production serves a canary beside it.
-        following_production = self.source.alias == "production"
-        self._split = registry.traffic(self.source.model_name) if following_production else None
+        self._split = split if self.source.alias == "production" else None
         self._seen = key
 
     def target(self) -> str | None:
         """The version the alias points at now (None: unset), re-read only when the file changed."""
         self._refresh()
         return self._target
+
+    def poll(self) -> tuple[str | None, int, TrafficSplit | None]:
+        """(target, moves, split) from one look at the file."""
+        self._refresh()
+        return self._target, self._moves, self._split
 
     def moves(self) -> int:
         """How many times the alias has been moved (promotes and rollbacks): a move away and back

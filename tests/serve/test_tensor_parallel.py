@@ -52,9 +52,9 @@ def test_tp2_equals_tp1(url, tiny_llama, tiny_adapter):
 
 def test_an_adapter_whose_weights_vanish_fails_only_its_requests(url, tiny_llama, tiny_adapter, fragile):
     """Both ranks fail to load an adapter whose weights vanished after registration (out of the host
-    cache, it is read again at its first use): its request is a
-    500 naming it, while a base-model request in the same steps is served; once the weights are back,
-    the adapter serves its own outputs. Three rounds: when the failing request was the one that
+    cache, it is read again at its first use): its request is a 500 naming it, while a base-model
+    request in the same steps is served; once the weights are back, the adapter serves its own
+    outputs. Three rounds: when the failing request was the one that
     started the engine's step loop, the ingress leaving its stream once cancelled the loop's worker
     calls too (the base request got a 503), and which request starts the loop varies."""
     weights = fragile / ADAPTER_WEIGHTS
