@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -122,11 +123,31 @@ class MultiNodeCluster:
             if name != HEAD:
                 self.start_node(name, timeout_s)
 
-    def start_node(self, name: str, timeout_s: float = 120) -> None:
+    def start_node(self, name: str, timeout_s: float = 120, attempts: int = 3) -> None:
         """(Re)start node `name` with fresh ports and the same label and CPUs; returns once the
-        GCS lists it alive."""
+        GCS lists it alive. A start that fails (`ray start` gives a raylet 30 s to register, which a
+        loaded machine can miss) is cleared away and tried again on fresh ports, `attempts` times in
+        all, with a warning that carries its logs."""
         node = self.nodes[name]
         assert not self.node_pids(name), f"{name} is still running: kill_node it first"
+        failures: list[str] = []
+        for attempt in range(1, attempts + 1):
+            if name == HEAD and attempt > 1:  # nothing has joined yet: the GCS may move
+                self.gcs_port, self.dashboard_port = free_ports(2)
+            done = self._ray_start(name, timeout_s)
+            if done.returncode == 0:
+                break
+            failures.append(f"attempt {attempt}: {node.log[-1]}\n{self._log_tails(name)}")
+            self._sigkill(name)  # what the failed start left running
+            if attempt < attempts:
+                warnings.warn(f"ray start of {name} failed; trying again:\n{failures[-1]}", stacklevel=2)
+        else:
+            raise AssertionError(f"ray start of {name} failed {attempts} times:\n" + "\n".join(failures))
+        node.starts += 1
+        self.wait_alive([name], timeout_s)
+
+    def _ray_start(self, name: str, timeout_s: float) -> subprocess.CompletedProcess[str]:
+        node = self.nodes[name]
         node.temp_dir.mkdir(parents=True, exist_ok=True)
         command = [RAY, "start", f"--num-cpus={node.num_cpus}", f"--temp-dir={node.temp_dir}"]
         ports = iter(free_ports(7))
@@ -144,23 +165,40 @@ class MultiNodeCluster:
             labels = {**self.resources.get(name, {}), name: 1}
             command += [f"--address={self.address}", f"--resources={json.dumps(labels)}"]
         env = {**self.env, MARKER: self._marker(name)}
-        done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+        run = {"env": env, "cwd": REPO, "capture_output": True, "text": True, "timeout": timeout_s}
+        try:
+            done = subprocess.run(command, **run)
+        except subprocess.TimeoutExpired:
+            done = subprocess.CompletedProcess(command, -1, "", f"ray start timed out after {timeout_s} s")
         node.log.append(done.stdout[-2000:] + done.stderr[-2000:])
-        assert done.returncode == 0, f"ray start of {name} failed:\n{node.log[-1]}"
-        node.starts += 1
-        self.wait_alive([name], timeout_s)
+        return done
+
+    def _log_tails(self, name: str, lines: int = 15) -> str:
+        """The last lines of the raylet's and GCS's logs of node `name`'s latest session: why a
+        start failed is written there, not to `ray start`'s output."""
+        logs = self.nodes[name].temp_dir / "session_latest" / "logs"
+        tails = []
+        for path in sorted([*logs.glob("raylet.*"), *logs.glob("gcs_server.*")]):
+            with contextlib.suppress(OSError):
+                text = path.read_text(errors="replace").splitlines()[-lines:]
+                tails.append(f"--- {path.name}\n" + "\n".join(text))
+        return "\n".join(tails) or f"(no raylet or GCS logs under {logs})"
 
     def kill_node(self, name: str, timeout_s: float = 30) -> list[int]:
         """SIGKILL every process of node `name` (raylet, agents, workers) at once, as a machine
         that loses power; waits until they are gone and returns their pids. The GCS learns of it
         only through its health checks, as it would of a real node."""
         assert name != HEAD, "kill_node is for worker nodes; the head holds the GCS"
+        assert self.node_pids(name), f"{name} has no processes to kill"
+        self.nodes[name].killed_at = time.time()
+        return self._sigkill(name, timeout_s)
+
+    def _sigkill(self, name: str, timeout_s: float = 30) -> list[int]:
+        """SIGKILL every process of node `name`; waits until they are gone and returns their pids."""
         pids = self.node_pids(name)
-        assert pids, f"{name} has no processes to kill"
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-        self.nodes[name].killed_at = time.time()
         left = self._wait_gone(name, timeout_s)
         assert not left, f"processes of {name} outlived SIGKILL: {left}"
         return pids
@@ -232,13 +270,14 @@ class MultiNodeCluster:
 
     def stop(self) -> None:
         """Stop every process of every node (worker nodes first, then the head): SIGTERM, then
-        SIGKILL what is left after 10 s; the root dir is deleted."""
+        SIGKILL what is left after 10 s (1 s on the head, whose GCS and autoscaler outlive SIGTERM
+        by more than 15 s, and hold nothing a later test needs); the root dir is deleted."""
         for name in [*(n for n in self.nodes if n != HEAD), HEAD]:
             for sig in (signal.SIGTERM, signal.SIGKILL):
                 for pid in self.node_pids(name):
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, sig)
-                if not self._wait_gone(name, 10):
+                if not self._wait_gone(name, 1 if name == HEAD else 10):
                     break
         left = {name: pids for name in self.nodes if (pids := self.node_pids(name))}
         shutil.rmtree(self.root, ignore_errors=True)
