@@ -45,7 +45,6 @@ import asyncio
 import json
 import os
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -60,6 +59,7 @@ from bench.common import result_stream
 
 RESULT = result_stream(sys.argv)  # before torch, DeepSpeed and Ray log anything
 
+from clusterft.ports import free_port  # noqa: E402
 from clusterft.runtime import apply_runtime_defaults  # noqa: E402
 
 apply_runtime_defaults()
@@ -324,12 +324,6 @@ def engine_settings(args, concurrency: int, prompt_len: int):
         max_model_len=prompt_len + args.max_tokens + 16,
         num_gpu_blocks=concurrency * ((prompt_len + args.max_tokens) // 16 + 2),
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def measure_one_plane(args, model_dir: Path) -> dict:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from clusterft.ports import free_port
 from clusterft.runtime import PROJECT_ROOT
 
 QUICKSTART_JOB = PROJECT_ROOT / "jobs" / "quickstart.yaml"
@@ -261,14 +262,6 @@ def _follow_training(jobs: Any, job_id: str, planned: int) -> Any:
             time.sleep(0.5)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _promotion(facts: dict[str, Any]) -> str:
     from clusterft.controller.state import JobState
 
@@ -296,7 +289,7 @@ def _serve_and_ask(spec: Any, work: Path, facts: dict[str, Any]) -> str:
     # Serve the registry's `production` alias, not a directory: the app follows later promotions.
     serve_spec = ServeSpec(
         registry={"root": str(facts["registry"]), "model_name": facts["model_name"], "alias": "production"},
-        port=_free_port(),
+        port=free_port(),
         chat_template=spec.data.template,
         engine={"max_model_len": 256, "kv_cache_space": 0.05},
     )

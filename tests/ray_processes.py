@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,52 +17,7 @@ from typing import Any
 
 import httpx
 
-_ISSUED: set[int] = set()
-
-
-def _port_candidates() -> list[int]:
-    """Ports a test may give a server: outside the kernel's ephemeral range, from which every
-    outgoing connection (a gRPC client's, Ray's own) takes its local port, so a port picked by
-    binding to 0 can be taken by someone's connect() before the server binds it; and outside Ray's
-    worker ports (10002-19999 by default), which raylets hand to the workers they fork."""
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        low, high = 32768, 60999
-    return [port for port in range(20000, 65536) if not low <= port <= high]
-
-
-_CANDIDATES = _port_candidates()
-# Each process starts at its own place in the range, so two test processes rarely probe the same port.
-_NEXT = random.Random(f"{os.getpid()}-{time.time_ns()}").randrange(len(_CANDIDATES))
-
-
-def free_ports(count: int) -> list[int]:
-    """`count` distinct free ports, none issued before in this process. Each port is probed by
-    binding it on every address (what a server binding 0.0.0.0 or the node's IP needs), and held
-    until all are picked: `ray start` refuses a port given to two of its components."""
-    global _NEXT
-    with contextlib.ExitStack() as stack:
-        ports: list[int] = []
-        for _ in range(len(_CANDIDATES)):
-            port = _CANDIDATES[_NEXT]
-            _NEXT = (_NEXT + 1) % len(_CANDIDATES)
-            if port in _ISSUED:
-                continue
-            sock = stack.enter_context(socket.socket())
-            try:
-                sock.bind(("0.0.0.0", port))
-            except OSError:  # in use, or in TIME_WAIT from an earlier server
-                continue
-            ports.append(port)
-            if len(ports) == count:
-                _ISSUED.update(ports)
-                return ports
-        raise RuntimeError(f"fewer than {count} free ports outside the ephemeral range")
-
-
-def free_port() -> int:
-    return free_ports(1)[0]
+from clusterft.ports import free_port, free_ports  # noqa: F401  (tests import them from here)
 
 
 def http_ok(url: str) -> bool:
