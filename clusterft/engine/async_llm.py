@@ -331,9 +331,9 @@ class EngineLoop:
         in_use = set(self._request_loras.values())
         with self._lock:
             for name in [n for n in self._retiring if n not in in_use]:
-                self.engine.remove_lora(name)  # a sharded engine tells its workers
-                # Block hashes carry the adapter's name: a later adapter of that name must not hit them.
-                self.engine.reset_prefix_cache()
+                # A sharded engine tells its workers. The prefix cache stays: its blocks are keyed by
+                # the adapter's bytes, so a later adapter of that name hits them only if it is the same.
+                self.engine.remove_lora(name)
                 self._retiring.discard(name)
 
     # ---- introspection ---------------------------------------------------------------------------

@@ -103,9 +103,11 @@ def build_model_runner(
 
 
 class LoRARegistry(Protocol):
-    """What the engine needs of an executor's adapters: the registered names, and changing them."""
+    """What the engine needs of an executor's adapters: the registered names and the sha256 of each
+    one's bytes (its prefix-cache key), and changing them."""
 
     paths: dict[str, Path]
+    digests: dict[str, str]
 
     def add_lora(self, name: str, path: str | Path) -> None: ...
 

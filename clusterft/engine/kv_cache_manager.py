@@ -38,7 +38,7 @@ class KVCacheManager:
         return (
             parent,
             tuple(request.all_token_ids[i * bs : (i + 1) * bs]),
-            (request.lora_name, self.weight_version),
+            (request.lora_digest, self.weight_version),
         )
 
     def _update_block_hashes(self, request: Request, num_tokens: int) -> None:

@@ -120,7 +120,8 @@ class LLMEngine:
         return list(getattr(self.lora_manager, "resident", ()))
 
     def remove_lora(self, name: str) -> None:
-        """Forget adapter `name`; call reset_prefix_cache() before a new adapter takes its name."""
+        """Forget adapter `name`. Its prefix-cache blocks stay until evicted: they are keyed by the
+        adapter's bytes, so the same adapter registered again hits them, and another one never does."""
         self.lora_manager.remove_lora(name)
 
     # ---- requests --------------------------------------------------------------------------------
@@ -174,6 +175,7 @@ class LLMEngine:
             arrival_time=arrival_time if arrival_time is not None else time.monotonic(),
             priority=priority,
             lora_name=lora_name,
+            lora_digest=self.lora_manager.digests[lora_name] if lora_name else None,
             parent_id=request_id if multi else None,
             grammar=grammar,
         )

@@ -14,6 +14,7 @@ fails only the requests of that adapter (ModelRunner._lora_mapping).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors.torch import load as load_safetensors
 
 from clusterft.engine.models.layers import ParallelContext
 
@@ -53,10 +54,12 @@ def adapter_dir(name: str, path: str | Path) -> Path:
 @dataclass
 class AdapterWeights:
     """A peft adapter read and checked against a base model: per adapted projection, its A (r, in) and
-    B (out, r) at the base model's full (unsharded) sizes, and peft's scale alpha/r (or /sqrt(r))."""
+    B (out, r) at the base model's full (unsharded) sizes, peft's scale alpha/r (or /sqrt(r)), and the
+    sha256 of the config and weights bytes they were read from (what the adapter is, whatever its name)."""
 
     scale: float
     pairs: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, proj) -> (A, B)
+    digest: str
 
 
 def read_adapter(name: str, path: str | Path, model, pc: ParallelContext | None = None) -> AdapterWeights:
@@ -67,7 +70,8 @@ def read_adapter(name: str, path: str | Path, model, pc: ParallelContext | None 
     path = adapter_dir(name, path)
     where = f"LoRA {name!r} ({path})"
     try:
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
+        config_bytes = (path / ADAPTER_CONFIG).read_bytes()
+        config = json.loads(config_bytes.decode())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(
             f"{where}: {ADAPTER_CONFIG} is unreadable ({exc}); save the adapter again with peft"
@@ -95,7 +99,8 @@ def read_adapter(name: str, path: str | Path, model, pc: ParallelContext | None 
             f"{where}: modules_to_save {config['modules_to_save']} (fully trained modules) are not "
             "served; merge the adapter into the model and serve the merged model instead"
         )
-    weights = _load_weights(where, path)
+    weights, weights_bytes = _load_weights(where, path)
+    digest = hashlib.sha256(config_bytes + b"\0" + weights_bytes).hexdigest()
 
     halves: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     for key, tensor in weights.items():
@@ -144,10 +149,12 @@ def read_adapter(name: str, path: str | Path, model, pc: ParallelContext | None 
             )
         pairs[(layer, proj)] = (ab["A"], ab["B"])
     scale = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    return AdapterWeights(scale, pairs)
+    return AdapterWeights(scale, pairs, digest)
 
 
-def _load_weights(where: str, path: Path) -> dict[str, torch.Tensor]:
+def _load_weights(where: str, path: Path) -> tuple[dict[str, torch.Tensor], bytes]:
+    """The adapter's tensors, and the bytes they were read from (read once: what is hashed is what
+    is served, even if the file is rewritten meanwhile)."""
     file = path / ADAPTER_WEIGHTS
     if not file.is_file():
         hint = (
@@ -157,7 +164,8 @@ def _load_weights(where: str, path: Path) -> dict[str, torch.Tensor]:
         )
         raise FileNotFoundError(f"{where}: no {ADAPTER_WEIGHTS}; {hint}")
     try:
-        return load_file(str(file))
+        data = file.read_bytes()
+        return load_safetensors(data), data
     except (OSError, SafetensorError) as exc:
         raise ValueError(
             f"{where}: {ADAPTER_WEIGHTS} is unreadable ({exc}): a truncated copy or not safetensors; "
@@ -182,6 +190,7 @@ class _HostAdapter:
 
     scale: float
     pairs: list[tuple[object, int, int, torch.Tensor, torch.Tensor]]
+    digest: str
 
 
 class LoRAManager:
@@ -189,7 +198,9 @@ class LoRAManager:
     up to `max_cpu_loras` kept in host memory (LRU; vLLM's max_cpu_loras), already sliced for this
     tensor-parallel rank and cast to the model's dtype. Making a cached adapter resident reads no file:
     an LRU swap costs no disk read or check inside a step, and it serves the weights add_lora checked
-    even if the files change or vanish later. An adapter out of the cache is read and checked again."""
+    even if the files change or vanish later. An adapter out of the cache is read and checked again,
+    and refused if its files no longer hold what was registered (`digests`: the sha256 add_lora read,
+    which the engine puts in the adapter's prefix-cache keys, so KV of other weights is never hit)."""
 
     def __init__(
         self,
@@ -208,6 +219,7 @@ class LoRAManager:
         self.dtype = dtype
         self.pc = pc or ParallelContext()
         self.paths: dict[str, Path] = {}
+        self.digests: dict[str, str] = {}  # name -> sha256 of the adapter's bytes read by add_lora
         self.resident: OrderedDict[str, int] = OrderedDict()  # name -> slot, least recently used first
         self.free_slots = list(range(max_loras))
         self.host: OrderedDict[str, _HostAdapter] = OrderedDict()  # least recently used first
@@ -221,11 +233,13 @@ class LoRAManager:
         host = self._read(name, path)
         self.remove_lora(name)
         self.paths[name] = Path(path)
+        self.digests[name] = host.digest
         self._cache(name, host)
 
     def remove_lora(self, name: str) -> None:
         """Forget adapter `name` and free its slot if it is resident."""
         self.paths.pop(name, None)
+        self.digests.pop(name, None)
         self.host.pop(name, None)
         slot = self.resident.pop(name, None)
         if slot is not None:
@@ -267,6 +281,11 @@ class LoRAManager:
         host = self.host.get(name)
         if host is None:
             host = self._read(name, self.paths[name])
+            if host.digest != self.digests[name]:
+                raise ValueError(
+                    f"LoRA {name!r} ({self.paths[name]}): its files changed since it was registered "
+                    "(another adapter was written there); register it again to serve the new files"
+                )
             self._cache(name, host)
         self.host.move_to_end(name)
         for packed, start, end, a, b in host.pairs:
@@ -284,7 +303,7 @@ class LoRAManager:
             start, end = packed.offsets[proj]
             a, b = self._shard(proj, a, b)
             pairs.append((packed, start, end, a.to(dtype=self.dtype), b.to(dtype=self.dtype)))
-        return _HostAdapter(adapter.scale, pairs)
+        return _HostAdapter(adapter.scale, pairs, adapter.digest)
 
     def _cache(self, name: str, host: _HostAdapter) -> None:
         self.host[name] = host

@@ -56,6 +56,9 @@ class Request:
     arrival_time: float = field(default_factory=time.monotonic)
     priority: int = 0  # higher runs first; FCFS within a priority
     lora_name: str | None = None
+    # sha256 of the adapter's bytes (LoRAManager.digests): in its prefix-cache keys instead of the
+    # name, so an adapter registered again under the name never hits the KV of the one before
+    lora_digest: str | None = None
     # The completion this sequence is in its parent's output (n > 1, best_of, beam search).
     parent_id: str | None = None
     index: int = 0
@@ -120,6 +123,7 @@ class Request:
             arrival_time=self.arrival_time,
             priority=self.priority,
             lora_name=self.lora_name,
+            lora_digest=self.lora_digest,
             parent_id=self.parent_id or self.request_id,
             index=index,
             status=self.status,

@@ -298,7 +298,7 @@ class Scheduler:
             heapq.heappush(self.waiting, item)
 
     def _memo_key(self, request: Request) -> MemoKey:
-        return (request.lora_name, self.kv.weight_version, tuple(request.prompt_token_ids))
+        return (request.lora_digest, self.kv.weight_version, tuple(request.prompt_token_ids))
 
     def _take_memoized_prompt_logprobs(self, request: Request) -> bool:
         """False when `request` must compute prompt logprobs it has not got: not memoized with its k."""

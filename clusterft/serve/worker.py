@@ -97,8 +97,13 @@ class TPWorker:
                         self.runner.requests[req_id].token_ids[-1] = token_id
         return out if self.rank == 0 else out.errors
 
-    def add_lora(self, name: str, path: str) -> None:
+    def add_lora(self, name: str, path: str) -> str:
+        """Register adapter `name` on this rank; the sha256 of the bytes this rank read."""
         self.runner.lora_manager.add_lora(name, path)
+        return self.runner.lora_manager.digests[name]
+
+    def lora_digests(self) -> dict[str, str]:
+        return dict(self.runner.lora_manager.digests)
 
     def remove_lora(self, name: str) -> None:
         self.runner.lora_manager.remove_lora(name)
@@ -113,23 +118,39 @@ class WorkerLoRARegistry:
     def __init__(self, workers: WorkerGroup, lora_modules: tuple[tuple[str, str], ...]) -> None:
         self.workers = workers
         self.paths = {name: Path(path) for name, path in lora_modules}  # the ranks loaded these in setup
+        ranks = workers.call("lora_digests")
+        self.digests = {name: _agreed(name, [digests[name] for digests in ranks]) for name in self.paths}
 
     def add_lora(self, name: str, path: str | Path) -> None:
         """Every rank reads and checks its shard of the adapter; a refusal is the ranks' own error
         (ValueError / FileNotFoundError naming the problem), not Ray's wrapper with a traceback."""
         path = adapter_dir(name, path)
         try:
-            self.workers.call("add_lora", name, str(path))
-        except ray.exceptions.RayTaskError as exc:
+            digest = _agreed(name, self.workers.call("add_lora", name, str(path)))
+        except (ray.exceptions.RayTaskError, ValueError) as exc:
             self.workers.call("remove_lora", name)  # ranks that accepted it forget it again
-            if isinstance(exc.cause, ValueError | FileNotFoundError):
-                raise exc.cause from None
+            self.paths.pop(name, None)
+            self.digests.pop(name, None)
+            cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else exc
+            if isinstance(cause, ValueError | FileNotFoundError):
+                raise cause from None
             raise
-        self.paths[name] = path
+        self.paths[name], self.digests[name] = path, digest
 
     def remove_lora(self, name: str) -> None:
         self.workers.call("remove_lora", name)
         self.paths.pop(name, None)
+        self.digests.pop(name, None)
+
+
+def _agreed(name: str, digests: list[str]) -> str:
+    """The one digest every rank read for adapter `name`; a ValueError if its files changed while the
+    ranks read them (each would serve a different adapter)."""
+    if len(set(digests)) > 1:
+        raise ValueError(
+            f"LoRA {name!r}: its files changed while the tensor-parallel ranks read them; register it again"
+        )
+    return digests[0]
 
 
 class WorkerGroup(Executor):

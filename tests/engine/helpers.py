@@ -49,8 +49,10 @@ def make_request(
     priority: int = 0,
     arrival_time: float | None = None,
     lora_name: str | None = None,
+    lora_digest: str | None = None,
 ) -> Request:
-    """A request with prompt `token_ids` (default 0..num_tokens-1); arrival defaults to its order."""
+    """A request with prompt `token_ids` (default 0..num_tokens-1); arrival defaults to its order; an
+    adapter's digest defaults to one per name."""
     ids = token_ids if token_ids is not None else list(range(num_tokens))
     return Request(
         request_id=request_id,
@@ -60,6 +62,7 @@ def make_request(
         arrival_time=arrival_time if arrival_time is not None else float(next(_ARRIVALS)),
         priority=priority,
         lora_name=lora_name,
+        lora_digest=lora_digest or (lora_name and f"sha256-of-{lora_name}"),
     )
 
 

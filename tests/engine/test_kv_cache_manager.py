@@ -36,11 +36,27 @@ def test_prefix_hit_keeps_last_token_to_compute_and_counts_free_cached_blocks():
 
 
 def test_extra_keys_lora_and_weight_version_separate_caches():
+    """An adapter's blocks are keyed by its bytes' digest, not its name: another adapter under the
+    same name misses them, the same adapter under another name hits them."""
     kv = KVCacheManager(block_size=4, num_gpu_blocks=8)
     a = make_request("a", token_ids=list(range(9)))
     kv.allocate_slots(a, 9)
     assert kv.get_computed_blocks(make_request("b", token_ids=list(range(9))))[1] == 8
-    assert kv.get_computed_blocks(make_request("c", token_ids=list(range(9)), lora_name="x"))[1] == 0
+    x1 = make_request("c", token_ids=list(range(9)), lora_name="x", lora_digest="d1")
+    assert kv.get_computed_blocks(x1)[1] == 0
+    kv.allocate_slots(x1, 9)
+    assert (
+        kv.get_computed_blocks(make_request("e", token_ids=list(range(9)), lora_name="x", lora_digest="d2"))[
+            1
+        ]
+        == 0
+    )
+    assert (
+        kv.get_computed_blocks(make_request("f", token_ids=list(range(9)), lora_name="y", lora_digest="d1"))[
+            1
+        ]
+        == 8
+    )
     kv.weight_version = 1
     assert kv.get_computed_blocks(make_request("d", token_ids=list(range(9))))[1] == 0
 

@@ -122,6 +122,58 @@ def test_an_adapter_that_no_longer_loads_fails_only_its_requests(llama_dir, adap
     assert again.outputs[0].token_ids == peft_greedy(adapters["a"][1], prompts[0], 12)
 
 
+def test_an_adapter_registered_again_never_hits_the_kv_of_the_one_before(llama_dir, adapters):
+    """Prefix-cache blocks are keyed by the adapter's bytes, not its name: another adapter under the
+    name computes its KV afresh, the same one (registered again, or after a removal) hits it."""
+    llm = LLM(llama_dir, num_gpu_blocks=64, lora_modules=[("x", str(adapters["a"][0]))])
+    prompt = random_prompts([40], seed=34)[0]
+    params = SamplingParams(temperature=0, max_tokens=8)
+
+    def run() -> tuple[int, list[int]]:
+        out = llm.generate(prompt, params, lora_name="x")[0]
+        return out.num_cached_tokens, out.outputs[0].token_ids
+
+    expected = {name: peft_greedy(adapters[name][1], prompt, 8) for name in "ab"}
+    assert expected["a"] != expected["b"]
+    assert run() == (0, expected["a"])
+    assert run() == (32, expected["a"])
+    llm.engine.add_lora("x", str(adapters["b"][0]))
+    assert run() == (0, expected["b"])
+    llm.engine.add_lora("x", str(adapters["b"][0]))
+    assert run() == (32, expected["b"])
+    llm.engine.remove_lora("x")
+    llm.engine.add_lora("x", str(adapters["a"][0]))
+    assert run() == (32, expected["a"])
+
+
+def test_an_adapter_whose_files_were_replaced_is_refused_when_read_again(llama_dir, adapters, tmp_path):
+    """An adapter read again from its files (pushed out of the host cache) whose files now hold
+    another adapter fails its requests, naming the fix, instead of serving weights nobody registered
+    under KV keyed as the registered ones; registered again, it serves the new files."""
+    replaced = Path(shutil.copytree(adapters["a"][0], tmp_path / "replaced"))
+    llm = LLM(
+        llama_dir, num_gpu_blocks=64, max_loras=1,
+        lora_modules=[("x", str(replaced)), ("b", str(adapters["b"][0]))],
+    )  # fmt: skip
+    shutil.copytree(adapters["b"][0], replaced, dirs_exist_ok=True)
+    prompts = random_prompts([20, 14], seed=35)
+    params = SamplingParams(temperature=0, max_tokens=8)
+    engine = llm.engine
+    engine.add_request("r0", prompts[0], params, lora_name="x")
+    engine.add_request("r1", prompts[1], params)
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update((out.request_id, out) for out in engine.step() if out.finished)
+    assert [o.finish_reason for o in finished["r0"].outputs] == ["abort"]
+    assert "its files changed since it was registered" in finished["r0"].finish_message
+    assert finished["r0"].finish_message.endswith("register it again; it was aborted")
+    assert finished["r1"].outputs[0].token_ids == hf_greedy(llama_dir, prompts[1], 8)
+
+    engine.add_lora("x", str(replaced))
+    again = llm.generate(prompts[0], params, lora_name="x")[0].outputs[0].token_ids
+    assert again == peft_greedy(adapters["b"][1], prompts[0], 8)
+
+
 def test_adapter_prefix_cache_is_separate_from_base(llama_dir, adapters):
     llm = LLM(llama_dir, num_gpu_blocks=64, lora_modules=[("a", str(adapters["a"][0]))])
     prompt = random_prompts([40], seed=31)[0]
@@ -322,3 +374,25 @@ def test_engine_loop_answers_400_for_a_broken_adapter_and_a_reserved_name(llama_
     assert loop.adapters == {} and loop.engine.list_loras() == []
     assert loop.add_adapter("good", str(adapters["a"][0])) is None
     assert loop.engine.list_loras() == ["good"]
+
+
+def test_removing_an_adapter_keeps_the_prefix_cache_and_its_name_can_take_another(llama_dir, adapters):
+    """Removing an adapter from the served loop no longer empties the whole prefix cache (base-model
+    prompts stay cached); another adapter added under the freed name computes its own KV."""
+    loop = EngineLoop(lambda: LLMEngine(llama_dir, num_gpu_blocks=64), base_model="tiny")
+    prompt = random_prompts([40], seed=36)[0]
+    params = SamplingParams(temperature=0, max_tokens=4)
+
+    def run(lora_name):
+        loop.engine.add_request("probe", prompt, params, lora_name=lora_name)
+        while loop.engine.has_unfinished_requests():
+            done = [out for out in loop.engine.step() if out.finished]
+        return done[0].num_cached_tokens, done[0].outputs[0].token_ids
+
+    assert loop.add_adapter("x", str(adapters["a"][0])) is None
+    base = run(None)[1]
+    assert run("x")[0] == 0 and run("x")[0] == 32
+    assert loop.remove_adapter("x") is None and loop.engine.list_loras() == []
+    assert run(None) == (32, base)
+    assert loop.add_adapter("x", str(adapters["b"][0])) is None
+    assert run("x") == (0, peft_greedy(adapters["b"][1], prompt, 4))

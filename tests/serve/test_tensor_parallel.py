@@ -131,3 +131,13 @@ def test_killed_worker_fails_only_in_flight_requests_then_recovers(url, tiny_lla
             assert time.monotonic() < deadline, "the app did not serve again"
             time.sleep(0.5)
     assert got.choices[0].text == offline_texts(tiny_llama, PROMPTS[:1], 6)[0]
+
+
+def test_ranks_that_read_different_bytes_of_an_adapter_refuse_it():
+    """Each rank reads its shard of an adapter from the files itself: ranks that read different
+    bytes (files rewritten between their reads) would serve different adapters as one."""
+    from clusterft.serve.worker import _agreed
+
+    assert _agreed("x", ["d1", "d1"]) == "d1"
+    with pytest.raises(ValueError, match="'x': its files changed while the tensor-parallel ranks read them"):
+        _agreed("x", ["d1", "d2"])
