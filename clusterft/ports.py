@@ -45,11 +45,13 @@ def free_ports(count: int) -> list[int]:
             _NEXT = (_NEXT + 1) % len(_CANDIDATES)
             if port in _ISSUED:
                 continue
-            sock = stack.enter_context(socket.socket())
+            sock = socket.socket()
             try:
                 sock.bind(("0.0.0.0", port))
             except OSError:  # in use, or in TIME_WAIT from an earlier server
+                sock.close()
                 continue
+            stack.enter_context(sock)  # held until all are picked
             ports.append(port)
             if len(ports) == count:
                 _ISSUED.update(ports)

@@ -11,7 +11,7 @@ from typing import Any
 
 import uvicorn
 
-from tests.ray_processes import free_port
+from clusterft.ports import free_port
 
 
 @contextmanager

@@ -37,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from tests.ray_processes import free_ports
+from clusterft.ports import free_ports
 
 MARKER = "CLUSTERFT_TEST_NODE"
 # The GCS declares a node dead after `failure_threshold` health checks in a row, one every

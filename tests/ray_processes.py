@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 
-from clusterft.ports import free_port, free_ports  # noqa: F401  (tests import them from here)
+from clusterft.ports import free_port
 
 
 def http_ok(url: str) -> bool:

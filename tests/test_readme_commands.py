@@ -25,8 +25,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from clusterft.ports import free_port
 from clusterft.registry.registry import Registry
-from tests.ray_processes import free_port, started, stop_and_check
+from tests.ray_processes import started, stop_and_check
 from tests.test_readme import README, ROOT, shell_lines
 
 CLUSTERFT = str(Path(sys.executable).parent / "clusterft")

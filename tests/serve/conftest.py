@@ -10,9 +10,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from clusterft.ports import free_port
 from clusterft.runtime import apply_runtime_defaults
 from clusterft.serve.spec import EngineSettings, ServeSpec
-from tests.ray_processes import free_port
 
 apply_runtime_defaults()
 

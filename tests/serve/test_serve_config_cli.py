@@ -24,8 +24,9 @@ import httpx
 import pytest
 import yaml
 
+from clusterft.ports import free_port
 from clusterft.registry.registry import Registry
-from tests.ray_processes import free_port, http_ok, ray_head, started, stop_and_check, wait_for_exit
+from tests.ray_processes import http_ok, ray_head, started, stop_and_check, wait_for_exit
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.ray_processes import free_port, started, stop_and_check
+from clusterft.ports import free_port
+from tests.ray_processes import started, stop_and_check
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.ray_processes import free_ports, started, stop_and_check
+from clusterft.ports import free_ports
+from tests.ray_processes import started, stop_and_check
 from tests.train.helpers import EXAMPLES
 
 pytestmark = pytest.mark.slow

@@ -122,8 +122,8 @@ def test_mlflow_follows_the_tracking_uri_and_a_failed_run_says_so(tmp_path, monk
 
 def test_an_unreachable_tracking_server_stops_the_run_with_the_fix(tmp_path, monkeypatch) -> None:
     from clusterft.errors import UserError
+    from clusterft.ports import free_port
     from clusterft.train.callbacks import CallbackRunner
-    from tests.ray_processes import free_port
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
